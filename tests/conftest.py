@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random LLaVA models (CLIP and SigLIP towers) and a local tokenizer. No downloads.
+
+Session-scoped fixtures save each tiny model once with ``save_pretrained``; tests that mutate a model load a fresh
+copy through the ``load_tiny`` helper so they never leak state into each other.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pytest
+import torch
+
+from visionzip_tune.tiny import TinySpec, build_tiny_llava, save_tiny_llava
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def load_tiny(path):
+    """A fresh ``(model, processor)`` from a directory written by ``save_tiny_llava``."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(path)
+    model.eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny CLIP-tower LLaVA on disk: 224 px, patch 14 -> 256 patches + CLS, 4 vision layers."""
+    return save_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-clip", TinySpec(tower="clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory):
+    """A tiny SigLIP-tower LLaVA on disk: 224 px, patch 14 -> 256 patches, no CLS."""
+    return save_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-siglip", TinySpec(tower="siglip"))
+
+
+@pytest.fixture
+def tiny_clip(tiny_clip_dir):
+    """A fresh ``(model, processor)`` pair with a CLIP tower."""
+    return load_tiny(tiny_clip_dir)
+
+
+@pytest.fixture
+def tiny_siglip(tiny_siglip_dir):
+    """A fresh ``(model, processor)`` pair with a SigLIP tower."""
+    return load_tiny(tiny_siglip_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The locally built Llama-shaped tokenizer (``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``, ``<image>``)."""
+    return build_tiny_llava(TinySpec())[1].tokenizer

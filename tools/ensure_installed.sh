@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Make visionzip_tune importable in the current Python, installing only what is missing.
+# Usage: source tools/ensure_installed.sh [EXTRAS]     e.g. EXTRAS=test
+# torch is installed only when absent, and then as the CPU build that lies on the package index here
+# (torch==2.13.0): a GPU user's own torch build is never replaced.
+set -euo pipefail
+_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_extras="${1:-}"
+PYTHON="${PYTHON:-python}"
+
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    echo "[visionzip_tune] torch not found: installing torch==2.13.0" >&2
+    "$PYTHON" -m pip install --quiet "torch==2.13.0"
+fi
+
+_probe="import visionzip_tune, transformers, deepspeed, peft, datasets"
+[ "$_extras" = "test" ] && _probe="$_probe, pytest, pytest_timeout, wandb"
+if ! (cd /tmp && "$PYTHON" -c "$_probe" >/dev/null 2>&1) \
+   || ! "$PYTHON" -c "import visionzip_tune, sys, os; sys.exit(0 if os.path.realpath(visionzip_tune.__path__[0]).startswith(os.path.realpath('$_root')) else 1)" >/dev/null 2>&1; then
+    _spec="$_root"
+    [ -n "$_extras" ] && _spec="$_root[$_extras]"
+    echo "[visionzip_tune] installing $_spec" >&2
+    "$PYTHON" -m pip install --quiet -e "$_spec"
+fi
