@@ -1,0 +1,48 @@
+"""Processor side of VisionZip: each ``<image>`` in the text expands to exactly the number of tokens the model's
+image features have, or ``get_placeholder_mask`` refuses the batch.
+
+The processor's ``replace_image_token`` is overridden on the instance with a count function supplied by
+``models.py`` — ``functools.partial(tokens_per_image, model.config)`` — so processor and model share one formula and
+one budget (the live ``config.visionzip``). Removing the override restores the processor's own stock expansion.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+
+ImageSize = tuple[int, int]
+TokenCount = Callable[[ImageSize | None], int]
+
+
+def _original_size(image_inputs: dict, image_idx: int) -> ImageSize | None:
+    """(height, width) of image ``image_idx`` before resizing, when the image processor reports it."""
+    sizes = image_inputs.get("image_sizes")
+    if sizes is None:
+        return None
+    height, width = (int(v) for v in sizes[image_idx])
+    return height, width
+
+
+def patch_processor(processor, count: TokenCount):
+    """Make ``processor`` expand each ``<image>`` to ``count(original_size)`` tokens. In place; returns it.
+
+    Calling it again replaces the previous count function.
+    """
+    if not callable(getattr(processor, "replace_image_token", None)) or getattr(processor, "image_token", None) is None:
+        raise ValueError(
+            f"{type(processor).__name__} has no <image> token expansion (replace_image_token / image_token); "
+            f"pass the model's multimodal processor (e.g. LlavaProcessor)"
+        )
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * count(_original_size(image_inputs, image_idx))
+
+    processor.replace_image_token = types.MethodType(replace_image_token, processor)
+    return processor
+
+
+def unpatch_processor(processor):
+    """Restore the processor's stock ``<image>`` expansion. In place; returns it."""
+    processor.__dict__.pop("replace_image_token", None)
+    return processor
