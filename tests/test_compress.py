@@ -106,7 +106,8 @@ def test_contextual_zero_and_full_budget():
     only_dominant = compress.visionzip(hidden, queries, keys, dominant=4, contextual=0, **args)
     assert only_dominant.tokens.shape == (2, 4, 8)
     assert only_dominant.contextual_indices.shape == (2, 0)
-    assert torch.equal(only_dominant.tokens, hidden.gather(1, only_dominant.dominant_indices[..., None].expand(-1, -1, 8)))
+    kept = only_dominant.dominant_indices[..., None].expand(-1, -1, 8)
+    assert torch.equal(only_dominant.tokens, hidden.gather(1, kept))
     # D + C == N: nothing is merged, so every token survives unchanged (dominant ones first).
     everything = compress.visionzip(hidden, queries, keys, dominant=4, contextual=5, **args)
     order = torch.cat([everything.dominant_indices, everything.contextual_indices], dim=1)

@@ -65,7 +65,8 @@ def test_hooked_qk_give_eager_attention(towers, pixels, name, layer):
         captured = encoders.run_until(eager, pixels, layer)
     torch.testing.assert_close(_attention_from(captured), expected, rtol=0, atol=1e-6)
     if captured.has_cls:  # only the CLS row is computed, summed over heads
-        scores = compress.cls_attention_scores(captured.queries[:, 0], captured.keys, captured.num_heads, captured.scale)
+        cls_query = captured.queries[:, 0]
+        scores = compress.cls_attention_scores(cls_query, captured.keys, captured.num_heads, captured.scale)
         torch.testing.assert_close(scores, expected[:, :, 0, 1:].sum(dim=1), rtol=0, atol=1e-6)
     else:  # attention received, mean over heads then over queries
         scores = compress.received_attention_scores(captured.queries, captured.keys, captured.num_heads, captured.scale)
@@ -125,6 +126,8 @@ def test_unsupported_tower_is_named():
     vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match=r"ViTModel.*CLIPVisionModel, SiglipVisionModel"):
         encoders.run_until(vit, torch.randn(1, 3, 224, 224), 0)
+    with pytest.raises(ValueError, match="type 'vit'.*clip_vision_model, siglip_vision_model"):
+        encoders.tokens_per_tower_output(vit.config)
 
 
 def test_visionzip_features_shapes(towers, pixels):

@@ -19,8 +19,18 @@ from torch import Tensor, nn
 
 from . import compress
 
-# Tower class name -> whether its token 0 is a CLS token.
-_TOWERS = {"CLIPVisionModel": True, "SiglipVisionModel": False}
+
+class _Tower(NamedTuple):
+    model_type: str  # the tower config's model_type
+    has_cls: bool  # whether token 0 is a CLS token
+
+
+# Tower class name -> its config type and token layout. LLaVA-style models build their tower from the config
+# with AutoModel, so these classes are what they hold.
+_TOWERS = {
+    "CLIPVisionModel": _Tower("clip_vision_model", has_cls=True),
+    "SiglipVisionModel": _Tower("siglip_vision_model", has_cls=False),
+}
 
 
 class LayerCapture(NamedTuple):
@@ -41,13 +51,19 @@ def tower_has_cls(tower: nn.Module) -> bool:
         raise ValueError(
             f"VisionZip does not support the vision tower class {name}; supported towers: {', '.join(_TOWERS)}"
         )
-    return _TOWERS[name]
+    return _TOWERS[name].has_cls
 
 
 def tokens_per_tower_output(vision_config) -> int:
     """N: tokens the tower emits per image (patches, plus CLS for CLIP), from its config alone."""
+    kinds = {tower.model_type: tower for tower in _TOWERS.values()}
+    if vision_config.model_type not in kinds:
+        raise ValueError(
+            f"VisionZip does not support vision towers of type {vision_config.model_type!r}; supported types: "
+            f"{', '.join(kinds)}"
+        )
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    return patches + (1 if vision_config.model_type == "clip_vision_model" else 0)
+    return patches + int(kinds[vision_config.model_type].has_cls)
 
 
 def resolve_layer(num_layers: int, vision_feature_layer) -> int:

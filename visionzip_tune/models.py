@@ -39,10 +39,12 @@ class Family:
     language_model: str = "language_model"
 
 
-def _zip_images(inner: nn.Module, pixel_values: Tensor, vision_feature_layer: int | None) -> Tensor:
-    """(B, 3, H, W) -> (B, dominant + contextual, D_vision): tower + selection, without autograd (frozen tower)."""
+def _zip_images(inner: nn.Module, tower: nn.Module, pixel_values: Tensor, vision_feature_layer: int | None) -> Tensor:
+    """(B, 3, H, W) -> (B, dominant + contextual, D_vision): tower + selection, without autograd (frozen tower).
+
+    The budget and default layer come from the inner model's config at every call.
+    """
     budget = inner.config.visionzip
-    tower = inner.vision_tower
     layer = inner.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
     layer_index = encoders.resolve_layer(len(tower.encoder.layers), layer)
     # no_grad also stops enable_input_require_grads() (activation checkpointing) from building a tower graph.
@@ -67,7 +69,7 @@ def _llava_image_features(
     ``vision_feature_select_strategy`` is ignored: VisionZip keeps CLS as dominant token #0, as the reference does.
     Returns ``pooler_output`` = list of B tensors (dominant + contextual, text hidden), projected with autograd on.
     """
-    tokens = _zip_images(self, pixel_values, vision_feature_layer)
+    tokens = _zip_images(self, self.vision_tower, pixel_values, vision_feature_layer)
     return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=list(self.multi_modal_projector(tokens)))
 
 
