@@ -351,3 +351,110 @@ def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, 
             base, record["dominant"], record["contextual"], processor=processor, eager=bool(record.get("eager"))
         )
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: python -m visionzip_tune export --run DIR [--checkpoint NAME] [--output DIR]
+
+
+def _run_checkpoint(run: Path, name: str | None) -> Path:
+    """The checkpoint directory ``name`` (default: the one ``checkpoints/latest`` names) of run directory ``run``."""
+    root = run / "checkpoints"
+    available = sorted(p.name for p in root.glob("step-*") if (p / "trainable.safetensors").is_file())
+    if name is None:
+        pointer = root / "latest"
+        if not pointer.is_file():
+            raise UserError(
+                f"run {run} has no checkpoint yet ({pointer} is missing); train it first, or pick one with "
+                f"--checkpoint (complete checkpoints: {available or 'none'})."
+            )
+        name = pointer.read_text().strip()
+    path = root / name
+    if not (path / "trainable.safetensors").is_file():
+        raise UserError(
+            f"checkpoint {path} has no trainable.safetensors; complete checkpoints of {run}: {available or 'none'}."
+        )
+    return path
+
+
+def _base_model_id(name_or_path: str) -> str:
+    """A hub id as given; a local directory as an absolute path, so the export works from any directory."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def export_run(run: str | Path, checkpoint: str | None = None, output: str | Path | None = None) -> Path:
+    """Export checkpoint ``checkpoint`` (default: the latest) of a run directory to ``output`` (default RUN/export).
+
+    Rebuilds the model the run trained -- the base model from ``model.name_or_path`` with the run's VisionZip budget
+    -- loads the checkpoint's trained projector into it and writes the export. Single process.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from visionzip_tune.config import load_config, to_dict
+    from visionzip_tune.models import apply_visionzip, projector
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise UserError(
+            f"{run} is not a run directory: {run / 'config.yaml'} is missing (a run directory is the output.dir "
+            "of `bash train.sh` / `python -m visionzip_tune train`)."
+        )
+    cfg = load_config(run / "config.yaml")
+    if cfg.train.mode != "projector":
+        raise UserError(
+            f"run {run} trained in {cfg.train.mode!r} mode, which also changes the language model; `export` writes "
+            "projector-mode runs only (a projector alone would not reproduce this run)."
+        )
+    ckpt = _run_checkpoint(run, checkpoint)
+    base_model = _base_model_id(cfg.model.name_or_path)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(base_model)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the base model {base_model} of run {run} (model.name_or_path): {err}") from None
+    fingerprint = weights_fingerprint(model)
+    if cfg.visionzip.enabled:
+        apply_visionzip(model, cfg.visionzip.dominant, cfg.visionzip.contextual, eager=cfg.visionzip.eager)
+
+    trained = load_file(str(ckpt / "trainable.safetensors"))
+    module = projector(model)
+    prefix = next(name for name, m in model.named_modules() if m is module) + "."
+    params = dict(module.named_parameters())
+    found = {key[len(prefix) :]: t for key, t in trained.items() if key.startswith(prefix)}
+    problems = _shape_problems(
+        {name: tuple(p.shape) for name, p in params.items()}, {name: tuple(t.shape) for name, t in found.items()}
+    )
+    if problems:
+        raise UserError(
+            f"{ckpt / 'trainable.safetensors'} does not fit the projector of {base_model} ({prefix}*): "
+            f"{'; '.join(problems)}."
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(found[name])
+    state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
+    metadata = {
+        "base_model": base_model,
+        "base_fingerprint": fingerprint,
+        "recipe": {"path": str((run / "config.yaml").resolve()), "config": to_dict(cfg)},
+        "step": state.get("step"),
+        "data_fingerprint": state.get("data_fingerprint"),
+        "checkpoint": str(ckpt.resolve()),
+    }
+    return export_projector(model, Path(output) if output else run / "export", metadata=metadata)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m visionzip_tune export",
+        description="Export the trained projector of a run directory: projector.safetensors (HF names), "
+        "mm_projector.bin (original LLaVA names) and visionzip.json (budget, base model fingerprint, recipe).",
+    )
+    parser.add_argument("--run", required=True, help="run directory (the output.dir of a training run)")
+    parser.add_argument("--checkpoint", help="checkpoint name under RUN/checkpoints (default: the latest)")
+    parser.add_argument("--output", help="export directory (default: RUN/export; replaced atomically)")
+    args = parser.parse_args(argv)
+    out = export_run(args.run, args.checkpoint, args.output)
+    print(out)
+    return 0

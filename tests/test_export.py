@@ -1,0 +1,371 @@
+"""Export and load_projector: round trip, file formats, fingerprint, refusals, the `export` CLI, ZeRO-3 gathering."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import visionzip_tune as vzt
+from visionzip_tune.__main__ import main as cli
+from visionzip_tune.errors import UserError
+from visionzip_tune.export import export_projector, load_projector, read_export, weights_fingerprint
+from visionzip_tune.models import projector
+from visionzip_tune.tiny import TinySpec, build_tiny_llava, save_tiny_llava
+
+from conftest import load_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def perturb_projector(model, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Change the projector as training would; returns its new tensors by in-projector name."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in projector(model).parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return {name: p.detach().clone() for name, p in projector(model).named_parameters()}
+
+
+def image_inputs(processor, color=(200, 40, 40)):
+    image = Image.new("RGB", (224, 224), color)
+    return processor(images=image, text="USER: <image>\nWhat colour is it? ASSISTANT:", return_tensors="pt")
+
+
+@pytest.fixture
+def exported(tiny_clip, tiny_clip_dir, tmp_path):
+    """A zipped (54 + 10) tiny model whose projector was 'trained', and its export."""
+    model, processor = tiny_clip
+    vzt.apply_visionzip(model, 54, 10, processor=processor)
+    tensors = perturb_projector(model)
+    out = export_projector(model, tmp_path / "export", metadata={"base_model": str(tiny_clip_dir), "step": 7})
+    return model, processor, tensors, out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def test_fingerprint_same_weights_same_value_any_wrapper_or_dtype(tiny_clip_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    first, _ = load_tiny(tiny_clip_dir)
+    reference = weights_fingerprint(first)
+    assert reference.startswith("v1:") and len(reference) == 3 + 32
+    assert weights_fingerprint(load_tiny(tiny_clip_dir)[0]) == reference
+    # bf16 rounding of the sampled values makes a bf16 load of an fp32 checkpoint fingerprint the same.
+    bf16 = LlavaForConditionalGeneration.from_pretrained(tiny_clip_dir, dtype=torch.bfloat16)
+    assert weights_fingerprint(bf16) == reference
+    # The projector is what gets trained: it is not part of the base fingerprint.
+    perturb_projector(first)
+    assert weights_fingerprint(first) == reference
+    # LoRA on the language model renames its weights (base_layer) and adds lora_* tensors: normalised away.
+    lora = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    assert weights_fingerprint(get_peft_model(first, lora)) == reference
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["model.language_model.embed_tokens.weight", "model.language_model.layers.0.mlp.up_proj.weight",
+     "model.vision_tower.encoder.layers.3.self_attn.k_proj.weight", "lm_head.weight"],
+)
+def test_fingerprint_changes_with_sampled_weights(tiny_clip_dir, where):
+    model, _ = load_tiny(tiny_clip_dir)
+    before = weights_fingerprint(model)
+    with torch.no_grad():
+        model.get_parameter(where).add_(1e-2)
+    assert weights_fingerprint(model) != before
+
+
+def test_fingerprint_differs_between_random_bases():
+    assert weights_fingerprint(build_tiny_llava(TinySpec(seed=0))[0]) != weights_fingerprint(
+        build_tiny_llava(TinySpec(seed=1))[0]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export files and round trip
+
+
+def test_round_trip_gives_the_trained_models_logits(exported, tiny_clip_dir):
+    trained, processor, _, out = exported
+    fresh, fresh_processor = load_tiny(tiny_clip_dir)
+    assert load_projector(fresh, out, processor=fresh_processor) is fresh
+    inputs = image_inputs(fresh_processor)
+    assert int((inputs.input_ids == fresh.config.image_token_index).sum()) == 64
+    with torch.no_grad():
+        expected = trained(**image_inputs(processor)).logits
+        assert torch.equal(fresh(**inputs).logits, expected)
+    assert fresh.config.visionzip == {"dominant": 54, "contextual": 10, "eager": False}
+    # Sanity: without load_projector the fresh model answers differently (the test would catch a no-op load).
+    stock, _ = load_tiny(tiny_clip_dir)
+    vzt.apply_visionzip(stock, 54, 10)
+    with torch.no_grad():
+        assert not torch.allclose(stock(**inputs).logits, expected)
+
+
+def test_projector_files_hold_the_same_tensors_under_both_namings(exported):
+    _, _, tensors, out = exported
+    hf = load_file(out / "projector.safetensors")
+    original = torch.load(out / "mm_projector.bin", weights_only=True)
+    mapping = {"linear_1": "model.mm_projector.0", "linear_2": "model.mm_projector.2"}
+    assert set(hf) == {f"multi_modal_projector.{name}" for name in tensors}
+    assert set(original) == {f"{mapping[n.split('.')[0]]}.{n.split('.')[1]}" for n in tensors}
+    for name, tensor in tensors.items():
+        layer, kind = name.split(".")
+        assert torch.equal(hf[f"multi_modal_projector.{name}"], tensor)
+        assert torch.equal(original[f"{mapping[layer]}.{kind}"], tensor)
+
+
+def test_visionzip_json_records_budget_base_and_provenance(exported, tiny_clip_dir):
+    model, _, tensors, out = exported
+    record = json.loads((out / "visionzip.json").read_text())
+    assert record["format_version"] == 1
+    assert record["base_model"] == str(tiny_clip_dir)
+    assert record["base_fingerprint"] == weights_fingerprint(load_tiny(tiny_clip_dir)[0])
+    assert record["family"] == "llava"
+    assert (record["dominant"], record["contextual"], record["eager"]) == (54, 10, False)
+    assert record["tokens_per_image"] == 64
+    assert record["layer"] == model.config.vision_feature_layer == -2
+    assert record["token_order"] == "flat"
+    assert record["step"] == 7
+    assert record["recipe"] is None and record["data_fingerprint"] is None
+    assert record["projector"] == {f"multi_modal_projector.{n}": list(t.shape) for n, t in tensors.items()}
+    assert read_export(out) == record
+
+
+def test_export_replaces_the_previous_export_atomically(exported, tmp_path):
+    model, _, _, out = exported
+    newer = perturb_projector(model, seed=2)
+    export_projector(model, out, metadata={"base_model": "somewhere", "step": 8})
+    assert read_export(out)["step"] == 8
+    assert torch.equal(load_file(out / "projector.safetensors")["multi_modal_projector.linear_1.weight"],
+                       newer["linear_1.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp or old directories left behind
+
+
+def test_export_rejects_metadata_that_contradicts_the_model(exported, tmp_path):
+    model, _, _, _ = exported
+    with pytest.raises(ValueError, match="contradicts"):
+        export_projector(model, tmp_path / "x", metadata={"base_model": "m", "dominant": 100})
+    with pytest.raises(ValueError, match="base_model"):
+        export_projector(model, tmp_path / "x", metadata={})
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_without_visionzip_loads_back_stock(tiny_clip, tiny_clip_dir, tmp_path):
+    model, _ = tiny_clip
+    perturb_projector(model)
+    out = export_projector(model, tmp_path / "export", metadata={"base_model": str(tiny_clip_dir)})
+    assert read_export(out)["dominant"] is None and read_export(out)["tokens_per_image"] == 256
+    fresh, processor = load_tiny(tiny_clip_dir)
+    vzt.apply_visionzip(fresh, 54, 10, processor=processor)
+    load_projector(fresh, out, processor=processor)
+    assert not hasattr(fresh.config, "visionzip")
+    assert int((image_inputs(processor).input_ids == fresh.config.image_token_index).sum()) == 256
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refusals
+
+
+def test_fingerprint_mismatch_names_both_fingerprints_and_leaves_the_model_alone(exported, tmp_path):
+    _, _, _, out = exported
+    other_dir = save_tiny_llava(tmp_path / "other", TinySpec(seed=1))
+    other, processor = load_tiny(other_dir)
+    before = {n: p.clone() for n, p in projector(other).named_parameters()}
+    record = read_export(out)
+    with pytest.raises(UserError) as err:
+        load_projector(other, out, processor=processor)
+    message = str(err.value)
+    for part in (record["base_fingerprint"], weights_fingerprint(other), str(out), record["base_model"]):
+        assert part in message
+    assert all(torch.equal(p, before[n]) for n, p in projector(other).named_parameters())
+    assert not hasattr(other.config, "visionzip")
+    # The override loads anyway (same geometry, other weights).
+    load_projector(other, out, processor=processor, check_fingerprint=False)
+    assert torch.equal(projector(other).linear_1.weight, exported[2]["linear_1.weight"])
+
+
+def test_shape_mismatch_lists_the_tensors(exported, tmp_path):
+    _, _, _, out = exported
+    narrow, _ = build_tiny_llava(TinySpec(text_hidden=32))
+    with pytest.raises(UserError) as err:
+        load_projector(narrow, out, check_fingerprint=False)
+    message = str(err.value)
+    assert "multi_modal_projector.linear_1.weight is [64, 64] but the model has [32, 64]" in message
+    assert "multi_modal_projector.linear_2.bias is [64] but the model has [32]" in message
+
+
+def test_tampered_projector_file_is_refused(exported, tiny_clip_dir):
+    _, _, tensors, out = exported
+    hf = load_file(out / "projector.safetensors")
+    del hf["multi_modal_projector.linear_2.bias"]
+    hf["multi_modal_projector.extra"] = torch.zeros(3)
+    save_file(hf, out / "projector.safetensors")
+    with pytest.raises(UserError) as err:
+        load_projector(load_tiny(tiny_clip_dir)[0], out)
+    assert "multi_modal_projector.linear_2.bias is missing" in str(err.value)
+    assert "multi_modal_projector.extra [3] is not a parameter" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda out: out.rename(out.with_name("gone")), "does not exist"),
+        (lambda out: (out / "visionzip.json").unlink(), "visionzip.json is missing"),
+        (lambda out: (out / "visionzip.json").write_text("{not json"), "is not valid JSON"),
+        (lambda out: (out / "visionzip.json").write_text('{"format_version": 99}'), "format_version 99"),
+        (lambda out: (out / "visionzip.json").write_text('{"format_version": 1}'), "lacks the keys"),
+        (lambda out: (out / "projector.safetensors").unlink(), "projector.safetensors is missing"),
+        (lambda out: (out / "projector.safetensors").write_bytes(b"\x00" * 20), "not a readable safetensors"),
+    ],
+    ids=["no-dir", "no-json", "bad-json", "new-format", "keys", "no-weights", "bad-weights"],
+)
+def test_broken_export_is_a_clear_user_error(exported, tiny_clip_dir, damage, expected):
+    _, _, _, out = exported
+    damage(out)
+    with pytest.raises(UserError, match=expected) as err:
+        load_projector(load_tiny(tiny_clip_dir)[0], out)
+    assert str(out) in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `python -m visionzip_tune export --run DIR`
+
+
+def make_run(run: Path, model_dir: Path, tensors: dict[str, torch.Tensor], step: int = 3) -> Path:
+    """A run directory laid out as training writes it (config.yaml, checkpoints/latest, trainable.safetensors)."""
+    from visionzip_tune.config import load_config, to_yaml
+
+    cfg = load_config(overrides=[f"model.name_or_path={model_dir}", f"output.dir={run}", "visionzip.dominant=54",
+                                 "visionzip.contextual=10"])
+    ckpt = run / "checkpoints" / f"step-{step:06d}"
+    ckpt.mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    save_file({f"model.multi_modal_projector.{n}": t for n, t in tensors.items()}, ckpt / "trainable.safetensors")
+    (ckpt / "state.json").write_text(json.dumps({"step": step, "data_fingerprint": "sha256:abc"}))
+    (run / "checkpoints" / "latest").write_text(ckpt.name + "\n")
+    return run
+
+
+def test_export_cli_exports_the_latest_checkpoint(tiny_clip_dir, tmp_path, capsys):
+    trained, _ = load_tiny(tiny_clip_dir)
+    tensors = perturb_projector(trained)
+    run = make_run(tmp_path / "run", tiny_clip_dir, tensors)
+    assert cli(["export", "--run", str(run)]) == 0
+    out = run / "export"
+    assert capsys.readouterr().out.strip() == str(out)
+    record = read_export(out)
+    assert (record["dominant"], record["contextual"], record["step"]) == (54, 10, 3)
+    assert record["data_fingerprint"] == "sha256:abc"
+    assert record["base_model"] == str(Path(tiny_clip_dir).resolve())
+    assert record["recipe"]["config"]["visionzip"]["dominant"] == 54
+    fresh, processor = load_tiny(tiny_clip_dir)
+    load_projector(fresh, out, processor=processor)
+    assert all(torch.equal(p, tensors[n]) for n, p in projector(fresh).named_parameters())
+    assert fresh.config.visionzip["dominant"] == 54
+
+
+def _cli_error(argv, capsys) -> str:
+    capsys.readouterr()  # drop earlier output (progress bars of loads done by the test itself)
+    assert cli(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("error: ") == 1 and "Traceback" not in captured.err
+    assert "\n\n" not in captured.err.strip()  # one paragraph
+    return " ".join(captured.err.split())
+
+
+def test_export_cli_errors(tiny_clip_dir, tmp_path, capsys):
+    trained, _ = load_tiny(tiny_clip_dir)
+    tensors = perturb_projector(trained)
+    assert "is not a run directory" in _cli_error(["export", "--run", str(tmp_path / "nope")], capsys)
+
+    run = make_run(tmp_path / "run", tiny_clip_dir, tensors)
+    assert "step-000009 has no trainable.safetensors" in _cli_error(
+        ["export", "--run", str(run), "--checkpoint", "step-000009"], capsys
+    )
+    (run / "checkpoints" / "latest").unlink()
+    assert "has no checkpoint yet" in _cli_error(["export", "--run", str(run)], capsys)
+
+    wide = make_run(tmp_path / "wide", tiny_clip_dir, {**tensors, "linear_2.bias": torch.zeros(65)})
+    message = _cli_error(["export", "--run", str(wide)], capsys)
+    assert "linear_2.bias is [65] but the model has [64]" in message
+    assert not (wide / "export").exists()
+
+    missing = make_run(tmp_path / "missing", tmp_path / "no-model", tensors)
+    assert "cannot load the base model" in _cli_error(["export", "--run", str(missing)], capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ZeRO-3: 2 processes, projector partitioned; export gathers it collectively, load_projector scatters it back
+
+ZERO3_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import deepspeed, torch
+    from visionzip_tune.export import export_projector, load_projector, weights_fingerprint
+    from visionzip_tune.models import apply_visionzip, projector
+    from visionzip_tune.tiny import TinySpec, build_tiny_llava
+
+    out = sys.argv[1]
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = torch.distributed.get_rank()
+    model, _ = build_tiny_llava(TinySpec())                     # same seed on every rank
+    apply_visionzip(model, 54, 10)
+    fingerprint = weights_fingerprint(model)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in projector(model).parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    expected = {n: p.detach().clone() for n, p in projector(model).named_parameters()}
+    model.requires_grad_(False)
+    projector(model).requires_grad_(True)
+    params = list(projector(model).parameters())
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+              "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params), config=config)
+    partitioned = all(hasattr(p, "ds_id") and p.numel() == 0 for p in params)
+    same_fingerprint = weights_fingerprint(engine) == fingerprint   # gathers the sampled tensors
+    export_projector(engine, out, metadata={"base_model": "tiny", "base_fingerprint": fingerprint})
+    # Scramble the partitioned projector, then load the export back into it.
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+        for p in params:
+            p.zero_()
+    load_projector(engine, out)
+    with deepspeed.zero.GatheredParameters(params):
+        restored = all(torch.equal(p.detach(), expected[n]) for n, p in projector(model).named_parameters())
+    if rank == 0:
+        torch.save(expected, out + ".expected.pt")
+        json.dump({"partitioned": partitioned, "same_fingerprint": same_fingerprint, "restored": restored},
+                  open(out + ".result.json", "w"))
+    """
+)
+
+
+@pytest.mark.slow
+def test_export_under_zero3_gathers_full_tensors(tmp_path):
+    script = tmp_path / "zero3_export.py"
+    script.write_text(ZERO3_SCRIPT)
+    out = tmp_path / "export"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(script), str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(Path(f"{out}.result.json").read_text())
+    assert result == {"partitioned": True, "same_fingerprint": True, "restored": True}
+    expected = torch.load(f"{out}.expected.pt")
+    hf = load_file(out / "projector.safetensors")
+    for name, tensor in expected.items():
+        assert hf[f"multi_modal_projector.{name}"].shape == tensor.shape  # full shapes, not ZeRO-3's (0,)
+        assert torch.equal(hf[f"multi_modal_projector.{name}"], tensor)
