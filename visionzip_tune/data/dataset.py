@@ -1,0 +1,170 @@
+"""``SupervisedDataset``: loaded samples -> tokenized, label-masked examples with their ``pixel_values``.
+
+Bad samples follow one policy (``on_bad_sample``): structural problems are known from loading and handled up front;
+an unreadable image is only found when the sample is opened, so ``__getitem__`` then substitutes the next good
+sample (every rank keeps the same number of batches, no worker dies). Samples too long to fit are always dropped.
+Every drop is counted and, with ``skip_log``, appended to that file as ``{"id", "reason"}`` lines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visionzip_tune.data.images import ImageTransform, open_image
+from visionzip_tune.data.source import column, data_path
+from visionzip_tune.data.template import Templater, TooLong, fit_to_length, llava_turns
+from visionzip_tune.data.validate import BadSample
+from visionzip_tune.errors import UserError
+
+BAD_SAMPLE_POLICIES = ("error", "skip")
+_LISTED = 10  # bad samples named in an error message before "... and N more"
+_KINDS = ("missing image", "unreadable image", "too long")  # the reasons a summary counts apart from "malformed"
+
+
+def word_lengths(samples) -> list[int]:
+    """LLaVA's ``modality_lengths``: words over all turns, negative for text-only samples (never 0)."""
+    import pyarrow.compute as pc
+
+    table = samples.with_format("arrow")[:]
+    words = []
+    for turns in table.column("conversations").chunks:  # chunk by chunk: the text is never copied whole
+        per_turn = pc.count_substring_regex(pc.struct_field(pc.list_flatten(turns), "value"), pattern=r"\S+")
+        parents = pc.list_parent_indices(turns).to_numpy(zero_copy_only=False)
+        words.append(np.bincount(parents, weights=per_turn.to_numpy(zero_copy_only=False), minlength=len(turns)))
+    per_sample = np.maximum(np.concatenate(words).astype(np.int64), 1) if words else np.zeros(0, np.int64)
+    has_image = pc.list_value_length(table.column("images")).to_numpy(zero_copy_only=False) > 0
+    return np.where(has_image, per_sample, -per_sample).tolist()
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Map-style dataset of ``{"id", "input_ids", "labels", "pixel_values"}`` (pixel_values None for text-only).
+
+    ``tokens_per_image((h, w))`` gives the placeholder count for an image of that original size (the model's one
+    token-count function, e.g. ``functools.partial(models.tokens_per_image, config)``); each image becomes exactly
+    that many ``image_token_id`` ids. ``chat_template`` overrides the tokenizer's for ``template="chat_template"``
+    (processors often carry the chat template instead of their tokenizer).
+    """
+
+    def __init__(
+        self,
+        samples,
+        *,
+        image_folder: str | Path | None,
+        tokenizer,
+        image_processor,
+        template: str = "vicuna_v1",
+        tokens_per_image: Callable[[tuple[int, int]], int],
+        image_token_id: int,
+        max_length: int = 2048,
+        image_aspect: str = "pad",
+        on_bad_sample: str = "error",
+        skip_log: str | Path | None = None,
+        chat_template: str | None = None,
+    ):
+        if on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise UserError(f"data.on_bad_sample must be one of {', '.join(BAD_SAMPLE_POLICIES)}, not {on_bad_sample!r}")
+        self.samples = samples
+        self.path = data_path(samples)
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.templater = Templater(tokenizer, template, image_token_id, chat_template)
+        self.transform = ImageTransform(image_processor, image_aspect)
+        self.tokens_per_image = tokens_per_image
+        self.image_token_id = image_token_id
+        self.max_length = max_length
+        self.on_bad_sample = on_bad_sample
+        self.skip_log = Path(skip_log) if skip_log is not None else None
+        self._skipped: dict[str, str] = {}
+        self.rows = self._usable_rows()
+        lengths = word_lengths(samples)
+        self.lengths = [lengths[r] for r in self.rows]
+
+    def _usable_rows(self) -> list[int]:
+        problems = column(self.samples, "problem")
+        bad = [r for r, p in enumerate(problems) if p is not None]
+        if bad and self.on_bad_sample == "error":
+            ids = column(self.samples.select(bad[:_LISTED]), "id")
+            listed = "; ".join(f"id {i}: {problems[r]}" for i, r in zip(ids, bad))
+            more = f"; ... and {len(bad) - _LISTED} more" if len(bad) > _LISTED else ""
+            raise UserError(
+                f"{self.path}: {len(bad)} unusable sample(s): {listed}{more}. Fix them, or set data.on_bad_sample=skip "
+                "to leave them out (run `python -m visionzip_tune data check` for the full list)."
+            )
+        for r in bad:
+            self._record_skip(self.samples[r]["id"], problems[r])
+        if len(bad) == len(problems):
+            raise UserError(f"{self.path}: no usable sample ({len(problems)} samples, all unusable)")
+        return [r for r, p in enumerate(problems) if p is None]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        # A sample found bad here is replaced by the next one, so batches stay full and equal across ranks.
+        for k in range(len(self.rows)):
+            sample = self.samples[self.rows[(i + k) % len(self.rows)]]
+            try:
+                return self.example(sample)
+            except TooLong as bad:
+                self._record_skip(sample["id"], bad.reason)
+            except BadSample as bad:
+                if self.on_bad_sample == "error":
+                    raise UserError(
+                        f"{self.path}: sample id {sample['id']}: {bad.reason}. Fix the data, or set "
+                        "data.on_bad_sample=skip to leave such samples out."
+                    ) from None
+                self._record_skip(sample["id"], bad.reason)
+        raise UserError(f"{self.path}: no usable sample: every sample was dropped (see {self.skip_log or 'above'})")
+
+    def example(self, sample: dict) -> dict:
+        """The training example of one loaded sample; ``BadSample``/``TooLong`` if it cannot be used."""
+        images = [open_image(self._image_path(rel)) for rel in sample["images"]]
+        counts = [self.tokens_per_image((img.height, img.width)) for img in images]
+        turns = llava_turns(sample["conversations"], len(images))
+        ids, labels = fit_to_length(*self.templater(turns, counts), self.image_token_id, self.max_length)
+        return {
+            "id": sample["id"],
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": self.transform(images) if images else None,
+        }
+
+    def _image_path(self, rel: str) -> Path:
+        if self.image_folder is None:
+            raise UserError(f"{self.path}: samples have images but no image folder was given")
+        return self.image_folder / rel
+
+    def _record_skip(self, sample_id: str, reason: str) -> None:
+        if sample_id in self._skipped:
+            return
+        self._skipped[sample_id] = reason
+        if self.skip_log is not None:
+            self.skip_log.parent.mkdir(parents=True, exist_ok=True)
+            # One short line per write: appends from several dataloader workers do not interleave.
+            with open(self.skip_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"id": sample_id, "reason": reason}, ensure_ascii=False) + "\n")
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """``{id: reason}`` of every sample dropped so far (from ``skip_log``, which dataloader workers share)."""
+        if self.skip_log is None or not self.skip_log.exists():
+            return dict(self._skipped)
+        with open(self.skip_log, encoding="utf-8") as f:
+            return {entry["id"]: entry["reason"] for entry in map(json.loads, f)}
+
+    def skip_summary(self) -> str:
+        """One line for the end of a run: how many samples were dropped, by kind, and where the list is."""
+        skipped = self.skipped
+        if not skipped:
+            return "no samples skipped"
+        kinds: dict[str, int] = {}
+        for reason in skipped.values():
+            kind = next((k for k in _KINDS if reason.startswith(k)), "malformed")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        by_kind = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
+        where = f"; list in {self.skip_log}" if self.skip_log else ""
+        return f"skipped {len(skipped)} of {len(self.samples)} samples ({by_kind}){where}"

@@ -1,0 +1,168 @@
+"""A synthetic LLaVA-format dataset a tiny model can learn on CPU: coloured shapes on coloured backgrounds.
+
+Every answer is one word from a small closed set and depends only on the image, so held-out accuracy measures
+whether the projector carries visual information into the LLM. The signal is made easy on purpose: large flat
+shapes in saturated colours, five question types, uniformly drawn scene attributes (balanced answers), and the
+easiest question (background colour, which covers most patches and so survives any token selection) asked most.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from PIL import Image, ImageDraw
+
+from visionzip_tune.data.files import atomic_dir
+from visionzip_tune.errors import UserError
+
+IMAGE_SIZE = 224
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 210, 20),
+    "purple": (140, 40, 190),
+    "orange": (250, 130, 10),
+}
+SHAPES = ("circle", "square", "triangle")
+COUNTS = ("one", "two", "three")
+SIDES = ("left", "right")
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    colour: str  # all shapes of a scene share one colour and kind
+    shape: str
+    count: int
+    side: str  # every shape lies in this half
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    choices: tuple[str, ...]
+    answer: Callable[[Scene], str]
+    weight: float  # how often it is asked
+
+
+QUESTIONS = {
+    "background": Question("What colour is the background?", tuple(COLOURS), lambda s: s.background, 0.4),
+    "colour": Question("What color is the shape?", tuple(COLOURS), lambda s: s.colour, 0.2),
+    "shape": Question("What shape is in the image?", SHAPES, lambda s: s.shape, 0.15),
+    "count": Question("How many shapes are there?", COUNTS, lambda s: COUNTS[s.count - 1], 0.15),
+    "side": Question("Which side is the shape on?", SIDES, lambda s: s.side, 0.1),
+}
+TEXT_ONLY = [
+    ("What is the capital of France?", "Paris"),
+    ("How many sides does a triangle have?", "three"),
+    ("What colour is the sea?", "blue"),
+    ("Is a square a shape?", "yes"),
+]
+TEXT_ONLY_FRACTION = 0.05
+MULTI_TURN_FRACTION = 0.3
+TAG_AFTER_FRACTION = 0.2  # "question\n<image>": LLaVA moves the tag to the front; the data should exercise that
+
+
+class DemoPaths(NamedTuple):
+    train: Path
+    eval: Path
+    images: Path  # the image folder: image paths in the JSON are relative to it
+
+
+def random_scene(rng: random.Random) -> Scene:
+    background = rng.choice(list(COLOURS))
+    colour = rng.choice([c for c in COLOURS if c != background])
+    return Scene(background, colour, rng.choice(SHAPES), rng.randint(1, 3), rng.choice(SIDES))
+
+
+def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
+    """The shapes are stacked in one half, each in its own cell, jittered inside it."""
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), COLOURS[scene.background])
+    draw = ImageDraw.Draw(img)
+    half = IMAGE_SIZE // 2
+    cell = IMAGE_SIZE // scene.count
+    size = min(84, cell - 12)
+    x0 = 0 if scene.side == "left" else half
+    for k in range(scene.count):
+        x = x0 + rng.randint(4, half - size - 4)
+        y = k * cell + rng.randint(4, cell - size - 4)
+        box = (x, y, x + size, y + size)
+        fill = COLOURS[scene.colour]
+        if scene.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif scene.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(x + size // 2, y), (x, y + size), (x + size, y + size)], fill=fill)
+    return img
+
+
+def _ask(rng: random.Random, exclude: tuple[str, ...] = ()) -> str:
+    kinds = [k for k in QUESTIONS if k not in exclude]
+    return rng.choices(kinds, weights=[QUESTIONS[k].weight for k in kinds])[0]
+
+
+def _human(question: str, with_image: bool, rng: random.Random) -> str:
+    if not with_image:
+        return question
+    return f"{question}\n<image>" if rng.random() < TAG_AFTER_FRACTION else f"<image>\n{question}"
+
+
+def _image_sample(sample_id: str, image: str, scene: Scene, kinds: list[str], rng: random.Random) -> dict:
+    turns = []
+    for k, kind in enumerate(kinds):
+        turns.append({"from": "human", "value": _human(QUESTIONS[kind].text, k == 0, rng)})
+        turns.append({"from": "gpt", "value": QUESTIONS[kind].answer(scene)})
+    return {"id": sample_id, "image": image, "conversations": turns}
+
+
+def _write_json(path: Path, samples: list[dict]) -> None:
+    path.write_text("[\n" + ",\n".join(json.dumps(s) for s in samples) + "\n]\n", encoding="utf-8")
+
+
+def make_demo_dataset(out_dir: str | Path, n: int = 1000, seed: int = 0, n_eval: int | None = None) -> DemoPaths:
+    """Write ``out_dir/train.json`` (``n`` samples), ``out_dir/eval.json`` (``n_eval``, default ``max(8, n // 4)``)
+    and ``out_dir/images/*.png`` (224 px); deterministic per seed. Image paths are relative to ``out_dir/images``.
+
+    Train: single- and two-turn questions, ~5% text-only. Eval: single-turn image questions with ``"choices"``
+    (the question's closed answer set); the gold answer is the last gpt turn.
+    """
+    out_dir = Path(out_dir)
+    if n < 1:
+        raise UserError(f"--n must be at least 1, not {n}")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "train.json").exists():
+        raise UserError(f"{out_dir} exists and is not a demo dataset; choose an empty or new directory")
+    n_eval = max(8, n // 4) if n_eval is None else n_eval
+    rng = random.Random(seed)
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "images").mkdir()
+        train, evaluation = [], []
+        for i in range(n):
+            if rng.random() < TEXT_ONLY_FRACTION:
+                question, answer = rng.choice(TEXT_ONLY)
+                turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+                train.append({"id": f"train-{i:06d}", "conversations": turns})
+                continue
+            scene = random_scene(rng)
+            image = f"train_{i:06d}.png"
+            draw_scene(scene, rng).save(tmp / "images" / image)
+            kinds = [_ask(rng)]
+            if rng.random() < MULTI_TURN_FRACTION:
+                kinds.append(_ask(rng, exclude=tuple(kinds)))
+            train.append(_image_sample(f"train-{i:06d}", image, scene, kinds, rng))
+        for i in range(n_eval):
+            scene = random_scene(rng)
+            image = f"eval_{i:06d}.png"
+            draw_scene(scene, rng).save(tmp / "images" / image)
+            kind = _ask(rng)
+            sample = _image_sample(f"eval-{i:06d}", image, scene, [kind], rng)
+            evaluation.append({**sample, "choices": list(QUESTIONS[kind].choices)})
+        _write_json(tmp / "train.json", train)
+        _write_json(tmp / "eval.json", evaluation)
+    return DemoPaths(out_dir / "train.json", out_dir / "eval.json", out_dir / "images")
