@@ -59,3 +59,28 @@ def tiny_siglip(tiny_siglip_dir):
 def tiny_tokenizer():
     """The locally built Llama-shaped tokenizer (``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``, ``<image>``)."""
     return build_tiny_llava(TinySpec())[1].tokenizer
+
+
+def perturb_projector(model, seed: int = 1) -> dict:
+    """Change the projector as training would; returns its new tensors by in-projector name (``linear_1.weight``)."""
+    from visionzip_tune.models import projector
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in projector(model).parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return {name: p.detach().clone() for name, p in projector(model).named_parameters()}
+
+
+@pytest.fixture
+def tiny_clip_export(tiny_clip, tiny_clip_dir, tmp_path):
+    """``(model, processor, tensors, export_dir)``: a tiny CLIP LLaVA zipped to 54 + 10 whose projector was
+    perturbed as if trained (``tensors``), exported to ``tmp_path / "export"`` (recorded step 7)."""
+    from visionzip_tune.export import export_projector
+    from visionzip_tune.models import apply_visionzip
+
+    model, processor = tiny_clip
+    apply_visionzip(model, 54, 10, processor=processor)
+    tensors = perturb_projector(model)
+    out = export_projector(model, tmp_path / "export", metadata={"base_model": str(tiny_clip_dir), "step": 7})
+    return model, processor, tensors, out

@@ -21,33 +21,14 @@ from visionzip_tune.export import export_projector, load_projector, read_export,
 from visionzip_tune.models import projector
 from visionzip_tune.tiny import TinySpec, build_tiny_llava, save_tiny_llava
 
-from conftest import load_tiny
+from conftest import load_tiny, perturb_projector
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def perturb_projector(model, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Change the projector as training would; returns its new tensors by in-projector name."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in projector(model).parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return {name: p.detach().clone() for name, p in projector(model).named_parameters()}
 
 
 def image_inputs(processor, color=(200, 40, 40)):
     image = Image.new("RGB", (224, 224), color)
     return processor(images=image, text="USER: <image>\nWhat colour is it? ASSISTANT:", return_tensors="pt")
-
-
-@pytest.fixture
-def exported(tiny_clip, tiny_clip_dir, tmp_path):
-    """A zipped (54 + 10) tiny model whose projector was 'trained', and its export."""
-    model, processor = tiny_clip
-    vzt.apply_visionzip(model, 54, 10, processor=processor)
-    tensors = perturb_projector(model)
-    out = export_projector(model, tmp_path / "export", metadata={"base_model": str(tiny_clip_dir), "step": 7})
-    return model, processor, tensors, out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,8 +77,8 @@ def test_fingerprint_differs_between_random_bases():
 # Export files and round trip
 
 
-def test_round_trip_gives_the_trained_models_logits(exported, tiny_clip_dir):
-    trained, processor, _, out = exported
+def test_round_trip_gives_the_trained_models_logits(tiny_clip_export, tiny_clip_dir):
+    trained, processor, _, out = tiny_clip_export
     fresh, fresh_processor = load_tiny(tiny_clip_dir)
     assert load_projector(fresh, out, processor=fresh_processor) is fresh
     inputs = image_inputs(fresh_processor)
@@ -113,8 +94,8 @@ def test_round_trip_gives_the_trained_models_logits(exported, tiny_clip_dir):
         assert not torch.allclose(stock(**inputs).logits, expected)
 
 
-def test_projector_files_hold_the_same_tensors_under_both_namings(exported):
-    _, _, tensors, out = exported
+def test_projector_files_hold_the_same_tensors_under_both_namings(tiny_clip_export):
+    _, _, tensors, out = tiny_clip_export
     hf = load_file(out / "projector.safetensors")
     original = torch.load(out / "mm_projector.bin", weights_only=True)
     mapping = {"linear_1": "model.mm_projector.0", "linear_2": "model.mm_projector.2"}
@@ -126,8 +107,8 @@ def test_projector_files_hold_the_same_tensors_under_both_namings(exported):
         assert torch.equal(original[f"{mapping[layer]}.{kind}"], tensor)
 
 
-def test_visionzip_json_records_budget_base_and_provenance(exported, tiny_clip_dir):
-    model, _, tensors, out = exported
+def test_visionzip_json_records_budget_base_and_provenance(tiny_clip_export, tiny_clip_dir):
+    model, _, tensors, out = tiny_clip_export
     record = json.loads((out / "visionzip.json").read_text())
     assert record["format_version"] == 1
     assert record["base_model"] == str(tiny_clip_dir)
@@ -143,8 +124,8 @@ def test_visionzip_json_records_budget_base_and_provenance(exported, tiny_clip_d
     assert read_export(out) == record
 
 
-def test_export_replaces_the_previous_export_atomically(exported, tmp_path):
-    model, _, _, out = exported
+def test_export_replaces_the_previous_export_atomically(tiny_clip_export, tmp_path):
+    model, _, _, out = tiny_clip_export
     newer = perturb_projector(model, seed=2)
     export_projector(model, out, metadata={"base_model": "somewhere", "step": 8})
     assert read_export(out)["step"] == 8
@@ -153,8 +134,8 @@ def test_export_replaces_the_previous_export_atomically(exported, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp or old directories left behind
 
 
-def test_export_rejects_metadata_that_contradicts_the_model(exported, tmp_path):
-    model, _, _, _ = exported
+def test_export_rejects_metadata_that_contradicts_the_model(tiny_clip_export, tmp_path):
+    model, _, _, _ = tiny_clip_export
     with pytest.raises(ValueError, match="contradicts"):
         export_projector(model, tmp_path / "x", metadata={"base_model": "m", "dominant": 100})
     with pytest.raises(ValueError, match="base_model"):
@@ -178,8 +159,8 @@ def test_export_without_visionzip_loads_back_stock(tiny_clip, tiny_clip_dir, tmp
 # Refusals
 
 
-def test_fingerprint_mismatch_names_both_fingerprints_and_leaves_the_model_alone(exported, tmp_path):
-    _, _, _, out = exported
+def test_fingerprint_mismatch_names_both_fingerprints_and_leaves_the_model_alone(tiny_clip_export, tmp_path):
+    _, _, _, out = tiny_clip_export
     other_dir = save_tiny_llava(tmp_path / "other", TinySpec(seed=1))
     other, processor = load_tiny(other_dir)
     before = {n: p.clone() for n, p in projector(other).named_parameters()}
@@ -193,11 +174,11 @@ def test_fingerprint_mismatch_names_both_fingerprints_and_leaves_the_model_alone
     assert not hasattr(other.config, "visionzip")
     # The override loads anyway (same geometry, other weights).
     load_projector(other, out, processor=processor, check_fingerprint=False)
-    assert torch.equal(projector(other).linear_1.weight, exported[2]["linear_1.weight"])
+    assert torch.equal(projector(other).linear_1.weight, tiny_clip_export[2]["linear_1.weight"])
 
 
-def test_shape_mismatch_lists_the_tensors(exported, tmp_path):
-    _, _, _, out = exported
+def test_shape_mismatch_lists_the_tensors(tiny_clip_export, tmp_path):
+    _, _, _, out = tiny_clip_export
     narrow, _ = build_tiny_llava(TinySpec(text_hidden=32))
     with pytest.raises(UserError) as err:
         load_projector(narrow, out, check_fingerprint=False)
@@ -206,8 +187,8 @@ def test_shape_mismatch_lists_the_tensors(exported, tmp_path):
     assert "multi_modal_projector.linear_2.bias is [64] but the model has [32]" in message
 
 
-def test_tampered_projector_file_is_refused(exported, tiny_clip_dir):
-    _, _, tensors, out = exported
+def test_tampered_projector_file_is_refused(tiny_clip_export, tiny_clip_dir):
+    _, _, tensors, out = tiny_clip_export
     hf = load_file(out / "projector.safetensors")
     del hf["multi_modal_projector.linear_2.bias"]
     hf["multi_modal_projector.extra"] = torch.zeros(3)
@@ -231,8 +212,8 @@ def test_tampered_projector_file_is_refused(exported, tiny_clip_dir):
     ],
     ids=["no-dir", "no-json", "bad-json", "new-format", "keys", "no-weights", "bad-weights"],
 )
-def test_broken_export_is_a_clear_user_error(exported, tiny_clip_dir, damage, expected):
-    _, _, _, out = exported
+def test_broken_export_is_a_clear_user_error(tiny_clip_export, tiny_clip_dir, damage, expected):
+    _, _, _, out = tiny_clip_export
     damage(out)
     with pytest.raises(UserError, match=expected) as err:
         load_projector(load_tiny(tiny_clip_dir)[0], out)

@@ -1,0 +1,143 @@
+"""`python -m visionzip_tune generate`: prompts templated as in training, the exported budget, multi-turn chat."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from visionzip_tune.__main__ import main as cli
+from visionzip_tune.data import SupervisedDataset, load_samples
+from visionzip_tune.data.template import IGNORE_INDEX
+from visionzip_tune.generate import Chat, load_model
+from visionzip_tune.models import tokens_per_image
+from visionzip_tune.tiny import TinySpec, save_tiny_llava
+
+MAX_NEW = 6
+
+
+@pytest.fixture
+def picture(tmp_path):
+    path = tmp_path / "red.png"
+    Image.new("RGB", (300, 200), (220, 30, 30)).save(path)  # not square: the pad transform matters
+    return path
+
+
+def reference_answer(model, processor, picture, questions: list[str], answers: list[str]) -> tuple[str, list[int]]:
+    """Greedy answer to the last question, with the prompt built by the TRAINING dataset: the sample of the
+    conversation (dummy last answer) cut where its last answer's supervised labels begin."""
+    turns = []
+    for k, (question, answer) in enumerate(zip(questions, [*answers, "x"])):
+        turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
+                  {"from": "gpt", "value": answer}]
+    path = picture.parent / "sample.json"
+    path.write_text(json.dumps([{"id": "q", "image": picture.name, "conversations": turns}]))
+    dataset = SupervisedDataset(
+        load_samples(path), image_folder=picture.parent, tokenizer=processor.tokenizer,
+        image_processor=processor.image_processor, template="vicuna_v1",
+        tokens_per_image=lambda hw: tokens_per_image(model.config, hw), image_token_id=model.config.image_token_index,
+    )
+    item = dataset[0]
+    labels = item["labels"].tolist()
+    start = len(labels)
+    while labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    prompt = item["input_ids"][:start]
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt[None]),
+                             pixel_values=item["pixel_values"], max_new_tokens=MAX_NEW, do_sample=False,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+    answer = processor.tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+    return answer, prompt.tolist()
+
+
+def test_generate_answers_with_the_exported_projector_and_budget(tiny_clip_export, picture, capsys):
+    trained, processor, _, export = tiny_clip_export
+    argv = ["generate", "--projector", str(export), "--image", str(picture), "--prompt", "What colour is it?",
+            "--max-new-tokens", str(MAX_NEW), "--show-prompt"]
+    assert cli(argv) == 0
+    captured = capsys.readouterr()
+    expected, prompt = reference_answer(trained, processor, picture, ["What colour is it?"], [])
+    assert prompt.count(trained.config.image_token_index) == 64  # D + C placeholders, not the stock 256
+    assert expected and captured.out.strip() == expected
+    assert "USER: <image>x64\nWhat colour is it? ASSISTANT:" in captured.err
+    assert "(VisionZip 54 + 10: 64 tokens per image)" in captured.err
+
+
+def test_interactive_mode_keeps_the_conversation(tiny_clip_export, picture, capsys, monkeypatch):
+    trained, processor, _, export = tiny_clip_export
+    monkeypatch.setattr("sys.stdin", io.StringIO("What colour is it?\nIs there a circle?\n\nnever read\n"))
+    argv = ["generate", "--projector", str(export), "--image", str(picture), "--interactive",
+            "--max-new-tokens", str(MAX_NEW), "--show-prompt"]
+    assert cli(argv) == 0
+    captured = capsys.readouterr()
+    answers = captured.out.strip().splitlines()
+    first, _ = reference_answer(trained, processor, picture, ["What colour is it?"], [])
+    second, prompt = reference_answer(trained, processor, picture, ["What colour is it?", "Is there a circle?"], [first])
+    assert answers == [first, second]
+    # The second prompt carries the first exchange, as in a two-turn training sample (after </s> the Llama-style
+    # tokenizer starts "USER" with its word-start marker, shown as a space).
+    assert prompt.count(trained.config.image_token_index) == 64
+    assert f"What colour is it? ASSISTANT: {first}</s> USER: Is there a circle? ASSISTANT:" in captured.err
+
+
+def test_image_command_starts_a_new_conversation(tiny_clip_export, picture, tmp_path):
+    _, _, _, export = tiny_clip_export
+    model, processor, _ = load_model(None, str(export))
+    chat = Chat(model, processor, picture, max_new_tokens=MAX_NEW)
+    chat.ask("What colour is it?")
+    chat.ask("Is there a circle?")
+    assert chat.show_prompt().count("USER:") == 2
+    other = tmp_path / "blue.png"
+    Image.new("RGB", (224, 224), (20, 20, 230)).save(other)
+    chat.set_image(other)
+    chat.ask("What colour is it?")
+    assert chat.show_prompt().count("USER:") == 1 and chat.history == [("What colour is it?", chat.history[0][1])]
+
+
+def test_stock_and_training_free_budgets(tiny_clip_dir, picture, capsys):
+    base = ["generate", "--model", str(tiny_clip_dir), "--image", str(picture), "--prompt", "Hi",
+            "--max-new-tokens", "2", "--show-prompt"]
+    assert cli(base) == 0
+    assert "<image>x256" in capsys.readouterr().err  # stock LLaVA: every patch, CLS dropped
+    assert cli([*base, "--dominant", "108", "--contextual", "20"]) == 0
+    assert "<image>x128" in capsys.readouterr().err
+
+
+def test_chat_template_option(tiny_clip_export, picture, capsys):
+    _, _, _, export = tiny_clip_export
+    argv = ["generate", "--projector", str(export), "--image", str(picture), "--prompt", "Hi",
+            "--max-new-tokens", "2", "--show-prompt", "--template", "chat_template"]
+    assert cli(argv) == 0
+    err = capsys.readouterr().err
+    assert "USER: <image>x64\nHi ASSISTANT:" in err and "A chat between" not in err  # no vicuna system prompt
+
+
+def _cli_error(argv, capsys) -> str:
+    capsys.readouterr()
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+    return " ".join(err.split())
+
+
+def test_generate_errors(tiny_clip_export, tiny_clip_dir, picture, tmp_path, capsys):
+    _, _, _, export = tiny_clip_export
+    common = ["--image", str(picture), "--prompt", "Hi", "--max-new-tokens", "2"]
+    assert "Give one or the other" in _cli_error(
+        ["generate", "--projector", str(export), "--dominant", "54", "--contextual", "10", *common], capsys)
+    assert "give both --dominant and --contextual" in _cli_error(
+        ["generate", "--model", str(tiny_clip_dir), "--dominant", "54", *common], capsys)
+    assert "dominant + contextual" in _cli_error(
+        ["generate", "--model", str(tiny_clip_dir), "--dominant", "250", "--contextual", "30", *common], capsys)
+    assert "missing image" in _cli_error(
+        ["generate", "--projector", str(export), "--image", str(tmp_path / "none.png"), "--prompt", "Hi"], capsys)
+    assert "does not exist" in _cli_error(["generate", "--projector", str(tmp_path / "nothing"), *common], capsys)
+    assert "cannot load the model" in _cli_error(["generate", "--model", str(tmp_path / "nothing"), *common], capsys)
+    other = save_tiny_llava(tmp_path / "other", TinySpec(seed=1))
+    message = _cli_error(["generate", "--projector", str(export), "--model", str(other), *common], capsys)
+    assert "fingerprint" in message and str(export) in message
+    assert cli(["generate", "--projector", str(export), "--model", str(other), "--no-check-fingerprint", *common]) == 0
