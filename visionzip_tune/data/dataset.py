@@ -118,7 +118,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                         "data.on_bad_sample=skip to leave such samples out."
                     ) from None
                 self._record_skip(sample["id"], bad.reason)
-        raise UserError(f"{self.path}: no usable sample: every sample was dropped (see {self.skip_log or 'above'})")
+        raise UserError(f"{self.path}: no usable sample, every one was dropped: {self.skip_summary()}")
 
     def example(self, sample: dict) -> dict:
         """The training example of one loaded sample; ``BadSample``/``TooLong`` if it cannot be used."""

@@ -2,8 +2,9 @@
 
 Every answer is one word from a small closed set and depends only on the image, so held-out accuracy measures
 whether the projector carries visual information into the LLM. The signal is made easy on purpose: large flat
-shapes in saturated colours, five question types, uniformly drawn scene attributes (balanced answers), and the
-easiest question (background colour, which covers most patches and so survives any token selection) asked most.
+shapes in saturated colours, five question types, answers dealt in shuffled rounds (balanced: no majority answer to
+fall back on), and the easiest question (background colour, which covers most patches and so survives any token
+selection) asked most.
 """
 
 from __future__ import annotations
@@ -75,10 +76,31 @@ class DemoPaths(NamedTuple):
     images: Path  # the image folder: image paths in the JSON are relative to it
 
 
-def random_scene(rng: random.Random) -> Scene:
-    background = rng.choice(list(COLOURS))
-    colour = rng.choice([c for c in COLOURS if c != background])
-    return Scene(background, colour, rng.choice(SHAPES), rng.randint(1, 3), rng.choice(SIDES))
+def random_scene(rng: random.Random, kind: str | None = None, answer: str | None = None) -> Scene:
+    """A random scene; with ``kind``/``answer`` the scene is drawn so that question ``kind`` has that answer."""
+    if kind == "background":
+        background = answer
+    else:
+        background = rng.choice([c for c in COLOURS if not (kind == "colour" and c == answer)])
+    colour = answer if kind == "colour" else rng.choice([c for c in COLOURS if c != background])
+    shape = answer if kind == "shape" else rng.choice(SHAPES)
+    count = COUNTS.index(answer) + 1 if kind == "count" else rng.randint(1, 3)
+    side = answer if kind == "side" else rng.choice(SIDES)
+    return Scene(background, colour, shape, count, side)
+
+
+class BalancedAnswers:
+    """Answers of each question kind dealt in shuffled rounds, so every answer is equally frequent."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.rounds: dict[str, list[str]] = {}
+
+    def next(self, kind: str) -> str:
+        if not self.rounds.get(kind):
+            self.rounds[kind] = list(QUESTIONS[kind].choices)
+            self.rng.shuffle(self.rounds[kind])
+        return self.rounds[kind].pop()
 
 
 def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
@@ -140,6 +162,7 @@ def make_demo_dataset(out_dir: str | Path, n: int = 1000, seed: int = 0, n_eval:
         raise UserError(f"{out_dir} exists and is not a demo dataset; choose an empty or new directory")
     n_eval = max(8, n // 4) if n_eval is None else n_eval
     rng = random.Random(seed)
+    answers = BalancedAnswers(rng)
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         train, evaluation = [], []
@@ -149,18 +172,19 @@ def make_demo_dataset(out_dir: str | Path, n: int = 1000, seed: int = 0, n_eval:
                 turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
                 train.append({"id": f"train-{i:06d}", "conversations": turns})
                 continue
-            scene = random_scene(rng)
-            image = f"train_{i:06d}.png"
-            draw_scene(scene, rng).save(tmp / "images" / image)
             kinds = [_ask(rng)]
+            scene = random_scene(rng, kinds[0], answers.next(kinds[0]))
             if rng.random() < MULTI_TURN_FRACTION:
                 kinds.append(_ask(rng, exclude=tuple(kinds)))
+            image = f"train_{i:06d}.png"
+            draw_scene(scene, rng).save(tmp / "images" / image)
             train.append(_image_sample(f"train-{i:06d}", image, scene, kinds, rng))
+        answers = BalancedAnswers(rng)  # fresh rounds: the held-out answers are balanced on their own
         for i in range(n_eval):
-            scene = random_scene(rng)
+            kind = _ask(rng)
+            scene = random_scene(rng, kind, answers.next(kind))
             image = f"eval_{i:06d}.png"
             draw_scene(scene, rng).save(tmp / "images" / image)
-            kind = _ask(rng)
             sample = _image_sample(f"eval-{i:06d}", image, scene, [kind], rng)
             evaluation.append({**sample, "choices": list(QUESTIONS[kind].choices)})
         _write_json(tmp / "train.json", train)

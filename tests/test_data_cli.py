@@ -1,0 +1,154 @@
+"""``python -m visionzip_tune data check|preview|demo`` and their error handling, called in-process."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from visionzip_tune.__main__ import main as vzt_main
+from visionzip_tune.data import load_samples, make_demo_dataset
+from visionzip_tune.data.cli import main
+from visionzip_tune.data.demo import COLOURS, QUESTIONS
+from visionzip_tune.errors import UserError
+
+
+def turns(*values):
+    return [{"from": "human" if k % 2 == 0 else "gpt", "value": v} for k, v in enumerate(values)]
+
+
+@pytest.mark.parametrize("command", [[], ["subset"], ["check"], ["preview"], ["demo"]])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: python -m visionzip_tune data" in capsys.readouterr().out
+
+
+def test_check_lists_every_bad_sample_and_exits_nonzero(tmp_path, capsys):
+    images = tmp_path / "images" / "coco"
+    images.mkdir(parents=True)
+    Image.new("RGB", (32, 32), "red").save(images / "ok.jpg")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    samples = [
+        {"id": "good", "image": "coco/ok.jpg", "conversations": turns("<image>\nColour?", "red")},
+        {"id": "text", "conversations": turns("Hi", "Hello")},
+        {"id": 404, "image": "coco/missing.jpg", "conversations": turns("<image>", "x")},
+        {"id": "broken", "image": "coco/broken.png", "conversations": turns("<image>", "x")},
+        {"id": "empty", "conversations": []},
+        {"id": "order", "conversations": turns("a") + turns("b", "c")},
+        {"id": "blank", "conversations": turns("a", " ")},
+        {"id": "tags", "image": "coco/ok.jpg", "conversations": turns("<image> <image>", "x")},
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(samples))
+    code = vzt_main(["data", "check", "--data", str(data), "--image-folder", str(tmp_path / "images"),
+                     "--workers", "2", "--quiet"])
+    out = capsys.readouterr()
+    assert code == 1 and "Traceback" not in out.out + out.err
+    assert "checked 8 samples (4 with images, 4 text-only): 6 unusable" in out.out
+    listed = {line.split(":")[0].strip(): line for line in out.out.splitlines()[1:]}
+    assert set(listed) == {"id 404", "id broken", "id empty", "id order", "id blank", "id tags"}
+    assert "missing image" in listed["id 404"] and "coco/missing.jpg" in listed["id 404"]
+    assert "unreadable image" in listed["id broken"]
+    assert "no conversations" in listed["id empty"]
+    assert "do not alternate" in listed["id order"]
+    assert "empty gpt turn" in listed["id blank"]
+    assert "2 <image> tags but 1 image" in listed["id tags"]
+
+
+def test_check_passes_on_the_demo_and_needs_an_image_folder(tmp_path, capsys):
+    paths = make_demo_dataset(tmp_path / "demo", n=20, seed=0)
+    assert main(["check", "--data", str(paths.train), "--image-folder", str(paths.images), "--quiet"]) == 0
+    assert "all usable" in capsys.readouterr().out
+    code = vzt_main(["data", "check", "--data", str(paths.train), "--quiet"])
+    err = " ".join(capsys.readouterr().err.split())  # __main__ wraps the message
+    assert code == 2 and "have images but no --image-folder was given" in err and "Traceback" not in err
+
+
+def test_preview_json_uses_the_models_token_count(tmp_path, tiny_clip_dir, capsys):
+    paths = make_demo_dataset(tmp_path / "demo", n=12, seed=1)
+    common = ["preview", "--data", str(paths.train), "--image-folder", str(paths.images), "--model",
+              str(tiny_clip_dir), "--n", "4"]
+    assert main([*common, "--json", "--dominant", "54", "--contextual", "10"]) == 0
+    zipped = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main([*common, "--json"]) == 0
+    stock = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    train = json.loads(paths.train.read_text())
+    assert [r["id"] for r in zipped] == [s["id"] for s in train[:4]]
+    image_id = 601
+    for z, s, sample in zip(zipped, stock, train):
+        has_image = "image" in sample
+        assert z["input_ids"].count(image_id) == (64 if has_image else 0)
+        assert s["input_ids"].count(image_id) == (256 if has_image else 0)
+        assert len(z["labels"]) == len(z["input_ids"])
+        assert sum(label != -100 for label in z["labels"]) >= 2
+
+
+def test_preview_text_marks_answers_and_image_runs(tmp_path, tiny_clip_dir, capsys):
+    paths = make_demo_dataset(tmp_path / "demo", n=8, seed=2)
+    assert main(["preview", "--data", str(paths.train), "--image-folder", str(paths.images), "--model",
+                 str(tiny_clip_dir), "--n", "1", "--dominant", "54", "--contextual", "10"]) == 0
+    out = capsys.readouterr().out
+    first = json.loads(paths.train.read_text())[0]
+    answer = first["conversations"][1]["value"]
+    assert "<image×64>" in out and f"«{answer}</s>»" in out.replace(" ", "")
+    assert "A chat between a curious user" in out
+
+
+def test_preview_bad_arguments(tmp_path, tiny_clip_dir):
+    paths = make_demo_dataset(tmp_path / "demo", n=8, seed=2)
+    common = ["preview", "--data", str(paths.train), "--image-folder", str(paths.images)]
+    with pytest.raises(UserError, match="both --dominant and --contextual"):
+        main([*common, "--model", str(tiny_clip_dir), "--dominant", "54"])
+    with pytest.raises(UserError, match="cannot load a saved model config and processor"):
+        main([*common, "--model", str(tmp_path / "no-model")])
+
+
+def test_demo_is_deterministic_balanced_and_valid(tmp_path):
+    a = make_demo_dataset(tmp_path / "a", n=400, seed=7, n_eval=200)
+    b = make_demo_dataset(tmp_path / "b", n=400, seed=7, n_eval=200)
+    c = make_demo_dataset(tmp_path / "c", n=400, seed=8, n_eval=200)
+    assert a.train.read_bytes() == b.train.read_bytes() and a.eval.read_bytes() == b.eval.read_bytes()
+    assert (a.images / "train_000003.png").read_bytes() == (b.images / "train_000003.png").read_bytes()
+    assert a.train.read_bytes() != c.train.read_bytes()
+
+    train, evaluation = json.loads(a.train.read_text()), json.loads(a.eval.read_text())
+    assert len(train) == 400 and len(evaluation) == 200
+    n_turns = Counter(len(s["conversations"]) // 2 for s in train if "image" in s)
+    assert n_turns[1] > 0 and n_turns[2] > 0
+    assert 5 <= sum("image" not in s for s in train) <= 40  # a few text-only samples
+    for s in evaluation:
+        assert len(s["conversations"]) == 2 and s["conversations"][-1]["value"] in s["choices"]
+    background = Counter(s["conversations"][-1]["value"] for s in evaluation
+                         if QUESTIONS["background"].text in s["conversations"][0]["value"])
+    assert set(background) == set(COLOURS) and max(background.values()) - min(background.values()) <= 1
+    assert all(load_samples(p)["problem"][:] == [None] * n for p, n in ((a.train, 400), (a.eval, 200)))
+    with Image.open(a.images / "eval_000000.png") as img:
+        assert img.format == "PNG" and img.size == (224, 224)
+
+
+def test_demo_background_answer_matches_the_pixels(tmp_path):
+    paths = make_demo_dataset(tmp_path / "demo", n=60, seed=3)
+    for s in json.loads(paths.train.read_text()):
+        for question, answer in zip(s["conversations"][::2], s["conversations"][1::2]):
+            if QUESTIONS["background"].text in question["value"]:
+                with Image.open(paths.images / s["image"]) as img:
+                    corners = {img.getpixel(xy) for xy in ((0, 0), (223, 0), (0, 223), (223, 223))}
+                assert COLOURS[answer["value"]] in corners
+
+
+def test_demo_cli_replaces_a_demo_but_not_other_folders(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert vzt_main(["data", "demo", "--output", str(out), "--n", "10", "--seed", "1"]) == 0
+    assert vzt_main(["data", "demo", "--output", str(out), "--n", "12", "--seed", "1"]) == 0
+    assert len(json.loads((out / "train.json").read_text())) == 12
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    assert vzt_main(["data", "demo", "--output", str(other), "--n", "10"]) == 2
+    assert "is not a demo dataset" in " ".join(capsys.readouterr().err.split())
+    assert (other / "notes.txt").read_text() == "keep me" and not (other / "train.json").exists()
