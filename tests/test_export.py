@@ -224,16 +224,18 @@ def test_broken_export_is_a_clear_user_error(tiny_clip_export, tiny_clip_dir, da
 # `python -m visionzip_tune export --run DIR`
 
 
-def make_run(run: Path, model_dir: Path, tensors: dict[str, torch.Tensor], step: int = 3) -> Path:
+def make_run(run: Path, model_dir: Path, tensors: dict[str, torch.Tensor], step: int = 3, mode: str = "projector",
+             prefix: str = "model.multi_modal_projector.") -> Path:
     """A run directory laid out as training writes it (config.yaml, checkpoints/latest, trainable.safetensors)."""
     from visionzip_tune.config import load_config, to_yaml
 
     cfg = load_config(overrides=[f"model.name_or_path={model_dir}", f"output.dir={run}", "visionzip.dominant=54",
-                                 "visionzip.contextual=10"])
+                                 "visionzip.contextual=10", f"train.mode={mode}", "train.lora_r=4",
+                                 "train.lora_alpha=8"])
     ckpt = run / "checkpoints" / f"step-{step:06d}"
     ckpt.mkdir(parents=True)
     (run / "config.yaml").write_text(to_yaml(cfg))
-    save_file({f"model.multi_modal_projector.{n}": t for n, t in tensors.items()}, ckpt / "trainable.safetensors")
+    save_file({prefix + n: t for n, t in tensors.items()}, ckpt / "trainable.safetensors")
     (ckpt / "state.json").write_text(json.dumps({"step": step, "data_fingerprint": "sha256:abc"}))
     (run / "checkpoints" / "latest").write_text(ckpt.name + "\n")
     return run
@@ -285,6 +287,71 @@ def test_export_cli_errors(tiny_clip_dir, tmp_path, capsys):
 
     missing = make_run(tmp_path / "missing", tmp_path / "no-model", tensors)
     assert "cannot load the base model" in _cli_error(["export", "--run", str(missing)], capsys)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA runs: the adapter travels with the projector; full runs are refused
+
+
+def lora_model(model_dir: Path, seed: int = 5):
+    """A zipped tiny model wrapped for ``train.mode=lora`` exactly as training wraps it, LoRA and projector
+    perturbed as if trained; returns the peft model."""
+    from visionzip_tune.config import TrainConfig
+    from visionzip_tune.train import _set_trainable
+
+    model, _ = load_tiny(model_dir)
+    vzt.apply_visionzip(model, 54, 10)
+    wrapped = _set_trainable(model, TrainConfig(mode="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if param.requires_grad:  # lora_B starts at zero: without this the adapter would be a no-op
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return wrapped.eval()
+
+
+def test_lora_export_round_trip(tiny_clip_dir, tmp_path):
+    wrapped = lora_model(tiny_clip_dir)
+    fingerprint = weights_fingerprint(wrapped)
+    out = export_projector(wrapped, tmp_path / "export", metadata={"base_model": str(tiny_clip_dir), "mode": "lora"})
+    assert read_export(out)["adapter"] == "adapter" and read_export(out)["base_fingerprint"] == fingerprint
+    fresh, processor = load_tiny(tiny_clip_dir)
+    assert load_projector(fresh, out, processor=processor) is fresh
+    assert not any("lora" in name for name, _ in fresh.named_parameters())  # merged into the base weights
+    inputs = image_inputs(processor)
+    with torch.no_grad():
+        expected = wrapped(**inputs).logits
+        torch.testing.assert_close(fresh(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
+        projector_only, _ = load_tiny(tiny_clip_dir)
+        record = read_export(out)
+        del record["adapter"]
+        (out / "visionzip.json").write_text(json.dumps(record))
+        load_projector(projector_only, out)  # same projector, no adapter: the LoRA must have mattered
+        assert not torch.allclose(projector_only(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_export_cli_exports_a_lora_run(tiny_clip_dir, tmp_path, capsys):
+    wrapped = lora_model(tiny_clip_dir)
+    tensors = {name: p.detach().clone() for name, p in wrapped.named_parameters() if p.requires_grad}
+    run = make_run(tmp_path / "run", tiny_clip_dir, tensors, mode="lora", prefix="")
+    assert cli(["export", "--run", str(run)]) == 0
+    record = read_export(run / "export")
+    assert record["mode"] == "lora" and record["adapter"] == "adapter"
+    fresh, processor = load_tiny(tiny_clip_dir)
+    load_projector(fresh, run / "export", processor=processor)
+    inputs = image_inputs(processor)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, wrapped(**inputs).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_full_runs_are_refused(tiny_clip_export, tiny_clip_dir, tmp_path, capsys):
+    _, _, tensors, out = tiny_clip_export
+    run = make_run(tmp_path / "run", tiny_clip_dir, tensors, mode="full")
+    assert "trained in 'full' mode" in _cli_error(["export", "--run", str(run)], capsys)
+    record = read_export(out)
+    (out / "visionzip.json").write_text(json.dumps({**record, "mode": "full"}))
+    with pytest.raises(UserError, match="comes from a 'full' run"):
+        load_projector(load_tiny(tiny_clip_dir)[0], out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -76,7 +76,8 @@ def test_interactive_mode_keeps_the_conversation(tiny_clip_export, picture, caps
     captured = capsys.readouterr()
     answers = captured.out.strip().splitlines()
     first, _ = reference_answer(trained, processor, picture, ["What colour is it?"], [])
-    second, prompt = reference_answer(trained, processor, picture, ["What colour is it?", "Is there a circle?"], [first])
+    questions = ["What colour is it?", "Is there a circle?"]
+    second, prompt = reference_answer(trained, processor, picture, questions, [first])
     assert answers == [first, second]
     # The second prompt carries the first exchange, as in a two-turn training sample (after </s> the Llama-style
     # tokenizer starts "USER" with its word-start marker, shown as a space).

@@ -38,6 +38,7 @@ FORMAT_VERSION = 1
 PROJECTOR_FILE = "projector.safetensors"
 LLAVA_FILE = "mm_projector.bin"
 METADATA_FILE = "visionzip.json"
+ADAPTER_DIR = "adapter"  # LoRA runs: the language model's adapter, in peft's save_pretrained format
 
 # Per family: the projector's prefix in HF checkpoints, and its in-projector names -> original LLaVA names.
 _FAMILY_NAMES: dict[str, tuple[str, dict[str, str]]] = {
@@ -53,12 +54,17 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # Model plumbing shared by the three entry points
 
 
+def _without_engine(model: nn.Module) -> nn.Module:
+    """The module inside a DeepSpeed engine / DDP wrapper (``.module``); others pass through."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The HF model inside a DeepSpeed engine / DDP wrapper (``.module``) and a peft wrapper."""
     from visionzip_tune.models import unwrap
 
-    inner = getattr(model, "module", None)
-    return unwrap(inner if isinstance(inner, nn.Module) else model)
+    return unwrap(_without_engine(model))
 
 
 def _is_partitioned(param: torch.Tensor) -> bool:
@@ -163,17 +169,18 @@ def export_projector(model: nn.Module, out_dir: str | Path, *, metadata: dict[st
     ``model``: an HF model, a peft-wrapped one or a DeepSpeed engine (or its ``.module``). Call on ALL ranks: under
     ZeRO-3 the projector is gathered collectively; rank 0 writes into a temporary directory next to ``out_dir`` and
     renames it over any previous export, so readers never see a half-written export. Returns after the export is
-    complete on every rank.
+    complete on every rank. A peft (LoRA) model's adapter is exported too, into ``out_dir/adapter`` (peft format).
 
     ``metadata`` must hold ``base_model`` (a hub id or an absolute path that ``from_pretrained`` loads); usual keys
     are ``base_fingerprint`` (computed here from the model when absent -- pass the value computed before training
-    when the base weights themselves are trained), ``recipe``, ``step``, ``data_fingerprint``; anything else is
-    recorded as given. Family, budget, vision layer and shapes come from the model itself.
+    when the base weights themselves are trained), ``recipe``, ``step``, ``data_fingerprint``, ``mode``; anything
+    else is recorded as given. Family, budget, vision layer and shapes come from the model itself.
     """
     from visionzip_tune.models import family_name, projector, tokens_per_image
 
     if "base_model" not in metadata:
         raise ValueError("export_projector: metadata needs 'base_model' (hub id or absolute path of the base model)")
+    wrapped = _without_engine(model)
     model = _unwrap(model)
     family = family_name(model)
     hf_prefix, llava_names = _family_names(family)
@@ -198,41 +205,54 @@ def export_projector(model: nn.Module, out_dir: str | Path, *, metadata: dict[st
         "recipe": None,
         "step": None,
         "data_fingerprint": None,
+        "mode": "projector",
     }
     fixed = {*derived, "format_version", "base_fingerprint"}
     record.update((key, value) for key, value in metadata.items() if key not in fixed)
 
-    params = dict(projector(model).named_parameters())
-    with _gathered(list(params.values())):
-        tensors = {name: p.detach().to("cpu", torch.float32).clone() for name, p in params.items()}
+    tensors = _gathered_copy(dict(projector(model).named_parameters()))
     record["projector"] = {hf_prefix + name: list(t.shape) for name, t in tensors.items()}
+    is_peft = hasattr(wrapped, "peft_config")
+    if is_peft:
+        adapter = _gathered_copy({n: p for n, p in wrapped.named_parameters() if ".lora_" in n})
+        record["adapter"] = ADAPTER_DIR
 
     out_dir = Path(out_dir)
     if _rank() == 0:
-        _write_atomically(out_dir, tensors, record, hf_prefix, llava_names)
+        from safetensors.torch import save_file
+
+        with _atomic_dir(out_dir) as tmp:
+            save_file({hf_prefix + n: t for n, t in tensors.items()}, str(tmp / PROJECTOR_FILE),
+                      metadata={"format": "pt"})
+            torch.save({_llava_name(n, llava_names): t for n, t in tensors.items()}, tmp / LLAVA_FILE)
+            if is_peft:
+                wrapped.save_pretrained(tmp / ADAPTER_DIR, state_dict=adapter)
+            (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
     _barrier()
     return out_dir
 
 
-def _write_atomically(
-    out_dir: Path, tensors: dict[str, torch.Tensor], record: dict[str, Any], hf_prefix: str, llava_names: dict[str, str]
-) -> None:
-    from safetensors.torch import save_file
+def _gathered_copy(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Full float32 CPU copies of ``params`` (gathered collectively under ZeRO-3)."""
+    with _gathered(list(params.values())):
+        return {name: p.detach().to("cpu", torch.float32).contiguous().clone() for name, p in params.items()}
 
-    def llava_name(name: str) -> str:
-        for ours, theirs in llava_names.items():
-            if name.startswith(ours):
-                return theirs + name[len(ours) :]
-        raise ValueError(f"projector parameter {name!r} has no original-LLaVA name (known: {sorted(llava_names)})")
 
+def _llava_name(name: str, llava_names: dict[str, str]) -> str:
+    for ours, theirs in llava_names.items():
+        if name.startswith(ours):
+            return theirs + name[len(ours) :]
+    raise ValueError(f"projector parameter {name!r} has no original-LLaVA name (known: {sorted(llava_names)})")
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary directory next to ``out_dir`` that replaces ``out_dir`` when the block completes."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    old = out_dir.parent / f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
     try:
-        save_file({hf_prefix + n: t.contiguous() for n, t in tensors.items()}, str(tmp / PROJECTOR_FILE),
-                  metadata={"format": "pt"})
-        torch.save({llava_name(n): t for n, t in tensors.items()}, tmp / LLAVA_FILE)
-        (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
+        yield tmp
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
@@ -287,14 +307,18 @@ def _read_projector(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} is not a readable safetensors file ({err}); export the run again.") from None
 
 
-def _shape_problems(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> list[str]:
+def _shape_problems(
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    what: str = "parameter of this model's projector",
+) -> list[str]:
     """One line per tensor whose presence or shape differs between ``expected`` and ``found``."""
     problems = []
     for name in sorted(expected.keys() | found.keys()):
         if name not in found:
             problems.append(f"{name} is missing (the model has {list(expected[name])})")
         elif name not in expected:
-            problems.append(f"{name} {list(found[name])} is not a parameter of this model's projector")
+            problems.append(f"{name} {list(found[name])} is not a {what}")
         elif found[name] != expected[name]:
             problems.append(f"{name} is {list(found[name])} but the model has {list(expected[name])}")
     return problems
@@ -306,9 +330,10 @@ def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, 
     Checks, before touching the model: the export is complete and readable, the family matches, the base weights'
     fingerprint matches the one recorded at export (``check_fingerprint=False`` skips this, e.g. for a base model
     re-saved in another dtype that changes the sampled values), and every tensor fits the model's projector.
-    Then copies the weights (dtype/device of the model kept) and calls ``apply_visionzip(model, dominant,
-    contextual, processor=processor)`` -- or ``remove_visionzip`` for an export tuned without VisionZip.
-    Returns ``model``. Under ZeRO-3, call on all ranks.
+    Then merges the LoRA adapter of a ``lora`` run into the language model, copies the projector weights (dtype
+    and device of the model kept) and calls ``apply_visionzip(model, dominant, contextual, processor=processor)``
+    -- or ``remove_visionzip`` for an export tuned without VisionZip. Returns ``model``. Under ZeRO-3, call on all
+    ranks (LoRA exports: not under ZeRO-3).
     """
     from visionzip_tune.models import apply_visionzip, family_name, projector, remove_visionzip
 
@@ -330,6 +355,14 @@ def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, 
                 "its weights differ. Load the base model the export names, or skip the check "
                 "(check_fingerprint=False, --no-check-fingerprint) if you know the weights are the same."
             )
+    if record.get("mode") == "full":
+        raise UserError(
+            f"{export_dir} comes from a 'full' run, which trained the language model together with the projector; "
+            "the export holds the projector only, which does not reproduce that run."
+        )
+    adapter = export_dir / record["adapter"] if record.get("adapter") else None
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter} (the LoRA adapter of this lora run) is missing; export the run again.")
     tensors = _read_projector(export_dir / PROJECTOR_FILE)
     hf_prefix, _ = _family_names(family)
     params = dict(projector(base).named_parameters())
@@ -340,6 +373,10 @@ def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, 
             f"the projector in {export_dir / PROJECTOR_FILE} does not fit this model: {'; '.join(problems)}. "
             f"Was it exported from {record['base_model']}?"
         )
+    if adapter is not None:
+        from peft import PeftModel
+
+        PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()  # in place: base keeps its identity
     # Every rank read the same file; under ZeRO-3 rank 0's copy is broadcast when the gather closes.
     with torch.no_grad(), _gathered(list(params.values()), modifier_rank=0):
         for name, param in params.items():
@@ -377,23 +414,19 @@ def _run_checkpoint(run: Path, name: str | None) -> Path:
     return path
 
 
-def _base_model_id(name_or_path: str) -> str:
-    """A hub id as given; a local directory as an absolute path, so the export works from any directory."""
-    path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.exists() else name_or_path
-
-
 def export_run(run: str | Path, checkpoint: str | None = None, output: str | Path | None = None) -> Path:
     """Export checkpoint ``checkpoint`` (default: the latest) of a run directory to ``output`` (default RUN/export).
 
-    Rebuilds the model the run trained -- the base model from ``model.name_or_path`` with the run's VisionZip budget
-    -- loads the checkpoint's trained projector into it and writes the export. Single process.
+    Rebuilds the model as the run trained it -- the base model from ``model.name_or_path``, the run's VisionZip
+    budget, its trainable set (LoRA wrapping included) -- loads the checkpoint's trainable tensors by name and
+    writes the export. Single process.
     """
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
     from visionzip_tune.config import load_config, to_dict
-    from visionzip_tune.models import apply_visionzip, projector
+    from visionzip_tune.models import apply_visionzip
+    from visionzip_tune.train import _base_model_id, _set_trainable
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
@@ -402,10 +435,10 @@ def export_run(run: str | Path, checkpoint: str | None = None, output: str | Pat
             "of `bash train.sh` / `python -m visionzip_tune train`)."
         )
     cfg = load_config(run / "config.yaml")
-    if cfg.train.mode != "projector":
+    if cfg.train.mode == "full":
         raise UserError(
-            f"run {run} trained in {cfg.train.mode!r} mode, which also changes the language model; `export` writes "
-            "projector-mode runs only (a projector alone would not reproduce this run)."
+            f"run {run} trained in 'full' mode, which changes the language model too; `export` writes projector "
+            "and lora runs only (a projector alone would not reproduce this run)."
         )
     ckpt = _run_checkpoint(run, checkpoint)
     base_model = _base_model_id(cfg.model.name_or_path)
@@ -416,23 +449,21 @@ def export_run(run: str | Path, checkpoint: str | None = None, output: str | Pat
     fingerprint = weights_fingerprint(model)
     if cfg.visionzip.enabled:
         apply_visionzip(model, cfg.visionzip.dominant, cfg.visionzip.contextual, eager=cfg.visionzip.eager)
+    model = _set_trainable(model, cfg.train)
 
-    trained = load_file(str(ckpt / "trainable.safetensors"))
-    module = projector(model)
-    prefix = next(name for name, m in model.named_modules() if m is module) + "."
-    params = dict(module.named_parameters())
-    found = {key[len(prefix) :]: t for key, t in trained.items() if key.startswith(prefix)}
+    path = ckpt / "trainable.safetensors"
+    trained = load_file(str(path))
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     problems = _shape_problems(
-        {name: tuple(p.shape) for name, p in params.items()}, {name: tuple(t.shape) for name, t in found.items()}
+        {name: tuple(p.shape) for name, p in params.items()},
+        {name: tuple(t.shape) for name, t in trained.items()},
+        "trainable parameter of this run's model",
     )
     if problems:
-        raise UserError(
-            f"{ckpt / 'trainable.safetensors'} does not fit the projector of {base_model} ({prefix}*): "
-            f"{'; '.join(problems)}."
-        )
+        raise UserError(f"{path} does not fit the {cfg.train.mode}-mode model of {base_model}: {'; '.join(problems)}.")
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(found[name])
+            param.copy_(trained[name])
     state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
     metadata = {
         "base_model": base_model,
@@ -440,6 +471,7 @@ def export_run(run: str | Path, checkpoint: str | None = None, output: str | Pat
         "recipe": {"path": str((run / "config.yaml").resolve()), "config": to_dict(cfg)},
         "step": state.get("step"),
         "data_fingerprint": state.get("data_fingerprint"),
+        "mode": cfg.train.mode,
         "checkpoint": str(ckpt.resolve()),
     }
     return export_projector(model, Path(output) if output else run / "export", metadata=metadata)

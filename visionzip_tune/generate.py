@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m visionzip_tune generate",
         description="Answer a prompt about an image with a tuned projector and its VisionZip budget.",
     )
-    parser.add_argument("--projector", help="export directory (projector + budget); its base_model is the default --model")
+    parser.add_argument(
+        "--projector", help="export directory (projector + budget); its base_model is the default --model"
+    )
     parser.add_argument("--model", help="base model: a save_pretrained directory or hub id")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--prompt", help="question about the image (with --interactive: the first question)")
