@@ -66,6 +66,11 @@ def test_dominant_positional_order_and_ties():
     assert compress.select_dominant(torch.tensor([[0.3, 0.9]]), 1, has_cls=True).tolist() == [[0]]
 
 
+def test_take_tokens_per_image_rows():
+    x = torch.arange(2 * 4 * 1.0).view(2, 4, 1)  # image 0 holds 0..3, image 1 holds 4..7
+    assert compress.take_tokens(x, torch.tensor([[3, 0], [1, 2]])).tolist() == [[[3.0], [0.0]], [[5.0], [6.0]]]
+
+
 def test_remaining_positions_in_order():
     kept = torch.tensor([[0, 2, 5], [1, 3, 4]])
     assert compress.remaining_positions(kept, 6).tolist() == [[1, 3, 4], [0, 2, 5]]

@@ -1,0 +1,147 @@
+"""Vision-tower cost of VisionZip versus the stock tower and the official-style eager route.
+
+    python bench/bench_visionzip.py [--batch 4] [--rounds 7] [--threads 2] [--device cpu]
+
+For a CLIP tower with 336 px / patch 14 (576 patches + CLS, LLaVA-1.5's geometry) and a SigLIP tower of the same
+size (576 patches, no CLS), each with random weights, it times under ``torch.no_grad()``:
+
+  stock      the tower on SDPA, run to the end with hidden states (what LLaVA's stock get_image_features does)
+  visionzip  visionzip_tune: SDPA, q/k hooks on layer L, stop after layer L, select + merge
+  eager      the official route: eager attention with output_attentions=True in every layer, then select + merge
+  selection  compress.visionzip alone on captured layer-L tensors (scores + select + merge)
+
+Variants run interleaved round-robin (one warm-up round discarded) so machine noise hits them alike; the table
+shows medians and ratios to stock measured in this one run, and the same for the fastest round (the least
+disturbed one on a shared machine). Goals (CLIP): visionzip <= 1.05x stock, selection < 2 % of the stock tower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from visionzip_tune import compress, encoders
+
+
+def build_tower(kind: str, hidden: int, layers: int, heads: int, device: str):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    geometry = dict(
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=336,
+        patch_size=14,
+    )
+    torch.manual_seed(0)
+    if kind == "clip":
+        tower = CLIPVisionModel(CLIPVisionConfig(**geometry))
+    else:
+        tower = SiglipVisionModel(SiglipVisionConfig(**geometry))
+    return tower.eval().to(device)
+
+
+def eager_route(eager_tower, hs_index: int, dominant: int, contextual: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The official approach on transformers 5: every layer eager, every attention map kept, then select."""
+    attention = eager_tower.encoder.layers[hs_index - 1].self_attn
+    has_cls = encoders.tower_has_cls(eager_tower)
+
+    def run(pixels: torch.Tensor) -> torch.Tensor:
+        with encoders.capture_qk(attention) as store:  # keys for the merge metric (the official code patched this)
+            out = eager_tower(pixels, output_hidden_states=True, output_attentions=True)
+        maps = out.attentions[hs_index - 1]  # (B, H, N, N)
+        scores = maps[:, :, 0, 1:].sum(dim=1) if has_cls else maps.mean(dim=1).mean(dim=1)
+        metric = compress.key_metric(store["k"], attention.num_heads)
+        return compress.select_and_merge(
+            out.hidden_states[hs_index], metric, scores, dominant=dominant, contextual=contextual, has_cls=has_cls
+        ).tokens
+
+    return run
+
+
+def bench_tower(kind: str, layer: int, args) -> dict[str, list[float]]:
+    """Milliseconds per round for each variant."""
+    tower = build_tower(kind, args.hidden, args.layers, args.heads, args.device)
+    eager = copy.deepcopy(tower)
+    eager.set_attn_implementation("eager")
+    hs_index = layer % (args.layers + 1)
+    layer_index = encoders.resolve_layer(args.layers, layer)
+    pixels = torch.randn(args.batch, 3, 336, 336, device=args.device)
+    with torch.no_grad():
+        captured = encoders.run_until(tower, pixels, layer_index)
+
+    def selection(_):
+        return compress.visionzip(
+            captured.hidden,
+            captured.queries,
+            captured.keys,
+            num_heads=captured.num_heads,
+            scale=captured.scale,
+            dominant=args.dominant,
+            contextual=args.contextual,
+            has_cls=captured.has_cls,
+        ).tokens
+
+    variants: dict[str, Callable] = {
+        "stock": lambda px: tower(px, output_hidden_states=True).hidden_states[hs_index],
+        "visionzip": lambda px: encoders.visionzip_features(tower, px, layer_index, args.dominant, args.contextual),
+        "eager": eager_route(eager, hs_index, args.dominant, args.contextual),
+        "selection": selection,
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(args.rounds + 1):
+        for name, fn in variants.items():
+            if args.device != "cpu":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.no_grad():
+                fn(pixels)
+            if args.device != "cpu":
+                torch.cuda.synchronize()
+            if round_index > 0:  # round 0 warms up allocators and kernels
+                times[name].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dominant", type=int, default=54)
+    parser.add_argument("--contextual", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    print(
+        f"batch {args.batch}, 336 px / patch 14 (576 patches), hidden {args.hidden}, {args.layers} layers, "
+        f"{args.heads} heads, keep {args.dominant}+{args.contextual}, device {args.device}, "
+        f"{args.threads} threads, {args.rounds} rounds"
+    )
+    header = f"{'tower':<13}{'variant':<11}{'median ms':>10}{'vs stock':>10}{'best ms':>10}{'vs stock':>10}"
+    print(header)
+    print("-" * len(header))
+    for kind, layer in (("clip", -2), ("siglip", -1)):
+        times = bench_tower(kind, layer, args)
+        stock = {"median": statistics.median(times["stock"]), "best": min(times["stock"])}
+        for name, values in times.items():
+            cells = ""
+            for stat, value in (("median", statistics.median(values)), ("best", min(values))):
+                ratio = value / stock[stat]
+                cells += f"{value:>10.1f}" + (f"{100 * ratio:>9.2f}%" if name == "selection" else f"{ratio:>9.2f}x")
+            print(f"{f'{kind} L={layer}':<13}{name:<11}{cells}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
