@@ -92,8 +92,8 @@ def received_attention_scores(
     rows = max(1, chunk_elements // (batch * heads * tokens))
     received = q.new_zeros(batch, tokens)
     for start in range(0, tokens, rows):
-        attention = (torch.matmul(q[:, :, start : start + rows], k) * scale).softmax(dim=-1)  # (B, H, rows, N)
-        received += attention.sum(dim=(1, 2))
+        logits = torch.matmul(q[:, :, start : start + rows], k).mul_(scale)  # (B, H, rows, N); in place: no copy
+        received += logits.softmax(dim=-1).sum(dim=(1, 2))
     return received / (heads * tokens)
 
 
