@@ -91,7 +91,7 @@ def test_merge_by_hand():
     metric = torch.tensor([[[1.0, 0.0], [2.0, 0.1], [0.0, 1.0], [0.1, 3.0]]])
     hidden = torch.tensor([[[1.0], [10.0], [100.0], [1000.0]]])
     merged, targets = compress.merge_contextual(hidden, metric, contextual=2)
-    assert targets == [0, 2]
+    assert targets.tolist() == [0, 2]
     assert merged.tolist() == [[[11.0], [1100.0]]]  # target + mean of assigned, target not in the mean
 
 

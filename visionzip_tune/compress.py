@@ -7,12 +7,13 @@ the inputs and ``models.py`` wires the result into a VLM.
 Shape letters: B images, N tokens (CLS first when the encoder has one), D hidden size, H heads of size d
 (``D == H * d``), K = dominant + contextual tokens kept.
 
-Selection uses sort/gather/index ops only: no boolean masks or ``masked_select`` (slower, and on GPU they sync
-with the host), and every index set that depends only on the budget is built from Python ints.
+Selection uses sort/index ops only: no boolean masks or ``masked_select`` (slower, and on GPU they sync with
+the host), and every index set that depends only on the budget is built from Python ints, once per budget.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -144,29 +145,38 @@ def contextual_targets(remaining: int, contextual: int) -> tuple[list[int], list
     return targets, [i for i in range(remaining) if i not in target_set]
 
 
-def merge_contextual(hidden: Tensor, metric: Tensor, contextual: int) -> tuple[Tensor, list[int]]:
+@functools.lru_cache(maxsize=128)
+def _target_split(remaining: int, contextual: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """:func:`contextual_targets` as int64 index tensors on ``device``, built once per budget: a host-to-device
+    copy of a fresh Python list would synchronise a CUDA stream on every call."""
+    targets, merged = contextual_targets(remaining, contextual)
+    return (
+        torch.tensor(targets, dtype=torch.long, device=device),
+        torch.tensor(merged, dtype=torch.long, device=device),
+    )
+
+
+def merge_contextual(hidden: Tensor, metric: Tensor, contextual: int) -> tuple[Tensor, Tensor]:
     """Merge the non-dominant tokens into ``contextual`` tokens.
 
     hidden: (B, R, D) and metric: (B, R, d) of the R remaining tokens in positional order. Each non-target token is
     assigned to the target whose unit-normalised metric has the largest dot product with its own (first target on
     ties); a contextual token is the target's hidden state plus the mean of the hidden states assigned to it (the
     target itself is not in the mean, and a target nobody chose stays as it is — the reference behaviour).
-    Returns ((B, contextual, D), target positions within the remaining list).
+    Returns ((B, contextual, D), (contextual,) target positions within the remaining list).
     """
-    targets, merged = contextual_targets(hidden.shape[1], contextual)
+    target_index, merged_index = _target_split(hidden.shape[1], contextual, hidden.device)
     if contextual == 0:
-        return hidden[:, :0], targets
-    device = hidden.device
-    target_index = torch.tensor(targets, device=device)
-    merged_index = torch.tensor(merged, dtype=torch.long, device=device)
+        return hidden[:, :0], target_index
     unit = F.normalize(metric, dim=-1)
     similarity = torch.bmm(unit.index_select(1, merged_index), unit.index_select(1, target_index).transpose(1, 2))
     assignment = similarity.argmax(dim=-1)  # (B, R - C); argmax returns the first maximum
-    one_hot = torch.zeros(*assignment.shape, contextual, dtype=hidden.dtype, device=device)
+    # One-hot matmul in the hidden dtype, as the reference does: deterministic, unlike scatter_add on GPU.
+    one_hot = torch.zeros(*assignment.shape, contextual, dtype=hidden.dtype, device=hidden.device)
     one_hot.scatter_(2, assignment.unsqueeze(-1), 1)
     counts = one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)  # (B, C, 1)
     mean_assigned = torch.bmm(one_hot.transpose(1, 2), hidden.index_select(1, merged_index)) / counts
-    return hidden.index_select(1, target_index) + mean_assigned, targets
+    return hidden.index_select(1, target_index) + mean_assigned, target_index
 
 
 def select_and_merge(
@@ -183,7 +193,7 @@ def select_and_merge(
     rest = remaining_positions(dominant_indices, tokens)
     dominant_tokens = take_tokens(hidden, dominant_indices)
     contextual_tokens, targets = merge_contextual(take_tokens(hidden, rest), take_tokens(metric, rest), contextual)
-    contextual_indices = rest[:, targets] if targets else rest[:, :0]
+    contextual_indices = rest.index_select(1, targets)
     return ZipResult(torch.cat([dominant_tokens, contextual_tokens], dim=1), dominant_indices, contextual_indices)
 
 
