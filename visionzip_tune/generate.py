@@ -20,8 +20,14 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from visionzip_tune.data.images import ImageTransform, open_image
+from visionzip_tune.data.template import IGNORE_INDEX, Templater, Turn
+from visionzip_tune.data.validate import BadSample
 from visionzip_tune.errors import UserError
+from visionzip_tune.export import load_projector, read_export
+from visionzip_tune.models import apply_visionzip, tokens_per_image
 
 DEFAULT_TEMPLATE = "vicuna_v1"
 DEFAULT_ASPECT = "pad"
@@ -32,9 +38,6 @@ class Chat:
 
     def __init__(self, model, processor, image: str | Path, *, template: str = DEFAULT_TEMPLATE,
                  image_aspect: str = DEFAULT_ASPECT, max_new_tokens: int = 128):
-        from visionzip_tune.data.images import ImageTransform
-        from visionzip_tune.data.template import Templater
-
         self.model = model
         self.tokenizer = processor.tokenizer
         self.image_token_id = model.config.image_token_index
@@ -47,10 +50,6 @@ class Chat:
 
     def set_image(self, image: str | Path) -> None:
         """Start a new conversation about ``image`` (one image per conversation, as LLaVA-1.5 was trained)."""
-        from visionzip_tune.data.images import open_image
-        from visionzip_tune.data.validate import BadSample
-        from visionzip_tune.models import tokens_per_image
-
         try:
             picture = open_image(image)
         except BadSample as err:
@@ -62,8 +61,6 @@ class Chat:
 
     def prompt(self, question: str) -> list[int]:
         """Token ids the model is given to answer ``question`` after the conversation so far."""
-        from visionzip_tune.data.template import IGNORE_INDEX, Turn
-
         turns = []
         for k, (asked, answered) in enumerate([*self.history, (question, "")]):
             turns += [Turn("human", int(k == 0), asked.strip()), Turn("gpt", 0, answered)]
@@ -107,11 +104,6 @@ def load_model(model_dir: str | None, projector: str | None, dominant: int | Non
                device: str | None = None):
     """``(model, processor, record)``: the base model with the exported projector and budget (``record`` = its
     visionzip.json), or stock with an optional training-free budget when ``projector`` is None."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from visionzip_tune.export import load_projector, read_export
-    from visionzip_tune.models import apply_visionzip
-
     if projector is not None and (dominant is not None or contextual is not None):
         raise UserError(
             "--dominant/--contextual set a training-free budget; with --projector the export's budget is used "
