@@ -134,6 +134,22 @@ def test_export_replaces_the_previous_export_atomically(tiny_clip_export, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp or old directories left behind
 
 
+def test_failed_export_keeps_the_previous_one(tiny_clip_export, tmp_path, monkeypatch):
+    model, _, tensors, out = tiny_clip_export
+    perturb_projector(model, seed=2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)  # fails after projector.safetensors is already written
+    with pytest.raises(OSError, match="No space left"):
+        export_projector(model, out, metadata={"base_model": "somewhere", "step": 8})
+    assert read_export(out)["step"] == 7
+    assert torch.equal(load_file(out / "projector.safetensors")["multi_modal_projector.linear_1.weight"],
+                       tensors["linear_1.weight"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
 def test_export_rejects_metadata_that_contradicts_the_model(tiny_clip_export, tmp_path):
     model, _, _, _ = tiny_clip_export
     with pytest.raises(ValueError, match="contradicts"):

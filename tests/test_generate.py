@@ -136,6 +136,10 @@ def test_generate_errors(tiny_clip_export, tiny_clip_dir, picture, tmp_path, cap
         ["generate", "--model", str(tiny_clip_dir), "--dominant", "250", "--contextual", "30", *common], capsys)
     assert "missing image" in _cli_error(
         ["generate", "--projector", str(export), "--image", str(tmp_path / "none.png"), "--prompt", "Hi"], capsys)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert f"unreadable image {broken}" in _cli_error(
+        ["generate", "--projector", str(export), "--image", str(broken), "--prompt", "Hi"], capsys)
     assert "does not exist" in _cli_error(["generate", "--projector", str(tmp_path / "nothing"), *common], capsys)
     assert "cannot load the model" in _cli_error(["generate", "--model", str(tmp_path / "nothing"), *common], capsys)
     other = save_tiny_llava(tmp_path / "other", TinySpec(seed=1))
