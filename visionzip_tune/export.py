@@ -9,8 +9,15 @@ An export directory holds three files (DESIGN §7):
 * ``visionzip.json`` -- what the projector was tuned for: base model and a fingerprint of its weights, family,
   budget (dominant, contextual, eager), vision layer, token order, tensor shapes, recipe, step, data fingerprint.
 
+LoRA runs add ``adapter/`` (peft format), which ``load_projector`` merges into the language model.
+
 ``load_projector`` refuses an export made on other base weights (fingerprint) or another geometry (shapes), so a
 projector is never silently paired with a model it was not trained for.
+
+Original LLaVA code: its loader (``--model-path EXPORT --model-base liuhaotian/llava-v1.5-7b``, a path containing
+"llava") reads ``mm_projector.bin`` and the ``config.json`` next to it; copy the base LLaVA's ``config.json`` there
+(the projector geometry is the base model's -- it is not written here because the HF config does not name the
+original vision tower). Run it under the official VisionZip with the budget of ``visionzip.json``.
 
 Under DeepSpeed ZeRO-3 every parameter read here goes through ``deepspeed.zero.GatheredParameters``, a collective:
 call ``export_projector``, ``weights_fingerprint`` and ``load_projector`` on all ranks.
