@@ -102,9 +102,10 @@ def step_flops(config, tokens: int, batch: int, text: int) -> Flops:
     LLM (T = tokens + text): per layer and token, q/k/v/o and the gated MLP ``2 * params`` forward; causal
     attention ``2 * T * d`` forward (half of QK^T and AV: the SDPA kernel skips masked blocks); ``lm_head`` on every
     position. Backward through the frozen LLM computes input gradients only: 1x forward for the linear layers,
-    2x forward for the attention core (dQ, dK from dS; dS and dV from dO). Projector: forward, plus weight
-    gradients (1x forward; its input needs no gradient). Tower: forward only, all layers for stock LLaVA, layers up
-    to ``vision_feature_layer`` for VisionZip (it stops there); full (non-causal) attention over N patches + CLS.
+    2x forward for the attention core (dQ, dK from dS; dS and dV from dO). Projector: forward, plus both weight
+    gradients and the gradient between its two layers (its input needs none). Tower: forward only, all layers for
+    stock LLaVA, layers up to ``vision_feature_layer`` for VisionZip (it stops there); full (non-causal) attention
+    over N patches + CLS.
     """
     text_cfg, vision = config.text_config, config.vision_config
     seq = tokens + text
@@ -116,7 +117,7 @@ def step_flops(config, tokens: int, batch: int, text: int) -> Flops:
     lm_head = 2 * (2 * d * text_cfg.vocab_size * seq)
     llm = batch * (text_cfg.num_hidden_layers * per_layer + lm_head)
 
-    proj = 2 * (2 * (vision.hidden_size * d + d * d) * tokens)
+    proj = 2 * (2 * vision.hidden_size * d + 3 * d * d) * tokens  # fwd; bwd: both weight grads + linear_2's input
     patches = (vision.image_size // vision.patch_size) ** 2 + 1
     dv, vffn = vision.hidden_size, vision.intermediate_size
     vision_layer = 2 * (4 * dv * dv + 2 * dv * vffn) * patches + 4 * patches * patches * dv
