@@ -94,6 +94,19 @@ def test_round_trip_gives_the_trained_models_logits(tiny_clip_export, tiny_clip_
         assert not torch.allclose(stock(**inputs).logits, expected)
 
 
+def test_round_trip_with_a_siglip_tower(tiny_siglip, tiny_siglip_dir, tmp_path):
+    trained, _ = tiny_siglip
+    vzt.apply_visionzip(trained, 40, 8)
+    perturb_projector(trained)
+    out = export_projector(trained, tmp_path / "export", metadata={"base_model": str(tiny_siglip_dir)})
+    fresh, processor = load_tiny(tiny_siglip_dir)
+    load_projector(fresh, out, processor=processor)
+    inputs = image_inputs(processor)
+    assert int((inputs.input_ids == fresh.config.image_token_index).sum()) == 48
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).logits, trained(**inputs).logits)
+
+
 def test_projector_files_hold_the_same_tensors_under_both_namings(tiny_clip_export):
     _, _, tensors, out = tiny_clip_export
     hf = load_file(out / "projector.safetensors")
