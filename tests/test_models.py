@@ -224,3 +224,14 @@ def test_accessors_plain_and_peft(tiny_clip):
     batch = _batch(processor)
     with torch.no_grad():
         assert wrapped(**batch).logits.shape[1] == batch["input_ids"].shape[1]  # the override survives wrapping
+    vzt.apply_visionzip(wrapped, 20, 4, processor)  # a peft-wrapped model is zipped through its base model
+    assert _image_tokens(model, _batch(processor)) == [24, 24] and model.config.visionzip["dominant"] == 20
+
+
+def test_bf16_model(tiny_clip):
+    model, processor = tiny_clip
+    model.to(torch.bfloat16)
+    vzt.apply_visionzip(model, 54, 10, processor)
+    with torch.no_grad():
+        out = model(**_batch(processor))  # fp32 pixel values are cast to the tower's dtype
+    assert out.image_hidden_states.dtype == torch.bfloat16 and out.image_hidden_states.shape[0] == 128
