@@ -50,6 +50,9 @@ ADAPTER_DIR = "adapter"  # LoRA runs: the language model's adapter, in peft's sa
 # Per family: the projector's prefix in HF checkpoints, and its in-projector names -> original LLaVA names.
 _FAMILY_NAMES: dict[str, tuple[str, dict[str, str]]] = {
     "llava": ("multi_modal_projector.", {"linear_1.": "model.mm_projector.0.", "linear_2.": "model.mm_projector.2."}),
+    "llava_next": (
+        "multi_modal_projector.", {"linear_1.": "model.mm_projector.0.", "linear_2.": "model.mm_projector.2."}
+    ),
 }
 
 # Elements sampled per fingerprinted tensor; enough to catch any re-initialisation or fine-tune of that tensor.

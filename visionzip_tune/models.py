@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
 from . import compress, encoders, processing
 
@@ -37,10 +38,16 @@ class Family:
     tower: str = "vision_tower"
     projector: str = "multi_modal_projector"
     language_model: str = "language_model"
+    # Orders the zipped tokens of one image can be fed in; the first is the default. Only a family with a choice
+    # records "token_order" in config.visionzip.
+    token_orders: tuple[str, ...] = ("flat",)
 
 
-def _zip_images(inner: nn.Module, tower: nn.Module, pixel_values: Tensor, vision_feature_layer: int | None) -> Tensor:
-    """(B, 3, H, W) -> (B, dominant + contextual, D_vision): tower + selection, without autograd (frozen tower).
+def _zip_images(
+    inner: nn.Module, tower: nn.Module, pixel_values: Tensor, vision_feature_layer: int | None
+) -> compress.ZipResult:
+    """(B, 3, H, W) -> tokens (B, dominant + contextual, D_vision) and the kept positions: tower + selection,
+    without autograd (frozen tower). B counts whatever the family zips independently (images, crops, frames).
 
     The budget and default layer come from the inner model's config at every call.
     """
@@ -49,10 +56,9 @@ def _zip_images(inner: nn.Module, tower: nn.Module, pixel_values: Tensor, vision
     layer_index = encoders.resolve_layer(len(tower.encoder.layers), layer)
     # no_grad also stops enable_input_require_grads() (activation checkpointing) from building a tower graph.
     with torch.no_grad():
-        zipped = encoders.visionzip_features(
+        return encoders.visionzip_features(
             tower, pixel_values, layer_index, budget["dominant"], budget["contextual"], eager=budget["eager"]
         )
-    return zipped.tokens
 
 
 def _llava_image_features(
@@ -69,7 +75,7 @@ def _llava_image_features(
     ``vision_feature_select_strategy`` is ignored: VisionZip keeps CLS as dominant token #0, as the reference does.
     Returns ``pooler_output`` = list of B tensors (dominant + contextual, text hidden), projected with autograd on.
     """
-    tokens = _zip_images(self, self.vision_tower, pixel_values, vision_feature_layer)
+    tokens = _zip_images(self, self.vision_tower, pixel_values, vision_feature_layer).tokens
     return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=list(self.multi_modal_projector(tokens)))
 
 
@@ -92,7 +98,129 @@ LLAVA = Family(
     zipped_tokens=_llava_zipped_tokens,
 )
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (LLAVA,)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLaVA-NeXT: one image becomes a base crop plus an anyres grid of crops; VisionZip zips every crop with the same
+# budget (the paper's Table 9 budgets are per crop). The stock ``pack_image_features`` (unpad to the aspect ratio,
+# a newline per row) needs the dense grid that selection removes, so it is bypassed and ``image_newline`` unused.
+
+
+def _crop_count(config, image_size) -> int:
+    """Crops of one image of original (height, width) ``image_size``: the base crop + the anyres grid's crops."""
+    return image_size_to_num_patches(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
+
+
+def _grid_shape(config, image_size) -> tuple[int, int]:
+    """(rows, columns) of the anyres crop grid for original (height, width) ``image_size`` (HF's (h, w) order)."""
+    rows, cols = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
+    return int(rows), int(cols)
+
+
+def grid_order(dominant_indices: Tensor, contextual: int, grid: tuple[int, int], side: int, has_cls: bool) -> Tensor:
+    """Permutation of one image's zipped crop tokens into the official VisionZip LLaVA-NeXT order.
+
+    The zipped tokens of an image, flattened crop after crop (crop 0 = base, then the grid crops row-major), are
+    ``crops * K`` rows, ``K = dominant + contextual``, each crop ``[dominant (positional order), contextual]``. The
+    official order is: the base crop's K tokens; the dominant *patch* tokens of all grid crops in raster order of
+    the stitched (rows * side) x (columns * side) patch grid; each grid crop's CLS token; all grid crops'
+    contextual tokens, crop by crop.
+    dominant_indices: (crops, dominant) ascending tower positions (CLS = 0 when ``has_cls``); ``side`` patches per
+    crop edge. Returns (crops * K,) int64 indices into the flattened rows.
+    """
+    crops, dominant = dominant_indices.shape
+    rows, cols = grid
+    if crops - 1 != rows * cols:
+        raise ValueError(f"{crops} crops do not fit a base crop plus a {rows}x{cols} grid")
+    kept = dominant + contextual
+    first_patch = int(has_cls)  # with CLS, dominant slot 0 of every crop is the CLS token
+    device = dominant_indices.device
+    crop = torch.arange(1, crops, device=device).unsqueeze(1)  # (G, 1) grid crops, row-major
+    patch = dominant_indices[1:, first_patch:] - first_patch  # (G, P) patch index within its crop
+    row = ((crop - 1) // cols) * side + patch // side
+    col = ((crop - 1) % cols) * side + patch % side
+    slots = crop * kept + torch.arange(first_patch, dominant, device=device)  # where those tokens sit now
+    dominant_slots = slots.flatten()[(row * (cols * side) + col).flatten().argsort()]
+    cls_slots = crop.flatten() * kept if has_cls else crop.new_zeros(0)
+    contextual_slots = (crop * kept + torch.arange(dominant, kept, device=device)).flatten()
+    base = torch.arange(kept, device=device)
+    return torch.cat([base, dominant_slots, cls_slots, contextual_slots])
+
+
+def _next_image_features(
+    self,
+    pixel_values: Tensor,
+    image_sizes: Tensor,
+    vision_feature_layer: int | None = None,
+    vision_feature_select_strategy: str | None = None,
+    **kwargs,
+) -> BaseModelOutputWithPooling:
+    """VisionZip replacement for ``LlavaNextModel.get_image_features``: every crop zipped to K tokens.
+
+    pixel_values: (B, max_crops, 3, S, S) padded, or the real crops already concatenated (sum crops, 3, S, S);
+    image_sizes: (B, 2) original (height, width). Returns ``last_hidden_state`` = (sum crops, K, D_vision) zipped
+    crop tokens and ``pooler_output`` = list of B tensors (crops_i * K, text hidden), projected with autograd on, in
+    ``config.visionzip["token_order"]`` order ("flat": crop after crop; "grid": see :func:`grid_order`).
+    """
+    crops = [_crop_count(self.config, size) for size in image_sizes]
+    if pixel_values.dim() == 5:
+        pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, crops)])
+    elif pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
+    zipped = _zip_images(self, self.vision_tower, pixel_values, vision_feature_layer)
+    projected = self.multi_modal_projector(zipped.tokens)  # (sum crops, K, text hidden)
+    per_image = [image.flatten(0, 1) for image in torch.split(projected, crops)]
+    if self.config.visionzip.get("token_order", "flat") == "grid":
+        config, contextual = self.config, self.config.visionzip["contextual"]
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        has_cls = encoders.tower_has_cls(self.vision_tower)
+        positions = torch.split(zipped.dominant_indices, crops)
+        per_image = [
+            tokens.index_select(0, grid_order(kept, contextual, _grid_shape(config, size), side, has_cls))
+            for tokens, kept, size in zip(per_image, positions, image_sizes)
+        ]
+    return BaseModelOutputWithPooling(last_hidden_state=zipped.tokens, pooler_output=per_image)
+
+
+def _needs_size(config, image_size: ImageSize | None) -> ImageSize:
+    if image_size is None:
+        raise ValueError(
+            f"the number of image tokens of a {type(config).__name__} model depends on the image size: pass the "
+            f"original (height, width) of the image"
+        )
+    return image_size
+
+
+def _next_stock_tokens(config, image_size: ImageSize | None = None) -> int:
+    """Stock LLaVA-NeXT: the base crop, plus the stitched grid unpadded to the image's aspect ratio with one
+    ``image_newline`` per row (``pack_image_features``)."""
+    height, width = _needs_size(config, image_size)
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    rows, cols = _grid_shape(config, (height, width))
+    grid_h, grid_w = rows * side, cols * side
+    # Unpadding, as in transformers' unpad_image: the padded axis keeps the image's share, rounded the same way.
+    if width / height > grid_w / grid_h:
+        grid_h -= 2 * ((grid_h - int(round(height * (grid_w / width), 7))) // 2)
+    else:
+        grid_w -= 2 * ((grid_w - int(round(width * (grid_h / height), 7))) // 2)
+    return _llava_stock_tokens(config) + grid_h * grid_w + grid_h
+
+
+def _next_zipped_tokens(config, budget: dict, image_size: ImageSize | None = None) -> int:
+    return _crop_count(config, _needs_size(config, image_size)) * (budget["dominant"] + budget["contextual"])
+
+
+LLAVA_NEXT = Family(
+    name="llava_next",
+    model_class="LlavaNextForConditionalGeneration",
+    model_type="llava_next",
+    image_features=_next_image_features,
+    stock_tokens=_next_stock_tokens,
+    zipped_tokens=_next_zipped_tokens,
+    token_orders=("flat", "grid"),
+)
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (LLAVA, LLAVA_NEXT)}
 
 
 def _supported() -> str:
@@ -172,19 +300,28 @@ def apply_visionzip(
     processor=None,
     *,
     eager: bool | None = None,
+    token_order: str | None = None,
 ) -> nn.Module:
     """Feed the LLM ``dominant + contextual`` VisionZip tokens per image instead of every patch. In place.
 
     Arguments left as ``None`` come from the budget recorded on ``model.config.visionzip`` (so a model saved after
     zipping is re-zipped by ``apply_visionzip(model)`` alone); applying again changes the budget. ``eager=True``
     runs the tower with eager attention for bit-exact reproduction (default: the configured SDPA). With
-    ``processor``, its ``<image>`` expands to the same count. Returns ``model``.
+    ``processor``, its ``<image>`` expands to the same count. ``token_order`` picks how a family that zips several
+    crops per image lays them out (LLaVA-NeXT: ``"flat"``, the default, or ``"grid"``, the official order); it is
+    recorded as ``config.visionzip["token_order"]`` for such families only. Returns ``model``.
     """
     family, inner = _inner(model)
     recorded = getattr(inner.config, "visionzip", None) or {}
     dominant = recorded.get("dominant") if dominant is None else dominant
     contextual = recorded.get("contextual") if contextual is None else contextual
     eager = bool(recorded.get("eager", False)) if eager is None else eager
+    token_order = recorded.get("token_order", family.token_orders[0]) if token_order is None else token_order
+    if token_order not in family.token_orders:
+        raise ValueError(
+            f"token_order={token_order!r} is not available for {family.model_class}; choose one of "
+            f"{', '.join(family.token_orders)}"
+        )
     if dominant is None or contextual is None:
         raise ValueError(
             "apply_visionzip needs a budget: pass dominant and contextual (e.g. 54 and 10 for 64 tokens), or use a "
@@ -194,7 +331,10 @@ def apply_visionzip(
     encoders.tower_has_cls(tower)
     encoders.resolve_layer(len(tower.encoder.layers), inner.config.vision_feature_layer)
     compress.validate_budget(dominant, contextual, encoders.tokens_per_tower_output(inner.config.vision_config))
-    inner.config.visionzip = {"dominant": dominant, "contextual": contextual, "eager": bool(eager)}
+    budget = {"dominant": dominant, "contextual": contextual, "eager": bool(eager)}
+    if len(family.token_orders) > 1:
+        budget["token_order"] = token_order
+    inner.config.visionzip = budget
     inner.get_image_features = types.MethodType(family.image_features, inner)
     if processor is not None:
         processing.patch_processor(processor, functools.partial(tokens_per_image, inner.config))

@@ -1,0 +1,239 @@
+"""VisionZip on the multi-crop / multi-frame families, with tiny random models built from configs in this file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import visionzip_tune as vzt
+from reference_visionzip import reference_visionzip
+from visionzip_tune.models import family_name, grid_order, projector, tokens_per_image
+from visionzip_tune.tiny import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+
+PROMPT = "USER: <image>\nWhat colour is the shape? ASSISTANT:"
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLaVA-NeXT: 56 px crops of 14 px patches (a 4 x 4 patch grid, 17 tokens with CLS), grids 1x2, 2x1 and 2x2.
+
+CROP, PATCH, SIDE = 56, 14, 4
+PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+# (height, width) -> crops: 1x2 grid (3 crops), 2x2 (5), 2x1 (3), 1x2 with heavy unpadding, 2x2 almost square.
+SIZES = [(40, 100), (100, 90), (100, 40), (57, 300), (120, 121)]
+
+
+def build_tiny_next(seed: int = 0):
+    """A random LlavaNextForConditionalGeneration (CLIP tower, Llama LLM) and its LlavaNextProcessor."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = build_tokenizer()
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=CROP,
+        patch_size=PATCH, projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=SIDE * SIDE, pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaNextForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": CROP}, crop_size={"height": CROP, "width": CROP}, image_grid_pinpoints=PINPOINTS
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+@pytest.fixture
+def tiny_next():
+    return build_tiny_next()
+
+
+def _image(height: int, width: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _next_batch(processor, sizes):
+    images = [_image(h, w, seed) for seed, (h, w) in enumerate(sizes)]
+    return processor(images=images, text=[PROMPT] * len(images), return_tensors="pt", padding=True)
+
+
+def _image_tokens(model, batch) -> list[int]:
+    return (batch["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
+
+
+def _real_crops(batch) -> list[torch.Tensor]:
+    """Each image's real crops (crops_i, 3, S, S), computed independently of the code under test."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    counts = [image_size_to_num_patches(size, PINPOINTS, CROP) for size in batch["image_sizes"]]
+    return [pixels[:count] for pixels, count in zip(batch["pixel_values"], counts)]
+
+
+def test_next_flat_equals_per_crop_reference(tiny_next):
+    model, processor = tiny_next
+    vzt.apply_visionzip(model, 6, 3, processor)
+    assert model.config.visionzip == {"dominant": 6, "contextual": 3, "eager": False, "token_order": "flat"}
+    batch = _next_batch(processor, [(40, 100), (100, 90)])
+    with torch.no_grad():
+        out = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"])
+    assert [t.shape[0] for t in out.pooler_output] == [3 * 9, 5 * 9]
+    for features, crops in zip(out.pooler_output, _real_crops(batch)):
+        # The straightforward route: the stock tower per crop, the reference algorithm per crop, concatenated.
+        expected = reference_visionzip(model.model.vision_tower, crops, -2, 6, 3)
+        with torch.no_grad():
+            projected = projector(model)(torch.cat(expected.tokens))
+        torch.testing.assert_close(features, projected, rtol=0, atol=1e-5)
+
+
+def _grid_order_from_spec(tokens, dominant_positions, contextual, rows, cols, side, hidden):
+    """The official layout, written literally: scatter each grid crop's dominant patches into a zero canvas of the
+    stitched grid, read it out row by row, then the crops' CLS tokens, then their contextual tokens.
+
+    tokens: (crops, K, hidden) per crop [CLS, dominant patches..., contextual...]; dominant_positions: per crop, the
+    sorted tower positions of its dominant tokens (CLS = 0 first).
+    """
+    dominant = len(dominant_positions[0])
+    canvas = torch.zeros(rows * side, cols * side, hidden)
+    filled = torch.zeros(rows * side, cols * side, dtype=torch.bool)
+    for c in range(1, tokens.shape[0]):
+        crop_row, crop_col = divmod(c - 1, cols)
+        for slot, position in enumerate(dominant_positions[c][1:], start=1):
+            r, q = divmod(position - 1, side)
+            canvas[crop_row * side + r, crop_col * side + q] = tokens[c, slot]
+            filled[crop_row * side + r, crop_col * side + q] = True
+    grid_tokens = [canvas[r, q] for r in range(rows * side) for q in range(cols * side) if filled[r, q]]
+    cls_tokens = [tokens[c, 0] for c in range(1, tokens.shape[0])]
+    contextual_tokens = [tokens[c, dominant + j] for c in range(1, tokens.shape[0]) for j in range(contextual)]
+    return torch.cat([tokens[0], torch.stack(grid_tokens + cls_tokens + contextual_tokens)])
+
+
+@pytest.mark.parametrize("rows, cols", [(2, 2), (1, 2), (2, 1)])
+def test_grid_order_equals_literal_spec(rows, cols):
+    dominant, contextual, hidden = 5, 2, 3
+    crops, tokens_per_crop = 1 + rows * cols, 1 + SIDE * SIDE
+    generator = torch.Generator().manual_seed(rows * 10 + cols)
+    positions = torch.stack(
+        [torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(tokens_per_crop - 1, generator=generator)
+                    [: dominant - 1].sort().values]) for _ in range(crops)]
+    )
+    tokens = torch.randn(crops, dominant + contextual, hidden, generator=generator)
+    order = grid_order(positions, contextual, (rows, cols), SIDE, has_cls=True)
+    assert sorted(order.tolist()) == list(range(crops * (dominant + contextual)))
+    expected = _grid_order_from_spec(tokens, positions.tolist(), contextual, rows, cols, SIDE, hidden)
+    assert torch.equal(tokens.flatten(0, 1)[order], expected)
+
+
+def test_next_grid_order_through_the_model(tiny_next):
+    model, processor = tiny_next
+    batch = _next_batch(processor, [(100, 90), (40, 100)])  # 2x2 and 1x2 grids
+    vzt.apply_visionzip(model, 6, 3, processor)
+    with torch.no_grad():
+        flat = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+    vzt.apply_visionzip(model, token_order="grid")  # the budget stays, only the order changes
+    assert model.config.visionzip["token_order"] == "grid" and model.config.visionzip["dominant"] == 6
+    with torch.no_grad():
+        grid = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+    for flat_tokens, grid_tokens, crops, (rows, cols) in zip(flat, grid, _real_crops(batch), [(2, 2), (1, 2)]):
+        positions = reference_visionzip(model.model.vision_tower, crops, -2, 6, 3).dominant
+        expected = _grid_order_from_spec(flat_tokens.view(len(crops), 9, -1), positions, 3, rows, cols, SIDE,
+                                         flat_tokens.shape[-1])
+        torch.testing.assert_close(grid_tokens, expected, rtol=0, atol=0)
+    assert not torch.equal(flat[0], grid[0])  # the orders really differ
+
+
+@pytest.mark.parametrize("token_order", ["flat", "grid"])
+def test_next_processor_count_equals_model_rows(tiny_next, token_order):
+    model, processor = tiny_next
+    stock = []
+    for size in SIZES:
+        batch = _next_batch(processor, [size])
+        stock.append(_image_tokens(model, batch)[0])
+        with torch.no_grad():
+            out = model(**batch)  # stock: get_placeholder_mask accepts the count
+        assert out.image_hidden_states.shape[0] == stock[-1] == tokens_per_image(model.config, size)
+    vzt.apply_visionzip(model, 6, 3, processor, token_order=token_order)
+    batch = _next_batch(processor, SIZES)  # one padded batch of 3- and 5-crop images
+    expected = [tokens_per_image(model.config, size) for size in SIZES]
+    assert expected == [27, 45, 27, 27, 45]
+    assert _image_tokens(model, batch) == expected
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.image_hidden_states.shape[0] == sum(expected)
+    assert all(zipped < full for zipped, full in zip(expected, stock))
+
+
+def test_next_only_projector_gets_gradients(tiny_next):
+    model, processor = tiny_next
+    vzt.apply_visionzip(model, 6, 3, processor, token_order="grid")
+    model.requires_grad_(False)
+    projector(model).requires_grad_(True)
+    model.train()
+    batch = _next_batch(processor, [(40, 100), (100, 90)])
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {f"model.multi_modal_projector.{n}" for n, _ in projector(model).named_parameters()}
+    assert all(p.grad.abs().sum() > 0 for p in projector(model).parameters())
+
+
+def test_next_generate(tiny_next):
+    model, processor = tiny_next
+    vzt.apply_visionzip(model, 6, 3, processor)
+    batch = _next_batch(processor, [(100, 90)])
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        first = model(**batch).logits[0, -1].argmax()
+    assert generated.shape == (1, batch["input_ids"].shape[1] + 4)
+    assert generated[0, batch["input_ids"].shape[1]] == first
+
+
+def test_next_remove_restores_stock(tiny_next):
+    model, processor = tiny_next
+    batch = _next_batch(processor, [(40, 100), (100, 90)])
+    with torch.no_grad():
+        before = model(**batch).logits
+    vzt.apply_visionzip(model, 6, 3, processor, token_order="grid")
+    assert _image_tokens(model, _next_batch(processor, [(40, 100), (100, 90)])) == [27, 45]
+    vzt.remove_visionzip(model, processor)
+    assert not hasattr(model.config, "visionzip") and "get_image_features" not in model.model.__dict__
+    again = _next_batch(processor, [(40, 100), (100, 90)])
+    assert torch.equal(again["input_ids"], batch["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(model(**again).logits, before)
+
+
+def test_next_family_and_bad_inputs(tiny_next):
+    model, processor = tiny_next
+    assert family_name(model) == family_name(model.config) == "llava_next"
+    with pytest.raises(ValueError, match=r"token_order='raster' is not available .* flat, grid"):
+        vzt.apply_visionzip(model, 6, 3, token_order="raster")
+    with pytest.raises(ValueError, match=r"depends on the image size"):
+        tokens_per_image(model.config)
+    with pytest.raises(ValueError, match=r"dominant=10, contextual=10 for N=17"):
+        vzt.apply_visionzip(model, 10, 10)
+    assert not hasattr(model.config, "visionzip")  # refused budgets leave the model stock
+
+
+def test_llava_has_one_token_order(tiny_clip):
+    model, _ = tiny_clip
+    with pytest.raises(ValueError, match=r"token_order='grid' is not available for LlavaForConditionalGeneration"):
+        vzt.apply_visionzip(model, 54, 10, token_order="grid")
+    vzt.apply_visionzip(model, 54, 10, token_order="flat")
+    assert "token_order" not in model.config.visionzip  # a family without a choice records none
