@@ -237,3 +237,148 @@ def test_llava_has_one_token_order(tiny_clip):
         vzt.apply_visionzip(model, 54, 10, token_order="grid")
     vzt.apply_visionzip(model, 54, 10, token_order="flat")
     assert "token_order" not in model.config.visionzip  # a family without a choice records none
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Video-LLaVA: 56 px frames and images of 14 px patches (16 patches + CLS); separate image and video towers.
+# VideoLlavaProcessor cannot be constructed here (its video processor needs torchvision), so the model is fed
+# hand-built input_ids, and the processor override is exercised on an instance created without __init__.
+
+FRAMES = 3
+
+
+def build_tiny_video_llava(seed: int = 0):
+    """A random VideoLlavaForConditionalGeneration (CLIP towers, Llama LLM) and its tokenizer with <video>."""
+    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, "<video>"]})
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=CROP,
+        patch_size=PATCH, projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = VideoLlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=SIDE * SIDE,
+        video_seq_length=FRAMES * (SIDE * SIDE + 1), pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = VideoLlavaForConditionalGeneration(config).eval()
+    return model, tokenizer
+
+
+@pytest.fixture
+def tiny_video_llava():
+    return build_tiny_video_llava()
+
+
+def _video_inputs(model, tokenizer, videos: int = 2) -> dict:
+    """input_ids with one <image> run and one <video> run per sample, counts from the model's count functions."""
+    from visionzip_tune.models import tokens_per_video
+
+    config = model.config
+    text = tokenizer("What happens in the video?")["input_ids"]
+    ids = text + [config.image_token_id] * tokens_per_image(config) + [config.video_token_id] * tokens_per_video(
+        config, FRAMES
+    ) + text[1:]
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.tensor([ids] * videos),
+        "pixel_values": torch.randn(videos, 3, CROP, CROP, generator=generator),
+        "pixel_values_videos": torch.randn(videos, FRAMES, 3, CROP, CROP, generator=generator),
+    }
+
+
+def test_video_llava_equals_per_frame_reference(tiny_video_llava):
+    model, _ = tiny_video_llava
+    vzt.apply_visionzip(model, 6, 3)
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, CROP, CROP, generator=generator)
+    videos = torch.randn(2, FRAMES, 3, CROP, CROP, generator=generator)
+    with torch.no_grad():
+        image_out = model.model.get_image_features(pixel_values=images)
+        video_out = model.model.get_video_features(pixel_values_videos=videos)
+        expected_images = torch.stack(reference_visionzip(model.model.image_tower, images, -2, 6, 3).tokens)
+        torch.testing.assert_close(image_out.pooler_output, projector(model)(expected_images), rtol=0, atol=1e-5)
+        assert video_out.pooler_output.shape == (2, FRAMES * 9, 32)
+        for video, features in zip(videos, video_out.pooler_output):
+            frames = reference_visionzip(model.model.video_tower, video, -2, 6, 3).tokens  # frame by frame
+            torch.testing.assert_close(features, projector(model)(torch.cat(frames)), rtol=0, atol=1e-5)
+    # The two towers really are used: video frames through the image tower would give other tokens.
+    with torch.no_grad():
+        through_image_tower = reference_visionzip(model.model.image_tower, videos[0], -2, 6, 3).tokens
+    assert not torch.allclose(torch.cat(through_image_tower), video_out.last_hidden_state[:FRAMES].flatten(0, 1))
+
+
+def test_video_llava_counts_forward_backward(tiny_video_llava):
+    from visionzip_tune.models import tokens_per_video
+
+    model, tokenizer = tiny_video_llava
+    assert (tokens_per_image(model.config), tokens_per_video(model.config, FRAMES)) == (16, FRAMES * 17)
+    with torch.no_grad():
+        stock = model(**_video_inputs(model, tokenizer))  # the stock counts are what the stock model accepts
+    assert stock.video_hidden_states.shape[:2] == (2 * FRAMES, 17)
+    vzt.apply_visionzip(model, 6, 3)
+    assert (tokens_per_image(model.config), tokens_per_video(model.config, FRAMES)) == (9, FRAMES * 9)
+    batch = _video_inputs(model, tokenizer)
+    model.requires_grad_(False)
+    projector(model).requires_grad_(True)
+    model.train()
+    out = model(**batch, labels=batch["input_ids"])
+    assert out.image_hidden_states.shape == (2, 9, 32) and out.video_hidden_states.shape == (2, FRAMES * 9, 32)
+    out.loss.backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {f"model.multi_modal_projector.{n}" for n, _ in projector(model).named_parameters()}
+
+
+def test_video_llava_generate_and_remove(tiny_video_llava):
+    model, tokenizer = tiny_video_llava
+    stock_batch = _video_inputs(model, tokenizer, videos=1)
+    with torch.no_grad():
+        before = model(**stock_batch).logits
+    vzt.apply_visionzip(model, 6, 3)
+    batch = _video_inputs(model, tokenizer, videos=1)
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        first = model(**batch).logits[0, -1].argmax()
+    assert generated[0, batch["input_ids"].shape[1]] == first
+    vzt.remove_visionzip(model)
+    assert not {"get_image_features", "get_video_features"} & set(model.model.__dict__)
+    with torch.no_grad():
+        assert torch.equal(model(**stock_batch).logits, before)
+
+
+def test_video_llava_processor_counts(tiny_video_llava):
+    from transformers import VideoLlavaProcessor
+
+    from visionzip_tune.models import tokens_per_video
+
+    model, _ = tiny_video_llava
+    processor = VideoLlavaProcessor.__new__(VideoLlavaProcessor)  # __init__ needs torchvision (video processor)
+    processor.__dict__.update(image_token=IMAGE_TOKEN, video_token="<video>", patch_size=PATCH,
+                              num_additional_image_tokens=1, vision_feature_select_strategy="default")
+    images = {"pixel_values": np.zeros((1, 3, CROP, CROP), np.float32)}
+    videos = {"pixel_values_videos": [np.zeros((frames, 3, CROP, CROP), np.float32) for frames in (2, 5)]}
+
+    def counts():
+        return (processor.replace_image_token(images, 0).count(IMAGE_TOKEN),
+                [processor.replace_video_token(videos, i).count("<video>") for i in range(2)])
+
+    # The stock processor and the stock count function agree; then both follow the budget, and back.
+    assert counts() == (tokens_per_image(model.config), [tokens_per_video(model.config, f) for f in (2, 5)])
+    vzt.apply_visionzip(model, 6, 3, processor)
+    assert counts() == (9, [18, 45])
+    with torch.no_grad():
+        frames = model.model.get_video_features(pixel_values_videos=torch.randn(1, 5, 3, CROP, CROP))
+    assert frames.pooler_output.shape[1] == 45
+    vzt.remove_visionzip(model, processor)
+    assert counts() == (16, [34, 85])
+    assert family_name(model) == "video_llava"
+    with pytest.raises(ValueError, match="has no video input"):
+        tokens_per_video(build_tiny_next()[0].config, 4)

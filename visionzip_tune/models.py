@@ -41,6 +41,11 @@ class Family:
     # Orders the zipped tokens of one image can be fed in; the first is the default. Only a family with a choice
     # records "token_order" in config.visionzip.
     token_orders: tuple[str, ...] = ("flat",)
+    # Families with a video path: replacement for the inner get_video_features, its tower, and the stock placeholder
+    # tokens per frame (per-frame VisionZip feeds dominant + contextual per frame instead).
+    video_features: Callable[..., BaseModelOutputWithPooling] | None = None
+    video_tower: str | None = None
+    stock_frame_tokens: Callable[[object], int] | None = None
 
 
 def _zip_images(
@@ -220,7 +225,65 @@ LLAVA_NEXT = Family(
     token_orders=("flat", "grid"),
 )
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (LLAVA, LLAVA_NEXT)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Video-LLaVA: images through ``image_tower`` as in LLaVA-1.5, videos through ``video_tower`` frame by frame; one
+# projector. VisionZip zips every frame independently with the image budget.
+
+
+def _video_llava_image_features(
+    self,
+    pixel_values: Tensor | None = None,
+    pixel_values_images: Tensor | None = None,
+    vision_feature_layer: int | None = None,
+    vision_feature_select_strategy: str | None = None,
+    **kwargs,
+) -> BaseModelOutputWithPooling:
+    """VisionZip replacement for ``VideoLlavaModel.get_image_features`` (same parameter names).
+
+    pixel_values (or the deprecated pixel_values_images): (B, 3, H, W). Returns ``last_hidden_state`` = (B, K,
+    D_vision) and ``pooler_output`` = (B, K, text hidden), a tensor as the stock method returns.
+    """
+    pixels = pixel_values if pixel_values is not None else pixel_values_images
+    tokens = _zip_images(self, self.image_tower, pixels, vision_feature_layer).tokens
+    return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=self.multi_modal_projector(tokens))
+
+
+def _video_llava_video_features(
+    self, pixel_values_videos: Tensor, vision_feature_layer: int | None = None, **kwargs
+) -> BaseModelOutputWithPooling:
+    """VisionZip replacement for ``VideoLlavaModel.get_video_features``: every frame zipped to K tokens.
+
+    pixel_values_videos: (B, T, 3, H, W). Returns ``last_hidden_state`` = (B * T, K, D_vision) and
+    ``pooler_output`` = (B, T * K, text hidden), frames in time order.
+    """
+    videos, frames = pixel_values_videos.shape[:2]
+    tokens = _zip_images(self, self.video_tower, pixel_values_videos.flatten(0, 1), vision_feature_layer).tokens
+    projected = self.multi_modal_projector(tokens)
+    per_video = projected.reshape(videos, -1, projected.shape[-1])
+    return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=per_video)
+
+
+def _video_llava_stock_frame_tokens(config) -> int:
+    """Stock Video-LLaVA feeds every tower token of a frame, CLS included, whatever the select strategy."""
+    return encoders.tokens_per_tower_output(config.vision_config)
+
+
+VIDEO_LLAVA = Family(
+    name="video_llava",
+    model_class="VideoLlavaForConditionalGeneration",
+    model_type="video_llava",
+    image_features=_video_llava_image_features,
+    stock_tokens=_llava_stock_tokens,
+    zipped_tokens=_llava_zipped_tokens,
+    tower="image_tower",
+    video_features=_video_llava_video_features,
+    video_tower="video_tower",
+    stock_frame_tokens=_video_llava_stock_frame_tokens,
+)
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (LLAVA, LLAVA_NEXT, VIDEO_LLAVA)}
 
 
 def _supported() -> str:
@@ -268,6 +331,20 @@ def tokens_per_image(config, image_size: ImageSize | None = None) -> int:
     if budget:
         return family.zipped_tokens(config, budget, image_size)
     return family.stock_tokens(config, image_size)
+
+
+def tokens_per_video(config, num_frames: int) -> int:
+    """Number of video placeholder tokens the LLM receives for a video of ``num_frames`` frames under ``config``:
+    frames x (dominant + contextual) when ``config.visionzip`` is set, else the stock count. Families without a
+    video path raise ``ValueError``.
+    """
+    family = _family_of_config(config)
+    if family.stock_frame_tokens is None:
+        raise ValueError(f"{family.model_class} has no video input; families with one: "
+                         f"{', '.join(f.name for f in FAMILIES.values() if f.stock_frame_tokens)}")
+    budget = getattr(config, "visionzip", None)
+    per_frame = budget["dominant"] + budget["contextual"] if budget else family.stock_frame_tokens(config)
+    return num_frames * per_frame
 
 
 def _inner(model: nn.Module) -> tuple[Family, nn.Module]:
@@ -327,17 +404,22 @@ def apply_visionzip(
             "apply_visionzip needs a budget: pass dominant and contextual (e.g. 54 and 10 for 64 tokens), or use a "
             "model whose config records one (config.visionzip)"
         )
-    tower = getattr(inner, family.tower)
-    encoders.tower_has_cls(tower)
-    encoders.resolve_layer(len(tower.encoder.layers), inner.config.vision_feature_layer)
+    for name in (family.tower, family.video_tower):
+        if name is not None:
+            tower = getattr(inner, name)
+            encoders.tower_has_cls(tower)
+            encoders.resolve_layer(len(tower.encoder.layers), inner.config.vision_feature_layer)
     compress.validate_budget(dominant, contextual, encoders.tokens_per_tower_output(inner.config.vision_config))
     budget = {"dominant": dominant, "contextual": contextual, "eager": bool(eager)}
     if len(family.token_orders) > 1:
         budget["token_order"] = token_order
     inner.config.visionzip = budget
     inner.get_image_features = types.MethodType(family.image_features, inner)
+    if family.video_features is not None:
+        inner.get_video_features = types.MethodType(family.video_features, inner)
     if processor is not None:
-        processing.patch_processor(processor, functools.partial(tokens_per_image, inner.config))
+        video_count = functools.partial(tokens_per_video, inner.config) if family.video_features else None
+        processing.patch_processor(processor, functools.partial(tokens_per_image, inner.config), video_count)
     return model
 
 
@@ -345,6 +427,7 @@ def remove_visionzip(model: nn.Module, processor=None) -> nn.Module:
     """Undo :func:`apply_visionzip`: stock features, stock token counts, no budget on the config. In place."""
     _, inner = _inner(model)
     inner.__dict__.pop("get_image_features", None)
+    inner.__dict__.pop("get_video_features", None)
     if hasattr(inner.config, "visionzip"):
         del inner.config.visionzip
     if processor is not None:

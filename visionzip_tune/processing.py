@@ -24,10 +24,11 @@ def _original_size(image_inputs: dict, image_idx: int) -> ImageSize | None:
     return height, width
 
 
-def patch_processor(processor, count: TokenCount):
-    """Make ``processor`` expand each ``<image>`` to ``count(original_size)`` tokens. In place; returns it.
+def patch_processor(processor, count: TokenCount, video_count: Callable[[int], int] | None = None):
+    """Make ``processor`` expand each ``<image>`` to ``count(original_size)`` tokens and, with ``video_count``,
+    each ``<video>`` to ``video_count(num_frames)`` tokens. In place; returns it.
 
-    Calling it again replaces the previous count function.
+    Calling it again replaces the previous count functions.
     """
     if not callable(getattr(processor, "replace_image_token", None)) or getattr(processor, "image_token", None) is None:
         raise ValueError(
@@ -39,10 +40,18 @@ def patch_processor(processor, count: TokenCount):
         return self.image_token * count(_original_size(image_inputs, image_idx))
 
     processor.replace_image_token = types.MethodType(replace_image_token, processor)
+    if video_count is not None:
+
+        def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
+            frames = len(video_inputs["pixel_values_videos"][video_idx])  # (T, 3, H, W) array, tensor or list
+            return self.video_token * video_count(frames)
+
+        processor.replace_video_token = types.MethodType(replace_video_token, processor)
     return processor
 
 
 def unpatch_processor(processor):
-    """Restore the processor's stock ``<image>`` expansion. In place; returns it."""
+    """Restore the processor's stock ``<image>`` (and ``<video>``) expansion. In place; returns it."""
     processor.__dict__.pop("replace_image_token", None)
+    processor.__dict__.pop("replace_video_token", None)
     return processor
