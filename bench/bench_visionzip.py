@@ -10,6 +10,11 @@ size (576 patches, no CLS), each with random weights, it times under ``torch.no_
   eager      the official route: eager attention with output_attentions=True in every layer, then select + merge
   selection  compress.visionzip alone on captured layer-L tensors (scores + select + merge)
 
+A multi-crop LLaVA-NeXT image (a random ``LlavaNextForConditionalGeneration`` with the CLIP tower above, 336 px
+crops, LLaVA-NeXT's grid pinpoints, a 672 x 672 image = base crop + 2x2 grid = 5 crops) is timed through the inner
+model's ``get_image_features`` (tower + projector + layout): the stock path (all crops, ``pack_image_features`` with
+unpadding and newlines) against VisionZip per crop in the ``flat`` and ``grid`` token orders.
+
 Variants run interleaved round-robin (one warm-up round discarded) so machine noise hits them alike; the table
 shows medians and ratios to stock measured in this one run, and the same for the fastest round (the least
 disturbed one on a shared machine). Goals (CLIP): visionzip <= 1.05x stock, selection < 2 % of the stock tower.
@@ -76,7 +81,7 @@ def bench_tower(kind: str, layer: int, args) -> dict[str, list[float]]:
     with torch.no_grad():
         captured = encoders.run_until(tower, pixels, layer_index)
 
-    def selection(_):
+    def selection():
         return compress.visionzip(
             captured.hidden,
             captured.queries,
@@ -88,12 +93,18 @@ def bench_tower(kind: str, layer: int, args) -> dict[str, list[float]]:
             has_cls=captured.has_cls,
         ).tokens
 
-    variants: dict[str, Callable] = {
-        "stock": lambda px: tower(px, output_hidden_states=True).hidden_states[hs_index],
-        "visionzip": lambda px: encoders.visionzip_features(tower, px, layer_index, args.dominant, args.contextual),
-        "eager": eager_route(eager, hs_index, args.dominant, args.contextual),
+    run_eager = eager_route(eager, hs_index, args.dominant, args.contextual)
+    variants: dict[str, Callable[[], object]] = {
+        "stock": lambda: tower(pixels, output_hidden_states=True).hidden_states[hs_index],
+        "visionzip": lambda: encoders.visionzip_features(tower, pixels, layer_index, args.dominant, args.contextual),
+        "eager": lambda: run_eager(pixels),
         "selection": selection,
     }
+    return interleaved(variants, args)
+
+
+def interleaved(variants: dict[str, Callable[[], object]], args) -> dict[str, list[float]]:
+    """Milliseconds per round for each zero-argument variant, round-robin, warm-up round dropped."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(args.rounds + 1):
         for name, fn in variants.items():
@@ -101,12 +112,53 @@ def bench_tower(kind: str, layer: int, args) -> dict[str, list[float]]:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             with torch.no_grad():
-                fn(pixels)
+                fn()
             if args.device != "cpu":
                 torch.cuda.synchronize()
-            if round_index > 0:  # round 0 warms up allocators and kernels
+            if round_index > 0:
                 times[name].append((time.perf_counter() - start) * 1000)
     return times
+
+
+def bench_next(args) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """LLaVA-NeXT, one 672 x 672 image (5 crops): stock vs VisionZip per crop (flat, grid). Also the LLM tokens."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    import visionzip_tune as vzt
+    from visionzip_tune.models import tokens_per_image
+
+    vision = CLIPVisionConfig(
+        hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, image_size=336, patch_size=14,
+    )
+    text = LlamaConfig(vocab_size=64, hidden_size=args.hidden, intermediate_size=args.hidden, num_hidden_layers=1,
+                       num_attention_heads=args.heads, num_key_value_heads=args.heads)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=63,
+                             image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+    torch.manual_seed(0)
+    stock_model = LlavaNextForConditionalGeneration(config).eval().to(args.device)
+    flat, grid = copy.deepcopy(stock_model), copy.deepcopy(stock_model)
+    vzt.apply_visionzip(flat, args.dominant, args.contextual, token_order="flat")
+    vzt.apply_visionzip(grid, args.dominant, args.contextual, token_order="grid")
+    pixels = torch.randn(1, 5, 3, 336, 336, device=args.device)
+    sizes = torch.tensor([[672, 672]], device=args.device)
+    tokens = {"stock": tokens_per_image(stock_model.config, (672, 672)), "zipped": tokens_per_image(flat.config, (672, 672))}
+    variants = {
+        "stock": lambda: stock_model.model.get_image_features(pixels, sizes),
+        "flat": lambda: flat.model.get_image_features(pixels, sizes),
+        "grid": lambda: grid.model.get_image_features(pixels, sizes),
+    }
+    return interleaved(variants, args), tokens
+
+
+def print_rows(label: str, times: dict[str, list[float]], percent: tuple[str, ...] = ()) -> None:
+    stock = {"median": statistics.median(times["stock"]), "best": min(times["stock"])}
+    for name, values in times.items():
+        cells = ""
+        for stat, value in (("median", statistics.median(values)), ("best", min(values))):
+            ratio = value / stock[stat]
+            cells += f"{value:>10.1f}" + (f"{100 * ratio:>9.2f}%" if name in percent else f"{ratio:>9.2f}x")
+        print(f"{label:<13}{name:<11}{cells}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,14 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     for kind, layer in (("clip", -2), ("siglip", -1)):
-        times = bench_tower(kind, layer, args)
-        stock = {"median": statistics.median(times["stock"]), "best": min(times["stock"])}
-        for name, values in times.items():
-            cells = ""
-            for stat, value in (("median", statistics.median(values)), ("best", min(values))):
-                ratio = value / stock[stat]
-                cells += f"{value:>10.1f}" + (f"{100 * ratio:>9.2f}%" if name == "selection" else f"{ratio:>9.2f}x")
-            print(f"{f'{kind} L={layer}':<13}{name:<11}{cells}")
+        print_rows(f"{kind} L={layer}", bench_tower(kind, layer, args), percent=("selection",))
+    times, tokens = bench_next(args)
+    print_rows("next 5 crops", times)
+    print(f"LLaVA-NeXT 672x672 image: {tokens['stock']} LLM tokens stock, {tokens['zipped']} with VisionZip")
     return 0
 
 
