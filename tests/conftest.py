@@ -84,3 +84,45 @@ def tiny_clip_export(tiny_clip, tiny_clip_dir, tmp_path):
     tensors = perturb_projector(model)
     out = export_projector(model, tmp_path / "export", metadata={"base_model": str(tiny_clip_dir), "step": 7})
     return model, processor, tensors, out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training (tests/test_train*.py, test_checkpoint.py): a model and data small enough for many short runs.
+
+TRAIN_SPEC = TinySpec(tower="clip", image_size=56, patch_size=14, vision_layers=2)  # 16 patches + CLS
+
+
+@pytest.fixture(scope="session")
+def train_assets(tmp_path_factory):
+    """``(model_dir, demo_paths)``: a tiny CLIP LLaVA at 56 px (16 patches + CLS) saved with ``save_pretrained``,
+    and a demo dataset of 24 training samples (a few text-only) and 8 held-out samples with choices."""
+    from visionzip_tune.data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("train-assets")
+    model_dir = save_tiny_llava(root / "tiny-llava", TRAIN_SPEC)
+    return model_dir, make_demo_dataset(root / "demo", n=24, seed=0, n_eval=8)
+
+
+def train_args(assets, out_dir, *overrides: str) -> list[str]:
+    """``key=value`` overrides for a short CPU run of the demo recipe on ``train_assets`` into ``out_dir``."""
+    model_dir, paths = assets
+    return [
+        f"model.name_or_path={model_dir}",
+        "model.build_tiny_if_missing=false",
+        f"data.path={paths.train}",
+        f"data.image_folder={paths.images}",
+        f"data.eval_path={paths.eval}",
+        "data.build_demo_if_missing=false",
+        "data.num_workers=0",
+        "visionzip.dominant=6",
+        "visionzip.contextual=2",
+        "train.max_steps=3",
+        "train.micro_batch_size=4",
+        "train.lr=1e-2",
+        "train.warmup_ratio=0",
+        "train.save_every=0",
+        "train.eval_batch_size=8",
+        "logging.progress_bar=false",
+        f"output.dir={out_dir}",
+        *overrides,
+    ]

@@ -1,0 +1,210 @@
+"""The training loop in-process (one process, real DeepSpeed on CPU): what trains, what is written, what fails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_tiny, train_args
+from safetensors.torch import load_file
+
+from visionzip_tune.__main__ import main as cli
+from visionzip_tune.config import load_config
+from visionzip_tune.distributed import init_distributed
+from visionzip_tune.errors import UserError
+from visionzip_tune.models import language_model, projector, vision_tower
+from visionzip_tune.train import train
+
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "demo.yaml"
+
+
+def run(assets, out_dir, *overrides):
+    """Train in this process; returns the trained model."""
+    return train(load_config(DEMO, train_args(assets, out_dir, *overrides)), init_distributed(), recipe=str(DEMO))
+
+
+def records(run_dir, kind):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def changed_names(trained, base) -> set[str]:
+    """Names of the trained model's parameters that differ (in any bit) from the base model's."""
+    base_params = dict(base.named_parameters())
+    return {
+        name
+        for name, p in trained.named_parameters()
+        if ".lora_" not in name and not torch.equal(p.detach(), base_params[name.replace("base_model.model.", "").replace(".base_layer", "")])
+    }
+
+
+def names_of(model, module) -> set[str]:
+    prefix = next(name for name, m in model.named_modules() if m is module)
+    return {f"{prefix}.{name}" for name, _ in module.named_parameters()}
+
+
+def test_projector_mode_changes_only_the_projector_and_lowers_the_loss(train_assets, tmp_path):
+    out = tmp_path / "run"
+    trained = run(train_assets, out, "train.max_steps=8", "train.save_every=4", "train.micro_batch_size=3")
+    base, _ = load_tiny(train_assets[0])
+    proj = names_of(trained, projector(trained))
+    assert changed_names(trained, base) == proj  # every other tensor is bit-identical
+    losses = [r["loss"] for r in records(out, "train")]
+    assert len(losses) == 8 and all(k in records(out, "train")[0] for k in ("lr", "samples_per_s", "tokens_per_s"))
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert records(out, "train")[0]["vision_tokens_per_image"] == 8
+    # run directory layout: config first, two atomic checkpoints, latest pointer, export
+    assert load_config(out / "config.yaml").train.mode == "projector"
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-000008"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000004", "step-000008"]
+    saved = load_file(ckpts / "step-000008" / "trainable.safetensors")
+    assert set(saved) == proj
+    for name, p in trained.named_parameters():
+        if name in proj:
+            assert torch.equal(saved[name], p.detach().float())
+    state = json.loads((ckpts / "step-000008" / "state.json").read_text())
+    assert state["step"] == 8 and state["sampler"]["consumed"] > 0
+    assert {"projector.safetensors", "mm_projector.bin", "visionzip.json"} <= {p.name for p in (out / "export").iterdir()}
+    meta = json.loads((out / "export" / "visionzip.json").read_text())
+    assert (meta["dominant"], meta["contextual"], meta["step"]) == (6, 2, 8)
+    assert meta["base_model"] == str(Path(train_assets[0]).resolve())
+    evals = records(out, "eval")
+    assert [e["step"] for e in evals] == [0, 8] and all(0 <= e["accuracy"] <= 1 for e in evals)
+
+
+def test_text_only_micro_batches_keep_the_projector_in_the_graph(train_assets, tmp_path):
+    """A micro-batch without images has no path to the projector; the run must still step (no DeepSpeed assert)."""
+    model_dir, paths = train_assets
+    samples = json.loads(paths.train.read_text())
+    text_only = [s for s in samples if "image" not in s]
+    assert text_only, "the demo data should hold text-only samples"
+    data = tmp_path / "mixed.json"
+    data.write_text(json.dumps(text_only * 4 + [s for s in samples if "image" in s][:4]))
+    out = tmp_path / "run"
+    run(train_assets, out, f"data.path={data}", "train.max_steps=2", "data.group_by_modality=true")
+    assert any(r["images"] == 0 for r in records(out, "train"))
+
+
+def test_full_mode_trains_llm_and_projector_not_the_tower(train_assets, tmp_path):
+    trained = run(train_assets, tmp_path / "run", "train.mode=full", "train.max_steps=2", "train.lr=1e-3")
+    base, _ = load_tiny(train_assets[0])
+    expected = names_of(trained, projector(trained)) | names_of(trained, language_model(trained))
+    expected |= names_of(trained, trained.get_output_embeddings())
+    assert changed_names(trained, base) == expected
+    assert not names_of(trained, vision_tower(trained)) & changed_names(trained, base)
+
+
+def test_lora_mode_wraps_only_llm_linears_and_trains_lora_plus_projector(train_assets, tmp_path):
+    out = tmp_path / "run"
+    trained = run(train_assets, out, "train.mode=lora", "train.max_steps=3", "train.lora_r=4", "train.lora_alpha=8",
+                  "train.projector_lr=5e-3")  # fmt: skip
+    base, _ = load_tiny(train_assets[0])
+    lora = {name for name, _ in trained.named_parameters() if ".lora_" in name}
+    llm_prefix = next(n for n, m in trained.named_modules() if m is language_model(trained))
+    assert lora and all(name.startswith(llm_prefix + ".") for name in lora)  # the vision q/v are not wrapped
+    lora_linears = {n.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for n in lora}
+    assert lora_linears == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    trainable = {name for name, p in trained.named_parameters() if p.requires_grad}
+    assert trainable == lora | names_of(trained, projector(trained))
+    assert changed_names(trained, base) == {n for n in names_of(trained, projector(trained))}
+    lora_b = [p for n, p in trained.named_parameters() if ".lora_B" in n]
+    assert all(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: every one moved
+    lrs = records(out, "train")[1]["lr_groups"]
+    assert len(set(lrs)) == 2  # LoRA at train.lr, projector at train.projector_lr
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(train_assets, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"not finite\) at step 2 of 3.*step-000001"):
+        run(train_assets, out, "train.lr=1e30", "train.max_grad_norm=0", "train.save_every=1")
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000001"
+    saved = load_file(out / "checkpoints" / "step-000001" / "trainable.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert not (out / "export").exists()
+
+
+def test_resume_continues_the_same_run(train_assets, tmp_path):
+    """A run stopped after its step-2 checkpoint and started again ends with the uninterrupted run's projector."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run(train_assets, whole, "train.max_steps=4", "train.save_every=2")
+    run(train_assets, cut, "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=0")
+    # Pretend the process died right after writing step 2: later files are what a kill would have left unwritten.
+    import shutil
+
+    shutil.rmtree(cut / "checkpoints" / "step-000004")
+    shutil.rmtree(cut / "export")
+    (cut / "checkpoints" / "latest").write_text("step-000002\n")
+    run(train_assets, cut, "train.max_steps=4", "train.save_every=2")
+    a = load_file(whole / "checkpoints" / "step-000004" / "trainable.safetensors")
+    b = load_file(cut / "checkpoints" / "step-000004" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in records(whole, "train")] == [r["loss"] for r in records(cut, "train")]
+    assert [r["step"] for r in records(cut, "train")] == [1, 2, 3, 4]  # the curve continues, no duplicates
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of an offline ``.wandb`` file: a LevelDB-style log (32 KiB blocks; records with a 7-byte
+    header crc32/length/type, split FIRST/MIDDLE/LAST across blocks) of ``wandb_internal_pb2.Record`` messages."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, rows, pos, pending = path.read_bytes(), [], 7, b""  # 7: the ":W&B" file header
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # a block tail too short for a header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_wandb_offline_run_holds_the_logged_loss(train_assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = tmp_path / "run"
+    run(train_assets, out, "logging.wandb=true", "train.max_steps=2")
+    files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    history = wandb_history(files[0])
+    logged = {row["_step"]: row["train/loss"] for row in history if "train/loss" in row}
+    assert logged == pytest.approx({r["step"]: r["loss"] for r in records(out, "train")})
+    accuracy = [row["eval/accuracy"] for row in history if "eval/accuracy" in row]
+    assert accuracy == pytest.approx([r["accuracy"] for r in records(out, "eval")])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=0.1", "unknown config key 'train.lrr'"),
+        ("train.lr=fast", "'train.lr' in override 'train.lr=fast' expects a number"),
+        ("data.path=/nonexistent/train.json", "data.path: the data file /nonexistent/train.json does not exist"),
+        ("data.image_folder=/nonexistent/images", "data.image_folder: the image folder /nonexistent/images does"),
+        ("model.name_or_path=/nonexistent/model", "model.name_or_path='/nonexistent/model' could not be loaded"),
+        ("visionzip.dominant=40", "visionzip.dominant=40, visionzip.contextual=2"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message_and_no_run_dir(train_assets, tmp_path, capsys, override, message):
+    out = tmp_path / "run"
+    assert cli(["train", str(DEMO), *train_args(train_assets, out), override]) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_help_lists_config_keys(capsys):
+    assert cli(["train", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "train.projector_lr" in out and "visionzip.dominant" in out
