@@ -382,3 +382,164 @@ def test_video_llava_processor_counts(tiny_video_llava):
     assert family_name(model) == "video_llava"
     with pytest.raises(ValueError, match="has no video input"):
         tokens_per_video(build_tiny_next()[0].config, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLaVA-OneVision: SigLIP 56 px crops of 14 px patches (16 tokens, no CLS, layer -1), grids up to 3x3 and
+# anyres_max_4 so that a 3x3 grid takes the stock bilinear-downscale branch. LlavaOnevisionProcessor cannot be
+# constructed here (its video processor needs torchvision): its stock count methods run on an instance created
+# without __init__, fed by the real LlavaOnevisionImageProcessorPil.
+
+OV_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112], [112, 168], [168, 112], [168, 168]]
+# 1x2 grid, 2x2, 3x3 (downscaled in the stock layout), 3x2, 1x1.
+OV_SIZES = [(40, 100), (100, 90), (160, 150), (150, 100), (50, 50)]
+
+
+def build_tiny_onevision(seed: int = 0):
+    """A random LlavaOnevisionForConditionalGeneration (SigLIP tower, Llama LLM), its image processor and a
+    processor instance with the attributes its count methods read, and the tokenizer."""
+    from transformers import (
+        LlamaConfig,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, "<video>"]})
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=CROP,
+        patch_size=PATCH,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"), image_grid_pinpoints=OV_PINPOINTS,
+        vision_aspect_ratio="anyres_max_4", vision_feature_layer=-1, vision_feature_select_strategy="full",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaOnevisionForConditionalGeneration(config).eval()
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": CROP, "width": CROP}, image_grid_pinpoints=OV_PINPOINTS
+    )
+    processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
+    processor.__dict__.update(
+        image_processor=image_processor, image_token=IMAGE_TOKEN, video_token="<video>",
+        num_image_tokens=SIDE * SIDE, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_4",
+    )
+    return model, processor, tokenizer
+
+
+@pytest.fixture
+def tiny_onevision():
+    return build_tiny_onevision()
+
+
+def _ov_images(processor, samples: list[list[tuple[int, int]]]) -> dict:
+    """Real image-processor output for samples of images of the given (height, width)."""
+    images = [[_image(h, w, seed) for seed, (h, w) in enumerate(sample)] for sample in samples]
+    return dict(processor.image_processor(images, return_tensors="pt"))
+
+
+def _ov_counts(processor, inputs: dict) -> list[int]:
+    """What the processor expands each <image> of the batch to."""
+    return [processor.replace_image_token(inputs, i).count(IMAGE_TOKEN) for i in range(len(inputs["image_sizes"]))]
+
+
+def _ov_forward(model, tokenizer, inputs: dict, counts: list[int], **extra):
+    """Run the model on hand-built input_ids: each sample's images' placeholder runs, then a question."""
+    text = tokenizer("What is in the image?")["input_ids"]
+    ids, start = [], 0
+    for n in inputs["batch_num_images"].tolist():
+        ids.append(text[:1] + [model.config.image_token_id] * sum(counts[start : start + n]) + text[1:])
+        start += n
+    assert len({len(row) for row in ids}) == 1, "test batches are built with equal lengths"
+    return model(input_ids=torch.tensor(ids), **inputs, **extra)
+
+
+def test_onevision_equals_per_crop_reference(tiny_onevision):
+    model, processor, _ = tiny_onevision
+    vzt.apply_visionzip(model, 5, 2, processor)
+    assert model.config.visionzip == {"dominant": 5, "contextual": 2, "eager": False}  # one order: none recorded
+    inputs = _ov_images(processor, [[(40, 100)], [(160, 150)]])
+    with torch.no_grad():
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                             batch_num_images=inputs["batch_num_images"])
+    assert [t.shape[0] for t in out.pooler_output] == [3 * 7, 10 * 7]
+    for features, pixels, count in zip(out.pooler_output, inputs["pixel_values"], (3, 10)):
+        expected = reference_visionzip(model.model.vision_tower, pixels[:count], -1, 5, 2)  # SigLIP: received
+        with torch.no_grad():
+            torch.testing.assert_close(features, projector(model)(torch.cat(expected.tokens)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_onevision_processor_count_equals_model_rows(tiny_onevision, zipped):
+    model, processor, tokenizer = tiny_onevision
+    if zipped:
+        vzt.apply_visionzip(model, 5, 2, processor)
+    for size in OV_SIZES:
+        inputs = _ov_images(processor, [[size]])
+        counts = _ov_counts(processor, inputs)
+        assert counts == [tokens_per_image(model.config, size)]
+        with torch.no_grad():
+            assert _ov_forward(model, tokenizer, inputs, counts).image_hidden_states.shape[0] == counts[0]
+    # A sample with two images: neither is tiled, in the stock layout or the zipped one.
+    inputs = _ov_images(processor, [[(100, 90), (40, 100)]])
+    counts = _ov_counts(processor, inputs)
+    assert counts == [tokens_per_image(model.config, None)] * 2 == ([7, 7] if zipped else [17, 17])
+    with torch.no_grad():
+        assert _ov_forward(model, tokenizer, inputs, counts).image_hidden_states.shape[0] == sum(counts)
+    if zipped:
+        assert [tokens_per_image(model.config, s) for s in OV_SIZES] == [21, 35, 70, 49, 14]
+    else:  # the 3x3 grid of (160, 150) is downscaled by the stock layout
+        assert tokens_per_image(model.config, (160, 150)) < 16 + 12 * 12
+
+
+def test_onevision_video_per_frame(tiny_onevision):
+    from visionzip_tune.models import tokens_per_video
+
+    model, processor, tokenizer = tiny_onevision
+    videos = {"pixel_values_videos": torch.randn(1, FRAMES, 3, CROP, CROP, generator=torch.Generator().manual_seed(5))}
+    stock = processor.replace_video_token(videos, 0).count("<video>")
+    assert stock == tokens_per_video(model.config, FRAMES) == FRAMES * 4 + 1  # 2x2 pooling + newline
+    vzt.apply_visionzip(model, 5, 2, processor)
+    assert processor.replace_video_token(videos, 0).count("<video>") == tokens_per_video(model.config, FRAMES) == 21
+    with torch.no_grad():
+        out = model.model.get_video_features(pixel_values_videos=videos["pixel_values_videos"])
+        frames = reference_visionzip(model.model.vision_tower, videos["pixel_values_videos"][0], -1, 5, 2).tokens
+        torch.testing.assert_close(out.pooler_output[0], projector(model)(torch.cat(frames)), rtol=0, atol=1e-5)
+    text = tokenizer("What happens?")["input_ids"]
+    ids = torch.tensor([text[:1] + [model.config.video_token_id] * 21 + text[1:]])
+    model.requires_grad_(False)
+    projector(model).requires_grad_(True)
+    model.train()
+    model(input_ids=ids, labels=ids, **videos).loss.backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == {
+        f"model.multi_modal_projector.{n}" for n, _ in projector(model).named_parameters()
+    }
+    model.eval()
+    with torch.no_grad():
+        generated = model.generate(input_ids=ids, **videos, max_new_tokens=3, do_sample=False)
+        assert generated[0, ids.shape[1]] == model(input_ids=ids, **videos).logits[0, -1].argmax()
+
+
+def test_onevision_remove_restores_stock(tiny_onevision):
+    model, processor, tokenizer = tiny_onevision
+    inputs = _ov_images(processor, [[(100, 90)]])
+    counts = _ov_counts(processor, inputs)
+    with torch.no_grad():
+        before = _ov_forward(model, tokenizer, inputs, counts).logits
+    vzt.apply_visionzip(model, 5, 2, processor)
+    assert _ov_counts(processor, inputs) == [35]
+    vzt.remove_visionzip(model, processor)
+    assert _ov_counts(processor, inputs) == counts
+    assert family_name(model) == "llava_onevision"
+    with torch.no_grad():
+        assert torch.equal(_ov_forward(model, tokenizer, inputs, counts).logits, before)

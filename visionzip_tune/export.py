@@ -56,6 +56,9 @@ _FAMILY_NAMES: dict[str, tuple[str, dict[str, str]]] = {
     "video_llava": (
         "multi_modal_projector.", {"linear_1.": "model.mm_projector.0.", "linear_2.": "model.mm_projector.2."}
     ),
+    "llava_onevision": (
+        "multi_modal_projector.", {"linear_1.": "model.mm_projector.0.", "linear_2.": "model.mm_projector.2."}
+    ),
 }
 
 # Elements sampled per fingerprinted tensor; enough to catch any re-initialisation or fine-tune of that tensor.

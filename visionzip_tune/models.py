@@ -11,6 +11,7 @@ source the override, :func:`tokens_per_image` and the processor read from.
 from __future__ import annotations
 
 import functools
+import math
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,11 +42,11 @@ class Family:
     # Orders the zipped tokens of one image can be fed in; the first is the default. Only a family with a choice
     # records "token_order" in config.visionzip.
     token_orders: tuple[str, ...] = ("flat",)
-    # Families with a video path: replacement for the inner get_video_features, its tower, and the stock placeholder
-    # tokens per frame (per-frame VisionZip feeds dominant + contextual per frame instead).
+    # Families with a video path: replacement for the inner get_video_features, its tower (when not the image
+    # tower), and the stock placeholder tokens of a video of T frames (per-frame VisionZip feeds T x K instead).
     video_features: Callable[..., BaseModelOutputWithPooling] | None = None
     video_tower: str | None = None
-    stock_frame_tokens: Callable[[object], int] | None = None
+    stock_video_tokens: Callable[[object, int], int] | None = None
 
 
 def _zip_images(
@@ -122,6 +123,24 @@ def _grid_shape(config, image_size) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
+def _zip_crops(
+    inner: nn.Module, pixel_values: Tensor, crops: list[int], vision_feature_layer: int | None
+) -> tuple[compress.ZipResult, list[Tensor]]:
+    """Zip every real crop of a batch of anyres images; project; split per image (crop after crop).
+
+    pixel_values: (B, max_crops, 3, S, S) padded, or the real crops concatenated (sum crops, 3, S, S); ``crops``:
+    the real crop count of each image. Returns the :class:`compress.ZipResult` over all crops and B tensors
+    (crops_i * K, text hidden).
+    """
+    if pixel_values.dim() == 5:
+        pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, crops)])
+    elif pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
+    zipped = _zip_images(inner, inner.vision_tower, pixel_values, vision_feature_layer)
+    projected = inner.multi_modal_projector(zipped.tokens)  # (sum crops, K, text hidden)
+    return zipped, [image.flatten(0, 1) for image in torch.split(projected, crops)]
+
+
 def grid_order(dominant_indices: Tensor, contextual: int, grid: tuple[int, int], side: int, has_cls: bool) -> Tensor:
     """Permutation of one image's zipped crop tokens into the official VisionZip LLaVA-NeXT order.
 
@@ -168,13 +187,7 @@ def _next_image_features(
     ``config.visionzip["token_order"]`` order ("flat": crop after crop; "grid": see :func:`grid_order`).
     """
     crops = [_crop_count(self.config, size) for size in image_sizes]
-    if pixel_values.dim() == 5:
-        pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, crops)])
-    elif pixel_values.dim() != 4:
-        raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
-    zipped = _zip_images(self, self.vision_tower, pixel_values, vision_feature_layer)
-    projected = self.multi_modal_projector(zipped.tokens)  # (sum crops, K, text hidden)
-    per_image = [image.flatten(0, 1) for image in torch.split(projected, crops)]
+    zipped, per_image = _zip_crops(self, pixel_values, crops, vision_feature_layer)
     if self.config.visionzip.get("token_order", "flat") == "grid":
         config, contextual = self.config, self.config.visionzip["contextual"]
         side = config.vision_config.image_size // config.vision_config.patch_size
@@ -196,10 +209,10 @@ def _needs_size(config, image_size: ImageSize | None) -> ImageSize:
     return image_size
 
 
-def _next_stock_tokens(config, image_size: ImageSize | None = None) -> int:
-    """Stock LLaVA-NeXT: the base crop, plus the stitched grid unpadded to the image's aspect ratio with one
-    ``image_newline`` per row (``pack_image_features``)."""
-    height, width = _needs_size(config, image_size)
+def _anyres_stock_tokens(config, image_size: ImageSize, max_crops: int | None = None) -> int:
+    """Stock anyres layout (``pack_image_features``): the base crop, plus the stitched grid unpadded to the image's
+    aspect ratio, downscaled to about ``max_crops`` crops' worth when given (OneVision), one newline per row."""
+    height, width = image_size
     side = config.vision_config.image_size // config.vision_config.patch_size
     rows, cols = _grid_shape(config, (height, width))
     grid_h, grid_w = rows * side, cols * side
@@ -208,7 +221,15 @@ def _next_stock_tokens(config, image_size: ImageSize | None = None) -> int:
         grid_h -= 2 * ((grid_h - int(round(height * (grid_w / width), 7))) // 2)
     else:
         grid_w -= 2 * ((grid_w - int(round(width * (grid_h / height), 7))) // 2)
+    if max_crops is not None:
+        ratio = math.sqrt(grid_h * grid_w / (max_crops * side**2))
+        if ratio > 1.1:
+            grid_h, grid_w = int(grid_h // ratio), int(grid_w // ratio)
     return _llava_stock_tokens(config) + grid_h * grid_w + grid_h
+
+
+def _next_stock_tokens(config, image_size: ImageSize | None = None) -> int:
+    return _anyres_stock_tokens(config, _needs_size(config, image_size))
 
 
 def _next_zipped_tokens(config, budget: dict, image_size: ImageSize | None = None) -> int:
@@ -250,24 +271,29 @@ def _video_llava_image_features(
     return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=self.multi_modal_projector(tokens))
 
 
-def _video_llava_video_features(
-    self, pixel_values_videos: Tensor, vision_feature_layer: int | None = None, **kwargs
-) -> BaseModelOutputWithPooling:
-    """VisionZip replacement for ``VideoLlavaModel.get_video_features``: every frame zipped to K tokens.
+def _per_frame_video_features(tower: str) -> Callable[..., BaseModelOutputWithPooling]:
+    """A ``get_video_features`` replacement that zips every frame of ``pixel_values_videos`` through the inner
+    model's ``tower`` to K tokens (frames are independent images, as the paper does for Video-LLaVA)."""
 
-    pixel_values_videos: (B, T, 3, H, W). Returns ``last_hidden_state`` = (B * T, K, D_vision) and
-    ``pooler_output`` = (B, T * K, text hidden), frames in time order.
-    """
-    videos, frames = pixel_values_videos.shape[:2]
-    tokens = _zip_images(self, self.video_tower, pixel_values_videos.flatten(0, 1), vision_feature_layer).tokens
-    projected = self.multi_modal_projector(tokens)
-    per_video = projected.reshape(videos, -1, projected.shape[-1])
-    return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=per_video)
+    def get_video_features(
+        self, pixel_values_videos: Tensor, vision_feature_layer: int | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """pixel_values_videos: (B, T, 3, H, W). Returns ``last_hidden_state`` = (B * T, K, D_vision) and
+        ``pooler_output`` = (B, T * K, text hidden), frames in time order (no pooling, no newline)."""
+        videos = pixel_values_videos.shape[0]
+        frames = pixel_values_videos.flatten(0, 1)
+        tokens = _zip_images(self, getattr(self, tower), frames, vision_feature_layer).tokens
+        projected = self.multi_modal_projector(tokens)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=tokens, pooler_output=projected.reshape(videos, -1, projected.shape[-1])
+        )
+
+    return get_video_features
 
 
-def _video_llava_stock_frame_tokens(config) -> int:
-    """Stock Video-LLaVA feeds every tower token of a frame, CLS included, whatever the select strategy."""
-    return encoders.tokens_per_tower_output(config.vision_config)
+def _video_llava_stock_video_tokens(config, frames: int) -> int:
+    """Stock Video-LLaVA feeds every tower token of every frame, CLS included, whatever the select strategy."""
+    return frames * encoders.tokens_per_tower_output(config.vision_config)
 
 
 VIDEO_LLAVA = Family(
@@ -278,12 +304,82 @@ VIDEO_LLAVA = Family(
     stock_tokens=_llava_stock_tokens,
     zipped_tokens=_llava_zipped_tokens,
     tower="image_tower",
-    video_features=_video_llava_video_features,
+    video_features=_per_frame_video_features("video_tower"),
     video_tower="video_tower",
-    stock_frame_tokens=_video_llava_stock_frame_tokens,
+    stock_video_tokens=_video_llava_stock_video_tokens,
 )
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (LLAVA, LLAVA_NEXT, VIDEO_LLAVA)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLaVA-OneVision: a SigLIP tower (no CLS: scores are the attention each token receives, computed in bounded
+# chunks), anyres crops for an image alone in its sample, one untiled crop per image of a multi-image sample,
+# frames for video. VisionZip zips each crop / frame to K tokens, replacing the stock unpad + bilinear downscale +
+# newlines of images and the 2x2 pooling + trailing newline of videos (there is no official OneVision recipe: the
+# per-crop / per-frame mapping mirrors LLaVA-NeXT and Video-LLaVA).
+
+
+def _onevision_image_features(
+    self,
+    pixel_values: Tensor,
+    image_sizes: Tensor,
+    vision_feature_layer: int | None = None,
+    vision_feature_select_strategy: str | None = None,
+    vision_aspect_ratio: str | None = None,
+    batch_num_images: Tensor | None = None,
+    **kwargs,
+) -> BaseModelOutputWithPooling:
+    """VisionZip replacement for ``LlavaOnevisionModel.get_image_features``: every crop zipped to K tokens.
+
+    As in the stock method, the images of a sample holding several (``batch_num_images``) keep only their base
+    crop. Returns ``last_hidden_state`` = (sum crops, K, D_vision) and ``pooler_output`` = list of B tensors
+    (crops_i * K, text hidden), crop after crop.
+    """
+    if batch_num_images is None:
+        tiled = [True] * len(image_sizes)
+    else:
+        tiled = [n == 1 for n in batch_num_images for _ in range(n)]
+    crops = [_crop_count(self.config, size) if tile else 1 for size, tile in zip(image_sizes, tiled)]
+    zipped, per_image = _zip_crops(self, pixel_values, crops, vision_feature_layer)
+    return BaseModelOutputWithPooling(last_hidden_state=zipped.tokens, pooler_output=per_image)
+
+
+def _onevision_max_crops(config) -> int:
+    return int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+
+
+def _onevision_stock_tokens(config, image_size: ImageSize | None = None) -> int:
+    """Stock OneVision; ``image_size=None`` is an untiled image (of a multi-image sample): base crop + newline."""
+    if image_size is None:
+        return _llava_stock_tokens(config) + 1
+    return _anyres_stock_tokens(config, image_size, _onevision_max_crops(config))
+
+
+def _onevision_zipped_tokens(config, budget: dict, image_size: ImageSize | None = None) -> int:
+    crops = 1 if image_size is None else _crop_count(config, image_size)
+    return crops * (budget["dominant"] + budget["contextual"])
+
+
+def _onevision_stock_video_tokens(config, frames: int) -> int:
+    """Stock OneVision video: each frame's patch grid bilinearly pooled 2x2 (ceil), one newline after the video."""
+    pooled = math.ceil(config.vision_config.image_size // config.vision_config.patch_size / 2)
+    return frames * pooled * pooled + 1
+
+
+LLAVA_ONEVISION = Family(
+    name="llava_onevision",
+    model_class="LlavaOnevisionForConditionalGeneration",
+    model_type="llava_onevision",
+    image_features=_onevision_image_features,
+    stock_tokens=_onevision_stock_tokens,
+    zipped_tokens=_onevision_zipped_tokens,
+    video_features=_per_frame_video_features("vision_tower"),
+    stock_video_tokens=_onevision_stock_video_tokens,
+)
+
+FAMILIES: dict[str, Family] = {
+    family.name: family for family in (LLAVA, LLAVA_NEXT, VIDEO_LLAVA, LLAVA_ONEVISION)
+}
 
 
 def _supported() -> str:
@@ -339,12 +435,15 @@ def tokens_per_video(config, num_frames: int) -> int:
     video path raise ``ValueError``.
     """
     family = _family_of_config(config)
-    if family.stock_frame_tokens is None:
-        raise ValueError(f"{family.model_class} has no video input; families with one: "
-                         f"{', '.join(f.name for f in FAMILIES.values() if f.stock_frame_tokens)}")
+    if family.stock_video_tokens is None:
+        raise ValueError(
+            f"{family.model_class} has no video input; families with one: "
+            f"{', '.join(f.name for f in FAMILIES.values() if f.stock_video_tokens)}"
+        )
     budget = getattr(config, "visionzip", None)
-    per_frame = budget["dominant"] + budget["contextual"] if budget else family.stock_frame_tokens(config)
-    return num_frames * per_frame
+    if budget:
+        return num_frames * (budget["dominant"] + budget["contextual"])
+    return family.stock_video_tokens(config, num_frames)
 
 
 def _inner(model: nn.Module) -> tuple[Family, nn.Module]:

@@ -16,12 +16,25 @@ TokenCount = Callable[[ImageSize | None], int]
 
 
 def _original_size(image_inputs: dict, image_idx: int) -> ImageSize | None:
-    """(height, width) of image ``image_idx`` before resizing, when the image processor reports it."""
+    """(height, width) of image ``image_idx`` before resizing, when the image processor reports it and the model
+    tiles the image (OneVision does not tile the images of a sample holding several, ``batch_num_images``)."""
     sizes = image_inputs.get("image_sizes")
-    if sizes is None:
+    if sizes is None or not _tiled(image_inputs.get("batch_num_images"), image_idx):
         return None
     height, width = (int(v) for v in sizes[image_idx])
     return height, width
+
+
+def _tiled(batch_num_images, image_idx: int) -> bool:
+    """Whether image ``image_idx`` (counted over the whole batch) is alone in its sample, or no grouping is given."""
+    if batch_num_images is None:
+        return True
+    seen = 0
+    for count in batch_num_images:
+        seen += int(count)
+        if image_idx < seen:
+            return int(count) == 1
+    return True
 
 
 def patch_processor(processor, count: TokenCount, video_count: Callable[[int], int] | None = None):
