@@ -224,11 +224,12 @@ def test_next_family_and_bad_inputs(tiny_next):
     assert family_name(model) == family_name(model.config) == "llava_next"
     with pytest.raises(ValueError, match=r"token_order='raster' is not available .* flat, grid"):
         vzt.apply_visionzip(model, 6, 3, token_order="raster")
-    with pytest.raises(ValueError, match=r"depends on the image size"):
-        tokens_per_image(model.config)
+    assert tokens_per_image(model.config) == 16 + 1  # no size: one untiled crop (base + newline in stock)
     with pytest.raises(ValueError, match=r"dominant=10, contextual=10 for N=17"):
         vzt.apply_visionzip(model, 10, 10)
     assert not hasattr(model.config, "visionzip")  # refused budgets leave the model stock
+    vzt.apply_visionzip(model, 6, 3)
+    assert tokens_per_image(model.config) == 9  # per crop
 
 
 def test_llava_has_one_token_order(tiny_clip):
@@ -543,3 +544,62 @@ def test_onevision_remove_restores_stock(tiny_onevision):
     assert family_name(model) == "llava_onevision"
     with torch.no_grad():
         assert torch.equal(_ov_forward(model, tokenizer, inputs, counts).logits, before)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export round trip, every family: a "trained" projector exported and loaded into a fresh copy of the base.
+
+
+def _features(family: str, model, processor) -> list[torch.Tensor]:
+    """The projected visual tokens the LLM would receive, for fixed inputs of each family."""
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        if family == "llava_next":
+            batch = _next_batch(processor, [(100, 90)])
+            return list(model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output)
+        if family == "video_llava":
+            videos = torch.randn(1, FRAMES, 3, CROP, CROP, generator=generator)
+            images = torch.randn(1, 3, CROP, CROP, generator=generator)
+            return [model.model.get_video_features(pixel_values_videos=videos).pooler_output,
+                    model.model.get_image_features(pixel_values=images).pooler_output]
+        inputs = _ov_images(processor, [[(160, 150)]])
+        return list(model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output)
+
+
+_BUILDERS = {
+    "llava_next": lambda: build_tiny_next(),
+    "video_llava": lambda: (build_tiny_video_llava()[0], None),
+    "llava_onevision": lambda: build_tiny_onevision()[:2],
+}
+
+
+def _round_trip(family: str, tmp_path, **apply_kwargs):
+    from conftest import perturb_projector
+
+    from visionzip_tune.export import export_projector
+
+    trained, processor = _BUILDERS[family]()
+    vzt.apply_visionzip(trained, 6 if family != "llava_onevision" else 5, 2, processor, **apply_kwargs)
+    perturb_projector(trained)
+    out = export_projector(trained, tmp_path / "export", metadata={"base_model": f"tiny-{family}"})
+    fresh, fresh_processor = _BUILDERS[family]()
+    vzt.load_projector(fresh, out, processor=fresh_processor)
+    return trained, processor, fresh, fresh_processor
+
+
+@pytest.mark.parametrize("family", sorted(_BUILDERS))
+def test_export_round_trip(family, tmp_path):
+    trained, processor, fresh, fresh_processor = _round_trip(family, tmp_path)
+    assert family_name(fresh) == family and fresh.config.visionzip == trained.config.visionzip
+    for expected, loaded in zip(_features(family, trained, processor), _features(family, fresh, fresh_processor)):
+        assert torch.equal(loaded, expected)
+    stock, stock_processor = _BUILDERS[family]()  # without the load the features differ: the test sees the load
+    vzt.apply_visionzip(stock, **{k: trained.config.visionzip[k] for k in ("dominant", "contextual")})
+    assert not torch.equal(_features(family, stock, stock_processor)[0], _features(family, trained, processor)[0])
+
+
+@pytest.mark.xfail(strict=True, reason="export.py records token_order 'flat' and load_projector does not pass the "
+                                       "recorded order to apply_visionzip (export is outside this helper's files)")
+def test_export_round_trip_keeps_grid_order(tmp_path):
+    trained, _, fresh, _ = _round_trip("llava_next", tmp_path, token_order="grid")
+    assert fresh.config.visionzip["token_order"] == "grid"

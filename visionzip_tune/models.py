@@ -1,8 +1,10 @@
-"""Per-family knowledge of VLMs: where the tower, projector and LLM live, how many ``<image>`` tokens an image
-becomes, and VisionZip's instance-level override of the inner model's ``get_image_features``.
+"""Per-family knowledge of VLMs: where the tower, projector and LLM live, how many ``<image>`` / ``<video>`` tokens
+an image or video becomes, and VisionZip's instance-level override of the inner model's ``get_image_features``
+(and ``get_video_features``).
 
-One :class:`Family` entry per VLM family; adding one (LLaVA-NeXT, Video-LLaVA, OneVision) means adding an entry,
-not touching the others. The override is bound with ``types.MethodType`` to the *inner* model instance
+One :class:`Family` entry per VLM family (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision); adding one means
+adding an entry, not touching the others. VisionZip runs on every unit the tower sees independently: an image, an
+anyres crop, a video frame. The override is bound with ``types.MethodType`` to the *inner* model instance
 (``model.model``): both ``forward()`` and ``generate()`` call it there, and the class and every other instance stay
 stock. The budget lives in ``model.config.visionzip`` (serialised with ``save_pretrained``), which is the single
 source the override, :func:`tokens_per_image` and the processor read from.
@@ -200,18 +202,14 @@ def _next_image_features(
     return BaseModelOutputWithPooling(last_hidden_state=zipped.tokens, pooler_output=per_image)
 
 
-def _needs_size(config, image_size: ImageSize | None) -> ImageSize:
-    if image_size is None:
-        raise ValueError(
-            f"the number of image tokens of a {type(config).__name__} model depends on the image size: pass the "
-            f"original (height, width) of the image"
-        )
-    return image_size
-
-
-def _anyres_stock_tokens(config, image_size: ImageSize, max_crops: int | None = None) -> int:
+def _anyres_stock_tokens(config, image_size: ImageSize | None = None, max_crops: int | None = None) -> int:
     """Stock anyres layout (``pack_image_features``): the base crop, plus the stitched grid unpadded to the image's
-    aspect ratio, downscaled to about ``max_crops`` crops' worth when given (OneVision), one newline per row."""
+    aspect ratio, downscaled to about ``max_crops`` crops' worth when given (OneVision), one newline per row.
+
+    ``image_size=None`` is an untiled image (one crop; OneVision's multi-image samples): base crop + one newline.
+    """
+    if image_size is None:
+        return _llava_stock_tokens(config) + 1
     height, width = image_size
     side = config.vision_config.image_size // config.vision_config.patch_size
     rows, cols = _grid_shape(config, (height, width))
@@ -228,12 +226,10 @@ def _anyres_stock_tokens(config, image_size: ImageSize, max_crops: int | None = 
     return _llava_stock_tokens(config) + grid_h * grid_w + grid_h
 
 
-def _next_stock_tokens(config, image_size: ImageSize | None = None) -> int:
-    return _anyres_stock_tokens(config, _needs_size(config, image_size))
-
-
-def _next_zipped_tokens(config, budget: dict, image_size: ImageSize | None = None) -> int:
-    return _crop_count(config, _needs_size(config, image_size)) * (budget["dominant"] + budget["contextual"])
+def _anyres_zipped_tokens(config, budget: dict, image_size: ImageSize | None = None) -> int:
+    """Every crop zipped to K tokens; ``image_size=None`` is an untiled image (one crop)."""
+    crops = 1 if image_size is None else _crop_count(config, image_size)
+    return crops * (budget["dominant"] + budget["contextual"])
 
 
 LLAVA_NEXT = Family(
@@ -241,8 +237,8 @@ LLAVA_NEXT = Family(
     model_class="LlavaNextForConditionalGeneration",
     model_type="llava_next",
     image_features=_next_image_features,
-    stock_tokens=_next_stock_tokens,
-    zipped_tokens=_next_zipped_tokens,
+    stock_tokens=_anyres_stock_tokens,
+    zipped_tokens=_anyres_zipped_tokens,
     token_orders=("flat", "grid"),
 )
 
@@ -344,20 +340,8 @@ def _onevision_image_features(
     return BaseModelOutputWithPooling(last_hidden_state=zipped.tokens, pooler_output=per_image)
 
 
-def _onevision_max_crops(config) -> int:
-    return int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
-
-
 def _onevision_stock_tokens(config, image_size: ImageSize | None = None) -> int:
-    """Stock OneVision; ``image_size=None`` is an untiled image (of a multi-image sample): base crop + newline."""
-    if image_size is None:
-        return _llava_stock_tokens(config) + 1
-    return _anyres_stock_tokens(config, image_size, _onevision_max_crops(config))
-
-
-def _onevision_zipped_tokens(config, budget: dict, image_size: ImageSize | None = None) -> int:
-    crops = 1 if image_size is None else _crop_count(config, image_size)
-    return crops * (budget["dominant"] + budget["contextual"])
+    return _anyres_stock_tokens(config, image_size, int(config.vision_aspect_ratio.removeprefix("anyres_max_")))
 
 
 def _onevision_stock_video_tokens(config, frames: int) -> int:
@@ -372,7 +356,7 @@ LLAVA_ONEVISION = Family(
     model_type="llava_onevision",
     image_features=_onevision_image_features,
     stock_tokens=_onevision_stock_tokens,
-    zipped_tokens=_onevision_zipped_tokens,
+    zipped_tokens=_anyres_zipped_tokens,
     video_features=_per_frame_video_features("vision_tower"),
     stock_video_tokens=_onevision_stock_video_tokens,
 )
@@ -419,8 +403,9 @@ def tokens_per_image(config, image_size: ImageSize | None = None) -> int:
     """Number of ``<image>`` placeholder tokens the LLM receives for one image under ``config``.
 
     The VisionZip budget when ``config.visionzip`` is set, else the stock count. ``image_size`` is the original
-    (height, width), for families whose count depends on it; LLaVA-1.5 ignores it. The processor, the data path
-    and the model all use this one function, so their counts cannot drift apart.
+    (height, width), for families whose count depends on it; LLaVA-1.5 ignores it. For anyres families
+    (LLaVA-NeXT, OneVision) ``None`` means one untiled crop, which is also the per-crop budget when zipped. The
+    processor, the data path and the model all use this one function, so their counts cannot drift apart.
     """
     family = _family_of_config(config)
     budget = getattr(config, "visionzip", None)
