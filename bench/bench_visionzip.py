@@ -2,8 +2,9 @@
 
     python bench/bench_visionzip.py [--batch 4] [--rounds 7] [--threads 2] [--device cpu]
 
-For a CLIP tower with 336 px / patch 14 (576 patches + CLS, LLaVA-1.5's geometry) and a SigLIP tower of the same
-size (576 patches, no CLS), each with random weights, it times under ``torch.no_grad()``:
+For a CLIP tower with 336 px / patch 14 (576 patches + CLS, LLaVA-1.5's geometry), a SigLIP tower of the same
+size (576 patches, no CLS) and a SigLIP tower at OneVision's geometry (384 px / patch 14 = 729 patches), each with
+random weights, it times under ``torch.no_grad()``:
 
   stock      the tower on SDPA, run to the end with hidden states (what LLaVA's stock get_image_features does)
   visionzip  visionzip_tune: SDPA, q/k hooks on layer L, stop after layer L, select + merge
@@ -14,6 +15,10 @@ A multi-crop LLaVA-NeXT image (a random ``LlavaNextForConditionalGeneration`` wi
 crops, LLaVA-NeXT's grid pinpoints, a 672 x 672 image = base crop + 2x2 grid = 5 crops) is timed through the inner
 model's ``get_image_features`` (tower + projector + layout): the stock path (all crops, ``pack_image_features`` with
 unpadding and newlines) against VisionZip per crop in the ``flat`` and ``grid`` token orders.
+
+Peak memory of SigLIP scoring (the attention each token receives needs layer L's whole N x N map) is measured at
+SigLIP-so400m's OneVision geometry (729 tokens, 16 heads of 72, 10 crops = anyres_max_9's most): chunked as the
+library does it versus the whole map at once, each in a fresh process (peak RSS above the inputs).
 
 Variants run interleaved round-robin (one warm-up round discarded) so machine noise hits them alike; the table
 shows medians and ratios to stock measured in this one run, and the same for the fastest round (the least
@@ -33,7 +38,7 @@ import torch
 from visionzip_tune import compress, encoders
 
 
-def build_tower(kind: str, hidden: int, layers: int, heads: int, device: str):
+def build_tower(kind: str, image_size: int, hidden: int, layers: int, heads: int, device: str):
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
     geometry = dict(
@@ -41,7 +46,7 @@ def build_tower(kind: str, hidden: int, layers: int, heads: int, device: str):
         intermediate_size=4 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        image_size=336,
+        image_size=image_size,
         patch_size=14,
     )
     torch.manual_seed(0)
@@ -70,14 +75,14 @@ def eager_route(eager_tower, hs_index: int, dominant: int, contextual: int) -> C
     return run
 
 
-def bench_tower(kind: str, layer: int, args) -> dict[str, list[float]]:
+def bench_tower(kind: str, image_size: int, layer: int, args) -> dict[str, list[float]]:
     """Milliseconds per round for each variant."""
-    tower = build_tower(kind, args.hidden, args.layers, args.heads, args.device)
+    tower = build_tower(kind, image_size, args.hidden, args.layers, args.heads, args.device)
     eager = copy.deepcopy(tower)
     eager.set_attn_implementation("eager")
     hs_index = layer % (args.layers + 1)
     layer_index = encoders.resolve_layer(args.layers, layer)
-    pixels = torch.randn(args.batch, 3, 336, 336, device=args.device)
+    pixels = torch.randn(args.batch, 3, image_size, image_size, device=args.device)
     with torch.no_grad():
         captured = encoders.run_until(tower, pixels, layer_index)
 
@@ -151,6 +156,36 @@ def bench_next(args) -> tuple[dict[str, list[float]], dict[str, int]]:
     return interleaved(variants, args), tokens
 
 
+def _scoring_peak_mib(crops: int, tokens: int, heads: int, head_dim: int, chunk_elements: int) -> tuple[float, float]:
+    """(peak RSS growth in MiB, milliseconds) of ``compress.received_attention_scores``, run in this process."""
+    import resource
+
+    torch.set_num_threads(2)
+    queries = torch.randn(crops, tokens, heads * head_dim)
+    keys = torch.randn(crops, tokens, heads * head_dim)
+    with open("/proc/self/statm") as statm:
+        before_kib = int(statm.read().split()[1]) * resource.getpagesize() // 1024
+    start = time.perf_counter()
+    compress.received_attention_scores(queries, keys, heads, head_dim**-0.5, chunk_elements=chunk_elements)
+    elapsed = (time.perf_counter() - start) * 1000
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return (peak_kib - before_kib) / 1024, elapsed
+
+
+def bench_scoring_memory() -> dict[str, tuple[float, float]]:
+    """Chunked vs whole-map SigLIP scoring at OneVision geometry, each in a fresh process (clean peak RSS)."""
+    import multiprocessing
+
+    geometry = dict(crops=10, tokens=729, heads=16, head_dim=72)
+    whole = geometry["crops"] * geometry["heads"] * geometry["tokens"] ** 2
+    context = multiprocessing.get_context("spawn")
+    results = {}
+    for name, chunk in (("chunked", compress._CHUNK_ELEMENTS), ("whole map", whole)):
+        with context.Pool(1) as pool:
+            results[name] = pool.apply(_scoring_peak_mib, kwds=dict(geometry, chunk_elements=chunk))
+    return results
+
+
 def print_rows(label: str, times: dict[str, list[float]], percent: tuple[str, ...] = ()) -> None:
     stock = {"median": statistics.median(times["stock"]), "best": min(times["stock"])}
     for name, values in times.items():
@@ -176,18 +211,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     print(
-        f"batch {args.batch}, 336 px / patch 14 (576 patches), hidden {args.hidden}, {args.layers} layers, "
+        f"batch {args.batch}, patch 14, hidden {args.hidden}, {args.layers} layers, "
         f"{args.heads} heads, keep {args.dominant}+{args.contextual}, device {args.device}, "
         f"{args.threads} threads, {args.rounds} rounds"
     )
     header = f"{'tower':<13}{'variant':<11}{'median ms':>10}{'vs stock':>10}{'best ms':>10}{'vs stock':>10}"
     print(header)
     print("-" * len(header))
-    for kind, layer in (("clip", -2), ("siglip", -1)):
-        print_rows(f"{kind} L={layer}", bench_tower(kind, layer, args), percent=("selection",))
+    for label, kind, image_size, layer in (("clip 576", "clip", 336, -2), ("siglip 576", "siglip", 336, -1),
+                                           ("siglip 729", "siglip", 384, -1)):
+        print_rows(label, bench_tower(kind, image_size, layer, args), percent=("selection",))
     times, tokens = bench_next(args)
     print_rows("next 5 crops", times)
     print(f"LLaVA-NeXT 672x672 image: {tokens['stock']} LLM tokens stock, {tokens['zipped']} with VisionZip")
+    memory = bench_scoring_memory()
+    print("SigLIP scoring, 10 crops x 729 tokens, 16 heads: peak RSS growth / time")
+    for name, (mib, ms) in memory.items():
+        print(f"  {name:<10}{mib:>8.0f} MiB{ms:>10.1f} ms")
     return 0
 
 
