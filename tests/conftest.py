@@ -126,3 +126,12 @@ def train_args(assets, out_dir, *overrides: str) -> list[str]:
         f"output.dir={out_dir}",
         *overrides,
     ]
+
+
+def text_only_samples(n: int) -> list[dict]:
+    """``n`` LLaVA-format samples without an image (like the ShareGPT part of the LLaVA-1.5 mix)."""
+    qa = [("What is the capital of France?", "Paris"), ("How many sides does a triangle have?", "three")]
+    return [
+        {"id": f"text-{k}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+        for k, (q, a) in enumerate(qa[k % len(qa)] for k in range(n))
+    ]

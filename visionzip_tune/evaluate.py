@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from visionzip_tune.data import Collator, SupervisedDataset
 from visionzip_tune.data.template import IGNORE_INDEX
@@ -74,6 +77,33 @@ def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict[
     return inputs
 
 
+def forward_vision_first(call: Callable[..., Any], model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    """Run a VLM on a batch with its vision path computed first, passed in as ``mm_encoder_outputs``.
+
+    ``call`` runs the model (the DeepSpeed engine in training, the model itself in evaluation); ``model`` is that
+    model (plain or peft-wrapped). A batch without images runs the vision path on one blank image and passes a
+    zero-length slice of its features (LLaVA's ``image_features[0:0]``): nothing is inserted, but the LLM's inputs
+    depend on the projector. So whatever a rank's batch holds, every rank runs the same modules in the same order,
+    forward and backward -- under ZeRO-3 each is a collective parameter gather -- and every rank reduces the
+    projector's gradients (zero for that batch) instead of waiting or asserting.
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from visionzip_tune.models import unwrap
+
+    base = unwrap(model)
+    inputs = dict(inputs)
+    pixel_values = inputs.pop("pixel_values", None)
+    if pixel_values is not None:
+        features = base.get_image_features(pixel_values=pixel_values)
+    else:
+        size = base.config.vision_config.image_size
+        blank = torch.zeros(1, 3, size, size, dtype=base.dtype, device=inputs["input_ids"].device)
+        unused = base.get_image_features(pixel_values=blank).pooler_output
+        features = BaseModelOutputWithPooling(pooler_output=[f[:0] for f in unused])
+    return call(**inputs, mm_encoder_outputs={"image": features})
+
+
 def answer_mask(labels: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
     """(B, T) labels -> (B, T) bool: the final answer's tokens -- the last contiguous run of supervised positions,
     without the end-of-turn ``eos_token_id`` that closes it (it scores the stop, not the answer)."""
@@ -124,7 +154,8 @@ def choice_accuracy(
             items = [dataset.example(with_answer(s.sample, c)) for s in chunk for c in s.choices]
             inputs = model_inputs(collator(items), param.device, param.dtype)
             labels = inputs.pop("labels")
-            scores = answer_logprob(model(**inputs).logits, labels, eos_token_id).cpu()
+            logits = forward_vision_first(model, model, inputs).logits
+            scores = answer_logprob(logits, labels, eos_token_id).cpu()
             for s, keep, row_scores in zip(chunk, counted, scores.split([len(s.choices) for s in chunk])):
                 correct += int(keep and int(row_scores.argmax()) == s.gold)
     finally:

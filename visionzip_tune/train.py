@@ -77,7 +77,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
     from transformers import get_cosine_schedule_with_warmup
 
     from visionzip_tune.data import Collator, LengthGroupedSampler
-    from visionzip_tune.evaluate import choice_accuracy, model_inputs, read_choices
+    from visionzip_tune.evaluate import choice_accuracy, forward_vision_first, model_inputs, read_choices
     from visionzip_tune.export import export_projector, weights_fingerprint
     from visionzip_tune.models import family_name, projector, tokens_per_image
 
@@ -198,7 +198,6 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
     # -- loop -----------------------------------------------------------------------------------------------------
     if eval_set is not None and step == 0:
         evaluate(0)
-    proj = projector(model)
     batches = _micro_batches(loader, sampler)
     progress = _progress_bar(cfg, dist, step, total_steps)
     while step < total_steps:
@@ -209,10 +208,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
         for _ in range(t.grad_accum):
             batch, data_state = next(batches)
             inputs = model_inputs(batch, engine.device, dtype)
-            loss = engine(**inputs).loss
-            if "pixel_values" not in inputs:
-                # A text-only micro-batch: keep the projector in the graph so every rank reduces its gradients.
-                loss = loss + _zero_through(proj, dtype, engine.device)
+            loss = forward_vision_first(engine, model, inputs).loss  # text-only batches too: see there
             # One all-reduce tells every rank about a NaN on any rank, so all stop together before backward.
             micro_loss, bad = all_reduce_sum([loss.item(), float(not math.isfinite(loss.item()))])
             if bad:
@@ -228,7 +224,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
             samples += inputs["input_ids"].shape[0]
             tokens += float(inputs["attention_mask"].sum())
             vision += float((inputs["input_ids"] == image_token_id).sum())
-            images += inputs["pixel_values"].shape[0] if "pixel_values" in inputs else 0
+            images += batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
         samples, tokens, vision, images = all_reduce_sum([samples, tokens, vision, images])
         elapsed = time.perf_counter() - started
         record = {
@@ -432,13 +428,6 @@ def _micro_batches(loader, sampler) -> Iterator[tuple[dict, dict]]:
             consumed += len(batch["ids"])
             yield batch, sampler.state_dict(consumed)
         sampler.set_epoch(epoch + 1)
-
-
-def _zero_through(proj: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """0 * projector(zeros): a zero that depends on every projector parameter (run through the module, so ZeRO-3
-    gathers and reduces its parameters as in a normal forward)."""
-    first = next(m for m in proj.modules() if isinstance(m, nn.Linear))
-    return proj(torch.zeros(1, first.in_features, dtype=dtype, device=device)).sum() * 0.0
 
 
 def _grad_norm(engine) -> float | None:

@@ -1,0 +1,95 @@
+"""Multi-process training under torchrun (gloo, CPU) with ZeRO-2 and ZeRO-3, and a SIGKILL in the middle of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import text_only_samples, train_args
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "recipes" / "tiny" / "demo.yaml"
+PROJECTOR = {f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+
+pytestmark = pytest.mark.slow
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT)}  # fmt: skip
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def one_image_data(paths, out: Path) -> Path:
+    """One image sample among 7 text-only ones: with 2 ranks x 2 samples per step, the step holding the image has a
+    text-only micro-batch on the other rank, and the other step is text-only on both ranks."""
+    samples = json.loads(paths.train.read_text())
+    out.write_text(json.dumps([next(s for s in samples if "image" in s), *text_only_samples(7)]))
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_torchrun_two_processes_train_and_export(train_assets, tmp_path, stage):
+    out = tmp_path / "run"
+    data = one_image_data(train_assets[1], tmp_path / "one-image.json")
+    args = train_args(train_assets, out, f"data.path={data}", f"deepspeed.zero_stage={stage}", "train.max_steps=null",
+                      "train.epochs=2", "train.micro_batch_size=2", "train.save_every=2")  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29400 + stage),
+           "-m", "visionzip_tune", "train", str(DEMO), *args]  # fmt: skip
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    train = records(out, "train")
+    steps = len(train)
+    assert [r["step"] for r in train] == [1, 2, 3, 4]  # 2 epochs of 8 samples, 4 per step
+    assert sorted(r["images"] for r in train) == [0, 0, 1, 1]
+    assert all(r["samples_per_s"] > 0 and r["vision_tokens"] == 8 * r["images"] for r in train)
+    assert [r["step"] for r in records(out, "eval")] == [0, steps]
+    last = out / "checkpoints" / f"step-{steps:06d}"
+    assert (out / "checkpoints" / "latest").read_text().strip() == last.name
+    assert {"rng-rank000.pt", "rng-rank001.pt", "trainable.safetensors", "state.json"} <= {p.name for p in last.iterdir()}
+    saved = load_file(last / "trainable.safetensors")
+    assert set(saved) == PROJECTOR  # gathered full tensors, also under ZeRO-3
+    exported = load_file(out / "export" / "projector.safetensors")
+    for name, tensor in saved.items():
+        assert torch.equal(exported[name.removeprefix("model.")], tensor)
+    assert json.loads((out / "export" / "visionzip.json").read_text())["step"] == steps
+
+
+def test_sigkill_mid_run_then_rerun_ends_like_an_uninterrupted_run(train_assets, tmp_path):
+    def command(out: Path) -> list[str]:
+        args = train_args(train_assets, out, "train.max_steps=10", "train.save_every=1", "train.micro_batch_size=2")
+        return [sys.executable, "-m", "visionzip_tune", "train", str(DEMO), *args]
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(command(whole), env=env(), capture_output=True, timeout=600, check=True)
+
+    proc = subprocess.Popen(command(killed), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "export").exists()
+    interrupted_at = latest.read_text().strip()
+
+    done = subprocess.run(command(killed), env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {killed / 'checkpoints' / interrupted_at}" in done.stdout
+    for name in ("checkpoints/step-000010/trainable.safetensors", "export/projector.safetensors"):
+        a, b = load_file(whole / name), load_file(killed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert [r["loss"] for r in records(whole, "train")] == [r["loss"] for r in records(killed, "train")]
