@@ -140,6 +140,17 @@ def test_demo_background_answer_matches_the_pixels(tmp_path):
                 assert COLOURS[answer["value"]] in corners
 
 
+def test_demo_answer_sets_are_disjoint_and_of_equal_token_length(tiny_tokenizer):
+    """A question-agnostic projector can serve all question types at once only if their answers never collide;
+    summed log-probability scoring is unbiased only if a question's choices have equal token counts."""
+    seen: set[str] = set()
+    for question in QUESTIONS.values():
+        assert not seen & set(question.choices)
+        seen |= set(question.choices)
+        lengths = {len(tiny_tokenizer.encode(c, add_special_tokens=False)) for c in question.choices}
+        assert len(lengths) == 1, question.text
+
+
 def test_demo_cli_replaces_a_demo_but_not_other_folders(tmp_path, capsys):
     out = tmp_path / "demo"
     assert vzt_main(["data", "demo", "--output", str(out), "--n", "10", "--seed", "1"]) == 0

@@ -1,10 +1,19 @@
 """A synthetic LLaVA-format dataset a tiny model can learn on CPU: coloured shapes on coloured backgrounds.
 
 Every answer is one word from a small closed set and depends only on the image, so held-out accuracy measures
-whether the projector carries visual information into the LLM. The signal is made easy on purpose: large flat
-shapes in saturated colours, five question types, answers dealt in shuffled rounds (balanced: no majority answer to
-fall back on), and the easiest question (background colour, which covers most patches and so survives any token
-selection) asked most.
+whether the projector carries visual information into the LLM. The signal is made easy on purpose, because a
+projector alone has little room to steer a frozen random LLM:
+
+* large flat shapes, saturated colours; answers dealt in shuffled rounds (balanced: no majority answer to fall
+  back on);
+* the easiest question, background colour (it covers most patches, so it survives any token selection), is 60%
+  of the questions: with the tiny demo model and 150 projector steps, a mix with 40% background questions
+  learnt nothing, one with 60% gained ~20 points of held-out accuracy;
+* each question type has its own answer set (shapes are white, gray or cyan; backgrounds saturated colours): a
+  frozen random LLM hardly conditions on the question text, so the projector can only learn answers that do not
+  contradict each other across question types;
+* within an answer set all answers have the same number of tokens (tiny tokenizer), so summed log-probability
+  scoring carries no length bias.
 """
 
 from __future__ import annotations
@@ -22,16 +31,18 @@ from visionzip_tune.data.files import atomic_dir
 from visionzip_tune.errors import UserError
 
 IMAGE_SIZE = 224
-COLOURS = {
+# Within each answer set every answer has the same number of tokens under the tiny tokenizer (tiny.py).
+COLOURS = {  # backgrounds
     "red": (220, 30, 30),
     "green": (30, 170, 40),
     "blue": (30, 60, 220),
     "yellow": (240, 210, 20),
-    "purple": (140, 40, 190),
     "orange": (250, 130, 10),
+    "pink": (250, 110, 190),
 }
+SHAPE_COLOURS = {"white": (245, 245, 245), "gray": (110, 110, 110), "cyan": (0, 235, 235)}
 SHAPES = ("circle", "square", "triangle")
-COUNTS = ("one", "two", "three")
+COUNTS = ("1", "2", "3")
 SIDES = ("left", "right")
 
 
@@ -53,11 +64,11 @@ class Question:
 
 
 QUESTIONS = {
-    "background": Question("What colour is the background?", tuple(COLOURS), lambda s: s.background, 0.4),
-    "colour": Question("What color is the shape?", tuple(COLOURS), lambda s: s.colour, 0.2),
+    "background": Question("What colour is the background?", tuple(COLOURS), lambda s: s.background, 0.6),
+    "colour": Question("What color is the shape?", tuple(SHAPE_COLOURS), lambda s: s.colour, 0.15),
     "shape": Question("What shape is in the image?", SHAPES, lambda s: s.shape, 0.15),
-    "count": Question("How many shapes are there?", COUNTS, lambda s: COUNTS[s.count - 1], 0.15),
-    "side": Question("Which side is the shape on?", SIDES, lambda s: s.side, 0.1),
+    "count": Question("How many shapes are there?", COUNTS, lambda s: COUNTS[s.count - 1], 0.05),
+    "side": Question("Which side is the shape on?", SIDES, lambda s: s.side, 0.05),
 }
 TEXT_ONLY = [
     ("What is the capital of France?", "Paris"),
@@ -78,11 +89,8 @@ class DemoPaths(NamedTuple):
 
 def random_scene(rng: random.Random, kind: str | None = None, answer: str | None = None) -> Scene:
     """A random scene; with ``kind``/``answer`` the scene is drawn so that question ``kind`` has that answer."""
-    if kind == "background":
-        background = answer
-    else:
-        background = rng.choice([c for c in COLOURS if not (kind == "colour" and c == answer)])
-    colour = answer if kind == "colour" else rng.choice([c for c in COLOURS if c != background])
+    background = answer if kind == "background" else rng.choice(list(COLOURS))
+    colour = answer if kind == "colour" else rng.choice(list(SHAPE_COLOURS))
     shape = answer if kind == "shape" else rng.choice(SHAPES)
     count = COUNTS.index(answer) + 1 if kind == "count" else rng.randint(1, 3)
     side = answer if kind == "side" else rng.choice(SIDES)
@@ -115,7 +123,7 @@ def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
         x = x0 + rng.randint(4, half - size - 4)
         y = k * cell + rng.randint(4, cell - size - 4)
         box = (x, y, x + size, y + size)
-        fill = COLOURS[scene.colour]
+        fill = SHAPE_COLOURS[scene.colour]
         if scene.shape == "circle":
             draw.ellipse(box, fill=fill)
         elif scene.shape == "square":
