@@ -158,18 +158,20 @@ def bench_next(args) -> tuple[dict[str, list[float]], dict[str, int]]:
 
 def _scoring_peak_mib(crops: int, tokens: int, heads: int, head_dim: int, chunk_elements: int) -> tuple[float, float]:
     """(peak RSS growth in MiB, milliseconds) of ``compress.received_attention_scores``, run in this process."""
-    import resource
+
+    def status_kib(field: str) -> int:
+        # VmHWM is this process image's own peak (getrusage's ru_maxrss would carry the parent's over fork+exec).
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
 
     torch.set_num_threads(2)
     queries = torch.randn(crops, tokens, heads * head_dim)
     keys = torch.randn(crops, tokens, heads * head_dim)
-    with open("/proc/self/statm") as statm:
-        before_kib = int(statm.read().split()[1]) * resource.getpagesize() // 1024
+    before_kib = status_kib("VmRSS")
     start = time.perf_counter()
     compress.received_attention_scores(queries, keys, heads, head_dim**-0.5, chunk_elements=chunk_elements)
     elapsed = (time.perf_counter() - start) * 1000
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return (peak_kib - before_kib) / 1024, elapsed
+    return (status_kib("VmHWM") - before_kib) / 1024, elapsed
 
 
 def bench_scoring_memory() -> dict[str, tuple[float, float]]:
