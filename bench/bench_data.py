@@ -3,7 +3,7 @@
     python bench/bench_data.py [--n 400] [--batch 8] [--load-rows 100000]
 
 Prints, from one run: samples/s for ``image_aspect=pad`` and ``processor`` (one process, no DataLoader workers:
-the per-worker rate; multiply by workers for a loader), the share of that time spent on text alone (templating and
+the per-worker rate; multiply by workers for a loader; best of interleaved repeats), the share of that time spent on text alone (templating and
 tokenization of the same samples without images), and the rate of ``load_samples`` streaming a LLaVA-shaped JSON
 array into Arrow (rows/s; the full 665k-sample mix takes about 665k / that rate, once, then it is cached).
 """
@@ -70,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=400, help="demo training samples")
     parser.add_argument("--batch", type=int, default=8, help="micro-batch size for the collator")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per image mode (best is kept)")
     parser.add_argument("--load-rows", type=int, default=100_000, help="rows of the synthetic JSON for load_samples")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -82,9 +83,8 @@ def main() -> None:
         processor = build_processor(TinySpec(image_size=336), tokenizer)  # LLaVA-1.5's 336 px CLIP input
         samples = load_samples(paths.train, cache_dir=tmp / "cache")
         collate = Collator(tokenizer.pad_token_id)
-        rates = {}
-        for aspect in ("pad", "processor"):
-            dataset = SupervisedDataset(
+        datasets = {
+            aspect: SupervisedDataset(
                 samples,
                 image_folder=paths.images,
                 tokenizer=tokenizer,
@@ -93,16 +93,23 @@ def main() -> None:
                 image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                 image_aspect=aspect,
             )
-            dataset[0]  # warm-up: first-call imports and allocations
-            rates[aspect] = samples_per_second(dataset, collate, args.batch)
-        text_rate = text_only_per_second(dataset)
+            for aspect in ("pad", "processor")
+        }
+        datasets["pad"][0]  # warm-up: first-call imports and allocations
+        # Best of interleaved repeats: the machine may be shared, and the best run is the least disturbed one.
+        rates = {aspect: 0.0 for aspect in datasets}
+        for _ in range(args.repeats):
+            for aspect, dataset in datasets.items():
+                rates[aspect] = max(rates[aspect], samples_per_second(dataset, collate, args.batch))
+        text_rate = text_only_per_second(datasets["pad"])
         load_rate = load_rows_per_second(args.load_rows, tmp)
 
     print(f"demo set: {args.n} samples (~95% with a 224 px PNG), 336 px CLIP processor, {TOKENS_PER_IMAGE} tokens/image,"
           f" batch {args.batch}, 1 thread")
     for aspect, rate in rates.items():
         print(f"  load+template+collate, image_aspect={aspect:<9} {rate:8.1f} samples/s")
-    print(f"  pad / processor ratio:                         {rates['pad'] / rates['processor']:8.2f}")
+    print(f"  pad / processor ratio:                         {rates['pad'] / rates['processor']:8.2f}"
+          "  (demo images are square: padding adds no pixels here)")
     print(f"  templating + tokenization alone:              {text_rate:8.1f} samples/s "
           f"({100 * rates['pad'] / text_rate:.0f}% of the pad time is text)")
     print(f"load_samples, {args.load_rows} LLaVA-shaped rows:            {load_rate:8.0f} rows/s "
