@@ -3,9 +3,10 @@
     python bench/bench_data.py [--n 400] [--batch 8] [--load-rows 100000]
 
 Prints, from one run: samples/s for ``image_aspect=pad`` and ``processor`` (one process, no DataLoader workers:
-the per-worker rate; multiply by workers for a loader; best of interleaved repeats), the share of that time spent on text alone (templating and
-tokenization of the same samples without images), and the rate of ``load_samples`` streaming a LLaVA-shaped JSON
-array into Arrow (rows/s; the full 665k-sample mix takes about 665k / that rate, once, then it is cached).
+the per-worker rate, multiply by workers for a loader; best of interleaved repeats), the share of that time spent
+on text alone (templating and tokenization of the same samples without images), and the rate of ``load_samples``
+streaming a LLaVA-shaped JSON array into Arrow (rows/s; the full 665k-sample mix takes about 665k / that rate,
+once, then it is cached).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def text_only_per_second(dataset: SupervisedDataset) -> float:
     rows = [dataset.samples[r] for r in dataset.rows]
     start = time.perf_counter()
     for row in rows:
-        dataset.templater(llava_turns(row["conversations"], len(row["images"])), [TOKENS_PER_IMAGE] * len(row["images"]))
+        n_images = len(row["images"])
+        dataset.templater(llava_turns(row["conversations"], n_images), [TOKENS_PER_IMAGE] * n_images)
     return len(rows) / (time.perf_counter() - start)
 
 
@@ -104,8 +106,8 @@ def main() -> None:
         text_rate = text_only_per_second(datasets["pad"])
         load_rate = load_rows_per_second(args.load_rows, tmp)
 
-    print(f"demo set: {args.n} samples (~95% with a 224 px PNG), 336 px CLIP processor, {TOKENS_PER_IMAGE} tokens/image,"
-          f" batch {args.batch}, 1 thread")
+    print(f"demo set: {args.n} samples (~95% with a 224 px PNG), 336 px CLIP processor, "
+          f"{TOKENS_PER_IMAGE} tokens/image, batch {args.batch}, 1 thread")
     for aspect, rate in rates.items():
         print(f"  load+template+collate, image_aspect={aspect:<9} {rate:8.1f} samples/s")
     print(f"  pad / processor ratio:                         {rates['pad'] / rates['processor']:8.2f}"

@@ -126,11 +126,14 @@ def test_skip_policy_substitutes_logs_and_summarises(data_dir, processor):
     assert [entry["id"] for entry in lines] == ["b1", "m", "u"]
     ds[0]
     assert len(log.read_text().splitlines()) == 3  # a sample seen again is not logged twice
-    assert ds.skip_summary() == f"skipped 3 of 6 samples (1 malformed, 1 missing image, 1 unreadable image); list in {log}"
+    kinds = "1 malformed, 1 missing image, 1 unreadable image"
+    assert ds.skip_summary() == f"skipped 3 of 6 samples ({kinds}); list in {log}"
 
 
 def test_skips_in_dataloader_workers_reach_the_shared_log(data_dir, processor):
-    samples = [{"id": f"m{k}", "image": f"coco/missing{k}.jpg", "conversations": turns("<image>", "x")} for k in range(4)]
+    samples = [
+        {"id": f"m{k}", "image": f"coco/missing{k}.jpg", "conversations": turns("<image>", "x")} for k in range(4)
+    ]
     log = data_dir / "skipped.jsonl"
     ds = make(data_dir, processor, samples + GOOD, on_bad_sample="skip", skip_log=log)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=Collator(0))

@@ -17,7 +17,7 @@ def turns(*values):
 
 
 SAMPLES = [
-    {"id": 33471, "image": "coco/train2017/000000033471.jpg", "conversations": turns("<image>\nWhat bus?", "A red one.")},
+    {"id": 33471, "image": "coco/train2017/000033471.jpg", "conversations": turns("<image>\nWhat bus?", "A red one.")},
     {"id": "sharegpt-1", "model": "", "conversations": turns("Hi ü 你好", "Hello.", "Again?", "Sure.")},
     {"id": 7, "image": "ocr_vqa/images/7.jpg", "conversations": turns("Title?\n<image>", "Dune")},
 ]
@@ -34,7 +34,7 @@ def test_json_array_ids_become_strings_and_spans_are_exact_bytes(tmp_path, cache
     ds = load_samples(path, cache_dir=cache)
     assert ds["id"][:] == ["33471", "sharegpt-1", "7"]
     assert ds.features["id"].dtype == "string"
-    assert ds["images"][:] == [["coco/train2017/000000033471.jpg"], [], ["ocr_vqa/images/7.jpg"]]
+    assert ds["images"][:] == [["coco/train2017/000033471.jpg"], [], ["ocr_vqa/images/7.jpg"]]
     assert ds["source"][:] == ["coco", "text-only", "ocr_vqa"]
     assert ds["problem"][:] == [None, None, None]
     raw = path.read_bytes()

@@ -83,7 +83,9 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
         if not lengths:
             raise ValueError("no samples to sample from")
         if micro_batch_size < 1 or num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"bad sampler geometry: micro_batch_size={micro_batch_size}, rank {rank} of {num_replicas}")
+            raise ValueError(
+                f"bad sampler geometry: micro_batch_size={micro_batch_size}, rank {rank} of {num_replicas}"
+            )
         if group_by_modality and any(length == 0 for length in lengths):
             raise ValueError("lengths must be non-zero: positive with images, negative for text-only")
         self.lengths = list(lengths)
@@ -157,7 +159,8 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` left off; the sampling geometry must be unchanged."""
         mine = self.state_dict(0)
-        changed = [f"{k} {state[k]} -> {mine[k]}" for k in mine if k not in ("epoch", "consumed") and state[k] != mine[k]]
+        fixed = [k for k in mine if k not in ("epoch", "consumed")]
+        changed = [f"{k} {state[k]} -> {mine[k]}" for k in fixed if state[k] != mine[k]]
         if changed:
             raise UserError(
                 "cannot resume the data order: the sampler changed since the checkpoint (" + ", ".join(changed) + "); "

@@ -67,7 +67,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         chat_template: str | None = None,
     ):
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
-            raise UserError(f"data.on_bad_sample must be one of {', '.join(BAD_SAMPLE_POLICIES)}, not {on_bad_sample!r}")
+            policies = ", ".join(BAD_SAMPLE_POLICIES)
+            raise UserError(f"data.on_bad_sample must be one of {policies}, not {on_bad_sample!r}")
         self.samples = samples
         self.path = data_path(samples)
         self.image_folder = Path(image_folder) if image_folder is not None else None

@@ -174,7 +174,9 @@ class Templater:
                     ids += piece
                     labels += piece if seg.supervised else [IGNORE_INDEX] * len(piece)
         if n_images != len(image_counts):
-            raise UserError(f"the {self.template} template rendered {n_images} of the sample's {len(image_counts)} images")
+            raise UserError(
+                f"the {self.template} template rendered {n_images} of the sample's {len(image_counts)} images"
+            )
         return ids, labels
 
 
