@@ -147,7 +147,8 @@ def bench_next(args) -> tuple[dict[str, list[float]], dict[str, int]]:
     vzt.apply_visionzip(grid, args.dominant, args.contextual, token_order="grid")
     pixels = torch.randn(1, 5, 3, 336, 336, device=args.device)
     sizes = torch.tensor([[672, 672]], device=args.device)
-    tokens = {"stock": tokens_per_image(stock_model.config, (672, 672)), "zipped": tokens_per_image(flat.config, (672, 672))}
+    tokens = {"stock": tokens_per_image(stock_model.config, (672, 672)),
+              "zipped": tokens_per_image(flat.config, (672, 672))}
     variants = {
         "stock": lambda: stock_model.model.get_image_features(pixels, sizes),
         "flat": lambda: flat.model.get_image_features(pixels, sizes),

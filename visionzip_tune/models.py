@@ -107,7 +107,6 @@ LLAVA = Family(
 )
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # LLaVA-NeXT: one image becomes a base crop plus an anyres grid of crops; VisionZip zips every crop with the same
 # budget (the paper's Table 9 budgets are per crop). The stock ``pack_image_features`` (unpad to the aspect ratio,
@@ -243,7 +242,6 @@ LLAVA_NEXT = Family(
 )
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Video-LLaVA: images through ``image_tower`` as in LLaVA-1.5, videos through ``video_tower`` frame by frame; one
 # projector. VisionZip zips every frame independently with the image budget.
@@ -304,7 +302,6 @@ VIDEO_LLAVA = Family(
     video_tower="video_tower",
     stock_video_tokens=_video_llava_stock_video_tokens,
 )
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
