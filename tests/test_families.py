@@ -103,41 +103,44 @@ def test_next_flat_equals_per_crop_reference(tiny_next):
         torch.testing.assert_close(features, projected, rtol=0, atol=1e-5)
 
 
-def _grid_order_from_spec(tokens, dominant_positions, contextual, rows, cols, side, hidden):
+def _grid_order_from_spec(tokens, dominant_positions, contextual, rows, cols, side, hidden, has_cls=True):
     """The official layout, written literally: scatter each grid crop's dominant patches into a zero canvas of the
     stitched grid, read it out row by row, then the crops' CLS tokens, then their contextual tokens.
 
-    tokens: (crops, K, hidden) per crop [CLS, dominant patches..., contextual...]; dominant_positions: per crop, the
-    sorted tower positions of its dominant tokens (CLS = 0 first).
+    tokens: (crops, K, hidden) per crop [CLS, dominant patches..., contextual...] ([dominant patches...,
+    contextual...] without CLS); dominant_positions: per crop, the sorted tower positions of its dominant tokens.
     """
-    dominant = len(dominant_positions[0])
+    dominant, first = len(dominant_positions[0]), int(has_cls)
     canvas = torch.zeros(rows * side, cols * side, hidden)
     filled = torch.zeros(rows * side, cols * side, dtype=torch.bool)
     for c in range(1, tokens.shape[0]):
         crop_row, crop_col = divmod(c - 1, cols)
-        for slot, position in enumerate(dominant_positions[c][1:], start=1):
-            r, q = divmod(position - 1, side)
+        for slot, position in enumerate(dominant_positions[c][first:], start=first):
+            r, q = divmod(position - first, side)
             canvas[crop_row * side + r, crop_col * side + q] = tokens[c, slot]
             filled[crop_row * side + r, crop_col * side + q] = True
     grid_tokens = [canvas[r, q] for r in range(rows * side) for q in range(cols * side) if filled[r, q]]
-    cls_tokens = [tokens[c, 0] for c in range(1, tokens.shape[0])]
+    cls_tokens = [tokens[c, 0] for c in range(1, tokens.shape[0])] if has_cls else []
     contextual_tokens = [tokens[c, dominant + j] for c in range(1, tokens.shape[0]) for j in range(contextual)]
     return torch.cat([tokens[0], torch.stack(grid_tokens + cls_tokens + contextual_tokens)])
 
 
+@pytest.mark.parametrize("has_cls", [True, False])
 @pytest.mark.parametrize("rows, cols", [(2, 2), (1, 2), (2, 1)])
-def test_grid_order_equals_literal_spec(rows, cols):
+def test_grid_order_equals_literal_spec(rows, cols, has_cls):
     dominant, contextual, hidden = 5, 2, 3
-    crops, tokens_per_crop = 1 + rows * cols, 1 + SIDE * SIDE
+    crops, first = 1 + rows * cols, int(has_cls)
     generator = torch.Generator().manual_seed(rows * 10 + cols)
-    positions = torch.stack(
-        [torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(tokens_per_crop - 1, generator=generator)
-                    [: dominant - 1].sort().values]) for _ in range(crops)]
-    )
+
+    def kept_positions():  # CLS (position 0) when the tower has one, then random patches, ascending
+        patches = first + torch.randperm(SIDE * SIDE, generator=generator)[: dominant - first]
+        return torch.cat([torch.zeros(first, dtype=torch.long), patches.sort().values])
+
+    positions = torch.stack([kept_positions() for _ in range(crops)])
     tokens = torch.randn(crops, dominant + contextual, hidden, generator=generator)
-    order = grid_order(positions, contextual, (rows, cols), SIDE, has_cls=True)
+    order = grid_order(positions, contextual, (rows, cols), SIDE, has_cls=has_cls)
     assert sorted(order.tolist()) == list(range(crops * (dominant + contextual)))
-    expected = _grid_order_from_spec(tokens, positions.tolist(), contextual, rows, cols, SIDE, hidden)
+    expected = _grid_order_from_spec(tokens, positions.tolist(), contextual, rows, cols, SIDE, hidden, has_cls)
     assert torch.equal(tokens.flatten(0, 1)[order], expected)
 
 
