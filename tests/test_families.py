@@ -601,8 +601,6 @@ def test_export_round_trip(family, tmp_path):
     assert not torch.equal(_features(family, stock, stock_processor)[0], _features(family, trained, processor)[0])
 
 
-@pytest.mark.xfail(strict=True, reason="export.py records token_order 'flat' and load_projector does not pass the "
-                                       "recorded order to apply_visionzip (export is outside this helper's files)")
 def test_export_round_trip_keeps_grid_order(tmp_path):
     _, _, fresh, _ = _round_trip("llava_next", tmp_path, token_order="grid")
     assert fresh.config.visionzip["token_order"] == "grid"

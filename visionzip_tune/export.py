@@ -208,6 +208,7 @@ def export_projector(model: nn.Module, out_dir: str | Path, *, metadata: dict[st
         "eager": bool(budget.get("eager", False)),
         "layer": model.config.vision_feature_layer,
         "tokens_per_image": tokens_per_image(model.config),
+        "token_order": budget.get("token_order", "flat"),
     }
     clashes = {key: value for key, value in metadata.items() if key in derived and value != derived[key]}
     if clashes:
@@ -217,7 +218,6 @@ def export_projector(model: nn.Module, out_dir: str | Path, *, metadata: dict[st
         "base_model": metadata["base_model"],
         "base_fingerprint": metadata.get("base_fingerprint") or weights_fingerprint(model),
         **derived,
-        "token_order": "flat",
         "recipe": None,
         "step": None,
         "data_fingerprint": None,
@@ -401,7 +401,12 @@ def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, 
         remove_visionzip(base, processor)
     else:
         apply_visionzip(
-            base, record["dominant"], record["contextual"], processor=processor, eager=bool(record.get("eager"))
+            base,
+            record["dominant"],
+            record["contextual"],
+            processor=processor,
+            eager=bool(record.get("eager")),
+            token_order=record.get("token_order"),
         )
     return model
 
