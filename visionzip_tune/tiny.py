@@ -100,6 +100,10 @@ class TinySpec:
     text_layers: int = 2
     text_heads: int = 4
     seed: int = 0
+    # Std of the LLM's (and projector's) random init. transformers' 0.02 suits ~4096-wide LLMs (about 1.3/sqrt(d));
+    # a 64-wide frozen LLM initialised that way has logits within about +-1 that a projector can hardly steer, so
+    # the demo uses ~1/sqrt(text_hidden) (recipes/tiny/demo.yaml).
+    text_init_std: float = 0.02
 
 
 def build_config(spec: TinySpec, vocab_size: int, image_token_id: int, pad_token_id: int):
@@ -132,6 +136,7 @@ def build_config(spec: TinySpec, vocab_size: int, image_token_id: int, pad_token
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=pad_token_id,
+        initializer_range=spec.text_init_std,
     )
     n_patches = (spec.image_size // spec.patch_size) ** 2
     return LlavaConfig(
