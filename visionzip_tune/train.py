@@ -120,7 +120,8 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
 
     # -- data ------------------------------------------------------------------------------------------------------
     image_token_id = model.config.image_token_id
-    train_set = _dataset(cfg, cfg.data.path, cfg.data.image_folder, model.config, processor, run_dir / "skipped.jsonl")
+    skip_log = run_dir / "skipped.jsonl" if dist.is_main else None  # one writer: every rank skips the same ids
+    train_set = _dataset(cfg, cfg.data.path, cfg.data.image_folder, model.config, processor, skip_log)
     collator = Collator(processor.tokenizer.pad_token_id)
     sampler = LengthGroupedSampler(
         train_set.lengths,
@@ -459,7 +460,8 @@ def _progress_bar(cfg: Config, dist: Dist, step: int, total: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (log files keep one clean line per step)
+    return tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
