@@ -86,18 +86,20 @@ def test_text_only_micro_batches_keep_the_projector_in_the_graph(train_assets, t
 
 
 def test_full_mode_trains_llm_and_projector_not_the_tower(train_assets, tmp_path):
-    trained = run(train_assets, tmp_path / "run", "train.mode=full", "train.max_steps=2", "train.lr=1e-3")
+    trained = run(train_assets, tmp_path / "run", "train.mode=full", "train.max_steps=2", "train.lr=1e-3",
+                  "train.activation_checkpointing=true")  # fmt: skip
     base, _ = load_tiny(train_assets[0])
     expected = names_of(trained, projector(trained)) | names_of(trained, language_model(trained))
     expected |= names_of(trained, trained.get_output_embeddings())
     assert changed_names(trained, base) == expected
     assert not names_of(trained, vision_tower(trained)) & changed_names(trained, base)
+    assert trained.is_activation_checkpointing
 
 
 def test_lora_mode_wraps_only_llm_linears_and_trains_lora_plus_projector(train_assets, tmp_path):
     out = tmp_path / "run"
     trained = run(train_assets, out, "train.mode=lora", "train.max_steps=3", "train.lora_r=4", "train.lora_alpha=8",
-                  "train.projector_lr=5e-3")  # fmt: skip
+                  "train.projector_lr=5e-3", "train.activation_checkpointing=true")  # fmt: skip
     base, _ = load_tiny(train_assets[0])
     lora = {name for name, _ in trained.named_parameters() if ".lora_" in name}
     llm_prefix = next(n for n, m in trained.named_modules() if m is language_model(trained))
