@@ -1,9 +1,10 @@
 """Held-out answer accuracy on samples with a closed answer set (``"choices"``).
 
 For every sample, each choice replaces the last gpt turn; the sample is templated exactly as in training and the
-model scores the choice by the summed log-probability of its answer tokens (the answer and its end-of-turn token:
-the last supervised span). The prediction is the best-scoring choice; accuracy is the fraction of samples whose
-prediction equals the gold answer (the original last gpt turn).
+model scores the choice by the summed log-probability of its answer tokens (the last supervised span, without the
+end-of-turn token). The prediction is the best-scoring choice; accuracy is the fraction of samples whose
+prediction equals the gold answer (the original last gpt turn). Each choice is a row of the batch with its own
+copy of the image: simple, and cheap for held-out sets of a few hundred samples.
 
 Sharding: every rank scores its own slice of the samples and the counts are all-reduced. Every rank runs the same
 number of forward passes (short slices are padded with a repeated sample whose result is discarded), because under
@@ -24,6 +25,7 @@ from torch import nn
 
 from visionzip_tune.data import Collator, SupervisedDataset
 from visionzip_tune.data.template import IGNORE_INDEX
+from visionzip_tune.data.validate import BadSample
 from visionzip_tune.distributed import all_reduce_sum
 from visionzip_tune.errors import UserError
 
@@ -127,6 +129,13 @@ def answer_logprob(logits: torch.Tensor, labels: torch.Tensor, eos_token_id: int
     return torch.zeros(labels.shape[0], device=logits.device).index_add(0, rows, token_lp)
 
 
+def _example(dataset: SupervisedDataset, sample: dict) -> dict:
+    try:
+        return dataset.example(sample)
+    except BadSample as bad:  # held-out samples are never skipped silently: the accuracy would change meaning
+        raise UserError(f"{dataset.samples.info.description}: held-out sample id {sample['id']}: {bad.reason}") from None
+
+
 @torch.no_grad()
 def choice_accuracy(
     model: torch.nn.Module,
@@ -151,7 +160,7 @@ def choice_accuracy(
         for start in range(0, per_rank, batch_size):
             chunk = [samples[i if i is not None else 0] for i in padded[start : start + batch_size]]
             counted = [i is not None for i in padded[start : start + batch_size]]
-            items = [dataset.example(with_answer(s.sample, c)) for s in chunk for c in s.choices]
+            items = [_example(dataset, with_answer(s.sample, c)) for s in chunk for c in s.choices]
             inputs = model_inputs(collator(items), param.device, param.dtype)
             labels = inputs.pop("labels")
             logits = forward_vision_first(model, model, inputs).logits
