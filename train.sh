@@ -16,6 +16,9 @@ if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then
     shift
 fi
 
+# Bad config or missing inputs: a one-paragraph message and exit 2 here, before torchrun starts anything.
+python -m visionzip_tune train "$recipe" "$@" --check
+
 gpus="$(python -c 'import torch; print(torch.cuda.device_count())')"
 if [ "$gpus" = "0" ]; then
     export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"

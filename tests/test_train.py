@@ -207,3 +207,18 @@ def test_help_lists_config_keys(capsys):
     assert cli(["train", "--help-config"]) == 0
     out = capsys.readouterr().out
     assert "train.projector_lr" in out and "visionzip.dominant" in out
+
+
+def test_train_sh_rejects_bad_input_before_launching(train_assets, tmp_path):
+    import subprocess
+
+    out = tmp_path / "run"
+    root = DEMO.parents[2]
+    done = subprocess.run(
+        ["bash", str(root / "train.sh"), str(DEMO), *train_args(train_assets, out), "data.path=/nonexistent.json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "data.path: the data file /nonexistent.json does not exist" in done.stderr
+    assert "Traceback" not in done.stderr and "torchrun" not in done.stderr.lower()
+    assert not out.exists()

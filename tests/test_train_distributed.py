@@ -93,3 +93,15 @@ def test_sigkill_mid_run_then_rerun_ends_like_an_uninterrupted_run(train_assets,
         a, b = load_file(whole / name), load_file(killed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert [r["loss"] for r in records(whole, "train")] == [r["loss"] for r in records(killed, "train")]
+
+
+def test_train_sh_launches_torchrun_and_prints_the_run_directory(train_assets, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(train_assets, out, "train.max_steps=2", "train.micro_batch_size=2")
+    done = subprocess.run(["bash", str(ROOT / "train.sh"), str(DEMO), *args], env={**env(), "NPROC_PER_NODE": "2",
+                          "MASTER_PORT": "29431"}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == f"run directory: {out}"
+    assert (out / "export" / "visionzip.json").is_file()
+    state = json.loads((out / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state["world_size"] == 2

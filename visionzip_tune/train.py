@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its doc and exit")
+    parser.add_argument("--check", action="store_true", help="check the config and input paths, then exit")
     args = parser.parse_args(argv)
     if args.help_config:
         print(help_table())
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.recipe, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
+        return 0
+    if args.check:  # train.sh runs this before torchrun, so bad input never reaches the launcher's tracebacks
+        _check_inputs(cfg, buildable_ok=True)
         return 0
     dist = init_distributed()
     try:
@@ -301,15 +305,17 @@ def _build_demo_assets(cfg: Config, dist: Dist) -> None:
     barrier()
 
 
-def _check_inputs(cfg: Config) -> None:
-    """Missing files are reported before anything is loaded or written."""
+def _check_inputs(cfg: Config, buildable_ok: bool = False) -> None:
+    """Missing files are reported before anything is loaded or written (``buildable_ok``: the demo builder's
+    outputs may be missing yet)."""
+    demo = buildable_ok and cfg.data.build_demo_if_missing
     for key, path, kind in [
         ("data.path", cfg.data.path, "file"),
         ("data.image_folder", cfg.data.image_folder, "dir"),
         ("data.eval_path", cfg.data.eval_path, "file"),
         ("data.eval_image_folder", cfg.data.eval_image_folder, "dir"),
     ]:
-        if path is None:
+        if path is None or (demo and not Path(cfg.data.path).exists()):
             continue
         exists = Path(path).is_file() if kind == "file" else Path(path).is_dir()
         if not exists:
