@@ -136,6 +136,8 @@ def test_resume_continues_the_same_run(train_assets, tmp_path):
     shutil.rmtree(cut / "checkpoints" / "step-000004")
     shutil.rmtree(cut / "export")
     (cut / "checkpoints" / "latest").write_text("step-000002\n")
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 5, "lo')  # a line cut short by the kill
     run(train_assets, cut, "train.max_steps=4", "train.save_every=2")
     a = load_file(whole / "checkpoints" / "step-000004" / "trainable.safetensors")
     b = load_file(cut / "checkpoints" / "step-000004" / "trainable.safetensors")

@@ -489,7 +489,7 @@ class RunLogger:
             return
         kept = []
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
         _write_atomically(self.path, "".join(line + "\n" for line in kept))
         if cfg.logging.wandb:
             self.wandb = _init_wandb(cfg, run_dir)
@@ -528,6 +528,14 @@ class RunLogger:
 
             self.wandb.finish()
             wandb.teardown()  # waits for the W&B service to flush the run files (finish alone may return first)
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line cut short by a kill (it is dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _is_number(value: Any) -> bool:
