@@ -17,7 +17,7 @@ if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then
 fi
 
 # Bad config or missing inputs: a one-paragraph message and exit 2 here, before torchrun starts anything.
-python -m visionzip_tune train "$recipe" "$@" --check
+run_dir="$(python -m visionzip_tune train "$recipe" "$@" --check)"
 
 gpus="$(python -c 'import torch; print(torch.cuda.device_count())')"
 if [ "$gpus" = "0" ]; then
@@ -33,6 +33,4 @@ torchrun \
     --master_port="${MASTER_PORT:-29500}" \
     -m visionzip_tune train "$recipe" "$@"
 
-run_dir="$(python -c 'import sys; from visionzip_tune.config import load_config
-print(load_config(sys.argv[1], sys.argv[2:]).output.dir)' "$recipe" "$@")"
 echo "run directory: $run_dir"

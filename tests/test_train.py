@@ -211,6 +211,7 @@ def test_help_lists_config_keys(capsys):
     assert "train.projector_lr" in out and "visionzip.dominant" in out
 
 
+@pytest.mark.slow  # a few Python start-ups (install probe, checks): slow-ish, single process
 def test_train_sh_rejects_bad_input_before_launching(train_assets, tmp_path):
     import subprocess
 

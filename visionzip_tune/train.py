@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its doc and exit")
-    parser.add_argument("--check", action="store_true", help="check the config and input paths, then exit")
+    parser.add_argument(
+        "--check", action="store_true", help="check the config and input paths, print output.dir and exit"
+    )
     args = parser.parse_args(argv)
     if args.help_config:
         print(help_table())
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.check:  # train.sh runs this before torchrun, so bad input never reaches the launcher's tracebacks
         _check_inputs(cfg, buildable_ok=True)
+        print(cfg.output.dir)
         return 0
     dist = init_distributed()
     try:
