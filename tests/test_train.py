@@ -36,7 +36,8 @@ def changed_names(trained, base) -> set[str]:
     return {
         name
         for name, p in trained.named_parameters()
-        if ".lora_" not in name and not torch.equal(p.detach(), base_params[name.replace("base_model.model.", "").replace(".base_layer", "")])
+        if ".lora_" not in name
+        and not torch.equal(p.detach(), base_params[name.replace("base_model.model.", "").replace(".base_layer", "")])
     }
 
 
@@ -67,7 +68,9 @@ def test_projector_mode_changes_only_the_projector_and_lowers_the_loss(train_ass
             assert torch.equal(saved[name], p.detach().float())
     state = json.loads((ckpts / "step-000008" / "state.json").read_text())
     assert state["step"] == 8 and state["sampler"]["consumed"] > 0
-    assert {"projector.safetensors", "mm_projector.bin", "visionzip.json"} <= {p.name for p in (out / "export").iterdir()}
+    assert {"projector.safetensors", "mm_projector.bin", "visionzip.json"} <= {
+        p.name for p in (out / "export").iterdir()
+    }
     meta = json.loads((out / "export" / "visionzip.json").read_text())
     assert (meta["dominant"], meta["contextual"], meta["step"]) == (6, 2, 8)
     assert meta["base_model"] == str(Path(train_assets[0]).resolve())

@@ -58,7 +58,9 @@ def test_torchrun_two_processes_train_and_export(train_assets, tmp_path, stage):
     assert [r["step"] for r in records(out, "eval")] == [0, steps]
     last = out / "checkpoints" / f"step-{steps:06d}"
     assert (out / "checkpoints" / "latest").read_text().strip() == last.name
-    assert {"rng-rank000.pt", "rng-rank001.pt", "trainable.safetensors", "state.json"} <= {p.name for p in last.iterdir()}
+    assert {"rng-rank000.pt", "rng-rank001.pt", "trainable.safetensors", "state.json"} <= {
+        p.name for p in last.iterdir()
+    }
     saved = load_file(last / "trainable.safetensors")
     assert set(saved) == PROJECTOR  # gathered full tensors, also under ZeRO-3
     exported = load_file(out / "export" / "projector.safetensors")

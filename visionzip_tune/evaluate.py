@@ -133,7 +133,9 @@ def _example(dataset: SupervisedDataset, sample: dict) -> dict:
     try:
         return dataset.example(sample)
     except BadSample as bad:  # held-out samples are never skipped silently: the accuracy would change meaning
-        raise UserError(f"{dataset.samples.info.description}: held-out sample id {sample['id']}: {bad.reason}") from None
+        raise UserError(
+            f"{dataset.samples.info.description}: held-out sample id {sample['id']}: {bad.reason}"
+        ) from None
 
 
 @torch.no_grad()

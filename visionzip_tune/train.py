@@ -552,7 +552,9 @@ def _init_wandb(cfg: Config, run_dir: Path):
     id_file = run_dir / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     _write_atomically(id_file, run_id)
-    mode = None if os.environ.get("WANDB_MODE") else ("online" if wandb.login(prompt=False, verify=False) else "offline")
+    mode = (
+        None if os.environ.get("WANDB_MODE") else ("online" if wandb.login(prompt=False, verify=False) else "offline")
+    )
     return wandb.init(
         project=cfg.logging.wandb_project,
         name=cfg.logging.wandb_run_name or run_dir.resolve().name,
