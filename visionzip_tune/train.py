@@ -162,7 +162,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
         eval_samples = read_choices(eval_set)
 
     # -- DeepSpeed: AdamW over the trainable parameters only, cosine schedule with warmup -------------------------
-    optimizer = torch.optim.AdamW(_param_groups(model, trainable, t), lr=t.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = _adamw(_param_groups(model, trainable, t), t.lr, offload=cfg.deepspeed.offload_optimizer)
     warmup = math.ceil(t.warmup_ratio * total_steps)
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -405,6 +405,16 @@ def _param_groups(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], t
         }
         for (is_projector, decays), params in sorted(groups.items())  # non-projector first: lr logs train.lr
     ]
+
+
+def _adamw(groups: list[dict], lr: float, offload: bool) -> torch.optim.Optimizer:
+    """torch's AdamW (HF Trainer's defaults, as LLaVA used); with ZeRO-Offload DeepSpeed's CPU AdamW, the only
+    optimizer it steps efficiently in CPU memory (built on first use)."""
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def _dataset(cfg: Config, path: str, image_folder: str, model_config, processor, skip_log: Path | None):
