@@ -39,6 +39,7 @@ from visionzip_tune.distributed import (
 from visionzip_tune.errors import UserError
 
 DESCRIPTION = __doc__.split("\n\n")[0].replace("``", "")
+TRAINABLE_FAMILIES = ("llava",)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,9 +345,15 @@ def _load_model(cfg: Config, bf16: bool) -> tuple[nn.Module, Any]:
             "id; for the tiny demo set model.build_tiny_if_missing=true)"
         ) from None
     try:
-        family_name(model)
+        family = family_name(model)
     except ValueError as err:
         raise UserError(f"model.name_or_path={name!r}: {err}") from None
+    if family not in TRAINABLE_FAMILIES:
+        # The data path builds one (3, H, W) image per <image>; tiled (anyres) and video inputs are not built yet.
+        raise UserError(
+            f"model.name_or_path={name!r} is a {family!r} model; training supports {', '.join(TRAINABLE_FAMILIES)} "
+            "(LLaVA-1.5 style: one image per <image>, CLIP or SigLIP tower) so far"
+        )
     return model, processor
 
 
