@@ -326,11 +326,11 @@ def lora_model(model_dir: Path, seed: int = 5):
     """A zipped tiny model wrapped for ``train.mode=lora`` exactly as training wraps it, LoRA and projector
     perturbed as if trained; returns the peft model."""
     from visionzip_tune.config import TrainConfig
-    from visionzip_tune.train import _set_trainable
+    from visionzip_tune.train import set_trainable
 
     model, _ = load_tiny(model_dir)
     vzt.apply_visionzip(model, 54, 10)
-    wrapped = _set_trainable(model, TrainConfig(mode="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    wrapped = set_trainable(model, TrainConfig(mode="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in wrapped.named_parameters():

@@ -5,9 +5,9 @@
     vzt.remove_visionzip(model, processor)                                       # stock again
 """
 
-from .models import apply_visionzip, remove_visionzip, tokens_per_image
+from .models import apply_visionzip, remove_visionzip, tokens_per_image, tokens_per_video
 
-__all__ = ["apply_visionzip", "remove_visionzip", "tokens_per_image", "load_projector"]
+__all__ = ["apply_visionzip", "remove_visionzip", "tokens_per_image", "tokens_per_video", "load_projector"]
 __version__ = "0.1.0"
 
 

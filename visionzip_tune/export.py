@@ -447,7 +447,7 @@ def export_run(run: str | Path, checkpoint: str | None = None, output: str | Pat
 
     from visionzip_tune.config import load_config, to_dict
     from visionzip_tune.models import apply_visionzip
-    from visionzip_tune.train import _base_model_id, _set_trainable
+    from visionzip_tune.train import base_model_id, set_trainable
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
@@ -462,7 +462,7 @@ def export_run(run: str | Path, checkpoint: str | None = None, output: str | Pat
             "and lora runs only (a projector alone would not reproduce this run)."
         )
     ckpt = _run_checkpoint(run, checkpoint)
-    base_model = _base_model_id(cfg.model.name_or_path)
+    base_model = base_model_id(cfg.model.name_or_path)
     try:
         model = AutoModelForImageTextToText.from_pretrained(base_model)
     except (OSError, ValueError) as err:
@@ -470,7 +470,7 @@ def export_run(run: str | Path, checkpoint: str | None = None, output: str | Pat
     fingerprint = weights_fingerprint(model)
     if cfg.visionzip.enabled:
         apply_visionzip(model, cfg.visionzip.dominant, cfg.visionzip.contextual, eager=cfg.visionzip.eager)
-    model = _set_trainable(model, cfg.train)
+    model = set_trainable(model, cfg.train)
 
     path = ckpt / "trainable.safetensors"
     trained = load_file(str(path))

@@ -114,7 +114,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
     if t.activation_checkpointing:
         model.activation_checkpointing_enable()
     model.config.use_cache = False
-    model = _set_trainable(model, t)
+    model = set_trainable(model, t)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for _, p in trainable)
     n_projector = sum(p.numel() for p in projector(model).parameters())
@@ -265,7 +265,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
         evaluate(total_steps)
     if cfg.output.export:
         metadata = {
-            "base_model": _base_model_id(cfg.model.name_or_path),
+            "base_model": base_model_id(cfg.model.name_or_path),
             "base_fingerprint": base_fingerprint,
             "family": family_name(model),
             "recipe": {"path": str(Path(recipe).resolve()) if recipe else None, "config": to_dict(cfg)},
@@ -367,7 +367,7 @@ def _apply_visionzip(model: nn.Module, cfg: Config) -> None:
         raise UserError(f"visionzip.dominant={v.dominant}, visionzip.contextual={v.contextual}: {err}") from None
 
 
-def _set_trainable(model: nn.Module, t: TrainConfig) -> nn.Module:
+def set_trainable(model: nn.Module, t: TrainConfig) -> nn.Module:
     """Freeze everything, then unfreeze by module: the projector always, plus the LLM (full) or LoRA (lora)."""
     from visionzip_tune.models import language_model, projector
 
@@ -462,7 +462,7 @@ def _grad_norm(engine) -> float | None:
     return float(norm) if norm is not None else None
 
 
-def _base_model_id(name: str) -> str:
+def base_model_id(name: str) -> str:
     """A hub id as given, a local directory as an absolute path (from_pretrained must find it from anywhere)."""
     return str(Path(name).resolve()) if Path(name).exists() else name
 
