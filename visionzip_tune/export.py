@@ -29,10 +29,7 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,6 +37,7 @@ import torch
 from torch import nn
 
 from visionzip_tune.errors import UserError
+from visionzip_tune.files import atomic_dir
 
 FORMAT_VERSION = 1
 PROJECTOR_FILE = "projector.safetensors"
@@ -237,7 +235,7 @@ def export_projector(model: nn.Module, out_dir: str | Path, *, metadata: dict[st
     if _rank() == 0:
         from safetensors.torch import save_file
 
-        with _atomic_dir(out_dir) as tmp:
+        with atomic_dir(out_dir) as tmp:
             save_file({hf_prefix + n: t for n, t in tensors.items()}, str(tmp / PROJECTOR_FILE),
                       metadata={"format": "pt"})
             torch.save({_llava_name(n, llava_names): t for n, t in tensors.items()}, tmp / LLAVA_FILE)
@@ -259,23 +257,6 @@ def _llava_name(name: str, llava_names: dict[str, str]) -> str:
         if name.startswith(ours):
             return theirs + name[len(ours) :]
     raise ValueError(f"projector parameter {name!r} has no original-LLaVA name (known: {sorted(llava_names)})")
-
-
-@contextlib.contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """A temporary directory next to ``out_dir`` that replaces ``out_dir`` when the block completes."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-    try:
-        yield tmp
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

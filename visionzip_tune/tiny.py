@@ -192,21 +192,10 @@ def build_tiny_llava(spec: TinySpec = TinySpec(), extra_corpus: list[str] | None
 
 def save_tiny_llava(out_dir: str | Path, spec: TinySpec = TinySpec(), extra_corpus: list[str] | None = None) -> Path:
     """Build a tiny LLaVA and ``save_pretrained`` model + processor into ``out_dir`` (written atomically)."""
-    import os
-    import shutil
-    import tempfile
+    from visionzip_tune.files import atomic_dir
 
-    out_dir = Path(out_dir)
     model, processor = build_tiny_llava(spec, extra_corpus)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)

@@ -9,7 +9,6 @@ number of processes, or plainly for one.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from visionzip_tune.distributed import (
     use_bf16,
 )
 from visionzip_tune.errors import UserError
+from visionzip_tune.files import atomic_write, file_sha256
 
 DESCRIPTION = __doc__.split("\n\n")[0].replace("``", "")
 TRAINABLE_FAMILIES = ("llava",)
@@ -468,17 +468,11 @@ def base_model_id(name: str) -> str:
 
 
 def _file_fingerprint(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()[:32]
+    return "sha256:" + file_sha256(path)[:32]
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text.encode())
 
 
 def _progress_bar(cfg: Config, dist: Dist, step: int, total: int):

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from PIL import Image, ImageDraw
 
-from visionzip_tune.data.files import atomic_dir
+from visionzip_tune.files import atomic_dir
 from visionzip_tune.errors import UserError
 
 IMAGE_SIZE = 224

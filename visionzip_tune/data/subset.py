@@ -13,7 +13,7 @@ import json
 from fractions import Fraction
 from pathlib import Path
 
-from visionzip_tune.data.files import atomic_file, atomic_write, file_sha256
+from visionzip_tune.files import atomic_file, atomic_write, file_sha256
 from visionzip_tune.data.source import column, load_samples
 from visionzip_tune.errors import UserError
 

@@ -34,18 +34,21 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Fill the yielded temporary directory; it then replaces ``path`` (an existing one is removed)."""
+    """Fill the yielded temporary directory; it then replaces ``path`` (an existing one is moved aside first and
+    removed only once the new one is in place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
     try:
         yield tmp
         if path.exists():
-            shutil.rmtree(path)
+            os.replace(path, old)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def file_sha256(path: str | Path) -> str:
