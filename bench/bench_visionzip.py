@@ -87,16 +87,7 @@ def bench_tower(kind: str, image_size: int, layer: int, args) -> dict[str, list[
         captured = encoders.run_until(tower, pixels, layer_index)
 
     def selection():
-        return compress.visionzip(
-            captured.hidden,
-            captured.queries,
-            captured.keys,
-            num_heads=captured.num_heads,
-            scale=captured.scale,
-            dominant=args.dominant,
-            contextual=args.contextual,
-            has_cls=captured.has_cls,
-        ).tokens
+        return encoders.zip_capture(captured, args.dominant, args.contextual).tokens
 
     run_eager = eager_route(eager, hs_index, args.dominant, args.contextual)
     variants: dict[str, Callable[[], object]] = {

@@ -157,7 +157,11 @@ def visionzip_features(
 
     pixel_values: (B, 3, H, W). Returns a :class:`compress.ZipResult` with tokens (B, dominant + contextual, D).
     """
-    captured = run_until(tower, pixel_values, layer, eager=eager)
+    return zip_capture(run_until(tower, pixel_values, layer, eager=eager), dominant, contextual)
+
+
+def zip_capture(captured: LayerCapture, dominant: int, contextual: int) -> compress.ZipResult:
+    """VisionZip on an already captured layer (the selection step alone, as the bench times it)."""
     return compress.visionzip(
         captured.hidden,
         captured.queries,
