@@ -373,14 +373,36 @@ def test_export_cli_exports_a_lora_run(tiny_clip_dir, tmp_path, capsys):
         torch.testing.assert_close(fresh(**inputs).logits, wrapped(**inputs).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_full_runs_are_refused(tiny_clip_export, tiny_clip_dir, tmp_path, capsys):
-    _, _, tensors, out = tiny_clip_export
-    run = make_run(tmp_path / "run", tiny_clip_dir, tensors, mode="full")
-    assert "trained in 'full' mode" in _cli_error(["export", "--run", str(run)], capsys)
-    record = read_export(out)
-    (out / "visionzip.json").write_text(json.dumps({**record, "mode": "full"}))
-    with pytest.raises(UserError, match="comes from a 'full' run"):
-        load_projector(load_tiny(tiny_clip_dir)[0], out)
+def test_export_cli_exports_a_full_run_as_a_whole_model(tiny_clip_dir, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from visionzip_tune.config import load_config
+    from visionzip_tune.models import language_model
+    from visionzip_tune.train import set_trainable
+
+    trained, processor = load_tiny(tiny_clip_dir)
+    vzt.apply_visionzip(trained, 54, 10, processor=processor)
+    perturb_projector(trained)
+    with torch.no_grad():
+        for param in language_model(trained).layers[0].parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    set_trainable(trained, load_config(overrides=["train.mode=full"]).train)
+    tensors = {name: p.detach().clone() for name, p in trained.named_parameters() if p.requires_grad}
+    run = make_run(tmp_path / "run", tiny_clip_dir, tensors, mode="full", prefix="")
+    assert cli(["export", "--run", str(run)]) == 0
+    record = read_export(run / "export")
+    assert (record["mode"], record["model"]) == ("full", "model")
+    with pytest.raises(UserError, match=r"from_pretrained.*export.model.*apply_visionzip"):
+        load_projector(load_tiny(tiny_clip_dir)[0], run / "export")
+    fresh = vzt.apply_visionzip(LlavaForConditionalGeneration.from_pretrained(run / "export" / "model"))
+    inputs = image_inputs(processor)
+    with torch.no_grad():
+        expected = trained(**inputs).logits
+        torch.testing.assert_close(fresh(**inputs).logits, expected)
+        # Sanity: the base model under the same budget answers differently (the test would catch a base-model save).
+        stock, _ = load_tiny(tiny_clip_dir)
+        vzt.apply_visionzip(stock, 54, 10)
+        assert not torch.allclose(stock(**inputs).logits, expected, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,13 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_tiny, text_only_samples, train_args
+from PIL import Image
 from safetensors.torch import load_file
+from transformers import LlavaForConditionalGeneration
 
 from visionzip_tune.__main__ import main as cli
 from visionzip_tune.config import load_config
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.errors import UserError
-from visionzip_tune.models import language_model, projector, vision_tower
+from visionzip_tune.export import load_projector
+from visionzip_tune.models import apply_visionzip, language_model, projector, vision_tower
 from visionzip_tune.train import train
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "demo.yaml"
@@ -97,6 +100,21 @@ def test_full_mode_trains_llm_and_projector_not_the_tower(train_assets, tmp_path
     assert changed_names(trained, base) == expected
     assert not names_of(trained, vision_tower(trained)) & changed_names(trained, base)
     assert trained.is_activation_checkpointing
+    # The export holds the whole trained model: loaded fresh and re-zipped, it answers exactly as the trained one.
+    export = tmp_path / "run" / "export"
+    assert json.loads((export / "visionzip.json").read_text())["model"] == "model"
+    with pytest.raises(UserError, match="from_pretrained.*model"):
+        load_projector(load_tiny(train_assets[0])[0], export)
+    fresh = apply_visionzip(LlavaForConditionalGeneration.from_pretrained(export / "model"))
+    _, processor = load_tiny(train_assets[0])
+    apply_visionzip(base, processor=processor, dominant=6, contextual=2)
+    image = Image.new("RGB", (56, 56), (200, 40, 40))
+    inputs = processor(images=image, text="USER: <image>\nWhat colour is it? ASSISTANT:", return_tensors="pt")
+    trained.eval()
+    with torch.no_grad():
+        expected = trained(**inputs).logits
+        torch.testing.assert_close(fresh(**inputs).logits, expected)
+        assert not torch.allclose(base(**inputs).logits, expected, atol=1e-4)
 
 
 def test_lora_mode_wraps_only_llm_linears_and_trains_lora_plus_projector(train_assets, tmp_path):

@@ -9,7 +9,11 @@ An export directory holds three files (DESIGN §7):
 * ``visionzip.json`` -- what the projector was tuned for: base model and a fingerprint of its weights, family,
   budget (dominant, contextual, eager), vision layer, token order, tensor shapes, recipe, step, data fingerprint.
 
-LoRA runs add ``adapter/`` (peft format), which ``load_projector`` merges into the language model.
+LoRA runs add ``adapter/`` (peft format), which ``load_projector`` merges into the language model. ``full`` runs
+(language model trained too) add ``model/``: the whole trained model in HF ``save_pretrained`` format, its
+``config.json`` keeping the ``visionzip`` budget -- load it with ``from_pretrained`` and call
+``vzt.apply_visionzip(model)``; ``load_projector`` refuses such an export, as the projector alone would not
+reproduce the run.
 
 ``load_projector`` refuses an export made on other base weights (fingerprint) or another geometry (shapes), so a
 projector is never silently paired with a model it was not trained for.
@@ -44,6 +48,7 @@ PROJECTOR_FILE = "projector.safetensors"
 LLAVA_FILE = "mm_projector.bin"
 METADATA_FILE = "visionzip.json"
 ADAPTER_DIR = "adapter"  # LoRA runs: the language model's adapter, in peft's save_pretrained format
+MODEL_DIR = "model"  # full runs: the whole trained model, in HF's save_pretrained format
 
 # Per family: the projector's prefix in HF checkpoints, and its in-projector names -> original LLaVA names.
 _FAMILY_NAMES: dict[str, tuple[str, dict[str, str]]] = {
@@ -183,7 +188,9 @@ def export_projector(model: nn.Module, out_dir: str | Path, *, metadata: dict[st
     ``model``: an HF model, a peft-wrapped one or a DeepSpeed engine (or its ``.module``). Call on ALL ranks: under
     ZeRO-3 the projector is gathered collectively; rank 0 writes into a temporary directory next to ``out_dir`` and
     renames it over any previous export, so readers never see a half-written export. Returns after the export is
-    complete on every rank. A peft (LoRA) model's adapter is exported too, into ``out_dir/adapter`` (peft format).
+    complete on every rank. A peft (LoRA) model's adapter is exported too, into ``out_dir/adapter`` (peft format);
+    for ``metadata["mode"] == "full"`` the whole model is saved into ``out_dir/model`` (HF ``save_pretrained``; under
+    ZeRO-3 every parameter is gathered collectively, so each rank briefly holds the full model).
 
     ``metadata`` must hold ``base_model`` (a hub id or an absolute path that ``from_pretrained`` loads); usual keys
     are ``base_fingerprint`` (computed here from the model when absent -- pass the value computed before training
@@ -230,20 +237,42 @@ def export_projector(model: nn.Module, out_dir: str | Path, *, metadata: dict[st
     if is_peft:
         adapter = _gathered_copy({n: p for n, p in wrapped.named_parameters() if ".lora_" in n})
         record["adapter"] = ADAPTER_DIR
+    full = record["mode"] == "full"
+    if full:
+        record["model"] = MODEL_DIR
 
     out_dir = Path(out_dir)
-    if _rank() == 0:
-        from safetensors.torch import save_file
-
-        with atomic_dir(out_dir) as tmp:
-            save_file({hf_prefix + n: t for n, t in tensors.items()}, str(tmp / PROJECTOR_FILE),
-                      metadata={"format": "pt"})
-            torch.save({_llava_name(n, llava_names): t for n, t in tensors.items()}, tmp / LLAVA_FILE)
-            if is_peft:
-                wrapped.save_pretrained(tmp / ADAPTER_DIR, state_dict=adapter)
-            (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    # A full run's export needs every parameter: gather them all (collectively, on every rank) around rank 0's write.
+    with _gathered(list(model.parameters()) if full else []):
+        if _rank() == 0:
+            _write_export(out_dir, record, tensors, hf_prefix, llava_names,
+                          adapter=(wrapped, adapter) if is_peft else None, model=model if full else None)
     _barrier()
     return out_dir
+
+
+def _write_export(
+    out_dir: Path,
+    record: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    hf_prefix: str,
+    llava_names: dict[str, str],
+    *,
+    adapter: tuple[nn.Module, dict[str, torch.Tensor]] | None,
+    model: nn.Module | None,
+) -> None:
+    """Rank 0's half of :func:`export_projector`: every file of the export, in one atomic directory write."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(out_dir) as tmp:
+        save_file({hf_prefix + n: t for n, t in tensors.items()}, str(tmp / PROJECTOR_FILE), metadata={"format": "pt"})
+        torch.save({_llava_name(n, llava_names): t for n, t in tensors.items()}, tmp / LLAVA_FILE)
+        if adapter is not None:
+            peft_model, state = adapter
+            peft_model.save_pretrained(tmp / ADAPTER_DIR, state_dict=state)
+        if model is not None:
+            model.save_pretrained(tmp / MODEL_DIR)  # config.json keeps config.visionzip: apply_visionzip re-zips
+        (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 def _gathered_copy(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
@@ -354,8 +383,10 @@ def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, 
             )
     if record.get("mode") == "full":
         raise UserError(
-            f"{export_dir} comes from a 'full' run, which trained the language model together with the projector; "
-            "the export holds the projector only, which does not reproduce that run."
+            f"{export_dir} comes from a 'full' run, which trained the language model together with the projector, "
+            "so the projector alone does not reproduce that run. Load the whole trained model instead: "
+            f"`model = LlavaForConditionalGeneration.from_pretrained('{export_dir / record.get('model', MODEL_DIR)}')` "
+            "then `vzt.apply_visionzip(model)` (the budget is in its config)."
         )
     adapter = export_dir / record["adapter"] if record.get("adapter") else None
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
@@ -421,7 +452,8 @@ def export_run(run: str | Path, checkpoint: str | None = None, output: str | Pat
 
     Rebuilds the model as the run trained it -- the base model from ``model.name_or_path``, the run's VisionZip
     budget, its trainable set (LoRA wrapping included) -- loads the checkpoint's trainable tensors by name and
-    writes the export. Single process.
+    writes the export (a ``full`` run's trainable set is the projector and the language model, so its export holds
+    the whole model too). Single process.
     """
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
@@ -437,11 +469,6 @@ def export_run(run: str | Path, checkpoint: str | None = None, output: str | Pat
             "of `bash train.sh` / `python -m visionzip_tune train`)."
         )
     cfg = load_config(run / "config.yaml")
-    if cfg.train.mode == "full":
-        raise UserError(
-            f"run {run} trained in 'full' mode, which changes the language model too; `export` writes projector "
-            "and lora runs only (a projector alone would not reproduce this run)."
-        )
     ckpt = _run_checkpoint(run, checkpoint)
     base_model = base_model_id(cfg.model.name_or_path)
     try:

@@ -274,7 +274,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
             "mode": t.mode,
         }
         out = export_projector(engine, run_dir / "export", metadata=metadata)
-        print0(f"[train] exported the projector to {out}")
+        print0(f"[train] exported the {'model' if t.mode == 'full' else 'projector'} to {out}")
     if train_set.skipped:
         print0(f"[train] {train_set.skip_summary()}")
     logger.close()
