@@ -452,15 +452,20 @@ ZERO3_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_export_under_zero3_gathers_full_tensors(tmp_path):
+def _torchrun2(source: str, tmp_path: Path, out: Path) -> None:
+    """Run ``source`` as a 2-process torchrun job (gloo, DeepSpeed on CPU) with ``out`` as its argument."""
     script = tmp_path / "zero3_export.py"
-    script.write_text(ZERO3_SCRIPT)
-    out = tmp_path / "export"
+    script.write_text(source)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(script), str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_export_under_zero3_gathers_full_tensors(tmp_path):
+    out = tmp_path / "export"
+    _torchrun2(ZERO3_SCRIPT, tmp_path, out)
     result = json.loads(Path(f"{out}.result.json").read_text())
     assert result == {"partitioned": True, "same_fingerprint": True, "restored": True}
     expected = torch.load(f"{out}.expected.pt")
@@ -468,3 +473,41 @@ def test_export_under_zero3_gathers_full_tensors(tmp_path):
     for name, tensor in expected.items():
         assert hf[f"multi_modal_projector.{name}"].shape == tensor.shape  # full shapes, not ZeRO-3's (0,)
         assert torch.equal(hf[f"multi_modal_projector.{name}"], tensor)
+
+
+ZERO3_FULL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import deepspeed, torch
+    from visionzip_tune.export import export_projector
+    from visionzip_tune.models import apply_visionzip
+    from visionzip_tune.tiny import TinySpec, build_tiny_llava
+
+    out = sys.argv[1]
+    deepspeed.init_distributed(dist_backend="gloo")
+    model, _ = build_tiny_llava(TinySpec())                     # same seed on every rank
+    apply_visionzip(model, 54, 10)
+    if torch.distributed.get_rank() == 0:
+        torch.save(model.state_dict(), out + ".expected.pt")
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+              "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
+    assert all(p.numel() == 0 for p in model.parameters())     # every parameter partitioned
+    export_projector(engine, out, metadata={"base_model": "tiny", "base_fingerprint": "v1:0", "mode": "full"})
+    """
+)
+
+
+@pytest.mark.slow
+def test_full_export_under_zero3_saves_the_whole_gathered_model(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    out = tmp_path / "export"
+    _torchrun2(ZERO3_FULL_SCRIPT, tmp_path, out)
+    saved = LlavaForConditionalGeneration.from_pretrained(out / "model")
+    assert saved.config.visionzip == {"dominant": 54, "contextual": 10, "eager": False}
+    expected = torch.load(f"{out}.expected.pt")
+    state = saved.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name  # full tensors, not ZeRO-3's empty partitions
