@@ -23,11 +23,23 @@ PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 SIZES = [(40, 100), (100, 90), (100, 40), (57, 300), (120, 121)]
 
 
+def _tiny_tower_and_llm(tower: str, tokenizer):
+    """Vision config (CROP px crops, PATCH px patches, 3 layers) and a 2-layer Llama config shared by every family."""
+    from transformers import CLIPVisionConfig, LlamaConfig, SiglipVisionConfig
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=CROP,
+                 patch_size=PATCH)  # fmt: skip
+    vision = CLIPVisionConfig(projection_dim=32, **shape) if tower == "clip" else SiglipVisionConfig(**shape)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=tokenizer.pad_token_id,
+    )
+    return vision, text
+
+
 def build_tiny_next(seed: int = 0):
     """A random LlavaNextForConditionalGeneration (CLIP tower, Llama LLM) and its LlavaNextProcessor."""
     from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
         LlavaNextImageProcessorPil,
@@ -35,14 +47,7 @@ def build_tiny_next(seed: int = 0):
     )
 
     tokenizer = build_tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=CROP,
-        patch_size=PATCH, projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=tokenizer.pad_token_id,
-    )
+    vision, text = _tiny_tower_and_llm("clip", tokenizer)
     config = LlavaNextConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -253,18 +258,11 @@ FRAMES = 3
 
 def build_tiny_video_llava(seed: int = 0):
     """A random VideoLlavaForConditionalGeneration (CLIP towers, Llama LLM) and its tokenizer with <video>."""
-    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
 
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, "<video>"]})
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=CROP,
-        patch_size=PATCH, projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=tokenizer.pad_token_id,
-    )
+    vision, text = _tiny_tower_and_llm("clip", tokenizer)
     config = VideoLlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-2,
@@ -403,24 +401,15 @@ def build_tiny_onevision(seed: int = 0):
     """A random LlavaOnevisionForConditionalGeneration (SigLIP tower, Llama LLM), its image processor and a
     processor instance with the attributes its count methods read, and the tokenizer."""
     from transformers import (
-        LlamaConfig,
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
         LlavaOnevisionImageProcessorPil,
         LlavaOnevisionProcessor,
-        SiglipVisionConfig,
     )
 
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, "<video>"]})
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=CROP,
-        patch_size=PATCH,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=tokenizer.pad_token_id,
-    )
+    vision, text = _tiny_tower_and_llm("siglip", tokenizer)
     config = LlavaOnevisionConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         video_token_index=tokenizer.convert_tokens_to_ids("<video>"), image_grid_pinpoints=OV_PINPOINTS,
