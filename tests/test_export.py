@@ -447,11 +447,13 @@ ZERO3_SCRIPT = textwrap.dedent(
         torch.save(expected, out + ".expected.pt")
         json.dump({"partitioned": partitioned, "same_fingerprint": same_fingerprint, "restored": restored},
                   open(out + ".result.json", "w"))
+    # Leave together: a rank that exits while the other still talks to it aborts in gloo's teardown.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     """
 )
 
 
-@pytest.mark.slow
 def _torchrun2(source: str, tmp_path: Path, out: Path) -> None:
     """Run ``source`` as a 2-process torchrun job (gloo, DeepSpeed on CPU) with ``out`` as its argument."""
     script = tmp_path / "zero3_export.py"
@@ -463,6 +465,7 @@ def _torchrun2(source: str, tmp_path: Path, out: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_export_under_zero3_gathers_full_tensors(tmp_path):
     out = tmp_path / "export"
     _torchrun2(ZERO3_SCRIPT, tmp_path, out)
@@ -494,6 +497,8 @@ ZERO3_FULL_SCRIPT = textwrap.dedent(
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
     assert all(p.numel() == 0 for p in model.parameters())     # every parameter partitioned
     export_projector(engine, out, metadata={"base_model": "tiny", "base_fingerprint": "v1:0", "mode": "full"})
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     """
 )
 
