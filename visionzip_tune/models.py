@@ -49,6 +49,8 @@ class Family:
     video_features: Callable[..., BaseModelOutputWithPooling] | None = None
     video_tower: str | None = None
     stock_video_tokens: Callable[[object, int], int] | None = None
+    # Whether the images of a sample holding several are tiled like a lone image (OneVision feeds them untiled).
+    tiles_every_image: bool = True
 
 
 def _zip_images(
@@ -356,6 +358,7 @@ LLAVA_ONEVISION = Family(
     zipped_tokens=_anyres_zipped_tokens,
     video_features=_per_frame_video_features("vision_tower"),
     stock_video_tokens=_onevision_stock_video_tokens,
+    tiles_every_image=False,
 )
 
 FAMILIES: dict[str, Family] = {
@@ -409,6 +412,16 @@ def tokens_per_image(config, image_size: ImageSize | None = None) -> int:
     if budget:
         return family.zipped_tokens(config, budget, image_size)
     return family.stock_tokens(config, image_size)
+
+
+def sample_image_tokens(config, image_sizes: list[ImageSize]) -> list[int]:
+    """Placeholder tokens of each image of one sample, from the (height, width) its image processor saw.
+
+    :func:`tokens_per_image` per image, except that a family which feeds the images of a multi-image sample untiled
+    (OneVision) counts each of them as one untiled crop, as its image processor and ``get_image_features`` do.
+    """
+    tiled = _family_of_config(config).tiles_every_image or len(image_sizes) == 1
+    return [tokens_per_image(config, size if tiled else None) for size in image_sizes]
 
 
 def tokens_per_video(config, num_frames: int) -> int:

@@ -37,6 +37,20 @@ def _tiled(batch_num_images, image_idx: int) -> bool:
     return True
 
 
+def load_processing(name_or_path: str):
+    """``(tokenizer, image_processor, chat_template)`` of a saved model: what training, evaluation and generation
+    need, loaded without the multimodal processor class (Video-LLaVA's and OneVision's build a video processor that
+    requires torchvision, which the data path never uses: frames go through the image processor).
+
+    ``OSError`` as from ``from_pretrained`` when something is missing.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+    return tokenizer, image_processor, tokenizer.chat_template
+
+
 def patch_processor(processor, count: TokenCount, video_count: Callable[[int], int] | None = None):
     """Make ``processor`` expand each ``<image>`` to ``count(original_size)`` tokens and, with ``video_count``,
     each ``<video>`` to ``video_count(num_frames)`` tokens. In place; returns it.
