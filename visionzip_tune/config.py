@@ -46,6 +46,9 @@ class VisionZipConfig:
     dominant: int = _doc(54, "dominant tokens per image, CLS included (paper: 54 / 108 / 162 for 64 / 128 / 192)")
     contextual: int = _doc(10, "contextual (merged) tokens per image (paper: 10 / 20 / 30)")
     eager: bool = _doc(False, "run the vision tower with eager attention (bit-exact reproduction; slower)")
+    token_order: Literal["flat", "grid"] | None = _doc(
+        None, "LLaVA-NeXT crop token layout: 'flat' (crop after crop) or 'grid' (official VisionZip); null = flat"
+    )
 
 
 @dataclass
@@ -56,6 +59,8 @@ class DataConfig:
         None, "held-out LLaVA JSON whose samples carry 'choices'; accuracy before, during and after training"
     )
     eval_image_folder: str | None = _doc(None, "image folder for eval_path; null = image_folder")
+    video_folder: str | None = _doc(None, "folder the samples' 'video' paths are relative to; null = image_folder")
+    video_frames: int = _doc(8, "frames sampled uniformly from each video (Video-LLaVA: 8)")
     template: Literal["vicuna_v1", "chat_template"] = _doc(
         "vicuna_v1", "conversation template: LLaVA-1.5's v1 prompt, or the tokenizer's chat template"
     )
@@ -73,6 +78,7 @@ class DataConfig:
     )
     demo_samples: int = _doc(400, "number of samples the demo builder writes")
     demo_seed: int = _doc(0, "seed of the demo builder")
+    demo_videos: int = _doc(0, "of demo_samples, how many are video samples (families with a video input)")
 
 
 @dataclass
