@@ -14,7 +14,7 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
 fi
 
 _probe="import visionzip_tune, transformers, deepspeed, peft, datasets"
-[ "$_extras" = "test" ] && _probe="$_probe, pytest, pytest_timeout, wandb"
+[ "$_extras" = "test" ] && _probe="$_probe, pytest, pytest_timeout, wandb, av"
 if ! (cd /tmp && "$PYTHON" -c "$_probe" >/dev/null 2>&1) \
    || ! "$PYTHON" -c "import visionzip_tune, sys, os; sys.exit(0 if os.path.realpath(visionzip_tune.__path__[0]).startswith(os.path.realpath('$_root')) else 1)" >/dev/null 2>&1; then
     _spec="$_root"
