@@ -72,38 +72,55 @@ def with_answer(sample: dict, answer: str) -> dict:
 
 
 def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The collated batch's tensors on ``device``; pixel values in the model's dtype (bf16 under mixed precision)."""
-    inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return inputs
+    """The collated batch's tensors on ``device``; pixel values (images, crops, frames) in the model's dtype (bf16
+    under mixed precision)."""
+    return {
+        k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        for k, v in batch.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+IMAGE_INPUTS = ("pixel_values", "image_sizes", "batch_num_images")  # what get_image_features takes, per family
+VIDEO_INPUT = "pixel_values_videos"
 
 
 def forward_vision_first(call: Callable[..., Any], model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
     """Run a VLM on a batch with its vision path computed first, passed in as ``mm_encoder_outputs``.
 
     ``call`` runs the model (the DeepSpeed engine in training, the model itself in evaluation); ``model`` is that
-    model (plain or peft-wrapped). A batch without images runs the vision path on one blank image and passes a
-    zero-length slice of its features (LLaVA's ``image_features[0:0]``): nothing is inserted, but the LLM's inputs
-    depend on the projector. So whatever a rank's batch holds, every rank runs the same modules in the same order,
-    forward and backward -- under ZeRO-3 each is a collective parameter gather -- and every rank reduces the
-    projector's gradients (zero for that batch) instead of waiting or asserting.
+    model (plain or peft-wrapped). Every batch runs the image path, and the video path for families with one. A
+    batch without images (or videos) runs it on one blank image (one blank frame) and passes a zero-length slice
+    of its features (LLaVA's ``image_features[0:0]``): nothing is inserted, but the LLM's inputs depend on the
+    projector. So whatever a rank's batch holds, every rank runs the same modules in the same order, forward and
+    backward -- under ZeRO-3 each is a collective parameter gather -- and every rank reduces the projector's
+    gradients (zero for that batch) instead of waiting or asserting.
     """
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    from visionzip_tune.models import unwrap
+    from visionzip_tune.models import blank_image_inputs, has_video_input, unwrap
 
     base = unwrap(model)
     inputs = dict(inputs)
-    pixel_values = inputs.pop("pixel_values", None)
-    if pixel_values is not None:
-        features = base.get_image_features(pixel_values=pixel_values)
-    else:
+    on = (inputs["input_ids"].device, base.dtype)
+    images = {k: inputs.pop(k) for k in IMAGE_INPUTS if k in inputs}
+    encoded = {"image": _features(base.get_image_features, images, lambda: blank_image_inputs(base.config), *on)}
+    if has_video_input(base.config):
         size = base.config.vision_config.image_size
-        blank = torch.zeros(1, 3, size, size, dtype=base.dtype, device=inputs["input_ids"].device)
-        unused = base.get_image_features(pixel_values=blank).pooler_output
-        features = BaseModelOutputWithPooling(pooler_output=[f[:0] for f in unused])
-    return call(**inputs, mm_encoder_outputs={"image": features})
+        videos = {VIDEO_INPUT: inputs.pop(VIDEO_INPUT)} if VIDEO_INPUT in inputs else {}
+        blank_video = lambda: {VIDEO_INPUT: torch.zeros(1, 1, 3, size, size)}
+        encoded["video"] = _features(base.get_video_features, videos, blank_video, *on)
+    return call(**inputs, mm_encoder_outputs=encoded)
+
+
+def _features(encode: Callable[..., Any], given: dict, blank: Callable[[], dict], device, dtype):
+    """``encode(**given)``; without inputs, the features of ``blank()`` sliced to zero tokens (same graph, nothing
+    inserted). Pooled features are a list of per-image tensors or one (units, tokens, hidden) tensor by family."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    if given:
+        return encode(**given)
+    pooled = encode(**model_inputs(blank(), device, dtype)).pooler_output
+    empty = [f[:0] for f in pooled] if isinstance(pooled, (list, tuple)) else pooled[:, :0]
+    return BaseModelOutputWithPooling(pooler_output=empty)
 
 
 def answer_mask(labels: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+)
 
 from . import compress, encoders, processing
 
@@ -49,6 +52,8 @@ class Family:
     video_features: Callable[..., BaseModelOutputWithPooling] | None = None
     video_tower: str | None = None
     stock_video_tokens: Callable[[object, int], int] | None = None
+    # Anyres families take (images, crops, 3, S, S) pixel values with each image's (height, width) in image_sizes.
+    anyres: bool = False
     # Whether the images of a sample holding several are tiled like a lone image (OneVision feeds them untiled).
     tiles_every_image: bool = True
 
@@ -241,6 +246,7 @@ LLAVA_NEXT = Family(
     stock_tokens=_anyres_stock_tokens,
     zipped_tokens=_anyres_zipped_tokens,
     token_orders=("flat", "grid"),
+    anyres=True,
 )
 
 
@@ -358,6 +364,7 @@ LLAVA_ONEVISION = Family(
     zipped_tokens=_anyres_zipped_tokens,
     video_features=_per_frame_video_features("vision_tower"),
     stock_video_tokens=_onevision_stock_video_tokens,
+    anyres=True,
     tiles_every_image=False,
 )
 
@@ -422,6 +429,21 @@ def sample_image_tokens(config, image_sizes: list[ImageSize]) -> list[int]:
     """
     tiled = _family_of_config(config).tiles_every_image or len(image_sizes) == 1
     return [tokens_per_image(config, size if tiled else None) for size in image_sizes]
+
+
+def has_video_input(config) -> bool:
+    """Whether the family takes videos (``pixel_values_videos``)."""
+    return _family_of_config(config).video_features is not None
+
+
+def blank_image_inputs(config) -> dict[str, Tensor]:
+    """Image inputs of one all-zero image of the tower's input size, laid out as the family's image processor lays
+    out a real one (anyres: every crop of that image, and its ``image_sizes``). fp32, on the CPU."""
+    size = config.vision_config.image_size
+    if not _family_of_config(config).anyres:
+        return {"pixel_values": torch.zeros(1, 3, size, size)}
+    crops = _crop_count(config, (size, size))
+    return {"pixel_values": torch.zeros(1, crops, 3, size, size), "image_sizes": torch.tensor([[size, size]])}
 
 
 def tokens_per_video(config, num_frames: int) -> int:

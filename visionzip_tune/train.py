@@ -39,7 +39,6 @@ from visionzip_tune.errors import UserError
 from visionzip_tune.files import atomic_write, file_sha256
 
 DESCRIPTION = __doc__.split("\n\n")[0].replace("``", "")
-TRAINABLE_FAMILIES = ("llava",)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +106,8 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
 
     # -- model: VisionZip in the data path, then what trains ------------------------------------------------------
     bf16 = use_bf16(cfg)
-    model, processor = _load_model(cfg, bf16)
+    model, processing = _load_model(cfg, bf16)
+    tokenizer = processing[0]
     if cfg.visionzip.enabled:
         _apply_visionzip(model, cfg)
     base_fingerprint = weights_fingerprint(model)  # before LoRA/DeepSpeed touch the model
@@ -127,10 +127,11 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
     )
 
     # -- data ------------------------------------------------------------------------------------------------------
-    image_token_id = model.config.image_token_id
+    # Placeholder ids of every kind of vision input (images; videos for families with a video input).
+    vision_token_ids = torch.tensor([model.config.image_token_id, getattr(model.config, "video_token_id", -1)])
     skip_log = run_dir / "skipped.jsonl" if dist.is_main else None  # one writer: every rank skips the same ids
-    train_set = _dataset(cfg, cfg.data.path, cfg.data.image_folder, model.config, processor, skip_log)
-    collator = Collator(processor.tokenizer.pad_token_id)
+    train_set = _dataset(cfg, cfg.data.path, cfg.data.image_folder, model.config, processing, skip_log)
+    collator = Collator(tokenizer.pad_token_id)
     sampler = LengthGroupedSampler(
         train_set.lengths,
         t.micro_batch_size,
@@ -159,7 +160,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
     eval_set = eval_samples = None
     if cfg.data.eval_path:
         eval_folder = cfg.data.eval_image_folder or cfg.data.image_folder
-        eval_set = _dataset(cfg, cfg.data.eval_path, eval_folder, model.config, processor, None)
+        eval_set = _dataset(cfg, cfg.data.eval_path, eval_folder, model.config, processing, None)
         eval_samples = read_choices(eval_set)
 
     # -- DeepSpeed: AdamW over the trainable parameters only, cosine schedule with warmup -------------------------
@@ -189,7 +190,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
     def evaluate(at_step: int) -> None:
         result = choice_accuracy(
             engine.module, eval_set, eval_samples, collator,
-            batch_size=t.eval_batch_size, eos_token_id=processor.tokenizer.eos_token_id,
+            batch_size=t.eval_batch_size, eos_token_id=tokenizer.eos_token_id,
             rank=dist.rank, world_size=dist.world_size,
         )  # fmt: skip
         logger.log({"kind": "eval", "step": at_step, **result})
@@ -213,7 +214,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
         step += 1
         started = time.perf_counter()
         lrs = engine.get_lr()  # the rates this step uses (the scheduler advances inside engine.step())
-        loss_sum = samples = tokens = vision = images = 0.0
+        loss_sum = samples = tokens = vision = images = videos = 0.0
         for _ in range(t.grad_accum):
             batch, data_state = next(batches)
             inputs = model_inputs(batch, engine.device, dtype)
@@ -232,9 +233,10 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
             loss_sum += micro_loss / dist.world_size
             samples += inputs["input_ids"].shape[0]
             tokens += float(inputs["attention_mask"].sum())
-            vision += float((inputs["input_ids"] == image_token_id).sum())
+            vision += float(torch.isin(inputs["input_ids"], vision_token_ids.to(engine.device)).sum())
             images += batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
-        samples, tokens, vision, images = all_reduce_sum([samples, tokens, vision, images])
+            videos += batch["pixel_values_videos"].shape[0] if "pixel_values_videos" in batch else 0
+        samples, tokens, vision, images, videos = all_reduce_sum([samples, tokens, vision, images, videos])
         elapsed = time.perf_counter() - started
         record = {
             "kind": "train",
@@ -246,8 +248,9 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
             "samples_per_s": samples / elapsed,
             "tokens_per_s": tokens / elapsed,
             "vision_tokens": int(vision),
-            "vision_tokens_per_image": tokens_per_image(model.config),
+            "vision_tokens_per_image": tokens_per_image(model.config),  # per crop (anyres); per frame: the same K
             "images": int(images),
+            "videos": int(videos),
         }
         if len(set(lrs)) > 1:
             record["lr_groups"] = lrs
@@ -327,10 +330,12 @@ def _check_inputs(cfg: Config, buildable_ok: bool = False) -> None:
             raise UserError(f"{key}: the {what} {path} does not exist (relative paths start at {Path.cwd()})")
 
 
-def _load_model(cfg: Config, bf16: bool) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def _load_model(cfg: Config, bf16: bool) -> tuple[nn.Module, tuple[Any, Any, str | None]]:
+    """The VLM and its ``(tokenizer, image_processor, chat_template)`` (see ``processing.load_processing``)."""
+    from transformers import AutoModelForImageTextToText
 
     from visionzip_tune.models import family_name
+    from visionzip_tune.processing import load_processing
 
     name = cfg.model.name_or_path
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
@@ -338,23 +343,17 @@ def _load_model(cfg: Config, bf16: bool) -> tuple[nn.Module, Any]:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     try:
         model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
-        processor = AutoProcessor.from_pretrained(name)
+        processing = load_processing(name)
     except OSError as err:
         raise UserError(
             f"model.name_or_path={name!r} could not be loaded: {err} (a local save_pretrained directory or a hub "
             "id; for the tiny demo set model.build_tiny_if_missing=true)"
         ) from None
     try:
-        family = family_name(model)
+        family_name(model)
     except ValueError as err:
         raise UserError(f"model.name_or_path={name!r}: {err}") from None
-    if family not in TRAINABLE_FAMILIES:
-        # The data path builds one (3, H, W) image per <image>; tiled (anyres) and video inputs are not built yet.
-        raise UserError(
-            f"model.name_or_path={name!r} is a {family!r} model; training supports {', '.join(TRAINABLE_FAMILIES)} "
-            "(LLaVA-1.5 style: one image per <image>, CLIP or SigLIP tower) so far"
-        )
-    return model, processor
+    return model, processing
 
 
 def _apply_visionzip(model: nn.Module, cfg: Config) -> None:
@@ -362,9 +361,12 @@ def _apply_visionzip(model: nn.Module, cfg: Config) -> None:
 
     v = cfg.visionzip
     try:
-        apply_visionzip(model, v.dominant, v.contextual, eager=v.eager)
+        apply_visionzip(model, v.dominant, v.contextual, eager=v.eager, token_order=v.token_order)
     except ValueError as err:
-        raise UserError(f"visionzip.dominant={v.dominant}, visionzip.contextual={v.contextual}: {err}") from None
+        raise UserError(
+            f"visionzip.dominant={v.dominant}, visionzip.contextual={v.contextual}, "
+            f"visionzip.token_order={v.token_order}: {err}"
+        ) from None
 
 
 def set_trainable(model: nn.Module, t: TrainConfig) -> nn.Module:
@@ -424,25 +426,31 @@ def _adamw(groups: list[dict], lr: float, offload: bool) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
-def _dataset(cfg: Config, path: str, image_folder: str, model_config, processor, skip_log: Path | None):
+def _dataset(cfg: Config, path: str, image_folder: str, model_config, processing, skip_log: Path | None):
     import functools
 
     from visionzip_tune.data import SupervisedDataset, load_samples
-    from visionzip_tune.models import tokens_per_image
+    from visionzip_tune.models import has_video_input, sample_image_tokens, tokens_per_video
 
+    tokenizer, image_processor, chat_template = processing
+    video = has_video_input(model_config)
     return SupervisedDataset(
         load_samples(path),
         image_folder=image_folder,
-        tokenizer=processor.tokenizer,
-        image_processor=processor.image_processor,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
         template=cfg.data.template,
-        tokens_per_image=functools.partial(tokens_per_image, model_config),
+        image_tokens=functools.partial(sample_image_tokens, model_config),
         image_token_id=model_config.image_token_id,
+        video_tokens=functools.partial(tokens_per_video, model_config) if video else None,
+        video_token_id=model_config.video_token_id if video else None,
+        video_folder=cfg.data.video_folder,
+        video_frames=cfg.data.video_frames,
         max_length=cfg.data.max_length,
         image_aspect=cfg.data.image_aspect,
         on_bad_sample=cfg.data.on_bad_sample,
         skip_log=skip_log,
-        chat_template=getattr(processor, "chat_template", None),
+        chat_template=chat_template,
     )
 
 
