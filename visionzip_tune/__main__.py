@@ -6,7 +6,7 @@ import importlib
 import sys
 import textwrap
 
-from visionzip_tune.errors import UserError
+from visionzip_tune.errors import UserError, user_message
 
 COMMANDS = {
     "train": ("visionzip_tune.train", "train a projector (or more) with VisionZip in the data path"),
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return module.main(argv[1:]) or 0
     except UserError as err:
-        print("error: " + textwrap.fill(" ".join(str(err).split()), width=100), file=sys.stderr)
+        print("error: " + textwrap.fill(user_message(err), width=100), file=sys.stderr)
         return 2
 
 

@@ -4,6 +4,20 @@ The command line prints its message as one paragraph and exits with status 2; an
 its traceback.
 """
 
+_WORKER_PREFIX = "Caught UserError in DataLoader worker"
+
 
 class UserError(Exception):
     """A problem the user can fix; the message says which file/sample/key and what is wrong."""
+
+
+def user_message(err: UserError) -> str:
+    """The message of ``err`` as its code wrote it.
+
+    A ``UserError`` raised in a DataLoader worker process reaches the main process re-raised by torch with the
+    worker's whole traceback in its message; the user needs only the original message, its last line.
+    """
+    text = str(err)
+    if text.startswith(_WORKER_PREFIX):
+        text = text.rpartition("UserError: ")[2]
+    return " ".join(text.split())
