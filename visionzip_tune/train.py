@@ -86,7 +86,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
     from visionzip_tune.data import Collator, LengthGroupedSampler
     from visionzip_tune.evaluate import choice_accuracy, forward_vision_first, model_inputs, read_choices
     from visionzip_tune.export import export_projector, weights_fingerprint
-    from visionzip_tune.models import family_name, projector, tokens_per_image
+    from visionzip_tune.models import family_name, projector, remove_visionzip, tokens_per_image
 
     t = cfg.train
     run_dir = Path(cfg.output.dir)
@@ -110,6 +110,8 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
     tokenizer = processing[0]
     if cfg.visionzip.enabled:
         _apply_visionzip(model, cfg)
+    else:
+        remove_visionzip(model)  # a base saved zipped (a full-mode export) records a budget: stock means stock
     base_fingerprint = weights_fingerprint(model)  # before LoRA/DeepSpeed touch the model
     if t.activation_checkpointing:
         model.activation_checkpointing_enable()
