@@ -50,6 +50,8 @@ def test_torchrun_two_processes_train_and_export(train_assets, tmp_path, stage):
            "-m", "visionzip_tune", "train", str(DEMO), *args]  # fmt: skip
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    if stage == 3:  # built under zero.Init: no rank ever held the whole model
+        assert "[train] ZeRO-3: weights sharded across ranks at load" in done.stdout
     train = records(out, "train")
     steps = len(train)
     assert [r["step"] for r in train] == [1, 2, 3, 4]  # 2 epochs of 8 samples, 4 per step

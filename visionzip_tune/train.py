@@ -106,7 +106,8 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
 
     # -- model: VisionZip in the data path, then what trains ------------------------------------------------------
     bf16 = use_bf16(cfg)
-    model, processing = _load_model(cfg, bf16)
+    ds_config = deepspeed_config(cfg, dist.world_size)
+    model, processing = _load_model(cfg, bf16, ds_config)
     tokenizer = processing[0]
     if cfg.visionzip.enabled:
         _apply_visionzip(model, cfg)
@@ -118,11 +119,11 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
     model.config.use_cache = False
     model = set_trainable(model, t)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for _, p in trainable)
-    n_projector = sum(p.numel() for p in projector(model).parameters())
+    n_trainable = sum(_numel(p) for _, p in trainable)
+    n_projector = sum(_numel(p) for p in projector(model).parameters())
     if t.mode == "projector" and n_trainable != n_projector:
         raise AssertionError(f"projector mode trains {n_trainable} parameters, the projector has {n_projector}")
-    n_total = sum(p.numel() for p in model.parameters())
+    n_total = sum(_numel(p) for p in model.parameters())
     print0(
         f"[train] mode={t.mode}: {n_trainable:,} trainable parameters of {n_total:,} "
         f"({100 * n_trainable / n_total:.2f}%; projector {n_projector:,}) in {len(trainable)} tensors"
@@ -172,7 +173,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
         model=model,
         optimizer=optimizer,
         lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total_steps),
-        config=deepspeed_config(cfg, dist.world_size),
+        config=ds_config,
     )
     dtype = torch.bfloat16 if bf16 else torch.float32
 
@@ -291,6 +292,11 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
 # setup helpers
 
 
+def _numel(p: nn.Parameter) -> int:
+    """Elements of a parameter, also when ZeRO-3 holds only this rank's shard of it."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -332,9 +338,15 @@ def _check_inputs(cfg: Config, buildable_ok: bool = False) -> None:
             raise UserError(f"{key}: the {what} {path} does not exist (relative paths start at {Path.cwd()})")
 
 
-def _load_model(cfg: Config, bf16: bool) -> tuple[nn.Module, tuple[Any, Any, str | None]]:
-    """The VLM and its ``(tokenizer, image_processor, chat_template)`` (see ``processing.load_processing``)."""
+def _load_model(cfg: Config, bf16: bool, ds_config: dict) -> tuple[nn.Module, tuple[Any, Any, str | None]]:
+    """The VLM and its ``(tokenizer, image_processor, chat_template)`` (see ``processing.load_processing``).
+
+    Under ZeRO-3 the model is built inside ``zero.Init`` (transformers does so while an ``HfDeepSpeedConfig`` is
+    registered): every rank holds only its shard of the weights from the start, instead of a full copy per rank in
+    host memory (about 14 GB per rank for a 7B model in bf16).
+    """
     from transformers import AutoModelForImageTextToText
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     from visionzip_tune.models import family_name
     from visionzip_tune.processing import load_processing
@@ -343,6 +355,7 @@ def _load_model(cfg: Config, bf16: bool) -> tuple[nn.Module, tuple[Any, Any, str
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
+    zero3 = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
     try:
         model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
         processing = load_processing(name)
@@ -351,6 +364,12 @@ def _load_model(cfg: Config, bf16: bool) -> tuple[nn.Module, tuple[Any, Any, str
             f"model.name_or_path={name!r} could not be loaded: {err} (a local save_pretrained directory or a hub "
             "id; for the tiny demo set model.build_tiny_if_missing=true)"
         ) from None
+    finally:
+        if zero3 is not None:
+            unset_hf_deepspeed_config()  # only loading is built under zero.Init
+    if zero3 is not None:
+        sharded = all(hasattr(p, "ds_id") for p in model.parameters())
+        print0(f"[train] ZeRO-3: {'weights sharded across ranks at load' if sharded else 'weights NOT sharded'}")
     try:
         family_name(model)
     except ValueError as err:
