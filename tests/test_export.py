@@ -73,6 +73,41 @@ def test_fingerprint_differs_between_random_bases():
     )
 
 
+def _deterministic_llava():
+    """A small LLaVA whose every weight is a fixed function of its name's rank: no RNG, no tokenizer training."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=28, patch_size=14, projection_dim=16)
+    text = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=63))
+    with torch.no_grad():
+        for k, (_, param) in enumerate(sorted(model.named_parameters())):
+            param.copy_(torch.sin(torch.arange(param.numel(), dtype=torch.float32) * 0.37 + k).reshape(param.shape))
+    return model
+
+
+def test_llava_fingerprint_value_is_stable():
+    # Pinned: existing LLaVA exports record this algorithm's value; a change here would refuse them all.
+    assert weights_fingerprint(_deterministic_llava()) == "v1:a391a90dfe5c506b88f15d48b12befa3"
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["model.video_tower.encoder.layers.0.mlp.fc1.weight", "model.image_tower.embeddings.patch_embedding.weight"],
+)
+def test_video_llava_fingerprint_covers_both_towers(where):
+    from test_families import build_tiny_video_llava
+
+    model, _ = build_tiny_video_llava()
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(build_tiny_video_llava()[0]) == before
+    with torch.no_grad():
+        model.get_parameter(where).add_(1e-2)
+    assert weights_fingerprint(model) != before
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Export files and round trip
 
@@ -403,6 +438,29 @@ def test_export_cli_exports_a_full_run_as_a_whole_model(tiny_clip_dir, tmp_path)
         stock, _ = load_tiny(tiny_clip_dir)
         vzt.apply_visionzip(stock, 54, 10)
         assert not torch.allclose(stock(**inputs).logits, expected, atol=1e-4)
+
+
+def test_full_export_saves_the_processing_next_to_the_model(tmp_path):
+    from transformers import AutoModelForImageTextToText, VideoLlavaImageProcessor
+
+    from test_families import build_tiny_video_llava
+    from visionzip_tune.processing import load_processing
+    from visionzip_tune.tiny import CHAT_TEMPLATE
+
+    model, tokenizer = build_tiny_video_llava()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    image_processor = VideoLlavaImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    vzt.apply_visionzip(model, 6, 3)
+    metadata = {"base_model": "tiny-video-llava", "mode": "full"}
+    out = export_projector(model, tmp_path / "export", metadata=metadata, processing=(tokenizer, image_processor))
+    loaded_tokenizer, loaded_image_processor, chat_template = load_processing(str(out / "model"))
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab() and chat_template == CHAT_TEMPLATE
+    assert loaded_image_processor.to_dict() == image_processor.to_dict()
+    assert type(AutoModelForImageTextToText.from_pretrained(out / "model")) is type(model)
+    # A projector-mode export has no model directory to put them in: the processing is not written.
+    projector_only = export_projector(model, tmp_path / "projector", metadata={"base_model": "tiny"},
+                                      processing=(tokenizer, image_processor))
+    assert not (projector_only / "model").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

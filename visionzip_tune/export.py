@@ -125,10 +125,11 @@ def _family_names(family: str) -> tuple[str, dict[str, str]]:
 def weights_fingerprint(model: nn.Module) -> str:
     """A cheap, deterministic fingerprint of the frozen base weights: ``"v1:" + 32 hex digits``.
 
-    Covered: the names and shapes of every parameter of the vision tower, the language model and the output
-    embeddings (``lm_head``), plus a fixed strided sample of 1024 values of each of these tensors outside the
-    repeated blocks -- embeddings, final norms, ``lm_head`` -- and of every tensor of the FIRST and LAST block of
-    each ``layers`` stack (encoder and decoder). The projector is excluded: it is what gets trained.
+    Covered: the names and shapes of every parameter of the vision tower (and of the video tower of a family that
+    has a separate one, Video-LLaVA), the language model and the output embeddings (``lm_head``), plus a fixed
+    strided sample of 1024 values of each of these tensors outside the repeated blocks -- embeddings, final norms,
+    ``lm_head`` -- and of every tensor of the FIRST and LAST block of each ``layers`` stack (encoder and decoder).
+    The projector is excluded: it is what gets trained.
 
     Values are rounded to bfloat16 before hashing, so one checkpoint loaded in float32 or bfloat16 (or, for a
     float16 checkpoint, also in float16) fingerprints identically; dtypes are deliberately not hashed. Names are
@@ -138,10 +139,13 @@ def weights_fingerprint(model: nn.Module) -> str:
     Cost: one pass over parameter metadata plus about 1024 elements per sampled tensor (milliseconds, also for a 7B
     model). Under ZeRO-3 only the sampled tensors are gathered (collectively: call it on all ranks).
     """
-    from visionzip_tune.models import language_model, vision_tower
+    from visionzip_tune.models import FAMILIES, family_name, language_model, vision_tower
 
     model = _unwrap(model)
     parts = {"vision_tower": vision_tower(model), "language_model": language_model(model)}
+    video_tower = FAMILIES[family_name(model)].video_tower
+    if video_tower is not None:  # a family without one hashes exactly what it always did
+        parts["video_tower"] = getattr(model.model, video_tower)
     if model.get_output_embeddings() is not None:
         parts["lm_head"] = model.get_output_embeddings()
 
@@ -182,7 +186,9 @@ def weights_fingerprint(model: nn.Module) -> str:
 # Export
 
 
-def export_projector(model: nn.Module, out_dir: str | Path, *, metadata: dict[str, Any]) -> Path:
+def export_projector(
+    model: nn.Module, out_dir: str | Path, *, metadata: dict[str, Any], processing: tuple[Any, Any] | None = None
+) -> Path:
     """Write the projector of ``model`` and its VisionZip budget to ``out_dir``; returns ``out_dir``.
 
     ``model``: an HF model, a peft-wrapped one or a DeepSpeed engine (or its ``.module``). Call on ALL ranks: under
@@ -190,7 +196,9 @@ def export_projector(model: nn.Module, out_dir: str | Path, *, metadata: dict[st
     renames it over any previous export, so readers never see a half-written export. Returns after the export is
     complete on every rank. A peft (LoRA) model's adapter is exported too, into ``out_dir/adapter`` (peft format);
     for ``metadata["mode"] == "full"`` the whole model is saved into ``out_dir/model`` (HF ``save_pretrained``; under
-    ZeRO-3 every parameter is gathered collectively, so each rank briefly holds the full model).
+    ZeRO-3 every parameter is gathered collectively, so each rank briefly holds the full model). ``processing`` =
+    ``(tokenizer, image_processor)`` is saved next to that model (the tokenizer carries the chat template), so
+    ``processing.load_processing(out_dir / "model")`` gives what the run's data path used; other modes ignore it.
 
     ``metadata`` must hold ``base_model`` (a hub id or an absolute path that ``from_pretrained`` loads); usual keys
     are ``base_fingerprint`` (computed here from the model when absent -- pass the value computed before training
@@ -246,7 +254,8 @@ def export_projector(model: nn.Module, out_dir: str | Path, *, metadata: dict[st
     with _gathered(list(model.parameters()) if full else []):
         if _rank() == 0:
             _write_export(out_dir, record, tensors, hf_prefix, llava_names,
-                          adapter=(wrapped, adapter) if is_peft else None, model=model if full else None)
+                          adapter=(wrapped, adapter) if is_peft else None, model=model if full else None,
+                          processing=processing if full else None)
     _barrier()
     return out_dir
 
@@ -260,6 +269,7 @@ def _write_export(
     *,
     adapter: tuple[nn.Module, dict[str, torch.Tensor]] | None,
     model: nn.Module | None,
+    processing: tuple[Any, Any] | None,
 ) -> None:
     """Rank 0's half of :func:`export_projector`: every file of the export, in one atomic directory write."""
     from safetensors.torch import save_file
@@ -272,6 +282,9 @@ def _write_export(
             peft_model.save_pretrained(tmp / ADAPTER_DIR, state_dict=state)
         if model is not None:
             model.save_pretrained(tmp / MODEL_DIR)  # config.json keeps config.visionzip: apply_visionzip re-zips
+        if processing is not None:
+            for piece in processing:  # tokenizer (with its chat template), image processor
+                piece.save_pretrained(tmp / MODEL_DIR)
         (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
@@ -385,7 +398,7 @@ def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, 
         raise UserError(
             f"{export_dir} comes from a 'full' run, which trained the language model together with the projector, "
             "so the projector alone does not reproduce that run. Load the whole trained model instead: "
-            f"`model = LlavaForConditionalGeneration.from_pretrained('{export_dir / record.get('model', MODEL_DIR)}')` "
+            f"`model = AutoModelForImageTextToText.from_pretrained('{export_dir / record.get('model', MODEL_DIR)}')` "
             "then `vzt.apply_visionzip(model)` (the budget is in its config)."
         )
     adapter = export_dir / record["adapter"] if record.get("adapter") else None
