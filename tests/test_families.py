@@ -1,4 +1,5 @@
-"""VisionZip on the multi-crop / multi-frame families, with tiny random models built from configs in this file."""
+"""VisionZip on the multi-crop / multi-frame families, with tiny random models (visionzip_tune.tiny) at the
+geometry set in this file."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from PIL import Image
 import visionzip_tune as vzt
 from reference_visionzip import reference_visionzip
 from visionzip_tune.models import family_name, grid_order, projector, tokens_per_image
-from visionzip_tune.tiny import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+from visionzip_tune.tiny import IMAGE_TOKEN, VIDEO_TOKEN, TinySpec, build_tiny, build_tiny_llava
 
 PROMPT = "USER: <image>\nWhat colour is the shape? ASSISTANT:"
 
@@ -23,46 +24,18 @@ PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 SIZES = [(40, 100), (100, 90), (100, 40), (57, 300), (120, 121)]
 
 
-def _tiny_tower_and_llm(tower: str, tokenizer):
-    """Vision config (CROP px crops, PATCH px patches, 3 layers) and a 2-layer Llama config shared by every family."""
-    from transformers import CLIPVisionConfig, LlamaConfig, SiglipVisionConfig
-
-    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=CROP,
-                 patch_size=PATCH)  # fmt: skip
-    vision = CLIPVisionConfig(projection_dim=32, **shape) if tower == "clip" else SiglipVisionConfig(**shape)
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, bos_token_id=1, eos_token_id=2, pad_token_id=tokenizer.pad_token_id,
+def _spec(family: str, seed: int, crop_grids: str = "1x2 2x1 2x2") -> TinySpec:
+    """CROP px crops / frames of PATCH px patches, a 3-layer tower and a 2-layer Llama, 32 wide, for every family."""
+    return TinySpec(
+        family=family, image_size=CROP, patch_size=PATCH, vision_hidden=32, vision_layers=3, vision_heads=4,
+        text_hidden=32, text_layers=2, text_heads=4, seed=seed, crop_grids=crop_grids,
     )
-    return vision, text
 
 
 def build_tiny_next(seed: int = 0):
-    """A random LlavaNextForConditionalGeneration (CLIP tower, Llama LLM) and its LlavaNextProcessor."""
-    from transformers import (
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-    )
-
-    tokenizer = build_tokenizer()
-    vision, text = _tiny_tower_and_llm("clip", tokenizer)
-    config = LlavaNextConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=SIDE * SIDE, pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaNextForConditionalGeneration(config).eval()
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": CROP}, crop_size={"height": CROP, "width": CROP}, image_grid_pinpoints=PINPOINTS
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
-    )
+    """A random LlavaNextForConditionalGeneration (CLIP tower, Llama LLM, PINPOINTS) and its LlavaNextProcessor."""
+    model, processor = build_tiny_llava(_spec("llava_next", seed))
+    assert model.config.image_grid_pinpoints == PINPOINTS
     return model, processor
 
 
@@ -258,20 +231,7 @@ FRAMES = 3
 
 def build_tiny_video_llava(seed: int = 0):
     """A random VideoLlavaForConditionalGeneration (CLIP towers, Llama LLM) and its tokenizer with <video>."""
-    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
-
-    tokenizer = build_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, "<video>"]})
-    vision, text = _tiny_tower_and_llm("clip", tokenizer)
-    config = VideoLlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"), vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_seq_length=SIDE * SIDE,
-        video_seq_length=FRAMES * (SIDE * SIDE + 1), pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = VideoLlavaForConditionalGeneration(config).eval()
+    model, tokenizer, _ = build_tiny(_spec("video_llava", seed))
     return model, tokenizer
 
 
@@ -398,33 +358,15 @@ OV_SIZES = [(40, 100), (100, 90), (160, 150), (150, 100), (50, 50)]
 
 
 def build_tiny_onevision(seed: int = 0):
-    """A random LlavaOnevisionForConditionalGeneration (SigLIP tower, Llama LLM), its image processor and a
-    processor instance with the attributes its count methods read, and the tokenizer."""
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-        LlavaOnevisionImageProcessorPil,
-        LlavaOnevisionProcessor,
-    )
+    """A random LlavaOnevisionForConditionalGeneration (SigLIP tower, Llama LLM, OV_PINPOINTS, anyres_max_4), its
+    image processor and a processor instance with the attributes its count methods read, and the tokenizer."""
+    from transformers import LlavaOnevisionProcessor
 
-    tokenizer = build_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, "<video>"]})
-    vision, text = _tiny_tower_and_llm("siglip", tokenizer)
-    config = LlavaOnevisionConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"), image_grid_pinpoints=OV_PINPOINTS,
-        vision_aspect_ratio="anyres_max_4", vision_feature_layer=-1, vision_feature_select_strategy="full",
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaOnevisionForConditionalGeneration(config).eval()
-    image_processor = LlavaOnevisionImageProcessorPil(
-        size={"height": CROP, "width": CROP}, image_grid_pinpoints=OV_PINPOINTS
-    )
+    model, tokenizer, image_processor = build_tiny(_spec("llava_onevision", seed, "1x1 1x2 2x1 2x2 2x3 3x2 3x3"))
+    assert model.config.image_grid_pinpoints == OV_PINPOINTS and model.config.vision_aspect_ratio == "anyres_max_4"
     processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
     processor.__dict__.update(
-        image_processor=image_processor, image_token=IMAGE_TOKEN, video_token="<video>",
+        image_processor=image_processor, image_token=IMAGE_TOKEN, video_token=VIDEO_TOKEN,
         num_image_tokens=SIDE * SIDE, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_4",
     )
     return model, processor, tokenizer

@@ -1,15 +1,18 @@
-"""Tiny random LLaVA models with a locally built tokenizer: for the demo recipe, tests and benches.
+"""Tiny random VLMs of every supported family with a locally built tokenizer: for the demo recipe, tests and benches.
 
 Nothing here downloads anything. The tokenizer is a byte-fallback BPE trained in memory on a small corpus (the
 vicuna_v1 system prompt, the demo data's vocabulary), shaped like Llama's: ``<unk>``=0, ``<s>``=1, ``</s>``=2, a
-``<s>`` prepended to every encoded text, ``<image>`` and ``<pad>`` as added special tokens. The model is a real
-``LlavaForConditionalGeneration`` with a CLIP or SigLIP tower and a Llama LLM, randomly initialised from a seed.
+``<s>`` prepended to every encoded text, ``<pad>``, ``<image>`` (and ``<video>`` for families with a video input) as
+added special tokens. The model is a real transformers model of the family :attr:`TinySpec.family` names (LLaVA,
+LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision), randomly initialised from a seed; every family shares one tower config
+(CLIP or SigLIP) and one Llama LLM config, so the families differ only where their architectures do.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -34,6 +37,7 @@ _CORPUS = [
 ]
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 PAD_TOKEN = "<pad>"
 
 CHAT_TEMPLATE = (
@@ -43,6 +47,7 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif item['type'] == 'video' %}{{ '<video>\n' }}"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{{ ' ' }}"
     "{% else %}{{ 'ASSISTANT: ' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -52,8 +57,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int = 600):
-    """A Llama-shaped fast tokenizer trained locally; deterministic for the same corpus."""
+def build_tokenizer(
+    extra_corpus: list[str] | None = None, vocab_size: int = 600, media_tokens: tuple[str, ...] = (IMAGE_TOKEN,)
+):
+    """A Llama-shaped fast tokenizer trained locally; deterministic for the same corpus. ``media_tokens`` become
+    added special tokens after ``<pad>``, in that order (``<image>``, then ``<video>`` for video families)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -81,17 +89,31 @@ def build_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int = 600
         padding_side="right",
         model_max_length=2048,
     )
-    fast.add_special_tokens({"pad_token": PAD_TOKEN, "additional_special_tokens": [IMAGE_TOKEN]})
+    fast.add_special_tokens({"pad_token": PAD_TOKEN, "additional_special_tokens": list(media_tokens)})
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
+Family = Literal["llava", "llava_next", "video_llava", "llava_onevision"]
+
+# Families whose multimodal processor class can be built here (Video-LLaVA's and OneVision's build a video processor
+# that needs torchvision): save_tiny saves it whole, so AutoProcessor works on their directories.
+_WITH_PROCESSOR = ("llava", "llava_next")
+_WITH_VIDEO = ("video_llava", "llava_onevision")
+# OneVision's stock layout downscales an anyres grid bigger than this many crops' worth (its release uses 9); 4 lets
+# a tiny 3x3 grid reach that branch.
+ONEVISION_ASPECT_RATIO = "anyres_max_4"
+# Video-LLaVA samples 8 frames per video; only its (unbuildable) processor reads config.video_seq_length.
+VIDEO_LLAVA_FRAMES = 8
+
+
 @dataclass(frozen=True)
 class TinySpec:
-    """Geometry of a tiny LLaVA. Defaults give 224 px / patch 14 = 256 patches (+ CLS for CLIP)."""
+    """Geometry of a tiny VLM. Defaults give a LLaVA with 224 px / patch 14 = 256 patches (+ CLS for CLIP)."""
 
-    tower: str = "clip"  # "clip" | "siglip"
-    image_size: int = 224
+    family: Family = "llava"
+    tower: Literal["clip", "siglip"] | None = None  # None: the family's own (SigLIP for OneVision, else CLIP)
+    image_size: int = 224  # the tower's input side: the whole image (LLaVA), one crop (anyres) or one frame
     patch_size: int = 14
     vision_hidden: int = 64
     vision_layers: int = 4
@@ -104,12 +126,40 @@ class TinySpec:
     # a 64-wide frozen LLM initialised that way has logits within about +-1 that a projector can hardly steer, so
     # the demo uses ~1/sqrt(text_hidden) (recipes/tiny/demo.yaml).
     text_init_std: float = 0.02
+    # Anyres families: the grids of crops ("rows x columns", space separated) an image may be tiled into; HF's
+    # image_grid_pinpoints are these times image_size (see image_grid_pinpoints()).
+    crop_grids: str = "1x2 2x1 2x2"
 
 
-def build_config(spec: TinySpec, vocab_size: int, image_token_id: int, pad_token_id: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, SiglipVisionConfig
+def tower_name(spec: TinySpec) -> str:
+    """The tower the spec builds: ``spec.tower``, or the family's own (SigLIP for OneVision, CLIP otherwise)."""
+    if spec.tower is not None:
+        return spec.tower
+    return "siglip" if spec.family == "llava_onevision" else "clip"
 
-    vision_kwargs = dict(
+
+def image_grid_pinpoints(spec: TinySpec) -> list[list[int]]:
+    """``crop_grids`` as HF's ``image_grid_pinpoints``: [[height, width], ...] in pixels, multiples of image_size."""
+    pinpoints = []
+    for grid in spec.crop_grids.split():
+        rows, sep, cols = grid.partition("x")
+        if not (sep and rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
+            raise ValueError(
+                f"TinySpec.crop_grids={spec.crop_grids!r}: {grid!r} is not a grid of crops 'ROWSxCOLUMNS' "
+                "(e.g. '1x2 2x1 2x2')"
+            )
+        pinpoints.append([int(rows) * spec.image_size, int(cols) * spec.image_size])
+    if not pinpoints:
+        raise ValueError("TinySpec.crop_grids is empty: give at least one grid of crops, e.g. '1x2 2x1 2x2'")
+    return pinpoints
+
+
+def _tower_config(spec: TinySpec):
+    """(vision config, select strategy, feature layer, extra tokens besides patches) of the spec's tower: CLIP keeps
+    CLS and feeds layer -2 without it, as LLaVA does; SigLIP has no CLS and feeds every token of layer -1."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    shape = dict(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_hidden * 4,
         num_hidden_layers=spec.vision_layers,
@@ -117,16 +167,19 @@ def build_config(spec: TinySpec, vocab_size: int, image_token_id: int, pad_token
         image_size=spec.image_size,
         patch_size=spec.patch_size,
     )
-    if spec.tower == "clip":
-        vision = CLIPVisionConfig(projection_dim=spec.vision_hidden, **vision_kwargs)
-        strategy, layer = "default", -2
-    elif spec.tower == "siglip":
-        vision = SiglipVisionConfig(**vision_kwargs)
-        strategy, layer = "full", -1
-    else:
-        raise ValueError(f"unknown tower {spec.tower!r}; expected 'clip' or 'siglip'")
-    text = LlamaConfig(
-        vocab_size=vocab_size,
+    tower = tower_name(spec)
+    if tower == "clip":
+        return CLIPVisionConfig(projection_dim=spec.vision_hidden, **shape), "default", -2, 1
+    if tower == "siglip":
+        return SiglipVisionConfig(**shape), "full", -1, 0
+    raise ValueError(f"unknown tower {tower!r}; expected 'clip' or 'siglip'")
+
+
+def _text_config(spec: TinySpec, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
         hidden_size=spec.text_hidden,
         intermediate_size=spec.text_hidden * 4,
         num_hidden_layers=spec.text_layers,
@@ -135,35 +188,88 @@ def build_config(spec: TinySpec, vocab_size: int, image_token_id: int, pad_token
         max_position_embeddings=2048,
         bos_token_id=1,
         eos_token_id=2,
-        pad_token_id=pad_token_id,
-        initializer_range=spec.text_init_std,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=spec.text_init_std,  # the projector's init reads it too (no top-level initializer_range)
     )
-    n_patches = (spec.image_size // spec.patch_size) ** 2
-    return LlavaConfig(
+
+
+def build_config(spec: TinySpec, tokenizer):
+    """The family's config (``LlavaConfig``, ``LlavaNextConfig``, ``VideoLlavaConfig`` or ``LlavaOnevisionConfig``)
+    around the shared tower and LLM configs, with the tokenizer's ``<image>`` / ``<video>`` / ``<pad>`` ids."""
+    from transformers import LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig, VideoLlavaConfig
+
+    vision, strategy, layer, _ = _tower_config(spec)
+    patches = (spec.image_size // spec.patch_size) ** 2
+    common = dict(
         vision_config=vision,
-        text_config=text,
-        image_token_index=image_token_id,
+        text_config=_text_config(spec, tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy=strategy,
         vision_feature_layer=layer,
-        image_seq_length=n_patches,
-        pad_token_id=pad_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
+    if spec.family == "llava":
+        return LlavaConfig(image_seq_length=patches, **common)
+    if spec.family == "llava_next":
+        return LlavaNextConfig(image_grid_pinpoints=image_grid_pinpoints(spec), image_seq_length=patches, **common)
+    video_token_index = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+    if spec.family == "video_llava":
+        return VideoLlavaConfig(
+            video_token_index=video_token_index,
+            image_seq_length=patches,
+            video_seq_length=VIDEO_LLAVA_FRAMES * (patches + 1),  # stock Video-LLaVA keeps CLS in every frame
+            **common,
+        )
+    if spec.family == "llava_onevision":
+        return LlavaOnevisionConfig(
+            video_token_index=video_token_index,
+            image_grid_pinpoints=image_grid_pinpoints(spec),
+            vision_aspect_ratio=ONEVISION_ASPECT_RATIO,
+            **common,
+        )
+    raise ValueError(f"unknown family {spec.family!r}; expected one of llava, llava_next, video_llava, llava_onevision")
+
+
+def build_image_processor(spec: TinySpec):
+    """The family's PIL image processor at the spec's geometry (no torchvision needed)."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        LlavaNextImageProcessorPil,
+        LlavaOnevisionImageProcessorPil,
+        SiglipImageProcessorPil,
+        VideoLlavaImageProcessor,
+    )
+
+    size = spec.image_size
+    square = {"height": size, "width": size}
+    if spec.family == "llava_next":
+        return LlavaNextImageProcessorPil(
+            size={"shortest_edge": size}, crop_size=square, image_grid_pinpoints=image_grid_pinpoints(spec)
+        )
+    if spec.family == "video_llava":
+        return VideoLlavaImageProcessor(size={"shortest_edge": size}, crop_size=square)
+    if spec.family == "llava_onevision":
+        return LlavaOnevisionImageProcessorPil(size=square, image_grid_pinpoints=image_grid_pinpoints(spec))
+    if tower_name(spec) == "clip":
+        return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=square)
+    return SiglipImageProcessorPil(size=square)
 
 
 def build_processor(spec: TinySpec, tokenizer):
-    from transformers import CLIPImageProcessorPil, LlavaProcessor, SiglipImageProcessorPil
+    """The multimodal processor (``LlavaProcessor`` / ``LlavaNextProcessor``) of the spec's image processor and
+    ``tokenizer``. Video-LLaVA's and OneVision's processors cannot be built here (their video processor needs
+    torchvision): ValueError; use the tokenizer and :func:`build_image_processor` instead, as the data path does."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
 
-    size = spec.image_size
-    if spec.tower == "clip":
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    if spec.family not in _WITH_PROCESSOR:
+        raise ValueError(
+            f"the {spec.family} processor class needs torchvision (its video processor); tiny {spec.family} models "
+            "come with a tokenizer and an image processor instead (build_tiny, save_tiny)"
         )
-        strategy, extra = "default", 1
-    else:
-        image_processor = SiglipImageProcessorPil(size={"height": size, "width": size})
-        strategy, extra = "full", 0
-    return LlavaProcessor(
-        image_processor=image_processor,
+    processor_class = LlavaProcessor if spec.family == "llava" else LlavaNextProcessor
+    _, strategy, _, extra = _tower_config(spec)
+    return processor_class(
+        image_processor=build_image_processor(spec),
         tokenizer=tokenizer,
         patch_size=spec.patch_size,
         vision_feature_select_strategy=strategy,
@@ -172,30 +278,50 @@ def build_processor(spec: TinySpec, tokenizer):
     )
 
 
-def build_tiny_llava(spec: TinySpec = TinySpec(), extra_corpus: list[str] | None = None):
-    """Return ``(model, processor)``: a random LlavaForConditionalGeneration (fp32, eval mode) and its processor."""
-    from transformers import LlavaForConditionalGeneration
+def _model_and_tokenizer(spec: TinySpec, extra_corpus: list[str] | None):
+    """The random model (fp32, eval mode, weights a function of ``spec.seed``) and its tokenizer."""
+    from transformers import AutoModelForImageTextToText
 
-    tokenizer = build_tokenizer(extra_corpus)
-    config = build_config(
-        spec,
-        vocab_size=len(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    media = (IMAGE_TOKEN, VIDEO_TOKEN) if spec.family in _WITH_VIDEO else (IMAGE_TOKEN,)
+    tokenizer = build_tokenizer(extra_corpus, media_tokens=media)
+    config = build_config(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = LlavaForConditionalGeneration(config)
-    model.eval()
+        model = AutoModelForImageTextToText.from_config(config)
+    return model.eval(), tokenizer
+
+
+def build_tiny(spec: TinySpec = TinySpec(), extra_corpus: list[str] | None = None):
+    """Return ``(model, tokenizer, image_processor)``: a random model of ``spec.family`` (fp32, eval mode), its
+    tokenizer (chat template :data:`CHAT_TEMPLATE`) and its PIL image processor."""
+    model, tokenizer = _model_and_tokenizer(spec, extra_corpus)
+    return model, tokenizer, build_image_processor(spec)
+
+
+def save_tiny(out_dir: str | Path, spec: TinySpec = TinySpec(), extra_corpus: list[str] | None = None) -> Path:
+    """Build a tiny model of ``spec.family`` and ``save_pretrained`` it into ``out_dir`` (written atomically) with
+    what :func:`visionzip_tune.processing.load_processing` reads: the whole processor for LLaVA and LLaVA-NeXT (so
+    ``AutoProcessor`` works too), the tokenizer (with the chat template) and image processor for the others."""
+    from visionzip_tune.files import atomic_dir
+
+    model, tokenizer = _model_and_tokenizer(spec, extra_corpus)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if spec.family in _WITH_PROCESSOR:
+            build_processor(spec, tokenizer).save_pretrained(tmp)
+        else:
+            tokenizer.save_pretrained(tmp)
+            build_image_processor(spec).save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def build_tiny_llava(spec: TinySpec = TinySpec(), extra_corpus: list[str] | None = None):
+    """Return ``(model, processor)``: a random LLaVA (or LLaVA-NeXT, per ``spec.family``; fp32, eval mode) and its
+    multimodal processor."""
+    model, tokenizer = _model_and_tokenizer(spec, extra_corpus)
     return model, build_processor(spec, tokenizer)
 
 
 def save_tiny_llava(out_dir: str | Path, spec: TinySpec = TinySpec(), extra_corpus: list[str] | None = None) -> Path:
-    """Build a tiny LLaVA and ``save_pretrained`` model + processor into ``out_dir`` (written atomically)."""
-    from visionzip_tune.files import atomic_dir
-
-    model, processor = build_tiny_llava(spec, extra_corpus)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return Path(out_dir)
+    """:func:`save_tiny` under its original name (LLaVA callers)."""
+    return save_tiny(out_dir, spec, extra_corpus)
