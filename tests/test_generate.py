@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 
@@ -13,7 +14,7 @@ from visionzip_tune.__main__ import main as cli
 from visionzip_tune.data import SupervisedDataset, load_samples
 from visionzip_tune.data.template import IGNORE_INDEX
 from visionzip_tune.generate import Chat, load_model
-from visionzip_tune.models import tokens_per_image
+from visionzip_tune.models import sample_image_tokens
 from visionzip_tune.tiny import TinySpec, save_tiny_llava
 
 MAX_NEW = 6
@@ -38,7 +39,8 @@ def reference_answer(model, processor, picture, questions: list[str], answers: l
     dataset = SupervisedDataset(
         load_samples(path), image_folder=picture.parent, tokenizer=processor.tokenizer,
         image_processor=processor.image_processor, template="vicuna_v1",
-        tokens_per_image=lambda hw: tokens_per_image(model.config, hw), image_token_id=model.config.image_token_index,
+        image_tokens=functools.partial(sample_image_tokens, model.config),
+        image_token_id=model.config.image_token_index,
     )
     item = dataset[0]
     labels = item["labels"].tolist()
@@ -48,7 +50,7 @@ def reference_answer(model, processor, picture, questions: list[str], answers: l
     prompt = item["input_ids"][:start]
     with torch.no_grad():
         out = model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt[None]),
-                             pixel_values=item["pixel_values"], max_new_tokens=MAX_NEW, do_sample=False,
+                             **item["vision"], max_new_tokens=MAX_NEW, do_sample=False,
                              pad_token_id=processor.tokenizer.pad_token_id)
     answer = processor.tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
     return answer, prompt.tolist()
@@ -87,8 +89,8 @@ def test_interactive_mode_keeps_the_conversation(tiny_clip_export, picture, caps
 
 def test_image_command_starts_a_new_conversation(tiny_clip_export, picture, tmp_path):
     _, _, _, export = tiny_clip_export
-    model, processor, _ = load_model(None, str(export))
-    chat = Chat(model, processor, picture, max_new_tokens=MAX_NEW)
+    model, processing, _ = load_model(None, str(export))
+    chat = Chat(model, processing, image=picture, max_new_tokens=MAX_NEW)
     chat.ask("What colour is it?")
     chat.ask("Is there a circle?")
     assert chat.show_prompt().count("USER:") == 2

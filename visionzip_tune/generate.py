@@ -1,15 +1,20 @@
-"""``python -m visionzip_tune generate``: answer prompts about an image with a tuned projector and its budget.
+"""``python -m visionzip_tune generate``: answer prompts about an image and/or a video with a tuned projector and its
+budget, for every supported family (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision).
 
     python -m visionzip_tune generate --projector runs/x/export --image cat.jpg --prompt "What is this?"
+    python -m visionzip_tune generate --projector runs/v/export --video clip.mp4 --prompt "What happens?"
     python -m visionzip_tune generate --projector runs/x/export --image cat.jpg --interactive   # multi-turn
 
 The base model comes from ``--model`` or, by default, the export's ``base_model``; ``load_projector`` checks it,
-loads the tuned projector and applies the VisionZip budget it was tuned for. Without ``--projector`` this is stock
-inference, optionally with training-free VisionZip (``--dominant/--contextual``).
+loads the tuned projector and applies the VisionZip budget it was tuned for (a ``full`` run's export holds the
+whole trained model, which is loaded instead). Without ``--projector`` this is stock inference, optionally with
+training-free VisionZip (``--dominant/--contextual``).
 
-Prompts are built exactly as training builds samples (``visionzip_tune.data``'s templater and image transform, with
-the template and image aspect of the export's recipe unless given): the prompt is the training sample of the
-conversation with an empty final answer, cut where that answer's supervised tokens begin.
+Prompts are built exactly as training builds samples (``visionzip_tune.data``'s templater, media transform, video
+reader and the models' token-count functions, with the template, image aspect and video frames of the export's
+recipe unless given): the prompt is the training sample of the conversation with an empty final answer, cut where
+that answer's supervised tokens begin. The tokenizer and image processor are loaded with ``load_processing`` (the
+multimodal processor classes of Video-LLaVA and OneVision need torchvision, which the data path never uses).
 """
 
 from __future__ import annotations
@@ -18,53 +23,135 @@ import argparse
 import itertools
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from PIL import Image
+from transformers import AutoModelForImageTextToText
 
-from visionzip_tune.data.images import ImageTransform, open_image
+from visionzip_tune.data.images import MediaTransform, open_image
 from visionzip_tune.data.template import IGNORE_INDEX, Templater, Turn
 from visionzip_tune.data.validate import BadSample
+from visionzip_tune.data.video import read_video
 from visionzip_tune.errors import UserError
-from visionzip_tune.export import load_projector, read_export
-from visionzip_tune.models import apply_visionzip, tokens_per_image
+from visionzip_tune.export import MODEL_DIR, load_projector, read_export
+from visionzip_tune.models import apply_visionzip, sample_image_tokens, tokens_per_video
+from visionzip_tune.processing import load_processing
 
 DEFAULT_TEMPLATE = "vicuna_v1"
 DEFAULT_ASPECT = "pad"
+DEFAULT_VIDEO_FRAMES = 8
+
+Processing = tuple[Any, Any, str | None]  # (tokenizer, image_processor, chat_template), as load_processing gives
+
+
+def video_frames_of(path: str | Path, frames: int) -> list[Image.Image]:
+    """``frames`` frames sampled uniformly from ``path``: a video file (decoded with PyAV) or a directory of frame
+    images (every file with an image extension, in name order). :class:`UserError` naming the path otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        extensions = Image.registered_extensions()
+        names = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+        if not names:
+            raise UserError(f"--video {path}: the directory holds no frame images (files like 000.png, 001.png).")
+        video, folder = names, path
+    else:
+        video, folder = path.name, path.parent
+    try:
+        return read_video(video, folder, frames)
+    except BadSample as err:
+        raise UserError(f"--video {path}: {err.reason}") from None
 
 
 class Chat:
-    """A multi-turn conversation about one image, templated as in training; greedy decoding."""
+    """A multi-turn conversation about one image and/or one video, templated as in training; greedy decoding.
 
-    def __init__(self, model, processor, image: str | Path, *, template: str = DEFAULT_TEMPLATE,
-                 image_aspect: str = DEFAULT_ASPECT, max_new_tokens: int = 128):
+    ``processing`` is ``(tokenizer, image_processor, chat_template)``. The media go into the first user turn, the
+    video's ``<video>`` before the image's ``<image>`` as the training templater renders them.
+    """
+
+    def __init__(self, model, processing: Processing, *, image: str | Path | None = None,
+                 video: str | Path | None = None, template: str = DEFAULT_TEMPLATE,
+                 image_aspect: str = DEFAULT_ASPECT, video_frames: int = DEFAULT_VIDEO_FRAMES,
+                 max_new_tokens: int = 128):
         self.model = model
-        self.tokenizer = processor.tokenizer
-        self.image_token_id = model.config.image_token_index
+        self.tokenizer, image_processor, chat_template = processing
+        config = model.config
+        self.image_token_id = config.image_token_id
+        self.video_token_id = getattr(config, "video_token_id", None)
         self.templater = Templater(
-            self.tokenizer, template, self.image_token_id, getattr(processor, "chat_template", None)
+            self.tokenizer, template, self.image_token_id, chat_template, video_token_id=self.video_token_id
         )
-        self.transform = ImageTransform(processor.image_processor, image_aspect)
+        self.transform = MediaTransform(image_processor, image_aspect, video_frames)
+        self.video_frames = video_frames
         self.max_new_tokens = max_new_tokens
-        self.set_image(image)
+        self.image: dict[str, torch.Tensor] = {}
+        self.video: dict[str, torch.Tensor] = {}
+        self.image_tokens: list[int] = []  # placeholders of the image (0 or 1 entry)
+        self.video_tokens: list[int] = []  # ... of the video
+        self.set_media(image, video)
 
-    def set_image(self, image: str | Path) -> None:
-        """Start a new conversation about ``image`` (one image per conversation, as LLaVA-1.5 was trained)."""
+    def set_media(self, image: str | Path | None = None, video: str | Path | None = None) -> None:
+        """Start a new conversation about ``image`` and/or ``video`` (at least one)."""
+        if image is None and video is None:
+            raise UserError("give an image (--image FILE) and/or a video (--video FILE_OR_DIR) to ask about.")
+        if video is not None:
+            self.set_video(video, new_conversation=False)
+        else:
+            self.video, self.video_tokens = {}, []
+        if image is not None:
+            self.set_image(image, new_conversation=False)
+        else:
+            self.image, self.image_tokens = {}, []
+        self._new_conversation()
+
+    def set_image(self, image: str | Path, *, new_conversation: bool = True) -> None:
+        """Ask about ``image`` from now on (a video already given stays); starts a new conversation."""
         try:
             picture = open_image(image)
         except BadSample as err:
             raise UserError(f"--image: {err.reason}") from None
-        self.pixel_values = self.transform([picture]).to(self.model.device, self.model.dtype)
-        self.image_tokens = tokens_per_image(self.model.config, (picture.height, picture.width))
+        inputs, sizes = self.transform.images([picture])
+        self.image = self._to_model(inputs)
+        self.image_tokens = sample_image_tokens(self.model.config, sizes)
+        if new_conversation:
+            self._new_conversation()
+
+    def set_video(self, video: str | Path, *, new_conversation: bool = True) -> None:
+        """Ask about ``video`` (a file, or a directory of frame images) from now on (an image already given stays);
+        starts a new conversation. :class:`UserError` for a family without video input."""
+        try:
+            count = tokens_per_video(self.model.config, self.video_frames)
+        except ValueError as err:
+            raise UserError(f"--video {video}: {err}. Ask about an image (--image) instead.") from None
+        frames = video_frames_of(video, self.video_frames)
+        self.video = self._to_model({"pixel_values_videos": self.transform.video(frames)})
+        self.video_tokens = [count]
+        if new_conversation:
+            self._new_conversation()
+
+    def _new_conversation(self) -> None:
         self.history: list[tuple[str, str]] = []
         self.prompt_ids: list[int] = []
+
+    def _to_model(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors on the model's device; pixels in its dtype (sizes and counts stay integers)."""
+        dtype = self.model.dtype
+        return {
+            key: value.to(self.model.device, dtype if value.is_floating_point() else value.dtype)
+            for key, value in inputs.items()
+        }
 
     def prompt(self, question: str) -> list[int]:
         """Token ids the model is given to answer ``question`` after the conversation so far."""
         turns = []
         for k, (asked, answered) in enumerate([*self.history, (question, "")]):
-            turns += [Turn("human", int(k == 0), asked.strip()), Turn("gpt", 0, answered)]
-        ids, labels = self.templater(turns, [self.image_tokens])
+            first = k == 0
+            turns += [
+                Turn("human", len(self.image_tokens) * first, asked.strip(), videos=len(self.video_tokens) * first),
+                Turn("gpt", 0, answered),
+            ]
+        ids, labels = self.templater(turns, self.image_tokens, self.video_tokens)
         answer_start = len(labels)
         while answer_start > 0 and labels[answer_start - 1] != IGNORE_INDEX:
             answer_start -= 1
@@ -80,7 +167,8 @@ class Chat:
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            pixel_values=self.pixel_values,
+            **self.image,
+            **self.video,
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -90,20 +178,33 @@ class Chat:
         return answer
 
     def show_prompt(self) -> str:
-        """The last prompt as text, each run of image placeholders shown once as ``<image>xN``."""
-        image = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        """The last prompt as text, each run of image / video placeholders shown once as ``<image>xN``."""
+        placeholders = {token for token in (self.image_token_id, self.video_token_id) if token is not None}
         pieces = []
-        for is_image, run in itertools.groupby(self.prompt_ids, key=lambda token: token == self.image_token_id):
+        for token, run in itertools.groupby(self.prompt_ids, key=lambda t: t if t in placeholders else None):
             run = list(run)
-            pieces.append(f"{image}x{len(run)}" if is_image else self.tokenizer.decode(run))
+            if token is None:
+                pieces.append(self.tokenizer.decode(run))
+            else:
+                pieces.append(f"{self.tokenizer.convert_ids_to_tokens(token)}x{len(run)}")
         return "".join(pieces)
+
+    def describe(self) -> str:
+        """One line: the budget and the placeholder tokens of the current media."""
+        budget = getattr(self.model.config, "visionzip", None)
+        zipped = f"VisionZip {budget['dominant']} + {budget['contextual']}" if budget else "stock"
+        counts = [f"{n} tokens per image" for n in self.image_tokens]
+        counts += [f"{n} tokens per video of {self.video_frames} frames" for n in self.video_tokens]
+        return f"({zipped}: {', '.join(counts)})"
 
 
 def load_model(model_dir: str | None, projector: str | None, dominant: int | None = None,
                contextual: int | None = None, *, check_fingerprint: bool = True, dtype: str = "float32",
-               device: str | None = None):
-    """``(model, processor, record)``: the base model with the exported projector and budget (``record`` = its
-    visionzip.json), or stock with an optional training-free budget when ``projector`` is None."""
+               device: str | None = None) -> tuple[Any, Processing, dict | None]:
+    """``(model, (tokenizer, image_processor, chat_template), record)``: the base model with the exported projector
+    and budget (``record`` = its visionzip.json), or stock with an optional training-free budget when ``projector``
+    is None. A ``full`` run's export holds the whole trained model: it is loaded (with the tokenizer and image
+    processor saved next to it when present) and re-zipped with its recorded budget."""
     if projector is not None and (dominant is not None or contextual is not None):
         raise UserError(
             "--dominant/--contextual set a training-free budget; with --projector the export's budget is used "
@@ -112,29 +213,52 @@ def load_model(model_dir: str | None, projector: str | None, dominant: int | Non
     if (dominant is None) != (contextual is None):
         raise UserError("give both --dominant and --contextual (e.g. 54 and 10 for 64 tokens per image), or neither.")
     record = read_export(projector) if projector is not None else None
-    source = model_dir or (record["base_model"] if record else None)
+    whole = record is not None and record.get("mode") == "full"
+    if whole and model_dir is not None:
+        raise UserError(
+            f"{projector} comes from a 'full' run: it holds the whole trained model ({MODEL_DIR}/), so --model "
+            "cannot replace it. Leave --model out."
+        )
+    if whole:
+        source = str(Path(projector) / record.get("model", MODEL_DIR))
+    else:
+        source = model_dir or (record["base_model"] if record else None)
     if source is None:
         raise UserError("give --model (a save_pretrained directory or hub id) or --projector (an export).")
     try:
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=getattr(torch, dtype))
-        processor = AutoProcessor.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the model {source}: {err}") from None
+    processing = _load_processing(source, record["base_model"] if whole else None)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    if projector is not None:
-        load_projector(model, projector, processor=processor, check_fingerprint=check_fingerprint)
+    if whole:
+        apply_visionzip(model)  # the budget recorded in its config.json
+    elif projector is not None:
+        load_projector(model, projector, check_fingerprint=check_fingerprint)
     elif dominant is not None:
         try:
-            apply_visionzip(model, dominant, contextual, processor=processor)
+            apply_visionzip(model, dominant, contextual)
         except ValueError as err:
             raise UserError(f"--dominant {dominant} --contextual {contextual}: {err}") from None
-    return model, processor, record
+    return model, processing, record
 
 
-def _recipe_value(record: dict | None, section: str, key: str, default: str) -> str:
+def _load_processing(source: str, fallback: str | None) -> Processing:
+    """Tokenizer, image processor and chat template of ``source``, else of ``fallback`` (a full run's base model:
+    exports written before the processor pieces were saved next to the trained model lack them)."""
+    try:
+        return load_processing(source)
+    except (OSError, ValueError) as err:
+        if fallback is None:
+            raise UserError(f"cannot load the tokenizer and image processor of {source}: {err}") from None
+    return _load_processing(fallback, None)
+
+
+def _recipe_value(record: dict | None, section: str, key: str, default):
     """A data setting of the recipe the projector was trained with, when the export records it."""
     recipe = (record or {}).get("recipe") or {}
-    return ((recipe.get("config") or {}).get(section) or {}).get(key) or default
+    value = ((recipe.get("config") or {}).get(section) or {}).get(key)
+    return default if value is None else value
 
 
 def _answer(chat: Chat, question: str, show_prompt: bool) -> None:
@@ -144,20 +268,22 @@ def _answer(chat: Chat, question: str, show_prompt: bool) -> None:
     print(answer, flush=True)
 
 
-def _interact(chat: Chat, first_image: str, show_prompt: bool) -> None:
-    """Questions from stdin until an empty line or EOF; ``/image PATH`` starts over with another image."""
+def _interact(chat: Chat, show_prompt: bool) -> None:
+    """Questions from stdin until an empty line or EOF; ``/image PATH`` / ``/video PATH`` start a new conversation
+    with that image / video (the other medium, if any, stays)."""
     tty = sys.stdin.isatty()
-    print(f"(image {first_image}; an empty line ends, /image PATH switches the image)", file=sys.stderr)
+    print("(an empty line ends; /image PATH or /video PATH starts over with other media)", file=sys.stderr)
     while True:
         if tty:
             print("USER: ", end="", file=sys.stderr, flush=True)
         question = sys.stdin.readline().strip()
         if not question:
             return
-        if question.startswith("/image "):
-            path = question[len("/image ") :].strip()
-            chat.set_image(path)
-            print(f"(new conversation about {path})", file=sys.stderr)
+        command, _, path = question.partition(" ")
+        if command in ("/image", "/video") and path.strip():
+            path = path.strip()
+            (chat.set_image if command == "/image" else chat.set_video)(path)
+            print(f"(new conversation about {path}) {chat.describe()}", file=sys.stderr)
         else:
             _answer(chat, question, show_prompt)
 
@@ -165,14 +291,21 @@ def _interact(chat: Chat, first_image: str, show_prompt: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m visionzip_tune generate",
-        description="Answer a prompt about an image with a tuned projector and its VisionZip budget.",
+        description="Answer a prompt about an image and/or a video with a tuned projector and its VisionZip budget.",
     )
     parser.add_argument(
         "--projector", help="export directory (projector + budget); its base_model is the default --model"
     )
     parser.add_argument("--model", help="base model: a save_pretrained directory or hub id")
-    parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--prompt", help="question about the image (with --interactive: the first question)")
+    parser.add_argument("--image", help="image file")
+    parser.add_argument(
+        "--video",
+        help="video: a video file (decoded with PyAV: pip install av) or a directory of frame images, taken in name "
+        "order; for families with a video input (Video-LLaVA, OneVision); may be given together with --image",
+    )
+    parser.add_argument("--video-frames", type=int,
+                        help="frames sampled uniformly from --video (default: the export's recipe, else 8)")
+    parser.add_argument("--prompt", help="question about the media (with --interactive: the first question)")
     parser.add_argument("--interactive", action="store_true", help="multi-turn chat reading questions from stdin")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
     parser.add_argument("--template", choices=("vicuna_v1", "chat_template"),
@@ -191,22 +324,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prompt is required (or use --interactive)")
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
+    if args.video_frames is not None and args.video_frames < 1:
+        parser.error("--video-frames must be >= 1")
+    if args.image is None and args.video is None:
+        raise UserError("give an image (--image FILE) and/or a video (--video FILE_OR_DIR) to ask about.")
 
-    model, processor, record = load_model(
+    model, processing, record = load_model(
         args.model, args.projector, args.dominant, args.contextual,
         check_fingerprint=not args.no_check_fingerprint, dtype=args.dtype, device=args.device,
     )
     chat = Chat(
-        model, processor, args.image,
+        model, processing, image=args.image, video=args.video,
         template=args.template or _recipe_value(record, "data", "template", DEFAULT_TEMPLATE),
         image_aspect=args.image_aspect or _recipe_value(record, "data", "image_aspect", DEFAULT_ASPECT),
+        video_frames=args.video_frames or _recipe_value(record, "data", "video_frames", DEFAULT_VIDEO_FRAMES),
         max_new_tokens=args.max_new_tokens,
     )
-    budget = getattr(model.config, "visionzip", None)
-    zipped = f"VisionZip {budget['dominant']} + {budget['contextual']}" if budget else "stock"
-    print(f"({zipped}: {chat.image_tokens} tokens per image)", file=sys.stderr)
+    print(chat.describe(), file=sys.stderr)
     if args.prompt:
         _answer(chat, args.prompt, args.show_prompt)
     if args.interactive:
-        _interact(chat, args.image, args.show_prompt)
+        _interact(chat, args.show_prompt)
     return 0
