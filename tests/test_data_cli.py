@@ -48,7 +48,7 @@ def test_check_lists_every_bad_sample_and_exits_nonzero(tmp_path, capsys):
                      "--workers", "2", "--quiet"])
     out = capsys.readouterr()
     assert code == 1 and "Traceback" not in out.out + out.err
-    assert "checked 8 samples (4 with images, 4 text-only): 6 unusable" in out.out
+    assert "checked 8 samples (4 with images, 0 with a video, 4 text-only): 6 unusable" in out.out
     listed = {line.split(":")[0].strip(): line for line in out.out.splitlines()[1:]}
     assert set(listed) == {"id 404", "id broken", "id empty", "id order", "id blank", "id tags"}
     assert "missing image" in listed["id 404"] and "coco/missing.jpg" in listed["id 404"]

@@ -48,7 +48,7 @@ def make(data_dir, processor, samples, **kwargs):
         image_folder=data_dir / "images",
         tokenizer=processor.tokenizer,
         image_processor=processor.image_processor,
-        tokens_per_image=lambda hw: 16,
+        image_tokens=lambda sizes: [16] * len(sizes),
         image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"),
     )
     return SupervisedDataset(write(data_dir, samples), **{**options, **kwargs})
@@ -62,20 +62,20 @@ GOOD = [
 
 
 def test_items_have_the_image_token_count_of_their_image_size(data_dir, processor):
-    sizes = []
+    seen = []
 
-    def count(hw):
-        sizes.append(hw)
-        return 7 if hw == (224, 448) else 11
+    def count(sizes):
+        seen.extend(sizes)
+        return [7 if hw == (448, 448) else 11 for hw in sizes]
 
-    ds = make(data_dir, processor, GOOD, tokens_per_image=count)
+    ds = make(data_dir, processor, GOOD, image_tokens=count)
     image_id = ds.image_token_id
     first, text, third = ds[0], ds[1], ds[2]
-    assert sizes == [(224, 448), (150, 100)]
+    assert seen == [(448, 448), (150, 150)]  # the sizes the processor saw: padded to squares
     assert (first["input_ids"] == image_id).sum() == 7 and (third["input_ids"] == image_id).sum() == 11
     assert first["id"] == "1" and first["input_ids"].dtype == torch.long
-    assert first["pixel_values"].shape == (1, 3, 224, 224)
-    assert text["pixel_values"] is None and (text["input_ids"] == image_id).sum() == 0
+    assert first["vision"]["pixel_values"].shape == (1, 3, 224, 224) and set(first["vision"]) == {"pixel_values"}
+    assert text["vision"] == {} and (text["input_ids"] == image_id).sum() == 0
     assert (first["labels"][first["input_ids"] == image_id] == IGNORE_INDEX).all()
     assert ds.lengths == [4, -7, 4]  # LLaVA modality_lengths: words, negative for text-only
 
@@ -84,8 +84,8 @@ def test_pad_fills_with_the_mean_colour_and_processor_crops(data_dir, processor)
     ip = processor.image_processor
     mean, std = torch.tensor(ip.image_mean).view(3, 1, 1), torch.tensor(ip.image_std).view(3, 1, 1)
     red = (torch.tensor(RED).view(3, 1, 1) / 255 - mean) / std
-    padded = make(data_dir, processor, GOOD[:1], image_aspect="pad")[0]["pixel_values"][0]
-    cropped = make(data_dir, processor, GOOD[:1], image_aspect="processor")[0]["pixel_values"][0]
+    padded = make(data_dir, processor, GOOD[:1], image_aspect="pad")[0]["vision"]["pixel_values"][0]
+    cropped = make(data_dir, processor, GOOD[:1], image_aspect="processor")[0]["vision"]["pixel_values"][0]
     # The 448x224 image fills the middle half of the padded square; the bands above and below are the mean colour.
     assert torch.allclose(padded[:, :40, :], torch.zeros(3, 1, 1), atol=0.02)
     assert torch.allclose(padded[:, 90:130, :], red, atol=0.02)
@@ -150,11 +150,11 @@ def test_too_long_samples_are_dropped_and_counted_under_either_policy(data_dir, 
         GOOD[1],
     ]
 
-    ds = make(data_dir, processor, samples, max_length=120, tokens_per_image=lambda hw: 16)
+    ds = make(data_dir, processor, samples, max_length=120, image_tokens=lambda sizes: [16] * len(sizes))
     cut = ds[0]
     assert cut["id"] == "long" and len(cut["input_ids"]) == 120  # cut in text: still has answer tokens
     assert (cut["labels"] != IGNORE_INDEX).any()
-    ds = make(data_dir, processor, samples, max_length=80, tokens_per_image=lambda hw: 100)
+    ds = make(data_dir, processor, samples, max_length=80, image_tokens=lambda sizes: [100] * len(sizes))
     assert ds[1]["id"] == "t" and ds[0]["id"] == "t"  # the image run alone is past max_length
     assert ds.skipped["huge-image"].startswith("too long")
     assert "too long" in ds.skip_summary()
@@ -172,7 +172,8 @@ def test_collator_pads_right_and_concatenates_images(data_dir, processor):
         assert (batch["input_ids"][row, n:] == processor.tokenizer.pad_token_id).all()
         assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
         assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (max(lengths) - n)
-    assert torch.equal(batch["pixel_values"], torch.cat([items[0]["pixel_values"], items[2]["pixel_values"]]))
+    pixels = [items[0]["vision"]["pixel_values"], items[2]["vision"]["pixel_values"]]
+    assert torch.equal(batch["pixel_values"], torch.cat(pixels))
     assert batch["ids"] == ["1", "t", "3"]
     assert "pixel_values" not in Collator(0)([items[1]])
 
@@ -180,7 +181,7 @@ def test_collator_pads_right_and_concatenates_images(data_dir, processor):
 def test_batches_run_through_a_visionzip_model(data_dir, tiny_clip):
     """The data path and the model agree on the token count (else LLaVA raises a placeholder mismatch)."""
     import visionzip_tune as vzt
-    from visionzip_tune.models import tokens_per_image
+    from visionzip_tune.models import sample_image_tokens
 
     model, processor = tiny_clip
     vzt.apply_visionzip(model, dominant=54, contextual=10)
@@ -188,7 +189,7 @@ def test_batches_run_through_a_visionzip_model(data_dir, tiny_clip):
         data_dir,
         processor,
         GOOD,
-        tokens_per_image=functools.partial(tokens_per_image, model.config),
+        image_tokens=functools.partial(sample_image_tokens, model.config),
         image_token_id=model.config.image_token_index,
     )
     assert (ds[0]["input_ids"] == model.config.image_token_index).sum() == 64

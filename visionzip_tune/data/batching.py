@@ -15,8 +15,10 @@ class Collator:
 
     Returns ``input_ids`` (B, T) padded with ``pad_token_id``, ``attention_mask`` (B, T) from the true lengths (not
     from ``input_ids != pad``, which would hide a real ``<unk>`` when pad = unk as in LLaVA), ``labels`` (B, T)
-    padded with -100, ``pixel_values`` (all images of the batch, in order, (n_images, 3, H, W); absent when the
-    batch has none) and ``ids``.
+    padded with -100, ``ids``, and every vision input of the items concatenated over the batch in item order:
+    ``pixel_values`` (all images, (n, 3, H, W), or (n, crops, 3, S, S) zero-padded on the crop axis to the batch's
+    most crops), ``image_sizes`` (n, 2), ``batch_num_images`` (images per image-bearing item), ``pixel_values_videos``
+    (videos, T, 3, S, S). A key is absent when no item has it.
     """
 
     def __init__(self, pad_token_id: int):
@@ -33,11 +35,20 @@ class Collator:
             labels[row, :n] = item["labels"]
             attention_mask[row, :n] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        pixel_values = [item["pixel_values"] for item in items if item["pixel_values"] is not None]
-        if pixel_values:
-            batch["pixel_values"] = torch.cat(pixel_values)
+        keys = dict.fromkeys(key for item in items for key in item["vision"])  # first-seen order, no repeats
+        for key in keys:
+            batch[key] = _concat([item["vision"][key] for item in items if key in item["vision"]])
         batch["ids"] = [item["id"] for item in items]
         return batch
+
+
+def _concat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate on dim 0; 5-D anyres pixel values (n, crops, 3, S, S) are zero-padded to the most crops first
+    (the models read each image's real crop count from its size and drop the padding)."""
+    if tensors[0].dim() == 5:
+        crops = max(t.shape[1] for t in tensors)
+        tensors = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, crops - t.shape[1])) for t in tensors]
+    return torch.cat(tensors)
 
 
 def _megabatches(indices: list[int], lengths: Sequence[int], size: int, g: torch.Generator) -> list[list[int]]:

@@ -26,22 +26,30 @@ def _subset(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from visionzip_tune.data.check import check_data
 
-    report = check_data(args.data, args.image_folder, workers=args.workers, progress=not args.quiet)
+    report = check_data(
+        args.data,
+        args.image_folder,
+        video_folder=args.video_folder,
+        video_frames=args.video_frames,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
     print(report.summary(args.data))
     return 1 if report.bad else 0
 
 
-def _render(tokenizer, ids: list[int], labels: list[int], image_token_id: int) -> str:
-    """The decoded sample with supervised spans in «» and each image run shown as <image×K>."""
-    kinds = ["image" if t == image_token_id else "answer" if y != -100 else "prompt" for t, y in zip(ids, labels)]
+def _render(tokenizer, ids: list[int], labels: list[int], image_token_id: int, video_token_id: int | None) -> str:
+    """The decoded sample with supervised spans in «» and each image / video run shown as <image×K> / <video×K>."""
+    placeholders = {image_token_id: "image", video_token_id: "video"}
+    kinds = [placeholders.get(t, "answer" if y != -100 else "prompt") for t, y in zip(ids, labels)]
     out, done, start = [], "", 0
     for end in range(1, len(ids) + 1):
         if end < len(ids) and kinds[end] == kinds[start]:
             continue
         text = tokenizer.decode(ids[:end], skip_special_tokens=False)
         piece, done = text[len(done) :], text
-        if kinds[start] == "image":
-            piece = f"<image×{end - start}>"
+        if kinds[start] in ("image", "video"):
+            piece = f"<{kinds[start]}×{end - start}>"
         elif kinds[start] == "answer":
             piece = f"«{piece}»"
         out.append(piece)
@@ -52,34 +60,40 @@ def _render(tokenizer, ids: list[int], labels: list[int], image_token_id: int) -
 def _preview(args: argparse.Namespace) -> int:
     import functools
 
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     from visionzip_tune.data.dataset import SupervisedDataset
     from visionzip_tune.data.source import load_samples
     from visionzip_tune.data.validate import BadSample
-    from visionzip_tune.models import tokens_per_image
+    from visionzip_tune.models import sample_image_tokens, tokens_per_video
+    from visionzip_tune.processing import load_processing
 
     if (args.dominant is None) != (args.contextual is None):
         raise UserError("give both --dominant and --contextual (the VisionZip budget), or neither")
     try:
         config = AutoConfig.from_pretrained(args.model)
-        processor = AutoProcessor.from_pretrained(args.model)
+        tokenizer, image_processor, chat_template = load_processing(args.model)
     except (OSError, ValueError) as err:
         raise UserError(f"--model {args.model}: cannot load a saved model config and processor ({err})") from None
     if args.dominant is not None:
         config.visionzip = {"dominant": args.dominant, "contextual": args.contextual, "eager": False}
+    video_token_id = getattr(config, "video_token_index", None)  # set only by families with video input
     dataset = SupervisedDataset(
         load_samples(args.data),
         image_folder=args.image_folder,
-        tokenizer=processor.tokenizer,
-        image_processor=processor.image_processor,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
         template=args.template,
-        tokens_per_image=functools.partial(tokens_per_image, config),
+        image_tokens=functools.partial(sample_image_tokens, config),
         image_token_id=config.image_token_index,
+        video_tokens=functools.partial(tokens_per_video, config) if video_token_id is not None else None,
+        video_token_id=video_token_id,
+        video_folder=args.video_folder,
+        video_frames=args.video_frames,
         max_length=args.max_length,
         image_aspect=args.image_aspect,
         on_bad_sample="skip",
-        chat_template=getattr(processor, "chat_template", None),
+        chat_template=chat_template,
     )
     for row in dataset.rows[: args.n]:
         sample = dataset.samples[row]
@@ -95,7 +109,7 @@ def _preview(args: argparse.Namespace) -> int:
         else:
             supervised = sum(1 for y in labels if y != -100)
             print(f"=== id {example['id']}: {len(ids)} tokens, {supervised} supervised (in «»)")
-            print(_render(processor.tokenizer, ids, labels, config.image_token_index) + "\n")
+            print(_render(tokenizer, ids, labels, config.image_token_index, video_token_id) + "\n")
     if dataset.skipped:
         print(dataset.skip_summary(), file=sys.stderr)
     return 0
@@ -104,9 +118,15 @@ def _preview(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from visionzip_tune.data.demo import make_demo_dataset
 
-    paths = make_demo_dataset(args.output, n=args.n, seed=args.seed, n_eval=args.n_eval)
-    print(f"wrote {paths.train}, {paths.eval} and images in {paths.images} (use it as the image folder)")
+    paths = make_demo_dataset(args.output, n=args.n, seed=args.seed, n_eval=args.n_eval, videos=args.videos)
+    what = "images and video frames" if args.videos else "images"
+    print(f"wrote {paths.train}, {paths.eval} and {what} in {paths.images} (use it as the image folder)")
     return 0
+
+
+def _video_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--video-folder", help="folder the samples' video paths are relative to (default: image folder)")
+    p.add_argument("--video-frames", type=int, default=8, help="frames sampled per video (default 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,9 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
     p.set_defaults(run=_subset)
 
-    p = commands.add_parser("check", help="validate every sample and decode every image; lists unusable ones")
+    p = commands.add_parser(
+        "check", help="validate every sample, decode every image and video; lists unusable ones"
+    )
     p.add_argument("--data", required=True, help="LLaVA JSON array or JSONL file")
     p.add_argument("--image-folder", help="folder the samples' image paths are relative to")
+    _video_arguments(p)
     p.add_argument("--workers", type=int, default=None, help="processes that decode images (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_check)
@@ -134,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("preview", help="show how samples are templated, supervised spans marked")
     p.add_argument("--data", required=True, help="LLaVA JSON array or JSONL file")
     p.add_argument("--image-folder", help="folder the samples' image paths are relative to")
+    _video_arguments(p)
     p.add_argument("--model", required=True, help="local directory written by save_pretrained (config + processor)")
     p.add_argument("--template", default="vicuna_v1", choices=("vicuna_v1", "chat_template"))
     p.add_argument("--dominant", type=int, help="VisionZip dominant tokens per image (with --contextual)")
@@ -149,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="training samples (default 1000)")
     p.add_argument("--n-eval", type=int, default=None, help="held-out samples (default max(8, n/4))")
     p.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    p.add_argument("--videos", type=int, default=0, help="how many of the --n samples are videos (default 0)")
     p.set_defaults(run=_demo)
     return parser
 

@@ -1,7 +1,7 @@
-"""``SupervisedDataset``: loaded samples -> tokenized, label-masked examples with their ``pixel_values``.
+"""``SupervisedDataset``: loaded samples -> tokenized, label-masked examples with their vision inputs.
 
 Bad samples follow one policy (``on_bad_sample``): structural problems are known from loading and handled up front;
-an unreadable image is only found when the sample is opened, so ``__getitem__`` then substitutes the next good
+an unreadable image or video is only found when the sample is opened, so ``__getitem__`` then substitutes the next good
 sample (every rank keeps the same number of batches, no worker dies). Samples too long to fit are always dropped.
 Every drop is counted and, with ``skip_log``, appended to that file as ``{"id", "reason"}`` lines.
 """
@@ -15,19 +15,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visionzip_tune.data.images import ImageTransform, open_image
+from visionzip_tune.data.images import MediaTransform, open_image
 from visionzip_tune.data.source import column, data_path
 from visionzip_tune.data.template import Templater, TooLong, fit_to_length, llava_turns
-from visionzip_tune.data.validate import BadSample
+from visionzip_tune.data.validate import BadSample, row_video
+from visionzip_tune.data.video import read_video
 from visionzip_tune.errors import UserError
 
 BAD_SAMPLE_POLICIES = ("error", "skip")
 _LISTED = 10  # bad samples named in an error message before "... and N more"
-_KINDS = ("missing image", "unreadable image", "too long")  # the reasons a summary counts apart from "malformed"
+_KINDS = ("missing image", "unreadable image", "missing video", "unreadable video", "too long")  # the reasons a summary counts apart from "malformed"
 
 
 def word_lengths(samples) -> list[int]:
-    """LLaVA's ``modality_lengths``: words over all turns, negative for text-only samples (never 0)."""
+    """LLaVA's ``modality_lengths``: words over all turns, negative for text-only samples (never 0); a sample with
+    images or a video is multimodal (positive)."""
     import pyarrow.compute as pc
 
     table = samples.with_format("arrow")[:]
@@ -38,16 +40,25 @@ def word_lengths(samples) -> list[int]:
         words.append(np.bincount(parents, weights=per_turn.to_numpy(zero_copy_only=False), minlength=len(turns)))
     per_sample = np.maximum(np.concatenate(words).astype(np.int64), 1) if words else np.zeros(0, np.int64)
     has_image = pc.list_value_length(table.column("images")).to_numpy(zero_copy_only=False) > 0
-    return np.where(has_image, per_sample, -per_sample).tolist()
+    has_frames = pc.list_value_length(table.column("frame_files")).to_numpy(zero_copy_only=False) > 0
+    has_file = pc.is_valid(table.column("video_file")).to_numpy(zero_copy_only=False)
+    return np.where(has_image | has_frames | has_file, per_sample, -per_sample).tolist()
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
-    """Map-style dataset of ``{"id", "input_ids", "labels", "pixel_values"}`` (pixel_values None for text-only).
+    """Map-style dataset of ``{"id", "input_ids", "labels", "vision"}``.
 
-    ``tokens_per_image((h, w))`` gives the placeholder count for an image of that original size (the model's one
-    token-count function, e.g. ``functools.partial(models.tokens_per_image, config)``); each image becomes exactly
-    that many ``image_token_id`` ids. ``chat_template`` overrides the tokenizer's for ``template="chat_template"``
-    (processors often carry the chat template instead of their tokenizer).
+    ``vision``: the model inputs of the sample's images (:meth:`MediaTransform.images`: ``pixel_values`` and, from
+    anyres processors, ``image_sizes`` / ``batch_num_images``) and, for a video sample, ``pixel_values_videos``
+    (1, T, 3, S, S); ``{}`` for a text-only sample.
+
+    ``image_tokens(sizes)`` gives the placeholder count of each image of one sample from the (height, width) its
+    image processor saw (the model's count function, ``functools.partial(models.sample_image_tokens, config)``);
+    each image becomes exactly that many ``image_token_id`` ids. ``video_tokens(frames)`` does the same for a video
+    of that many frames (``functools.partial(models.tokens_per_video, config)``; None for a model without video
+    input, whose video samples are then bad samples). Videos are read from ``video_folder`` (default: the image
+    folder), sampled to ``video_frames`` frames. ``chat_template`` overrides the tokenizer's for
+    ``template="chat_template"`` (processors often carry the chat template instead of their tokenizer).
     """
 
     def __init__(
@@ -58,8 +69,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
         tokenizer,
         image_processor,
         template: str = "vicuna_v1",
-        tokens_per_image: Callable[[tuple[int, int]], int],
+        image_tokens: Callable[[list[tuple[int, int]]], list[int]],
         image_token_id: int,
+        video_tokens: Callable[[int], int] | None = None,
+        video_token_id: int | None = None,
+        video_folder: str | Path | None = None,
+        video_frames: int = 8,
         max_length: int = 2048,
         image_aspect: str = "pad",
         on_bad_sample: str = "error",
@@ -71,11 +86,16 @@ class SupervisedDataset(torch.utils.data.Dataset):
             raise UserError(f"data.on_bad_sample must be one of {policies}, not {on_bad_sample!r}")
         self.samples = samples
         self.path = data_path(samples)
+        if (video_tokens is None) != (video_token_id is None):
+            raise ValueError("give both video_tokens and video_token_id (a model with video input), or neither")
         self.image_folder = Path(image_folder) if image_folder is not None else None
-        self.templater = Templater(tokenizer, template, image_token_id, chat_template)
-        self.transform = ImageTransform(image_processor, image_aspect)
-        self.tokens_per_image = tokens_per_image
+        self.video_folder = Path(video_folder) if video_folder is not None else self.image_folder
+        self.templater = Templater(tokenizer, template, image_token_id, chat_template, video_token_id)
+        self.transform = MediaTransform(image_processor, image_aspect, video_frames)
+        self.image_tokens = image_tokens
         self.image_token_id = image_token_id
+        self.video_tokens = video_tokens
+        self.video_token_id = video_token_id
         self.max_length = max_length
         self.on_bad_sample = on_bad_sample
         self.skip_log = Path(skip_log) if skip_log is not None else None
@@ -123,21 +143,36 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def example(self, sample: dict) -> dict:
         """The training example of one loaded sample; ``BadSample``/``TooLong`` if it cannot be used."""
-        images = [open_image(self._image_path(rel)) for rel in sample["images"]]
-        counts = [self.tokens_per_image((img.height, img.width)) for img in images]
-        turns = llava_turns(sample["conversations"], len(images))
-        ids, labels = fit_to_length(*self.templater(turns, counts), self.image_token_id, self.max_length)
+        vision: dict[str, torch.Tensor] = {}
+        image_counts: list[int] = []
+        video_counts: list[int] = []
+        video = row_video(sample)
+        if video is not None:
+            if self.video_tokens is None:
+                raise BadSample("video, but the model takes no video input")
+            frames = read_video(video, self._folder(self.video_folder, "videos"), self.transform.video_frames)
+            vision["pixel_values_videos"] = self.transform.video(frames)
+            video_counts.append(self.video_tokens(len(frames)))
+        if sample["images"]:
+            folder = self._folder(self.image_folder, "images")
+            images = [open_image(folder / rel) for rel in sample["images"]]
+            image_inputs, sizes = self.transform.images(images)
+            vision.update(image_inputs)
+            image_counts = self.image_tokens(sizes)
+        turns = llava_turns(sample["conversations"], len(image_counts), len(video_counts))
+        ids, labels = self.templater(turns, image_counts, video_counts)
+        ids, labels = fit_to_length(ids, labels, self.image_token_id, self.max_length, self.video_token_id)
         return {
             "id": sample["id"],
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
-            "pixel_values": self.transform(images) if images else None,
+            "vision": vision,
         }
 
-    def _image_path(self, rel: str) -> Path:
-        if self.image_folder is None:
-            raise UserError(f"{self.path}: samples have images but no image folder was given")
-        return self.image_folder / rel
+    def _folder(self, folder: Path | None, kind: str) -> Path:
+        if folder is None:
+            raise UserError(f"{self.path}: samples have {kind} but no {kind[:-1]} folder was given")
+        return folder
 
     def _record_skip(self, sample_id: str, reason: str) -> None:
         if sample_id in self._skipped:

@@ -1,4 +1,4 @@
-"""Open images lazily and turn them into ``pixel_values``: LLaVA's ``pad`` or the image processor's own transform."""
+"""Open images and turn one sample's images and video frames into model inputs (LLaVA's ``pad`` or not)."""
 
 from __future__ import annotations
 
@@ -41,22 +41,55 @@ def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Imag
     return canvas
 
 
-class ImageTransform:
-    """``pixel_values`` for a sample's images: ``(n_images, 3, H, W)`` float.
+class MediaTransform:
+    """One sample's images and video frames -> the model-input tensors its HF model's ``forward`` takes.
 
-    ``aspect="pad"`` (LLaVA-1.5's ``image_aspect_ratio=pad``): pad to a square filled with the processor's mean
-    colour, then the processor (whose resize + centre crop is then a plain resize). ``"processor"``: the image
-    processor's own resize/crop, e.g. CLIP's shortest-edge resize and centre crop, which cuts the long side.
+    ``image_aspect="pad"`` (LLaVA-1.5's ``image_aspect_ratio=pad``): each image is padded to a square filled with the
+    processor's mean colour, then given to the processor (whose resize + centre crop is then a plain resize; an
+    anyres processor then tiles a square). ``"processor"``: the image processor's own resize/crop/tiling.
+    ``video_frames`` is the number of frames a video is sampled to (``video.read_video``), held here so training,
+    evaluation and generation sample videos alike.
     """
 
-    def __init__(self, image_processor, aspect: str = "pad"):
-        if aspect not in IMAGE_ASPECTS:
-            raise ValueError(f"image aspect {aspect!r} is not one of {IMAGE_ASPECTS}")
+    def __init__(self, image_processor, image_aspect: str = "pad", video_frames: int = 8):
+        if image_aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"image aspect {image_aspect!r} is not one of {IMAGE_ASPECTS}")
+        if video_frames < 1:
+            raise ValueError(f"video_frames must be at least 1, not {video_frames}")
         self.image_processor = image_processor
-        self.aspect = aspect
+        self.image_aspect = image_aspect
+        self.video_frames = video_frames
         self.fill = tuple(int(m * 255) for m in image_processor.image_mean)
 
-    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        if self.aspect == "pad":
+    def _process(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        # Nested: the images are ONE sample (OneVision then feeds a multi-image sample untiled).
+        out = self.image_processor(images=[images], return_tensors="pt")
+        return {_RENAMED.get(key, key): value for key, value in out.items() if key in _MODEL_KEYS}
+
+    def images(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+        """``({"pixel_values", ["image_sizes", "batch_num_images"]}, sizes)`` for one sample's n >= 1 images.
+
+        pixel_values: (n, 3, H, W), or (n, crops, 3, S, S) from an anyres processor (crops padded to the most of
+        the sample's images); image_sizes: (n, 2) and batch_num_images: (1,) when the processor returns them.
+        ``sizes``: each image's (height, width) as the processor saw it (after padding), for
+        ``models.sample_image_tokens``.
+        """
+        if self.image_aspect == "pad":
             images = [expand_to_square(img, self.fill) for img in images]
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return self._process(images), [(img.height, img.width) for img in images]
+
+    def video(self, frames: list[Image.Image]) -> torch.Tensor:
+        """``pixel_values_videos`` (1, T, 3, S, S) of one video's T = ``video_frames`` frames.
+
+        Each frame goes through the image processor's own transform, unpadded (as the families' video processors
+        do); an anyres processor's frames keep only crop 0, the whole frame resized.
+        """
+        if len(frames) != self.video_frames:
+            raise ValueError(f"a video of {len(frames)} frames; this transform samples {self.video_frames}")
+        pixels = self._process(frames)["pixel_values"]
+        return (pixels[:, 0] if pixels.dim() == 5 else pixels).unsqueeze(0)
+
+
+# What image processors return that the models' forward takes, and the legacy names of those keys.
+_RENAMED = {"pixel_values_images": "pixel_values"}  # VideoLlavaImageProcessor
+_MODEL_KEYS = ("pixel_values", "pixel_values_images", "image_sizes", "batch_num_images")

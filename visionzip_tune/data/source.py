@@ -1,7 +1,9 @@
 """Load LLaVA-format samples (a JSON array or JSON lines) into a memory-mapped ``datasets.Dataset``.
 
-Columns: ``id`` (str), ``images`` (list of paths relative to the image folder; empty for text-only), ``source``
-(first folder of the first image, ``text-only`` without one), ``conversations`` (``[{"from", "value"}]``),
+Columns: ``id`` (str), ``images`` (list of paths relative to the image folder; empty for text-only),
+``video_file`` (a video file's path relative to the video folder, or None), ``frame_files`` (a video given as frame
+files, in time order; empty otherwise), ``source`` (first folder of the first image, else of the video, ``text-only``
+without either), ``conversations`` (``[{"from", "value"}]``),
 ``problem`` (why the sample is structurally unusable, or None), ``offset``/``nbytes`` (the record's exact bytes in
 the file). The file is streamed record by record into Arrow, so 665k samples never exist as Python objects at once;
 the Arrow cache is keyed by the file's path, size and mtime and reused on the next load.
@@ -13,12 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from visionzip_tune.data.jsonstream import iter_records
-from visionzip_tune.data.validate import normalize_record
+from visionzip_tune.data.validate import normalize_record, row_video
 from visionzip_tune.errors import UserError
 
 TEXT_ONLY = "text-only"
 # Bump when the row layout or the validation rules change, so cached Arrow files are rebuilt.
-_ROW_VERSION = 1
+_ROW_VERSION = 2
 
 
 def _features():
@@ -28,6 +30,8 @@ def _features():
         {
             "id": Value("string"),
             "images": List(Value("string")),
+            "video_file": Value("string"),
+            "frame_files": List(Value("string")),
             "source": Value("string"),
             "conversations": List({"from": Value("string"), "value": Value("string")}),
             "problem": Value("string"),
@@ -37,11 +41,16 @@ def _features():
     )
 
 
-def source_of(images: list[str]) -> str:
-    """The stratum of a sample: ``coco`` for ``coco/train2017/x.jpg``, ``text-only`` without an image."""
-    if not images:
+def source_of(images: list[str], video: str | list[str] | None = None) -> str:
+    """The stratum of a sample: ``coco`` for ``coco/train2017/x.jpg``; for a sample without images, the first
+    folder of its video file (or first frame); ``text-only`` without either."""
+    if images:
+        first = images[0]
+    elif video:
+        first = video if isinstance(video, str) else video[0]
+    else:
         return TEXT_ONLY
-    head, sep, _ = images[0].replace("\\", "/").lstrip("./").partition("/")
+    head, sep, _ = first.replace("\\", "/").lstrip("./").partition("/")
     return head if sep else "."
 
 
@@ -49,7 +58,7 @@ def _rows(path: str, size: int, mtime_ns: int, version: int) -> Iterator[dict]:
     # size/mtime_ns/version only feed the cache fingerprint that datasets derives from these arguments.
     for record in iter_records(path):
         row = normalize_record(record.value, record.index)
-        row["source"] = source_of(row["images"])
+        row["source"] = source_of(row["images"], row_video(row))
         yield {**row, "offset": record.offset, "nbytes": record.nbytes}
 
 

@@ -12,10 +12,11 @@ exactly the ids of tokenizing the whole prompt; other tokenizers (byte-level BPE
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from visionzip_tune.data.validate import IMAGE_TAG, BadSample
+from visionzip_tune.data.validate import IMAGE_TAG, VIDEO_TAG, BadSample
 from visionzip_tune.errors import UserError
 
 IGNORE_INDEX = -100
@@ -28,14 +29,15 @@ VICUNA_V1_SYSTEM = (
 
 
 class TooLong(BadSample):
-    """The sample cannot fit ``max_length`` without cutting an image or every answer: always dropped."""
+    """The sample cannot fit ``max_length`` without cutting an image, a video or every answer: always dropped."""
 
 
 @dataclass(frozen=True)
 class Turn:
     role: str  # "human" | "gpt"
-    images: int  # <image> tags of this turn, rendered at its start
+    images: int  # <image> tags of this turn, rendered at its start (after its <video> tags)
     text: str  # the turn without its tags, stripped
+    videos: int = 0  # <video> tags of this turn, rendered first
 
 
 @dataclass(frozen=True)
@@ -44,30 +46,46 @@ class Segment:
     supervised: bool
 
 
-def llava_turns(conversations: Sequence[dict], n_images: int) -> list[Turn]:
+def llava_turns(conversations: Sequence[dict], n_images: int, n_videos: int = 0) -> list[Turn]:
     """LLaVA's view of a validated conversation (``preprocess_multimodal`` + ``preprocess_v1``).
 
     A leading gpt turn is dropped; so is a trailing human turn, which has no answer to learn. Each turn's
-    ``<image>`` tags move to its start (``"<image>\\n" + text.strip()``). Images with no tag at all get one at the
-    start of the first human turn, so every image reaches the model.
+    ``<video>`` and ``<image>`` tags move to its start (``"<image>\\n" + text.strip()``). Images and videos with no
+    tag at all get one at the start of the first human turn, so every image and video reaches the model.
     """
     start = 1 if conversations and conversations[0]["from"] == "gpt" else 0
     kept = list(conversations[start:])
     if kept and kept[-1]["from"] == "human":
         kept.pop()
-    turns = [Turn(t["from"], t["value"].count(IMAGE_TAG), t["value"].replace(IMAGE_TAG, "").strip()) for t in kept]
-    missing = n_images - sum(t.images for t in turns)
-    if missing > 0 and turns:
-        turns[0] = Turn(turns[0].role, turns[0].images + missing, turns[0].text)
+    turns = [
+        Turn(
+            t["from"],
+            t["value"].count(IMAGE_TAG),
+            t["value"].replace(IMAGE_TAG, "").replace(VIDEO_TAG, "").strip(),
+            t["value"].count(VIDEO_TAG),
+        )
+        for t in kept
+    ]
+    missing_images = max(0, n_images - sum(t.images for t in turns))
+    missing_videos = max(0, n_videos - sum(t.videos for t in turns))
+    if (missing_images or missing_videos) and turns:
+        first = turns[0]
+        turns[0] = Turn(first.role, first.images + missing_images, first.text, first.videos + missing_videos)
     return turns
 
 
-def vicuna_v1_segments(turns: Sequence[Turn], bos: str, eos: str, image: str = IMAGE_TAG) -> list[Segment]:
-    """``<s>SYSTEM USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>`` (LLaVA ``v1``, sep style TWO)."""
+def vicuna_v1_segments(
+    turns: Sequence[Turn], bos: str, eos: str, image: str = IMAGE_TAG, video: str = VIDEO_TAG
+) -> list[Segment]:
+    """``<s>SYSTEM USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>`` (LLaVA ``v1``, sep style TWO).
+
+    A turn's ``<video>\\n`` tags come before its ``<image>\\n`` tags (Video-LLaVA: ``USER: <video>\\nq ASSISTANT:``).
+    """
     segments = [Segment(bos + VICUNA_V1_SYSTEM + " ", False)]
     for turn in turns:
         if turn.role == "human":
-            segments.append(Segment("USER: " + (image + "\n") * turn.images + turn.text + " ASSISTANT:", False))
+            tags = (video + "\n") * turn.videos + (image + "\n") * turn.images
+            segments.append(Segment("USER: " + tags + turn.text + " ASSISTANT:", False))
         else:
             segments.append(Segment(" " + turn.text + eos, True))
     return segments
@@ -85,7 +103,9 @@ def chat_template_segments(turns: Sequence[Turn], render: Render) -> list[Segmen
     messages = [
         {
             "role": "user" if t.role == "human" else "assistant",
-            "content": [{"type": "image"}] * t.images + ([{"type": "text", "text": t.text}] if t.text else []),
+            "content": [{"type": "video"}] * t.videos
+            + [{"type": "image"}] * t.images
+            + ([{"type": "text", "text": t.text}] if t.text else []),
         }
         for t in turns
     ]
@@ -123,9 +143,17 @@ def _merge(segments: Sequence[Segment]) -> list[Segment]:
 
 
 class Templater:
-    """Turns a validated conversation into ``(input_ids, labels)`` with ``image_counts[i]`` ids per image."""
+    """Turns a validated conversation into ``(input_ids, labels)``: the k-th image becomes ``image_counts[k]`` ids of
+    ``image_token_id`` and the k-th video ``video_counts[k]`` ids of ``video_token_id`` (None: no video input)."""
 
-    def __init__(self, tokenizer, template: str, image_token_id: int, chat_template: str | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        template: str,
+        image_token_id: int,
+        chat_template: str | None = None,
+        video_token_id: int | None = None,
+    ):
         if template not in TEMPLATES:
             raise UserError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
         if template == "chat_template" and not (chat_template or tokenizer.chat_template):
@@ -137,7 +165,11 @@ class Templater:
         self.template = template
         self.chat_template = chat_template
         self.image_token_id = image_token_id
+        self.video_token_id = video_token_id
         self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+        self.video_token = tokenizer.convert_ids_to_tokens(video_token_id) if video_token_id is not None else None
+        placeholders = [t for t in (self.image_token, self.video_token) if t is not None]
+        self._placeholder = re.compile("(" + "|".join(map(re.escape, placeholders)) + ")")
         encode = self._encode_text
         self.dummy_prefix = encode("a a") == encode("a") * 2
 
@@ -150,45 +182,60 @@ class Templater:
         )
 
     def segments(self, turns: Sequence[Turn]) -> list[Segment]:
+        if any(t.videos for t in turns) and self.video_token is None:
+            raise UserError("the sample has a video but the templater was given no video token id")
         if self.template == "vicuna_v1":
             tok = self.tokenizer
-            return _merge(vicuna_v1_segments(turns, tok.bos_token or "", tok.eos_token or "", self.image_token))
+            bos, eos = tok.bos_token or "", tok.eos_token or ""
+            return _merge(vicuna_v1_segments(turns, bos, eos, self.image_token, self.video_token or VIDEO_TAG))
         return _merge(chat_template_segments(turns, self._render))
 
-    def __call__(self, turns: Sequence[Turn], image_counts: Sequence[int]) -> tuple[list[int], list[int]]:
+    def __call__(
+        self, turns: Sequence[Turn], image_counts: Sequence[int], video_counts: Sequence[int] = ()
+    ) -> tuple[list[int], list[int]]:
+        if video_counts and self.video_token is None:
+            raise UserError("the sample has a video but the templater was given no video token id")
+        # placeholder token -> (its id, the token count of each of its runs in order, "images" | "videos")
+        runs = {self.image_token: (self.image_token_id, list(image_counts), "images")}
+        if self.video_token is not None:
+            runs[self.video_token] = (self.video_token_id, list(video_counts), "videos")
+        done = dict.fromkeys(runs, 0)
         ids: list[int] = []
         labels: list[int] = []
-        n_images = 0
         for n, seg in enumerate(self.segments(turns)):
             text = seg.text[1:] if n and self.dummy_prefix and seg.text.startswith(" ") else seg.text
-            for j, part in enumerate(text.split(self.image_token)):
-                if j:
-                    if n_images == len(image_counts):
-                        raise UserError(f"the {self.template} template rendered more images than the sample has")
-                    count = image_counts[n_images]
-                    ids += [self.image_token_id] * count
-                    labels += [IGNORE_INDEX] * count
-                    n_images += 1
-                if part:
+            for part in self._placeholder.split(text):
+                if part in runs:
+                    token_id, counts, kind = runs[part]
+                    if done[part] == len(counts):
+                        raise UserError(f"the {self.template} template rendered more {kind} than the sample has")
+                    ids += [token_id] * counts[done[part]]
+                    labels += [IGNORE_INDEX] * counts[done[part]]
+                    done[part] += 1
+                elif part:
                     piece = self._encode_text(part)
                     ids += piece
                     labels += piece if seg.supervised else [IGNORE_INDEX] * len(piece)
-        if n_images != len(image_counts):
-            raise UserError(
-                f"the {self.template} template rendered {n_images} of the sample's {len(image_counts)} images"
-            )
+        for token, (_, counts, kind) in runs.items():
+            if done[token] != len(counts):
+                raise UserError(
+                    f"the {self.template} template rendered {done[token]} of the sample's {len(counts)} {kind}"
+                )
         return ids, labels
 
 
 def fit_to_length(
-    ids: list[int], labels: list[int], image_token_id: int, max_length: int
+    ids: list[int], labels: list[int], image_token_id: int, max_length: int, video_token_id: int | None = None
 ) -> tuple[list[int], list[int]]:
-    """Cut a sequence to ``max_length`` in its text only; ``TooLong`` if an image or every answer would be lost."""
+    """Cut a sequence to ``max_length`` in its text only; ``TooLong`` if an image or video run, or every answer,
+    would be lost."""
     if len(ids) <= max_length:
         return ids, labels
-    images_end = max((k + 1 for k, t in enumerate(ids) if t == image_token_id), default=0)
-    if images_end > max_length:
-        raise TooLong(f"too long: its images end at token {images_end}, past max_length {max_length}")
+    placeholders = {image_token_id, video_token_id} - {None}
+    media_end = max((k + 1 for k, t in enumerate(ids) if t in placeholders), default=0)
+    if media_end > max_length:
+        what = "images end" if ids[media_end - 1] == image_token_id else "video ends"
+        raise TooLong(f"too long: its {what} at token {media_end}, past max_length {max_length}")
     labels = labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         raise TooLong(f"too long: no answer token within max_length {max_length} ({len(ids)} tokens)")
