@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from visionzip_tune.errors import UserError
+
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -139,18 +141,21 @@ def tower_name(spec: TinySpec) -> str:
 
 
 def image_grid_pinpoints(spec: TinySpec) -> list[list[int]]:
-    """``crop_grids`` as HF's ``image_grid_pinpoints``: [[height, width], ...] in pixels, multiples of image_size."""
+    """``crop_grids`` as HF's ``image_grid_pinpoints``: [[height, width], ...] in pixels, multiples of image_size.
+    A malformed ``crop_grids`` (it comes from ``model.tiny`` in a recipe) is a :class:`UserError`."""
     pinpoints = []
     for grid in spec.crop_grids.split():
         rows, sep, cols = grid.partition("x")
         if not (sep and rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
-            raise ValueError(
-                f"TinySpec.crop_grids={spec.crop_grids!r}: {grid!r} is not a grid of crops 'ROWSxCOLUMNS' "
-                "(e.g. '1x2 2x1 2x2')"
+            raise UserError(
+                f"model.tiny.crop_grids (TinySpec.crop_grids) = {spec.crop_grids!r}: {grid!r} is not a grid of "
+                "crops 'ROWSxCOLUMNS' with positive numbers; give space-separated grids, e.g. '1x2 2x1 2x2'"
             )
         pinpoints.append([int(rows) * spec.image_size, int(cols) * spec.image_size])
     if not pinpoints:
-        raise ValueError("TinySpec.crop_grids is empty: give at least one grid of crops, e.g. '1x2 2x1 2x2'")
+        raise UserError(
+            "model.tiny.crop_grids (TinySpec.crop_grids) is empty: give at least one grid of crops, e.g. '1x2 2x1 2x2'"
+        )
     return pinpoints
 
 
