@@ -207,3 +207,33 @@ def test_generate_media_errors(exports, media, capsys, tmp_path):
         ["generate", "--projector", str(video_export), "--video", str(empty), *common], capsys)
     assert "give an image (--image FILE) and/or a video" in _cli_error(
         ["generate", "--projector", str(video_export), *common], capsys)
+
+
+def test_full_run_export_generates_with_its_whole_model(exports, media, capsys, tmp_path):
+    import copy
+
+    from visionzip_tune.models import language_model
+
+    trained, export = exports["video_llava"]
+    base = export.parent / "base-video_llava"
+    full = copy.deepcopy(trained)  # a 'full' run trains the language model too
+    with torch.no_grad():
+        for param in language_model(full).layers[0].parameters():
+            param.add_(0.5 * torch.randn(param.shape, generator=torch.Generator().manual_seed(4)))
+    tokenizer, image_processor, _ = load_processing(str(base))
+    recipe = json.loads((export / "visionzip.json").read_text())["recipe"]
+    metadata = {"base_model": str(base), "mode": "full", "recipe": recipe}
+    full_export = export_projector(full, tmp_path / "full", metadata=metadata, processing=(tokenizer, image_processor))
+    answer, err = _generate(full_export, capsys, "--video", str(media / "frames"))
+    frames = [f"frames/{f}" for f in sorted(p.name for p in (media / "frames").iterdir())]
+    expected = _reference(full, base, media, video=frames)[0]
+    assert expected and answer == expected
+    assert expected != _reference(trained, base, media, video=frames)[0]  # the trained language model is used
+    assert f"<video>x{RECIPE_FRAMES * K}" in err
+    # An export written without the processing pieces falls back to the base model's.
+    bare = export_projector(full, tmp_path / "bare", metadata=metadata)
+    assert not (bare / "model" / "tokenizer.json").exists()
+    assert _generate(bare, capsys, "--video", str(media / "frames"))[0] == expected
+    assert "holds the whole trained model" in _cli_error(
+        ["generate", "--projector", str(full_export), "--model", str(base), "--video", str(media / "frames"),
+         "--prompt", QUESTION], capsys)  # fmt: skip
