@@ -11,9 +11,10 @@ An export directory holds three files (DESIGN §7):
 
 LoRA runs add ``adapter/`` (peft format), which ``load_projector`` merges into the language model. ``full`` runs
 (language model trained too) add ``model/``: the whole trained model in HF ``save_pretrained`` format, its
-``config.json`` keeping the ``visionzip`` budget -- load it with ``from_pretrained`` and call
-``vzt.apply_visionzip(model)``; ``load_projector`` refuses such an export, as the projector alone would not
-reproduce the run.
+``config.json`` keeping the ``visionzip`` budget, with the run's tokenizer (and chat template) and image processor
+when given (``processing=``) -- load it with ``from_pretrained`` and call ``vzt.apply_visionzip(model)`` (``python -m
+visionzip_tune generate --projector EXPORT`` does); ``load_projector`` refuses such an export, as the projector
+alone would not reproduce the run.
 
 ``load_projector`` refuses an export made on other base weights (fingerprint) or another geometry (shapes), so a
 projector is never silently paired with a model it was not trained for.
