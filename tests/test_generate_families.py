@@ -20,7 +20,9 @@ from PIL import Image
 from visionzip_tune.__main__ import main as cli
 from visionzip_tune.data import SupervisedDataset, load_samples
 from visionzip_tune.data.template import IGNORE_INDEX
+from visionzip_tune.errors import UserError
 from visionzip_tune.export import export_projector
+from visionzip_tune.generate import Chat, load_model
 from visionzip_tune.models import apply_visionzip, sample_image_tokens, tokens_per_video
 from visionzip_tune.processing import load_processing
 from visionzip_tune.tiny import TinySpec, save_tiny
@@ -207,6 +209,9 @@ def test_generate_media_errors(exports, media, capsys, tmp_path):
         ["generate", "--projector", str(video_export), "--video", str(empty), *common], capsys)
     assert "give an image (--image FILE) and/or a video" in _cli_error(
         ["generate", "--projector", str(video_export), *common], capsys)
+    model, processing, _ = load_model(None, str(video_export))
+    with pytest.raises(UserError, match=r"give an image \(--image FILE\) and/or a video"):
+        Chat(model, processing)
 
 
 def test_full_run_export_generates_with_its_whole_model(exports, media, capsys, tmp_path):

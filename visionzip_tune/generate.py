@@ -41,6 +41,7 @@ from visionzip_tune.processing import load_processing
 DEFAULT_TEMPLATE = "vicuna_v1"
 DEFAULT_ASPECT = "pad"
 DEFAULT_VIDEO_FRAMES = 8
+NO_MEDIA = "give an image (--image FILE) and/or a video (--video FILE_OR_DIR) to ask about."
 
 Processing = tuple[Any, Any, str | None]  # (tokenizer, image_processor, chat_template), as load_processing gives
 
@@ -94,7 +95,7 @@ class Chat:
     def set_media(self, image: str | Path | None = None, video: str | Path | None = None) -> None:
         """Start a new conversation about ``image`` and/or ``video`` (at least one)."""
         if image is None and video is None:
-            raise UserError("give an image (--image FILE) and/or a video (--video FILE_OR_DIR) to ask about.")
+            raise UserError(NO_MEDIA)
         if video is not None:
             self.set_video(video, new_conversation=False)
         else:
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.video_frames is not None and args.video_frames < 1:
         parser.error("--video-frames must be >= 1")
     if args.image is None and args.video is None:
-        raise UserError("give an image (--image FILE) and/or a video (--video FILE_OR_DIR) to ask about.")
+        raise UserError(NO_MEDIA)
 
     model, processing, record = load_model(
         args.model, args.projector, args.dominant, args.contextual,
