@@ -24,7 +24,8 @@ from visionzip_tune.errors import UserError
 
 BAD_SAMPLE_POLICIES = ("error", "skip")
 _LISTED = 10  # bad samples named in an error message before "... and N more"
-_KINDS = ("missing image", "unreadable image", "missing video", "unreadable video", "too long")  # the reasons a summary counts apart from "malformed"
+# The reasons a summary counts apart from "malformed".
+_KINDS = ("missing image", "unreadable image", "missing video", "unreadable video", "too long")
 
 
 def word_lengths(samples) -> list[int]:

@@ -14,6 +14,10 @@ projector alone has little room to steer a frozen random LLM:
   contradict each other across question types;
 * within an answer set all answers have the same number of tokens (tiny tokenizer), so summed log-probability
   scoring carries no length bias.
+
+Optional video samples (``videos``): one shape moving towards the left, right, top or bottom edge over
+``VIDEO_FRAMES`` frames on a flat background, asked "Which way does the shape move?". The answers are edges
+(``top``/``bottom``, not ``up``/``down``) because only those have the two tokens ``left`` and ``right`` have.
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ SHAPE_COLOURS = {"white": (245, 245, 245), "gray": (110, 110, 110), "cyan": (0, 
 SHAPES = ("circle", "square", "triangle")
 COUNTS = ("1", "2", "3")
 SIDES = ("left", "right")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}  # edge -> unit step (x, y)
+VIDEO_FRAMES = 8
+MOTION_QUESTION = "Which way does the shape move?"
 
 
 @dataclass(frozen=True)
@@ -100,13 +107,14 @@ def random_scene(rng: random.Random, kind: str | None = None, answer: str | None
 class BalancedAnswers:
     """Answers of each question kind dealt in shuffled rounds, so every answer is equally frequent."""
 
-    def __init__(self, rng: random.Random):
+    def __init__(self, rng: random.Random, choices: dict[str, tuple[str, ...]] | None = None):
         self.rng = rng
+        self.choices = choices or {kind: question.choices for kind, question in QUESTIONS.items()}
         self.rounds: dict[str, list[str]] = {}
 
     def next(self, kind: str) -> str:
         if not self.rounds.get(kind):
-            self.rounds[kind] = list(QUESTIONS[kind].choices)
+            self.rounds[kind] = list(self.choices[kind])
             self.rng.shuffle(self.rounds[kind])
         return self.rounds[kind].pop()
 
@@ -122,15 +130,67 @@ def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
     for k in range(scene.count):
         x = x0 + rng.randint(4, half - size - 4)
         y = k * cell + rng.randint(4, cell - size - 4)
-        box = (x, y, x + size, y + size)
-        fill = SHAPE_COLOURS[scene.colour]
-        if scene.shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif scene.shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(x + size // 2, y), (x, y + size), (x + size, y + size)], fill=fill)
+        _draw_shape(draw, scene.shape, (x, y, x + size, y + size), SHAPE_COLOURS[scene.colour])
     return img
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill: tuple[int, ...]) -> None:
+    x, y, right, bottom = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([((x + right) // 2, y), (x, bottom), (right, bottom)], fill=fill)
+
+
+def draw_motion(direction: str, rng: random.Random) -> list[Image.Image]:
+    """``VIDEO_FRAMES`` frames of one shape crossing the frame towards the ``direction`` edge."""
+    background, colour = rng.choice(list(COLOURS)), rng.choice(list(SHAPE_COLOURS))
+    shape, size = rng.choice(SHAPES), 56
+    dx, dy = DIRECTIONS[direction]
+    travel = IMAGE_SIZE - size - 16  # from one margin to the other
+    # Along the motion the shape starts 8 px from the edge it leaves; across it, a random position.
+    start = [rng.randint(8, IMAGE_SIZE - size - 8) for _ in range(2)]
+    for axis, step in enumerate((dx, dy)):
+        if step:
+            start[axis] = 8 if step > 0 else IMAGE_SIZE - size - 8
+    frames = []
+    for t in range(VIDEO_FRAMES):
+        progress = round(travel * t / (VIDEO_FRAMES - 1))
+        x, y = start[0] + dx * progress, start[1] + dy * progress
+        img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), COLOURS[background])
+        _draw_shape(ImageDraw.Draw(img), shape, (x, y, x + size, y + size), SHAPE_COLOURS[colour])
+        frames.append(img)
+    return frames
+
+
+def _video_sample(sample_id: str, frames_dir: str, direction: str) -> dict:
+    return {
+        "id": sample_id,
+        "video": [f"{frames_dir}/{t:03d}.png" for t in range(VIDEO_FRAMES)],
+        "conversations": [
+            {"from": "human", "value": f"<video>\n{MOTION_QUESTION}"},
+            {"from": "gpt", "value": direction},
+        ],
+    }
+
+
+def _write_video_samples(
+    images_dir: Path, split: str, first: int, count: int, rng: random.Random, with_choices: bool
+) -> list[dict]:
+    """``count`` motion samples (balanced directions), frames under ``images_dir/videos/<id>/NNN.png``."""
+    answers = BalancedAnswers(rng, {"direction": tuple(DIRECTIONS)})
+    samples = []
+    for i in range(first, first + count):
+        sample_id, direction = f"{split}-{i:06d}", answers.next("direction")
+        frames_dir = f"videos/{sample_id}"
+        (images_dir / frames_dir).mkdir(parents=True)
+        for t, frame in enumerate(draw_motion(direction, rng)):
+            frame.save(images_dir / frames_dir / f"{t:03d}.png")
+        sample = _video_sample(sample_id, frames_dir, direction)
+        samples.append({**sample, "choices": list(DIRECTIONS)} if with_choices else sample)
+    return samples
 
 
 def _ask(rng: random.Random, exclude: tuple[str, ...] = ()) -> str:
@@ -156,25 +216,33 @@ def _write_json(path: Path, samples: list[dict]) -> None:
     path.write_text("[\n" + ",\n".join(json.dumps(s) for s in samples) + "\n]\n", encoding="utf-8")
 
 
-def make_demo_dataset(out_dir: str | Path, n: int = 1000, seed: int = 0, n_eval: int | None = None) -> DemoPaths:
+def make_demo_dataset(
+    out_dir: str | Path, n: int = 1000, seed: int = 0, n_eval: int | None = None, videos: int = 0
+) -> DemoPaths:
     """Write ``out_dir/train.json`` (``n`` samples), ``out_dir/eval.json`` (``n_eval``, default ``max(8, n // 4)``)
     and ``out_dir/images/*.png`` (224 px); deterministic per seed. Image paths are relative to ``out_dir/images``.
 
     Train: single- and two-turn questions, ~5% text-only. Eval: single-turn image questions with ``"choices"``
-    (the question's closed answer set); the gold answer is the last gpt turn.
+    (the question's closed answer set); the gold answer is the last gpt turn. ``videos`` of the ``n`` training
+    samples (and the same share of the held-out ones, at least one) are motion videos given as frame lists,
+    ``images/videos/<id>/NNN.png``: the image folder is their video folder too. ``videos=0`` writes exactly the
+    bytes it wrote before videos existed.
     """
     out_dir = Path(out_dir)
     if n < 1:
         raise UserError(f"--n must be at least 1, not {n}")
+    if not 0 <= videos <= n:
+        raise UserError(f"--videos must be between 0 and --n ({n}), not {videos}")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "train.json").exists():
         raise UserError(f"{out_dir} exists and is not a demo dataset; choose an empty or new directory")
     n_eval = max(8, n // 4) if n_eval is None else n_eval
+    eval_videos = min(n_eval, max(1, n_eval * videos // n)) if videos else 0
     rng = random.Random(seed)
     answers = BalancedAnswers(rng)
     with atomic_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         train, evaluation = [], []
-        for i in range(n):
+        for i in range(n - videos):
             if rng.random() < TEXT_ONLY_FRACTION:
                 question, answer = rng.choice(TEXT_ONLY)
                 turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
@@ -187,14 +255,18 @@ def make_demo_dataset(out_dir: str | Path, n: int = 1000, seed: int = 0, n_eval:
             image = f"train_{i:06d}.png"
             draw_scene(scene, rng).save(tmp / "images" / image)
             train.append(_image_sample(f"train-{i:06d}", image, scene, kinds, rng))
+        train += _write_video_samples(tmp / "images", "train", n - videos, videos, rng, with_choices=False)
         answers = BalancedAnswers(rng)  # fresh rounds: the held-out answers are balanced on their own
-        for i in range(n_eval):
+        for i in range(n_eval - eval_videos):
             kind = _ask(rng)
             scene = random_scene(rng, kind, answers.next(kind))
             image = f"eval_{i:06d}.png"
             draw_scene(scene, rng).save(tmp / "images" / image)
             sample = _image_sample(f"eval-{i:06d}", image, scene, [kind], rng)
             evaluation.append({**sample, "choices": list(QUESTIONS[kind].choices)})
+        evaluation += _write_video_samples(
+            tmp / "images", "eval", n_eval - eval_videos, eval_videos, rng, with_choices=True
+        )
         _write_json(tmp / "train.json", train)
         _write_json(tmp / "eval.json", evaluation)
     return DemoPaths(out_dir / "train.json", out_dir / "eval.json", out_dir / "images")

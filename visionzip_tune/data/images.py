@@ -61,9 +61,8 @@ class MediaTransform:
         self.video_frames = video_frames
         self.fill = tuple(int(m * 255) for m in image_processor.image_mean)
 
-    def _process(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        # Nested: the images are ONE sample (OneVision then feeds a multi-image sample untiled).
-        out = self.image_processor(images=[images], return_tensors="pt")
+    def _process(self, images: list[Image.Image] | list[list[Image.Image]]) -> dict[str, torch.Tensor]:
+        out = self.image_processor(images=images, return_tensors="pt")
         return {_RENAMED.get(key, key): value for key, value in out.items() if key in _MODEL_KEYS}
 
     def images(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
@@ -76,7 +75,8 @@ class MediaTransform:
         """
         if self.image_aspect == "pad":
             images = [expand_to_square(img, self.fill) for img in images]
-        return self._process(images), [(img.height, img.width) for img in images]
+        # Nested: the images are ONE sample (OneVision then feeds a multi-image sample untiled).
+        return self._process([images]), [(img.height, img.width) for img in images]
 
     def video(self, frames: list[Image.Image]) -> torch.Tensor:
         """``pixel_values_videos`` (1, T, 3, S, S) of one video's T = ``video_frames`` frames.
@@ -86,6 +86,7 @@ class MediaTransform:
         """
         if len(frames) != self.video_frames:
             raise ValueError(f"a video of {len(frames)} frames; this transform samples {self.video_frames}")
+        # Flat: every frame is a sample of its own (as one of several images, OneVision would pad it to a square).
         pixels = self._process(frames)["pixel_values"]
         return (pixels[:, 0] if pixels.dim() == 5 else pixels).unsqueeze(0)
 

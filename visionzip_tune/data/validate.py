@@ -1,7 +1,8 @@
 """What makes a LLaVA sample usable: one set of rules shared by ``data check``, loading and training.
 
-Structure (cheap, no file access) is checked once when the JSON is loaded; images and videos are checked when they are
-opened (``images.open_image``, ``video.read_video``). Every rule produces a short reason that names the offending turn, so the user can fix it.
+Structure (cheap, no file access) is checked once when the JSON is loaded; images and videos are checked when they
+are opened (``images.open_image``, ``video.read_video``). Every rule produces a short reason that names the
+offending turn, so the user can fix it.
 """
 
 from __future__ import annotations
