@@ -289,13 +289,14 @@ def test_broken_export_is_a_clear_user_error(tiny_clip_export, tiny_clip_dir, da
 
 
 def make_run(run: Path, model_dir: Path, tensors: dict[str, torch.Tensor], step: int = 3, mode: str = "projector",
-             prefix: str = "model.multi_modal_projector.") -> Path:
-    """A run directory laid out as training writes it (config.yaml, checkpoints/latest, trainable.safetensors)."""
+             prefix: str = "model.multi_modal_projector.", overrides: tuple[str, ...] = ()) -> Path:
+    """A run directory laid out as training writes it (config.yaml, checkpoints/latest, trainable.safetensors);
+    ``overrides`` (``key=value``) come after the defaults here."""
     from visionzip_tune.config import load_config, to_yaml
 
     cfg = load_config(overrides=[f"model.name_or_path={model_dir}", f"output.dir={run}", "visionzip.dominant=54",
                                  "visionzip.contextual=10", f"train.mode={mode}", "train.lora_r=4",
-                                 "train.lora_alpha=8"])
+                                 "train.lora_alpha=8", *overrides])
     ckpt = run / "checkpoints" / f"step-{step:06d}"
     ckpt.mkdir(parents=True)
     (run / "config.yaml").write_text(to_yaml(cfg))
@@ -321,6 +322,24 @@ def test_export_cli_exports_the_latest_checkpoint(tiny_clip_dir, tmp_path, capsy
     load_projector(fresh, out, processor=processor)
     assert all(torch.equal(p, tensors[n]) for n, p in projector(fresh).named_parameters())
     assert fresh.config.visionzip["dominant"] == 54
+
+
+def test_export_cli_keeps_the_runs_token_order(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from visionzip_tune.tiny import TinySpec, save_tiny
+
+    spec = TinySpec(family="llava_next", image_size=56, vision_hidden=32, vision_layers=2, text_hidden=32)
+    base = save_tiny(tmp_path / "next", spec)
+    tensors = perturb_projector(AutoModelForImageTextToText.from_pretrained(base))
+    budget = ("visionzip.dominant=6", "visionzip.contextual=3", "visionzip.token_order=grid")
+    run = make_run(tmp_path / "run", base, tensors, overrides=budget)
+    assert cli(["export", "--run", str(run)]) == 0
+    record = read_export(run / "export")
+    assert (record["family"], record["dominant"], record["token_order"]) == ("llava_next", 6, "grid")
+    fresh = AutoModelForImageTextToText.from_pretrained(base)
+    load_projector(fresh, run / "export")
+    assert fresh.config.visionzip["token_order"] == "grid"
 
 
 def _cli_error(argv, capsys) -> str:
@@ -413,6 +432,7 @@ def test_export_cli_exports_a_full_run_as_a_whole_model(tiny_clip_dir, tmp_path)
 
     from visionzip_tune.config import load_config
     from visionzip_tune.models import language_model
+    from visionzip_tune.processing import load_processing
     from visionzip_tune.train import set_trainable
 
     trained, processor = load_tiny(tiny_clip_dir)
@@ -427,6 +447,9 @@ def test_export_cli_exports_a_full_run_as_a_whole_model(tiny_clip_dir, tmp_path)
     assert cli(["export", "--run", str(run)]) == 0
     record = read_export(run / "export")
     assert (record["mode"], record["model"]) == ("full", "model")
+    tokenizer, image_processor, chat_template = load_processing(str(run / "export" / "model"))
+    assert tokenizer.get_vocab() == processor.tokenizer.get_vocab() and chat_template == processor.chat_template
+    assert image_processor.to_dict() == processor.image_processor.to_dict()
     with pytest.raises(UserError, match=r"from_pretrained.*export.model.*apply_visionzip"):
         load_projector(load_tiny(tiny_clip_dir)[0], run / "export")
     fresh = vzt.apply_visionzip(LlavaForConditionalGeneration.from_pretrained(run / "export" / "model"))

@@ -467,13 +467,14 @@ def export_run(run: str | Path, checkpoint: str | None = None, output: str | Pat
     Rebuilds the model as the run trained it -- the base model from ``model.name_or_path``, the run's VisionZip
     budget, its trainable set (LoRA wrapping included) -- loads the checkpoint's trainable tensors by name and
     writes the export (a ``full`` run's trainable set is the projector and the language model, so its export holds
-    the whole model too). Single process.
+    the whole model too, with the base model's tokenizer and image processor). Single process.
     """
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
     from visionzip_tune.config import load_config, to_dict
     from visionzip_tune.models import apply_visionzip
+    from visionzip_tune.processing import load_processing
     from visionzip_tune.train import base_model_id, set_trainable
 
     run = Path(run)
@@ -487,11 +488,14 @@ def export_run(run: str | Path, checkpoint: str | None = None, output: str | Pat
     base_model = base_model_id(cfg.model.name_or_path)
     try:
         model = AutoModelForImageTextToText.from_pretrained(base_model)
+        # A full run's export holds the whole model: the base model's tokenizer and image processor go next to it.
+        processing = load_processing(base_model)[:2] if cfg.train.mode == "full" else None
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the base model {base_model} of run {run} (model.name_or_path): {err}") from None
     fingerprint = weights_fingerprint(model)
     if cfg.visionzip.enabled:
-        apply_visionzip(model, cfg.visionzip.dominant, cfg.visionzip.contextual, eager=cfg.visionzip.eager)
+        v = cfg.visionzip
+        apply_visionzip(model, v.dominant, v.contextual, eager=v.eager, token_order=v.token_order)
     model = set_trainable(model, cfg.train)
 
     path = ckpt / "trainable.safetensors"
@@ -517,7 +521,7 @@ def export_run(run: str | Path, checkpoint: str | None = None, output: str | Pat
         "mode": cfg.train.mode,
         "checkpoint": str(ckpt.resolve()),
     }
-    return export_projector(model, Path(output) if output else run / "export", metadata=metadata)
+    return export_projector(model, Path(output) if output else run / "export", metadata=metadata, processing=processing)
 
 
 def main(argv: list[str] | None = None) -> int:
