@@ -6,12 +6,62 @@ from pathlib import Path
 
 import pytest
 
+from visionzip_tune.compress import validate_budget
 from visionzip_tune.config import load_config
+from visionzip_tune.encoders import tokens_per_tower_output
+from visionzip_tune.models import tokens_per_image, tokens_per_video
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 LLAVA = [r for r in RECIPES if r.parent.name.startswith("llava-1.5-")]
+NEXT = [r for r in RECIPES if r.parent.name.startswith("llava-next-")]
+VIDEO_LLAVA = [r for r in RECIPES if r.parent.name.startswith("video-llava-")]
+ONEVISION = [r for r in RECIPES if r.parent.name.startswith("llava-onevision-")]
+GPU_RECIPES = LLAVA + NEXT + VIDEO_LLAVA + ONEVISION
 GPUS = 8  # the recipes' global batch is stated for one 8-GPU node
+# LLaVA-NeXT, paper Table 9: total tokens over 5 crops -> (dominant, contextual) per crop.
+TABLE_9 = {160: (27, 5), 320: (54, 10), 640: (108, 20)}
+
+
+def _small(config_class, **geometry):
+    """A vision config with a released checkpoint's geometry (image_size, patch_size) and tiny widths: token counts
+    depend on the geometry only."""
+    return config_class(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, **geometry)
+
+
+def released_config(recipe: Path):
+    """The config geometry of the checkpoint a recipe names (nothing downloaded): towers, crops, pinpoints."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaNextConfig,
+        LlavaOnevisionConfig,
+        SiglipVisionConfig,
+        VideoLlavaConfig,
+    )
+
+    family = recipe.parent.name.rsplit("-", 1)[0]
+    if family == "llava-1.5":
+        return LlavaConfig(vision_config=_small(CLIPVisionConfig, image_size=336, patch_size=14))
+    if family == "llava-next":  # llava-v1.6 anyres grids: 1x2, 2x1, 2x2, 3x1, 1x3 crops of 336 px
+        pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+        return LlavaNextConfig(vision_config=_small(CLIPVisionConfig, image_size=336, patch_size=14),
+                               image_grid_pinpoints=pinpoints)  # fmt: skip
+    if family == "video-llava":  # LanguageBind towers: CLIP-L/14 at 224 px, 256 patches + CLS per frame
+        return VideoLlavaConfig(vision_config=_small(CLIPVisionConfig, image_size=224, patch_size=14))
+    if family == "llava-onevision":  # SigLIP-so400m at 384 px (729 tokens), grids up to 6x6, anyres_max_9
+        pinpoints = [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)]
+        return LlavaOnevisionConfig(vision_config=_small(SiglipVisionConfig, image_size=384, patch_size=14),
+                                    image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9",
+                                    vision_feature_layer=-1, vision_feature_select_strategy="full")  # fmt: skip
+    raise AssertionError(f"no released geometry for {recipe}")
+
+
+def zipped(recipe: Path, cfg):
+    """The released config of ``recipe`` with the recipe's budget recorded, as apply_visionzip records it."""
+    config = released_config(recipe)
+    config.visionzip = {"dominant": cfg.visionzip.dominant, "contextual": cfg.visionzip.contextual, "eager": False}
+    return config
 
 
 def header(path: Path) -> str:
@@ -28,6 +78,12 @@ def test_the_expected_recipes_exist():
         "llava-1.5-7b/lora.yaml",
         "llava-1.5-13b/projector.yaml",
         "llava-1.5-13b/full.yaml",
+        "llava-next-7b/projector.yaml",
+        "llava-next-7b/full.yaml",
+        "llava-next-13b/projector.yaml",
+        "video-llava-7b/projector.yaml",
+        "llava-onevision-0.5b/projector.yaml",
+        "llava-onevision-7b/projector.yaml",
     } <= names
 
 
@@ -64,6 +120,72 @@ def test_llava_recipes_follow_the_paper_and_llava_scripts(recipe):
     if cfg.train.mode == "lora":
         assert (cfg.train.lora_r, cfg.train.lora_alpha, cfg.train.projector_lr) == (128, 256, 2e-5)
     assert "108+20 = 128" in recipe.read_text() and "162+30 = 192" in recipe.read_text(), "document the budgets"
+
+
+@pytest.mark.parametrize("recipe", GPU_RECIPES, ids=lambda r: str(r.relative_to(ROOT / "recipes")))
+def test_gpu_recipes_share_the_llava_training_setup(recipe):
+    cfg = load_config(recipe)
+    assert cfg.train.mode == recipe.stem and cfg.visionzip.enabled
+    assert cfg.train.micro_batch_size * cfg.train.grad_accum * GPUS == 128
+    assert (cfg.train.warmup_ratio, cfg.train.weight_decay, cfg.train.epochs) == (0.03, 0.0, 1)
+    assert cfg.train.lr == {"projector": 2e-5, "full": 2e-5, "lora": 2e-4}[cfg.train.mode]
+    assert cfg.deepspeed.zero_stage == {"projector": 2, "full": 3, "lora": 3}[cfg.train.mode]
+    assert cfg.deepspeed.bf16 == "auto" and cfg.data.group_by_modality and cfg.train.activation_checkpointing
+    assert cfg.output.dir == f"runs/{recipe.parent.name}-{recipe.stem}"
+    # The budget fits the released tower: D + C <= the tokens it emits per image / crop / frame.
+    validate_budget(cfg.visionzip.dominant, cfg.visionzip.contextual,
+                    tokens_per_tower_output(released_config(recipe).vision_config))  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", NEXT, ids=lambda r: str(r.relative_to(ROOT / "recipes")))
+def test_next_recipes_zip_every_crop_with_a_table_9_budget(recipe):
+    cfg = load_config(recipe)
+    size = recipe.parent.name.removeprefix("llava-next-")
+    assert cfg.model.name_or_path == f"llava-hf/llava-v1.6-vicuna-{size}-hf"
+    total = {"projector": 320, "full": 640}[cfg.train.mode]  # full: Table 17 trained at 640
+    assert (cfg.visionzip.dominant, cfg.visionzip.contextual) == TABLE_9[total]
+    # 5 crops (a 2x2 grid: the paper's 2,880-token case) x the per-crop budget = the Table 9 total; 3 for 1x2.
+    assert tokens_per_image(zipped(recipe, cfg), (672, 672)) == total
+    assert tokens_per_image(zipped(recipe, cfg), (336, 672)) == 3 * total // 5
+    assert cfg.visionzip.token_order in ("flat", "grid")
+    assert (cfg.data.template, cfg.data.image_aspect) == ("vicuna_v1", "processor")
+    text = recipe.read_text()
+    assert all(f"{d}+{c}" in text for d, c in TABLE_9.values()), "document every Table 9 budget"
+
+
+def test_next_table_9_budget_overrides_give_the_totals():
+    for total, (dominant, contextual) in TABLE_9.items():
+        cfg = load_config(NEXT[0], [f"visionzip.dominant={dominant}", f"visionzip.contextual={contextual}",
+                                    "visionzip.token_order=grid"])  # fmt: skip
+        assert tokens_per_image(zipped(NEXT[0], cfg), (672, 672)) == total
+
+
+@pytest.mark.parametrize("recipe", VIDEO_LLAVA, ids=lambda r: str(r.relative_to(ROOT / "recipes")))
+def test_video_llava_recipe_zips_every_frame_to_17(recipe):
+    cfg = load_config(recipe)
+    assert cfg.model.name_or_path == "LanguageBind/Video-LLaVA-7B-hf"
+    assert cfg.visionzip.dominant + cfg.visionzip.contextual == 17 and cfg.data.video_frames == 8
+    assert tokens_per_video(zipped(recipe, cfg), cfg.data.video_frames) == 136  # paper Sec. 3.2
+    assert tokens_per_video(released_config(recipe), 8) == 8 * 257  # stock: every frame token, CLS included
+    assert cfg.data.video_folder is not None and (cfg.data.template, cfg.data.image_aspect) == ("vicuna_v1", "pad")
+    assert "17" in header(recipe) and "136" in header(recipe)
+
+
+@pytest.mark.parametrize("recipe", ONEVISION, ids=lambda r: str(r.relative_to(ROOT / "recipes")))
+def test_onevision_recipes_zip_every_crop_and_frame(recipe):
+    cfg = load_config(recipe)
+    size = recipe.parent.name.removeprefix("llava-onevision-")
+    assert cfg.model.name_or_path == f"llava-hf/llava-onevision-qwen2-{size}-ov-hf"
+    assert (cfg.data.template, cfg.data.image_aspect) == ("chat_template", "processor")
+    config = zipped(recipe, cfg)
+    per_crop = cfg.visionzip.dominant + cfg.visionzip.contextual
+    assert tokens_per_image(config, (768, 768)) == 5 * per_crop < tokens_per_image(released_config(recipe), (768, 768))
+    largest = tokens_per_image(config, (2304, 2304))  # 1 + 6 x 6 crops
+    video = tokens_per_video(config, cfg.data.video_frames)
+    assert largest == 37 * per_crop and max(largest, video) + 256 <= cfg.data.max_length, "room for the text"
+    assert video < tokens_per_video(released_config(recipe), cfg.data.video_frames)
+    text = " ".join(header(recipe).split())
+    assert "No official VisionZip recipe exists" in text and "no CLS" in text, "say the budget is a choice, and why"
 
 
 def test_every_budget_override_is_valid():
