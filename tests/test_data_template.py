@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import pytest
 
@@ -244,3 +245,87 @@ def test_fit_to_length_cuts_text_only():
         fit_to_length(ids, labels, img, 6)
     with pytest.raises(TooLong, match="images end at token 5, past max_length 4"):
         fit_to_length(ids, labels, img, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# <video>: Video-LLaVA / OneVision samples
+
+
+@pytest.fixture(scope="module")
+def video_tokenizer():
+    from visionzip_tune.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    return tok
+
+
+def media_templater(tok, template="vicuna_v1", chat_template=None) -> Templater:
+    ids = tok.convert_tokens_to_ids(["<image>", "<video>"])
+    return Templater(tok, template, ids[0], chat_template, video_token_id=ids[1])
+
+
+def runs_of(ids, templater):
+    """[(kind, length)] of the placeholder runs in ``ids``, in order."""
+    kinds = {templater.image_token_id: "image", templater.video_token_id: "video"}
+    return [(kinds[t], len(list(run))) for t, run in itertools.groupby(ids) if t in kinds]
+
+
+def test_video_tag_renders_before_images_and_expands_to_its_count(video_tokenizer):
+    tok = video_tokenizer
+    templater = media_templater(tok)
+    turns = llava_turns(conv("Is <image> in the <video>?", "yes", "Sure?", "no"), 1, 1)
+    assert [(t.images, t.videos, t.text) for t in turns] == [(1, 1, "Is  in the ?"), (0, 0, "yes"), (0, 0, "Sure?"),
+                                                             (0, 0, "no")]  # fmt: skip
+    whole = "".join(seg.text for seg in templater.segments(turns))
+    assert "USER: <video>\n<image>\nIs  in the ? ASSISTANT:" in whole  # Video-LLaVA: USER: <video>\n... ASSISTANT:
+    ids, labels = templater(turns, [3], [7])
+    assert runs_of(ids, templater) == [("video", 7), ("image", 3)]
+    placeholders = {templater.image_token_id, templater.video_token_id}
+    assert all(y == IGNORE_INDEX for t, y in zip(ids, labels) if t in placeholders)
+    assert tok.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX]).replace(" ", "") == "yes</s>no</s>"
+    # The text between the runs is what tokenizing the rendered prompt gives.
+    before, rest = whole.split("<video>")
+    encode = functools.partial(tok.encode, add_special_tokens=False)
+    assert ids[: len(encode(before))] == encode(before)
+
+
+def test_untagged_video_goes_to_the_first_human_turn(video_tokenizer):
+    turns = llava_turns(conv("A preamble.", "What happens?", "a shape moves", first="gpt"), 0, 1)
+    assert [(t.role, t.images, t.videos) for t in turns] == [("human", 0, 1), ("gpt", 0, 0)]
+    ids, _ = media_templater(video_tokenizer)(turns, [], [5])
+    assert runs_of(ids, media_templater(video_tokenizer)) == [("video", 5)]
+
+
+def test_chat_template_renders_video_items(video_tokenizer):
+    from visionzip_tune.tiny import CHAT_TEMPLATE
+
+    video_item = "{% elif item['type'] == 'video' %}{{ '<video>\n' }}"
+    assert video_item in CHAT_TEMPLATE
+    turns = llava_turns(conv("<video>\nWhich way?", "left"), 0, 1)
+    templater = media_templater(video_tokenizer, "chat_template", CHAT_TEMPLATE)
+    ids, labels = templater(turns, [], [4])
+    assert runs_of(ids, templater) == [("video", 4)]
+    assert video_tokenizer.decode([t for t, y in zip(ids, labels) if y != IGNORE_INDEX]) == "left</s>"
+    # A template that drops video items would silently lose the video: refused.
+    without_video = CHAT_TEMPLATE.replace(video_item, "")
+    with pytest.raises(UserError, match="rendered 0 of the sample's 1 videos"):
+        media_templater(video_tokenizer, "chat_template", without_video)(turns, [], [4])
+
+
+def test_video_without_a_video_token_is_refused(video_tokenizer):
+    templater = Templater(video_tokenizer, "vicuna_v1", video_tokenizer.convert_tokens_to_ids("<image>"))
+    with pytest.raises(UserError, match="has a video but the templater was given no video token id"):
+        templater(llava_turns(conv("<video> What?", "x"), 0, 1), [], [4])
+
+
+def test_fit_to_length_never_cuts_a_video_run():
+    img, vid = 9, 8
+    ids = [1, 5, vid, vid, vid, img, 6, 7, 2]
+    labels = [IGNORE_INDEX] * 7 + [7, 2]
+    assert fit_to_length(ids, labels, img, 8, vid) == (ids[:8], labels[:8])
+    with pytest.raises(TooLong, match="images end at token 6, past max_length 5"):
+        fit_to_length(ids, labels, img, 5, vid)
+    video_last = [1, 5, img, vid, vid, 6, 7, 2]
+    with pytest.raises(TooLong, match="video ends at token 5, past max_length 4"):
+        fit_to_length(video_last, [IGNORE_INDEX] * 6 + [7, 2], img, 4, vid)
