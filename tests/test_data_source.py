@@ -116,6 +116,16 @@ def test_missing_and_non_utf8_files(tmp_path, cache):
         ({"id": 1, "image": "a.jpg", "conversations": turns("hi", "<image>")}, "<image> tag in a gpt turn"),
         ({"id": 1, "image": 5, "conversations": turns("hi", "yo")}, "'image' must be a path"),
         ({"id": 1, "image": "", "conversations": turns("hi", "yo")}, "empty image path"),
+        ({"id": 1, "video": 3, "conversations": turns("hi", "yo")}, "'video' must be a video file's path or a list"),
+        ({"id": 1, "video": ["a.png", 2], "conversations": turns("hi", "yo")}, "'video' must be a video file's path"),
+        ({"id": 1, "video": [], "conversations": turns("hi", "yo")}, "'video' is an empty list of frames"),
+        ({"id": 1, "video": " ", "conversations": turns("hi", "yo")}, "empty video path"),
+        ({"id": 1, "video": ["a/0.png", ""], "conversations": turns("hi", "yo")}, "empty video path"),
+        ({"id": 1, "video": [["a/0.png"], ["b/0.png"]], "conversations": turns("hi", "yo")},
+         "2 videos: at most one video per sample"),
+        ({"id": 1, "video": "a.mp4", "conversations": turns("<video><video> hi", "yo")}, "2 <video> tags but 1 video"),
+        ({"id": 1, "conversations": turns("<video> hi", "yo")}, "1 <video> tags but 0 video"),
+        ({"id": 1, "video": "a.mp4", "conversations": turns("hi", "<video>")}, "conversations[1]: <video> tag in a gpt"),
     ],
 )
 def test_structural_problems_are_kept_with_their_reason(tmp_path, cache, sample, reason):
@@ -141,11 +151,31 @@ def test_llava_tolerances_are_not_problems(tmp_path, cache):
     assert ds[2]["source"] == "x"
 
 
+def test_video_forms_load_as_a_file_or_a_frame_list(tmp_path, cache):
+    samples = [
+        {"id": "file", "video": "clips/a.mp4", "conversations": turns("<video>\nWhat happens?", "it moves")},
+        {"id": "frames", "video": ["k400/a/0.png", "k400/a/1.png"], "conversations": turns("What?", "x")},
+        {"id": "both", "image": "coco/1.jpg", "video": "clips/b.mp4", "conversations": turns("<video><image>", "y")},
+        {"id": "tag-only", "video": "clips/c.mp4", "conversations": turns("<video>", "z")},
+    ]
+    path = tmp_path / "videos.json"
+    path.write_text(json.dumps(samples))
+    ds = load_samples(path, cache_dir=cache)
+    assert ds["problem"][:] == [None] * 4
+    assert ds["video_file"][:] == ["clips/a.mp4", None, "clips/b.mp4", "clips/c.mp4"]
+    assert ds["frame_files"][:] == [[], ["k400/a/0.png", "k400/a/1.png"], [], []]
+    assert ds["source"][:] == ["clips", "k400", "coco", "clips"]  # an image's folder first, else the video's
+    assert word_lengths(ds) == [5, 2, 2, 2]  # a video makes a sample multimodal (positive)
+
+
 def test_source_of():
     assert source_of(["coco/train2017/1.jpg"]) == "coco"
     assert source_of(["./vg/VG_100K/1.jpg", "gqa/2.jpg"]) == "vg"
     assert source_of(["1.png"]) == "."
     assert source_of([]) == "text-only"
+    assert source_of([], "k400/a.mp4") == "k400"
+    assert source_of([], ["./ssv2/1/000.png", "ssv2/1/001.png"]) == "ssv2"
+    assert source_of(["coco/1.jpg"], "k400/a.mp4") == "coco"
 
 
 def test_word_lengths_are_llava_modality_lengths(tmp_path, cache):
