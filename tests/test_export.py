@@ -342,6 +342,16 @@ def test_export_cli_keeps_the_runs_token_order(tmp_path):
     assert fresh.config.visionzip["token_order"] == "grid"
 
 
+def test_export_cli_of_a_run_without_visionzip_on_a_zipped_base(tiny_clip_dir, tmp_path):
+    zipped, _ = load_tiny(tiny_clip_dir)
+    vzt.apply_visionzip(zipped, 54, 10)
+    zipped.save_pretrained(tmp_path / "zipped-base")  # e.g. a full run's export/model: its config records a budget
+    run = make_run(tmp_path / "run", tmp_path / "zipped-base", perturb_projector(zipped),
+                   overrides=("visionzip.enabled=false",))
+    assert cli(["export", "--run", str(run)]) == 0
+    assert read_export(run / "export")["dominant"] is None  # the run trained on every token
+
+
 def _cli_error(argv, capsys) -> str:
     capsys.readouterr()  # drop earlier output (progress bars of loads done by the test itself)
     assert cli(argv) == 2

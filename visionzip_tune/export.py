@@ -473,7 +473,7 @@ def export_run(run: str | Path, checkpoint: str | None = None, output: str | Pat
     from transformers import AutoModelForImageTextToText
 
     from visionzip_tune.config import load_config, to_dict
-    from visionzip_tune.models import apply_visionzip
+    from visionzip_tune.models import apply_visionzip, remove_visionzip
     from visionzip_tune.processing import load_processing
     from visionzip_tune.train import base_model_id, set_trainable
 
@@ -496,6 +496,8 @@ def export_run(run: str | Path, checkpoint: str | None = None, output: str | Pat
     if cfg.visionzip.enabled:
         v = cfg.visionzip
         apply_visionzip(model, v.dominant, v.contextual, eager=v.eager, token_order=v.token_order)
+    else:
+        remove_visionzip(model)  # as training does: a base saved zipped records a budget the run did not use
     model = set_trainable(model, cfg.train)
 
     path = ckpt / "trainable.safetensors"
