@@ -217,7 +217,7 @@ def test_generate_media_errors(exports, media, capsys, tmp_path):
 def test_full_run_export_generates_with_its_whole_model(exports, media, capsys, tmp_path):
     import copy
 
-    from visionzip_tune.models import language_model
+    from visionzip_tune.models import language_model, remove_visionzip
 
     trained, export = exports["video_llava"]
     base = export.parent / "base-video_llava"
@@ -239,6 +239,11 @@ def test_full_run_export_generates_with_its_whole_model(exports, media, capsys, 
     bare = export_projector(full, tmp_path / "bare", metadata=metadata)
     assert not (bare / "model" / "tokenizer.json").exists()
     assert _generate(bare, capsys, "--video", str(media / "frames"))[0] == expected
+    # A full run without VisionZip: a stock model, every patch of every frame (17 with CLS).
+    stock = copy.deepcopy(full)
+    remove_visionzip(stock)
+    stock_export = export_projector(stock, tmp_path / "stock", metadata=metadata)
+    assert f"<video>x{RECIPE_FRAMES * 17}" in _generate(stock_export, capsys, "--video", str(media / "frames"))[1]
     assert "holds the whole trained model" in _cli_error(
         ["generate", "--projector", str(full_export), "--model", str(base), "--video", str(media / "frames"),
          "--prompt", QUESTION], capsys)  # fmt: skip

@@ -233,7 +233,8 @@ def load_model(model_dir: str | None, projector: str | None, dominant: int | Non
     processing = _load_processing(source, record["base_model"] if whole else None)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     if whole:
-        apply_visionzip(model)  # the budget recorded in its config.json
+        if record["dominant"] is not None:  # a run without VisionZip saved a stock model
+            apply_visionzip(model)  # the budget recorded in its config.json
     elif projector is not None:
         load_projector(model, projector, check_fingerprint=check_fingerprint)
     elif dominant is not None:
