@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -163,3 +164,92 @@ def test_demo_cli_replaces_a_demo_but_not_other_folders(tmp_path, capsys):
     assert vzt_main(["data", "demo", "--output", str(other), "--n", "10"]) == 2
     assert "is not a demo dataset" in " ".join(capsys.readouterr().err.split())
     assert (other / "notes.txt").read_text() == "keep me" and not (other / "train.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Videos
+
+
+def test_check_opens_videos_and_names_bad_ones(tmp_path, capsys):
+    av = pytest.importorskip("av")
+    videos = tmp_path / "videos"
+    (videos / "clip").mkdir(parents=True)
+    for k in range(4):
+        Image.new("RGB", (16, 16), (40 * k, 0, 0)).save(videos / "clip" / f"{k}.png")
+    (videos / "clip" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with av.open(str(videos / "ok.mp4"), "w") as out:
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 16, 16, "yuv420p"
+        for k in range(3):
+            out.mux(stream.encode(av.VideoFrame.from_image(Image.new("RGB", (16, 16), (0, 60 * k, 0)))))
+        out.mux(stream.encode())
+    (videos / "junk.mp4").write_bytes(b"junk")
+    frames = [f"clip/{k}.png" for k in range(4)]
+    samples = [
+        {"id": "frames", "video": frames, "conversations": turns("<video>\nWhat?", "x")},
+        {"id": "file", "video": "ok.mp4", "conversations": turns("<video>\nWhat?", "x")},
+        {"id": "text", "conversations": turns("Hi", "Hello")},
+        {"id": "gone", "video": "gone.mp4", "conversations": turns("<video>\nWhat?", "x")},
+        {"id": "junk", "video": "junk.mp4", "conversations": turns("What?", "x")},
+        {"id": "hole", "video": [*frames, "clip/broken.png"], "conversations": turns("What?", "x")},
+        {"id": "tags", "video": "ok.mp4", "conversations": turns("<video><video>", "x")},
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(samples))
+    code = main(["check", "--data", str(data), "--video-folder", str(videos), "--video-frames", "2", "--workers",
+                 "1", "--quiet"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 1 and "checked 7 samples (0 with images, 6 with a video, 1 text-only): 4 unusable" in out
+    listed = {line.split(":")[0].strip(): line for line in out.splitlines()[1:]}
+    assert set(listed) == {"id gone", "id junk", "id hole", "id tags"}
+    assert "missing video" in listed["id gone"] and "gone.mp4" in listed["id gone"]
+    assert "unreadable video" in listed["id junk"] and "junk.mp4" in listed["id junk"]
+    assert "unreadable video frame" in listed["id hole"] and "broken.png" in listed["id hole"]  # every frame opened
+    assert "2 <video> tags but 1 video" in listed["id tags"]
+    with pytest.raises(UserError, match="5 samples have videos but no --video-folder was given"):
+        main(["check", "--data", str(data), "--quiet"])
+
+
+def test_demo_videos_move_the_way_the_answer_says(tmp_path):
+    from visionzip_tune.data.demo import COLOURS, DIRECTIONS, MOTION_QUESTION, VIDEO_FRAMES
+
+    paths = make_demo_dataset(tmp_path / "demo", n=20, seed=0, n_eval=8, videos=8)
+    train, evaluation = json.loads(paths.train.read_text()), json.loads(paths.eval.read_text())
+    assert len(train) == 20 and len(evaluation) == 8
+    clips = [s for s in train if "video" in s]
+    held_out = [s for s in evaluation if "video" in s]
+    assert len(clips) == 8 and len(held_out) == 3 and all("image" not in s for s in clips + held_out)
+    assert Counter(s["conversations"][1]["value"] for s in clips) == dict.fromkeys(DIRECTIONS, 2)  # balanced
+    assert all(s["choices"] == list(DIRECTIONS) for s in held_out)
+    for s in clips + held_out:
+        assert s["conversations"][0]["value"] == f"<video>\n{MOTION_QUESTION}"
+        assert s["video"] == [f"videos/{s['id']}/{t:03d}.png" for t in range(VIDEO_FRAMES)]
+        first, last = (np.asarray(Image.open(paths.images / s["video"][k])) for k in (0, -1))
+        background = np.array(COLOURS[min(COLOURS, key=lambda c: np.abs(first[0, 0] - COLOURS[c]).sum())])
+        centres = [np.argwhere((frame != background).any(-1)).mean(0) for frame in (first, last)]  # (y, x)
+        dy, dx = centres[1] - centres[0]
+        assert DIRECTIONS[s["conversations"][1]["value"]] == (int(np.sign(round(dx))), int(np.sign(round(dy))))
+    assert all(p is None for p in load_samples(paths.train)["problem"][:])
+    assert main(["check", "--data", str(paths.train), "--image-folder", str(paths.images), "--quiet"]) == 0
+
+
+def test_demo_direction_answers_have_equal_token_length(tiny_tokenizer):
+    from visionzip_tune.data.demo import DIRECTIONS
+
+    assert len({len(tiny_tokenizer.encode(d, add_special_tokens=False)) for d in DIRECTIONS}) == 1
+
+
+def test_preview_shows_video_runs_of_a_video_model(tmp_path, capsys):
+    from visionzip_tune.tiny import TinySpec, save_tiny
+
+    model_dir = save_tiny(tmp_path / "tiny-video-llava", TinySpec(family="video_llava", image_size=56,
+                                                                  vision_layers=2))  # fmt: skip
+    paths = make_demo_dataset(tmp_path / "demo", n=4, seed=0, n_eval=1, videos=1)
+    common = ["preview", "--data", str(paths.train), "--image-folder", str(paths.images), "--model", str(model_dir)]
+    assert main([*common, "--n", "4", "--dominant", "6", "--contextual", "2", "--video-frames", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "<video×32>" in out and "<image×8>" in out  # 4 frames x 8 tokens; 8 tokens per image
+    assert out.index("<video×32>") < out.index("Which way does the shape move?")
+    assert main([*common, "--n", "4", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows[-1]["input_ids"].count(602) == 8 * 17  # stock: 8 frames x (16 patches + CLS)
