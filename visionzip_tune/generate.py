@@ -86,8 +86,8 @@ class Chat:
         self.transform = MediaTransform(image_processor, image_aspect, video_frames)
         self.video_frames = video_frames
         self.max_new_tokens = max_new_tokens
-        self.image: dict[str, torch.Tensor] = {}
-        self.video: dict[str, torch.Tensor] = {}
+        self.image: dict[str, torch.Tensor] = {}  # model inputs of the image ({} without one)
+        self.video: dict[str, torch.Tensor] = {}  # ... of the video
         self.image_tokens: list[int] = []  # placeholders of the image (0 or 1 entry)
         self.video_tokens: list[int] = []  # ... of the video
         self.set_media(image, video)
@@ -96,17 +96,13 @@ class Chat:
         """Start a new conversation about ``image`` and/or ``video`` (at least one)."""
         if image is None and video is None:
             raise UserError(NO_MEDIA)
+        self.image, self.image_tokens, self.video, self.video_tokens = {}, [], {}, []
         if video is not None:
-            self.set_video(video, new_conversation=False)
-        else:
-            self.video, self.video_tokens = {}, []
+            self.set_video(video)
         if image is not None:
-            self.set_image(image, new_conversation=False)
-        else:
-            self.image, self.image_tokens = {}, []
-        self._new_conversation()
+            self.set_image(image)
 
-    def set_image(self, image: str | Path, *, new_conversation: bool = True) -> None:
+    def set_image(self, image: str | Path) -> None:
         """Ask about ``image`` from now on (a video already given stays); starts a new conversation."""
         try:
             picture = open_image(image)
@@ -115,10 +111,9 @@ class Chat:
         inputs, sizes = self.transform.images([picture])
         self.image = self._to_model(inputs)
         self.image_tokens = sample_image_tokens(self.model.config, sizes)
-        if new_conversation:
-            self._new_conversation()
+        self._new_conversation()
 
-    def set_video(self, video: str | Path, *, new_conversation: bool = True) -> None:
+    def set_video(self, video: str | Path) -> None:
         """Ask about ``video`` (a file, or a directory of frame images) from now on (an image already given stays);
         starts a new conversation. :class:`UserError` for a family without video input."""
         try:
@@ -128,8 +123,7 @@ class Chat:
         frames = video_frames_of(video, self.video_frames)
         self.video = self._to_model({"pixel_values_videos": self.transform.video(frames)})
         self.video_tokens = [count]
-        if new_conversation:
-            self._new_conversation()
+        self._new_conversation()
 
     def _new_conversation(self) -> None:
         self.history: list[tuple[str, str]] = []
