@@ -209,6 +209,10 @@ def test_generate_media_errors(exports, media, capsys, tmp_path):
         ["generate", "--projector", str(video_export), "--video", str(empty), *common], capsys)
     assert "give an image (--image FILE) and/or a video" in _cli_error(
         ["generate", "--projector", str(video_export), *common], capsys)
+    with pytest.raises(SystemExit):
+        cli(["generate", "--projector", str(video_export), "--video", str(media / "frames"), "--video-frames", "0",
+             *common])  # fmt: skip
+    assert "--video-frames must be >= 1" in capsys.readouterr().err
     model, processing, _ = load_model(None, str(video_export))
     with pytest.raises(UserError, match=r"give an image \(--image FILE\) and/or a video"):
         Chat(model, processing)

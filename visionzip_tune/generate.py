@@ -296,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", help="image file")
     parser.add_argument(
         "--video",
+        metavar="FILE_OR_DIR",
         help="video: a video file (decoded with PyAV: pip install av) or a directory of frame images, taken in name "
         "order; for families with a video input (Video-LLaVA, OneVision); may be given together with --image",
     )
