@@ -125,7 +125,7 @@ def test_missing_and_non_utf8_files(tmp_path, cache):
          "2 videos: at most one video per sample"),
         ({"id": 1, "video": "a.mp4", "conversations": turns("<video><video> hi", "yo")}, "2 <video> tags but 1 video"),
         ({"id": 1, "conversations": turns("<video> hi", "yo")}, "1 <video> tags but 0 video"),
-        ({"id": 1, "video": "a.mp4", "conversations": turns("hi", "<video>")}, "conversations[1]: <video> tag in a gpt"),
+        ({"id": 1, "video": "a.mp4", "conversations": turns("hi", "<video>")}, "[1]: <video> tag in a gpt turn"),
     ],
 )
 def test_structural_problems_are_kept_with_their_reason(tmp_path, cache, sample, reason):

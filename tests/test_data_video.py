@@ -323,3 +323,13 @@ def test_bad_videos_are_bad_samples_with_the_file_named(tmp_path, media):
     assert ds.skipped["hole"].startswith("missing video frame ") and "clip/404.png" in ds.skipped["hole"]
     summary = ds.skip_summary()
     assert "2 missing video" in summary and "1 unreadable video" in summary
+
+
+def test_video_samples_need_a_folder(tmp_path, media):
+    model, tokenizer = build_tiny_video_llava()
+    ds = dataset(tmp_path, None, VIDEO_SAMPLES[:1], model, tokenizer, video_llava_processor())
+    with pytest.raises(UserError, match=r"data\.json: samples have videos but no video folder was given"):
+        ds[0]
+    elsewhere = dataset(tmp_path, tmp_path / "no-images", VIDEO_SAMPLES[:1], model, tokenizer,
+                        video_llava_processor(), video_folder=media)  # fmt: skip
+    assert elsewhere[0]["vision"]["pixel_values_videos"].shape == (1, 3, 3, CROP, CROP)
