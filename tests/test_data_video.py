@@ -29,9 +29,9 @@ def grey(level: int, size: tuple[int, int] = (32, 24)) -> Image.Image:
     return Image.new("RGB", size, (level, level, level))
 
 
-def write_video(path, levels: list[int], container: str | None = None) -> None:
+def write_video(path, levels: list[int], container: str | None = None, options: dict | None = None) -> None:
     """A tiny mpeg4 video whose frame k is a flat grey of ``levels[k]``."""
-    with av.open(str(path), "w", format=container) as out:
+    with av.open(str(path), "w", format=container, options=options) as out:
         stream = out.add_stream("mpeg4", rate=8)
         stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
         out.start_encoding()  # writes the header even for a video without frames
@@ -86,6 +86,10 @@ def test_bad_video_files_name_the_file_and_reason(tmp_path):
     data = (tmp_path / "ok.mp4").read_bytes()
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
     write_video(tmp_path / "empty.avi", [], "avi")
+    # The frame index up front (faststart), the frames cut off: the count promises frames that never decode.
+    write_video(tmp_path / "front.mp4", [20 * k for k in range(10)], options={"movflags": "faststart"})
+    data = (tmp_path / "front.mp4").read_bytes()
+    (tmp_path / "front.mp4").write_bytes(data[: len(data) * 9 // 10])
     with pytest.raises(BadSample, match=r"^missing video .*nope\.mp4$"):
         read_video("nope.mp4", tmp_path, 2)
     for name in ("junk.mp4", "cut.mp4"):
@@ -93,6 +97,8 @@ def test_bad_video_files_name_the_file_and_reason(tmp_path):
             read_video(name, tmp_path, 2)
     with pytest.raises(BadSample, match=r"^unreadable video .*empty\.avi: no frames$"):
         read_video("empty.avi", tmp_path, 2)
+    with pytest.raises(BadSample, match=r"^unreadable video .*front\.mp4: frame \d of 10 could not be decoded$"):
+        read_video("front.mp4", tmp_path, 4)
 
 
 def test_video_file_without_pyav_asks_to_install_it(tmp_path, monkeypatch):
