@@ -91,7 +91,7 @@ def main() -> None:
                 image_folder=paths.images,
                 tokenizer=tokenizer,
                 image_processor=processor.image_processor,
-                tokens_per_image=lambda hw: TOKENS_PER_IMAGE,
+                image_tokens=lambda sizes: [TOKENS_PER_IMAGE] * len(sizes),
                 image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                 image_aspect=aspect,
             )

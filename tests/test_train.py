@@ -246,15 +246,3 @@ def test_train_sh_rejects_bad_input_before_launching(train_assets, tmp_path):
     assert "data.path: the data file /nonexistent.json does not exist" in done.stderr
     assert "Traceback" not in done.stderr and "torchrun" not in done.stderr.lower()
     assert not out.exists()
-
-
-def test_a_family_the_data_path_cannot_feed_is_refused(train_assets, tmp_path, capsys):
-    from test_families import build_tiny_next
-
-    model, processor = build_tiny_next()
-    model.save_pretrained(tmp_path / "next")
-    processor.save_pretrained(tmp_path / "next")
-    out = tmp_path / "run"
-    assert cli(["train", str(DEMO), *train_args(train_assets, out), f"model.name_or_path={tmp_path / 'next'}"]) == 2
-    assert "is a 'llava_next' model; training supports llava" in " ".join(capsys.readouterr().err.split())
-    assert not out.exists()

@@ -13,7 +13,7 @@ from visionzip_tune.data import Collator, SupervisedDataset, load_samples
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.errors import UserError
 from visionzip_tune.evaluate import answer_logprob, answer_mask, choice_accuracy, read_choices, with_answer
-from visionzip_tune.models import apply_visionzip, tokens_per_image
+from visionzip_tune.models import apply_visionzip, sample_image_tokens
 
 X = -100
 
@@ -53,7 +53,7 @@ def eval_setup(train_assets):
             image_folder=paths.images,
             tokenizer=processor.tokenizer,
             image_processor=processor.image_processor,
-            tokens_per_image=functools.partial(tokens_per_image, model.config),
+            image_tokens=functools.partial(sample_image_tokens, model.config),
             image_token_id=model.config.image_token_id,
             max_length=256,
         )

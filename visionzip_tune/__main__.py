@@ -12,7 +12,7 @@ COMMANDS = {
     "train": ("visionzip_tune.train", "train a projector (or more) with VisionZip in the data path"),
     "data": ("visionzip_tune.data.cli", "subset, check, preview LLaVA data; build the demo dataset"),
     "export": ("visionzip_tune.export", "export the projector of a run directory"),
-    "generate": ("visionzip_tune.generate", "answer a prompt about an image with a tuned projector"),
+    "generate": ("visionzip_tune.generate", "answer a prompt about an image or a video with a tuned projector"),
 }
 
 

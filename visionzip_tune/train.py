@@ -279,7 +279,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
             "data_fingerprint": data_fingerprint,
             "mode": t.mode,
         }
-        out = export_projector(engine, run_dir / "export", metadata=metadata)
+        out = export_projector(engine, run_dir / "export", metadata=metadata, processing=processing[:2])
         print0(f"[train] exported the {'model' if t.mode == 'full' else 'projector'} to {out}")
     if train_set.skipped:
         print0(f"[train] {train_set.skip_summary()}")
@@ -307,16 +307,16 @@ def _build_demo_assets(cfg: Config, dist: Dist) -> None:
     """Demo recipes: rank 0 builds the tiny model and the demo data when missing; the other ranks wait."""
     if dist.is_main:
         if cfg.model.build_tiny_if_missing and not Path(cfg.model.name_or_path).exists():
-            from visionzip_tune.tiny import save_tiny_llava
+            from visionzip_tune.tiny import save_tiny
 
-            print0(f"[train] building a random tiny LLaVA in {cfg.model.name_or_path}")
-            save_tiny_llava(cfg.model.name_or_path, cfg.model.tiny)
+            print0(f"[train] building a random tiny {cfg.model.tiny.family} model in {cfg.model.name_or_path}")
+            save_tiny(cfg.model.name_or_path, cfg.model.tiny)
         if cfg.data.build_demo_if_missing and not Path(cfg.data.path).exists():
             from visionzip_tune.data import make_demo_dataset
 
             out = Path(cfg.data.path).parent
             print0(f"[train] writing the demo dataset ({cfg.data.demo_samples} samples) into {out}")
-            make_demo_dataset(out, n=cfg.data.demo_samples, seed=cfg.data.demo_seed)
+            make_demo_dataset(out, n=cfg.data.demo_samples, seed=cfg.data.demo_seed, videos=cfg.data.demo_videos)
     barrier()
 
 
