@@ -102,12 +102,12 @@ def forward_vision_first(call: Callable[..., Any], model: nn.Module, inputs: dic
     inputs = dict(inputs)
     on = (inputs["input_ids"].device, base.dtype)
     images = {k: inputs.pop(k) for k in IMAGE_INPUTS if k in inputs}
-    encoded = {"image": _features(base.get_image_features, images, lambda: blank_image_inputs(base.config), *on)}
+    encoded = {"image": _features(base.model.get_image_features, images, lambda: blank_image_inputs(base.config), *on)}
     if has_video_input(base.config):
         size = base.config.vision_config.image_size
         videos = {VIDEO_INPUT: inputs.pop(VIDEO_INPUT)} if VIDEO_INPUT in inputs else {}
         blank_video = lambda: {VIDEO_INPUT: torch.zeros(1, 1, 3, size, size)}
-        encoded["video"] = _features(base.get_video_features, videos, blank_video, *on)
+        encoded["video"] = _features(base.model.get_video_features, videos, blank_video, *on)
     return call(**inputs, mm_encoder_outputs=encoded)
 
 

@@ -355,7 +355,9 @@ def _load_model(cfg: Config, bf16: bool, ds_config: dict) -> tuple[nn.Module, tu
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
-    zero3 = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
+    # zero.Init parses the config before DeepSpeed knows the world size: leave out the global batch it would check.
+    init_config = {k: v for k, v in ds_config.items() if k != "train_batch_size"}
+    zero3 = HfDeepSpeedConfig(init_config) if cfg.deepspeed.zero_stage == 3 else None
     try:
         model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
         processing = load_processing(name)
