@@ -135,3 +135,19 @@ def text_only_samples(n: int) -> list[dict]:
         {"id": f"text-{k}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
         for k, (q, a) in enumerate(qa[k % len(qa)] for k in range(n))
     ]
+
+
+def greedy_answer(model, tokenizer, item: dict, max_new_tokens: int) -> tuple[str, list[int]]:
+    """``(answer, prompt ids)``: the greedy answer to a training item's last question, the prompt being the item
+    cut where its last answer's supervised labels begin (what ``generate`` must build from the same media)."""
+    from visionzip_tune.data.template import IGNORE_INDEX
+
+    labels = item["labels"].tolist()
+    start = len(labels)
+    while labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    prompt = item["input_ids"][:start]
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt[None]), **item["vision"],
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip(), prompt.tolist()

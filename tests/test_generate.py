@@ -7,12 +7,11 @@ import io
 import json
 
 import pytest
-import torch
+from conftest import greedy_answer
 from PIL import Image
 
 from visionzip_tune.__main__ import main as cli
 from visionzip_tune.data import SupervisedDataset, load_samples
-from visionzip_tune.data.template import IGNORE_INDEX
 from visionzip_tune.generate import Chat, load_model
 from visionzip_tune.models import sample_image_tokens
 from visionzip_tune.tiny import TinySpec, save_tiny_llava
@@ -42,18 +41,7 @@ def reference_answer(model, processor, picture, questions: list[str], answers: l
         image_tokens=functools.partial(sample_image_tokens, model.config),
         image_token_id=model.config.image_token_index,
     )
-    item = dataset[0]
-    labels = item["labels"].tolist()
-    start = len(labels)
-    while labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    prompt = item["input_ids"][:start]
-    with torch.no_grad():
-        out = model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt[None]),
-                             **item["vision"], max_new_tokens=MAX_NEW, do_sample=False,
-                             pad_token_id=processor.tokenizer.pad_token_id)
-    answer = processor.tokenizer.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
-    return answer, prompt.tolist()
+    return greedy_answer(model, processor.tokenizer, dataset[0], MAX_NEW)
 
 
 def test_generate_answers_with_the_exported_projector_and_budget(tiny_clip_export, picture, capsys):

@@ -15,19 +15,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import greedy_answer, perturb_projector
 from PIL import Image
 
 from visionzip_tune.__main__ import main as cli
 from visionzip_tune.data import SupervisedDataset, load_samples
-from visionzip_tune.data.template import IGNORE_INDEX
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import export_projector
 from visionzip_tune.generate import Chat, load_model
 from visionzip_tune.models import apply_visionzip, sample_image_tokens, tokens_per_video
 from visionzip_tune.processing import load_processing
 from visionzip_tune.tiny import TinySpec, save_tiny
-
-from conftest import perturb_projector
 
 MAX_NEW = 4
 DOMINANT, CONTEXTUAL = 5, 2  # K = 7 tokens per crop / frame
@@ -102,16 +100,7 @@ def _reference(model, base, media, *, image: str | None = None, video=None) -> t
         video_tokens=functools.partial(tokens_per_video, model.config) if has_video else None,
         video_token_id=model.config.video_token_id if has_video else None, video_frames=RECIPE_FRAMES,
     )  # fmt: skip
-    item = dataset[0]
-    labels = item["labels"].tolist()
-    start = len(labels)
-    while labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    prompt = item["input_ids"][:start]
-    with torch.no_grad():
-        out = model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt[None]), **item["vision"],
-                             max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    return tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip(), prompt.tolist()
+    return greedy_answer(model, tokenizer, dataset[0], MAX_NEW)
 
 
 def _generate(export, capsys, *media_args: str) -> tuple[str, str]:
