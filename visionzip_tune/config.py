@@ -35,9 +35,9 @@ class ModelConfig:
         None, "LLM attention kernel for from_pretrained ('sdpa', 'flash_attention_2', 'eager'); null = default"
     )
     build_tiny_if_missing: bool = _doc(
-        False, "demo/tests only: build a random tiny LLaVA (model.tiny) at name_or_path when it does not exist"
+        False, "demo/tests only: build a random tiny model (model.tiny) at name_or_path when it does not exist"
     )
-    tiny: TinySpec = _doc(TinySpec(), "geometry of that tiny LLaVA (fields of visionzip_tune.tiny.TinySpec)")
+    tiny: TinySpec = _doc(TinySpec(), "family and geometry of that tiny model (fields of visionzip_tune.tiny.TinySpec)")
 
 
 @dataclass
