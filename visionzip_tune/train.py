@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     dist = init_distributed()
     try:
         train(cfg, dist, recipe=args.recipe)
+        barrier()  # leave together: a rank exiting while a peer still talks to it can abort in gloo's teardown
     finally:
-        cleanup_distributed()
+        cleanup_distributed()  # after an error no barrier: the other ranks may be inside another collective
     return 0
 
 
