@@ -86,7 +86,8 @@ def test_batched_sharded_accuracy_equals_one_choice_at_a_time(eval_setup, train_
     assert sum(s["total"] for s in shards) == len(samples)
     assert sum(s["correct"] for s in shards) == correct
     whole = choice_accuracy(model, dataset, samples, collator, batch_size=5, eos_token_id=eos, rank=0, world_size=1)
-    assert whole == {"accuracy": correct / len(samples), "correct": correct, "total": len(samples)}
+    assert whole == {"accuracy": correct / len(samples), "correct": correct, "total": len(samples),
+                     "accuracy_image": correct / len(samples), "total_image": len(samples)}  # fmt: skip
 
 
 def test_bad_held_out_choices_name_the_sample(eval_setup, train_assets, tmp_path):

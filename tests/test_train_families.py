@@ -89,7 +89,12 @@ def test_family_trains_the_projector_and_exports_it(family, extra, tmp_path):
         assert r["vision_tokens"] == tokens_per_unit(family) * r["images"] + FRAMES * K * r["videos"]
     if family != "llava_next":
         assert sum(r["videos"] for r in steps) > 0, "the demo's video samples reached training"
-    assert [r["step"] for r in records(out, "eval")] == [0, 3]
+    evals = records(out, "eval")
+    assert [r["step"] for r in evals] == [0, 3]
+    kinds = ("image", "video") if family != "llava_next" else ("image",)
+    for r in evals:  # accuracy per kind of held-out sample, adding up to the whole
+        assert sum(r[f"total_{kind}"] for kind in kinds) == r["total"]
+        assert sum(r[f"accuracy_{kind}"] * r[f"total_{kind}"] for kind in kinds) == pytest.approx(r["correct"])
 
     base = AutoModelForImageTextToText.from_pretrained(tmp_path / family)
     exported = {

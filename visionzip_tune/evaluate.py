@@ -25,7 +25,7 @@ from torch import nn
 
 from visionzip_tune.data import Collator, SupervisedDataset
 from visionzip_tune.data.template import IGNORE_INDEX
-from visionzip_tune.data.validate import BadSample
+from visionzip_tune.data.validate import BadSample, row_video
 from visionzip_tune.distributed import all_reduce_sum
 from visionzip_tune.errors import UserError
 
@@ -167,14 +167,17 @@ def choice_accuracy(
     rank: int,
     world_size: int,
 ) -> dict[str, float]:
-    """``{"accuracy", "correct", "total"}`` over ``samples`` (every rank must call it; counts are all-reduced)."""
+    """``{"accuracy", "correct", "total"}`` over ``samples``, plus ``accuracy_<kind>`` and ``total_<kind>`` for each
+    kind of sample present (``video``, ``image``, ``text``: a video sample counts as video). Every rank must call
+    it; counts are all-reduced."""
     mine = list(range(rank, len(samples), world_size))
     per_rank = math.ceil(len(samples) / world_size)
     padded = mine + [None] * (per_rank - len(mine))  # None: a filler whose result is not counted
     param = next(model.parameters())
     was_training = model.training
     model.eval()
-    correct = 0
+    correct = dict.fromkeys(SAMPLE_KINDS, 0)
+    total = dict.fromkeys(SAMPLE_KINDS, 0)
     try:
         for start in range(0, per_rank, batch_size):
             chunk = [samples[i if i is not None else 0] for i in padded[start : start + batch_size]]
@@ -185,8 +188,32 @@ def choice_accuracy(
             logits = forward_vision_first(model, model, inputs).logits
             scores = answer_logprob(logits, labels, eos_token_id).cpu()
             for s, keep, row_scores in zip(chunk, counted, scores.split([len(s.choices) for s in chunk])):
-                correct += int(keep and int(row_scores.argmax()) == s.gold)
+                if keep:
+                    kind = sample_kind(s.sample)
+                    total[kind] += 1
+                    correct[kind] += int(int(row_scores.argmax()) == s.gold)
     finally:
         model.train(was_training)
-    total_correct, total = all_reduce_sum([correct, len(mine)])
-    return {"accuracy": total_correct / total, "correct": int(total_correct), "total": int(total)}
+    summed = all_reduce_sum([correct[k] for k in SAMPLE_KINDS] + [total[k] for k in SAMPLE_KINDS])
+    correct = dict(zip(SAMPLE_KINDS, summed[: len(SAMPLE_KINDS)]))
+    total = dict(zip(SAMPLE_KINDS, summed[len(SAMPLE_KINDS) :]))
+    result = {
+        "accuracy": sum(correct.values()) / sum(total.values()),
+        "correct": int(sum(correct.values())),
+        "total": int(sum(total.values())),
+    }
+    for kind in SAMPLE_KINDS:
+        if total[kind]:
+            result[f"accuracy_{kind}"] = correct[kind] / total[kind]
+            result[f"total_{kind}"] = int(total[kind])
+    return result
+
+
+SAMPLE_KINDS = ("video", "image", "text")
+
+
+def sample_kind(sample: dict) -> str:
+    """``video`` for a loaded sample with a video (whatever else it holds), ``image`` with images, else ``text``."""
+    if row_video(sample) is not None:
+        return "video"
+    return "image" if sample["images"] else "text"

@@ -550,8 +550,10 @@ class RunLogger:
             values = {prefix + k: v for k, v in record.items() if k not in ("kind", "step") and _is_number(v)}
             self.wandb.log(values, step=record["step"])
         if record["kind"] == "eval":
+            kinds = [k.removeprefix("accuracy_") for k in record if k.startswith("accuracy_")]
+            by_kind = ", ".join(f"{kind} {record['accuracy_' + kind]:.3f}" for kind in kinds) if len(kinds) > 1 else ""
             print0(f"[eval] step {record['step']}: accuracy {record['accuracy']:.3f} "
-                   f"({record['correct']}/{record['total']})")  # fmt: skip
+                   f"({record['correct']}/{record['total']}{'; ' + by_kind if by_kind else ''})")  # fmt: skip
 
     def console(self, record: dict[str, Any], total: int, progress) -> None:
         if not self.enabled:
