@@ -229,11 +229,6 @@ def test_demo_videos_move_the_way_the_answer_says(tmp_path):
         centres = [np.argwhere((frame != background).any(-1)).mean(0) for frame in (first, last)]  # (y, x)
         dy, dx = centres[1] - centres[0]
         assert DIRECTIONS[s["conversations"][1]["value"]] == (int(np.sign(round(dx))), int(np.sign(round(dy))))
-        half = np.array(first.shape[:2]) / 2  # (y, x): the shape moves from the centre into that edge's half
-        step_x, step_y = DIRECTIONS[s["conversations"][1]["value"]]
-        axis = 0 if step_y else 1
-        assert np.sign(round((centres[1] - half)[axis])) == (step_y or step_x)
-        assert abs(centres[0] - half)[axis] < 3  # ... starting at the centre
     assert all(p is None for p in load_samples(paths.train)["problem"][:])
     assert main(["check", "--data", str(paths.train), "--image-folder", str(paths.images), "--quiet"]) == 0
 

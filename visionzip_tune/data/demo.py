@@ -15,7 +15,7 @@ projector alone has little room to steer a frozen random LLM:
 * within an answer set all answers have the same number of tokens (tiny tokenizer), so summed log-probability
   scoring carries no length bias.
 
-Optional video samples (``videos``): one shape moving from the centre to the left, right, top or bottom edge over
+Optional video samples (``videos``): one shape moving towards the left, right, top or bottom edge over
 ``VIDEO_FRAMES`` frames on a flat background, asked "Which way does the shape move?". The answers are edges
 (``top``/``bottom``, not ``up``/``down``) because only those have the two tokens ``left`` and ``right`` have.
 """
@@ -145,22 +145,16 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
 
 
 def draw_motion(direction: str, rng: random.Random) -> list[Image.Image]:
-    """``VIDEO_FRAMES`` frames of one shape moving from the centre to the ``direction`` edge.
-
-    From the centre, not across the whole frame: the frames then cover only the half the shape moves into, so the
-    direction shows in what the frames hold together, not only in their order -- a tiny frozen LLM whose projector
-    alone trains cannot compare frames by time, and the demo is meant to show that video reaches the model.
-    """
+    """``VIDEO_FRAMES`` frames of one shape crossing the frame towards the ``direction`` edge."""
     background, colour = rng.choice(list(COLOURS)), rng.choice(list(SHAPE_COLOURS))
     shape, size = rng.choice(SHAPES), 56
     dx, dy = DIRECTIONS[direction]
-    centre = (IMAGE_SIZE - size) // 2
-    travel = centre - 8  # to 8 px from the edge it moves to
-    # Along the motion the shape starts at the centre; across it, a random position.
+    travel = IMAGE_SIZE - size - 16  # from one margin to the other
+    # Along the motion the shape starts 8 px from the edge it leaves; across it, a random position.
     start = [rng.randint(8, IMAGE_SIZE - size - 8) for _ in range(2)]
     for axis, step in enumerate((dx, dy)):
         if step:
-            start[axis] = centre
+            start[axis] = 8 if step > 0 else IMAGE_SIZE - size - 8
     frames = []
     for t in range(VIDEO_FRAMES):
         progress = round(travel * t / (VIDEO_FRAMES - 1))
