@@ -75,8 +75,9 @@ def tokens_per_unit(family: str) -> int:
         ("llava_next", ("visionzip.token_order=grid",)),
         ("video_llava", ()),
         ("llava_onevision", ("data.template=chat_template",)),
+        ("video_llava", ("train.mode=lora", "train.lora_r=4", "train.lora_alpha=8")),
     ],
-    ids=["llava_next", "llava_next-grid", "video_llava", "llava_onevision"],
+    ids=["llava_next", "llava_next-grid", "video_llava", "llava_onevision", "video_llava-lora"],
 )
 def test_family_trains_the_projector_and_exports_it(family, extra, tmp_path):
     out = tmp_path / "run"
@@ -109,6 +110,11 @@ def test_family_trains_the_projector_and_exports_it(family, extra, tmp_path):
 
     record = json.loads((out / "export" / "visionzip.json").read_text())
     assert record["family"] == family
+    if "train.mode=lora" in extra:  # LoRA on the LLM's linears only: neither tower's q/k/v is wrapped
+        adapter = json.loads((out / "export" / "adapter" / "adapter_config.json").read_text())
+        wrapped = [name for name, _ in trained.named_modules() if name.endswith(".lora_A")]
+        assert wrapped and all(".language_model." in name for name in wrapped)
+        assert adapter["r"] == 4
     load_projector(base, out / "export")  # fingerprint, shapes and budget check out on the base model
     assert base.config.visionzip["dominant"] == 6 and base.config.visionzip["contextual"] == 2
     if extra == ("visionzip.token_order=grid",):
