@@ -216,6 +216,8 @@ def test_wandb_offline_run_holds_the_logged_loss(train_assets, tmp_path, monkeyp
         ("data.image_folder=/nonexistent/images", "data.image_folder: the image folder /nonexistent/images does"),
         ("model.name_or_path=/nonexistent/model", "model.name_or_path='/nonexistent/model' could not be loaded"),
         ("visionzip.dominant=40", "visionzip.dominant=40, visionzip.contextual=2"),
+        ("visionzip.token_order=grid", "token_order='grid' is not available for LlavaForConditionalGeneration"),
+        ("model.tiny.family=qwen", "'model.tiny.family' in override 'model.tiny.family=qwen' expects one of"),
     ],
 )
 def test_bad_input_exits_2_with_a_message_and_no_run_dir(train_assets, tmp_path, capsys, override, message):
