@@ -151,3 +151,14 @@ def greedy_answer(model, tokenizer, item: dict, max_new_tokens: int) -> tuple[st
         out = model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt[None]), **item["vision"],
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     return tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip(), prompt.tolist()
+
+
+def cli_error(argv: list[str], capsys) -> str:
+    """The one-paragraph error of ``python -m visionzip_tune ARGV``, which must exit with status 2, no traceback."""
+    from visionzip_tune.__main__ import main
+
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+    return " ".join(err.split())

@@ -7,7 +7,7 @@ import io
 import json
 
 import pytest
-from conftest import greedy_answer
+from conftest import cli_error, greedy_answer
 from PIL import Image
 
 from visionzip_tune.__main__ import main as cli
@@ -107,32 +107,25 @@ def test_chat_template_option(tiny_clip_export, picture, capsys):
     assert "USER: <image>x64\nHi ASSISTANT:" in err and "A chat between" not in err  # no vicuna system prompt
 
 
-def _cli_error(argv, capsys) -> str:
-    capsys.readouterr()
-    assert cli(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("error: ") == 1 and "Traceback" not in err
-    return " ".join(err.split())
-
 
 def test_generate_errors(tiny_clip_export, tiny_clip_dir, picture, tmp_path, capsys):
     _, _, _, export = tiny_clip_export
     common = ["--image", str(picture), "--prompt", "Hi", "--max-new-tokens", "2"]
-    assert "Give one or the other" in _cli_error(
+    assert "Give one or the other" in cli_error(
         ["generate", "--projector", str(export), "--dominant", "54", "--contextual", "10", *common], capsys)
-    assert "give both --dominant and --contextual" in _cli_error(
+    assert "give both --dominant and --contextual" in cli_error(
         ["generate", "--model", str(tiny_clip_dir), "--dominant", "54", *common], capsys)
-    assert "dominant + contextual" in _cli_error(
+    assert "dominant + contextual" in cli_error(
         ["generate", "--model", str(tiny_clip_dir), "--dominant", "250", "--contextual", "30", *common], capsys)
-    assert "missing image" in _cli_error(
+    assert "missing image" in cli_error(
         ["generate", "--projector", str(export), "--image", str(tmp_path / "none.png"), "--prompt", "Hi"], capsys)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    assert f"unreadable image {broken}" in _cli_error(
+    assert f"unreadable image {broken}" in cli_error(
         ["generate", "--projector", str(export), "--image", str(broken), "--prompt", "Hi"], capsys)
-    assert "does not exist" in _cli_error(["generate", "--projector", str(tmp_path / "nothing"), *common], capsys)
-    assert "cannot load the model" in _cli_error(["generate", "--model", str(tmp_path / "nothing"), *common], capsys)
+    assert "does not exist" in cli_error(["generate", "--projector", str(tmp_path / "nothing"), *common], capsys)
+    assert "cannot load the model" in cli_error(["generate", "--model", str(tmp_path / "nothing"), *common], capsys)
     other = save_tiny_llava(tmp_path / "other", TinySpec(seed=1))
-    message = _cli_error(["generate", "--projector", str(export), "--model", str(other), *common], capsys)
+    message = cli_error(["generate", "--projector", str(export), "--model", str(other), *common], capsys)
     assert "fingerprint" in message and str(export) in message
     assert cli(["generate", "--projector", str(export), "--model", str(other), "--no-check-fingerprint", *common]) == 0

@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import greedy_answer, perturb_projector
+from conftest import cli_error, greedy_answer, perturb_projector
 from PIL import Image
 
 from visionzip_tune.__main__ import main as cli
@@ -174,29 +174,22 @@ def test_interactive_video_command_starts_over(exports, media, capsys, monkeypat
     assert second.count("USER:") == 1
 
 
-def _cli_error(argv, capsys) -> str:
-    capsys.readouterr()
-    assert cli(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("error: ") == 1 and "Traceback" not in err
-    return " ".join(err.split())
-
 
 def test_generate_media_errors(exports, media, capsys, tmp_path):
     _, next_export = exports["llava_next"]
     _, video_export = exports["video_llava"]
     common = ["--prompt", QUESTION, "--max-new-tokens", "1"]
-    message = _cli_error(["generate", "--projector", str(next_export), "--video", str(media / "frames"), *common],
+    message = cli_error(["generate", "--projector", str(next_export), "--video", str(media / "frames"), *common],
                          capsys)  # fmt: skip
     assert "LlavaNextForConditionalGeneration has no video input" in message and "frames" in message
     missing = tmp_path / "none.mp4"
-    assert f"missing video {missing}" in _cli_error(
+    assert f"missing video {missing}" in cli_error(
         ["generate", "--projector", str(video_export), "--video", str(missing), *common], capsys)
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "holds no frame images" in _cli_error(
+    assert "holds no frame images" in cli_error(
         ["generate", "--projector", str(video_export), "--video", str(empty), *common], capsys)
-    assert "give an image (--image FILE) and/or a video" in _cli_error(
+    assert "give an image (--image FILE) and/or a video" in cli_error(
         ["generate", "--projector", str(video_export), *common], capsys)
     with pytest.raises(SystemExit):
         cli(["generate", "--projector", str(video_export), "--video", str(media / "frames"), "--video-frames", "0",
@@ -237,6 +230,6 @@ def test_full_run_export_generates_with_its_whole_model(exports, media, capsys, 
     remove_visionzip(stock)
     stock_export = export_projector(stock, tmp_path / "stock", metadata=metadata)
     assert f"<video>x{RECIPE_FRAMES * 17}" in _generate(stock_export, capsys, "--video", str(media / "frames"))[1]
-    assert "holds the whole trained model" in _cli_error(
+    assert "holds the whole trained model" in cli_error(
         ["generate", "--projector", str(full_export), "--model", str(base), "--video", str(media / "frames"),
          "--prompt", QUESTION], capsys)  # fmt: skip
