@@ -119,8 +119,10 @@ def test_zero3_full_and_lora_runs_load_sharded_and_export_whole_tensors(train_as
 
     out = tmp_path / "run"
     args = train_args(train_assets, out, "deepspeed.zero_stage=3", f"train.mode={mode}", "train.lora_r=4",
-                      "train.lora_alpha=8", "train.max_steps=2", "train.micro_batch_size=2", "data.eval_path=null")  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29441 + (mode == "lora")),
+                      "train.lora_alpha=8", "train.max_steps=2", "train.micro_batch_size=2",
+                      "data.eval_path=null")  # fmt: skip
+    port = str(29441 + (mode == "lora"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
            "-m", "visionzip_tune", "train", str(DEMO), *args]  # fmt: skip
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
