@@ -149,8 +149,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(train_assets
 def test_resume_continues_the_same_run(train_assets, tmp_path):
     """A run stopped after its step-2 checkpoint and started again ends with the uninterrupted run's projector."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    run(train_assets, whole, "train.max_steps=4", "train.save_every=2")
-    run(train_assets, cut, "train.max_steps=4", "train.save_every=2", "train.keep_checkpoints=0")
+    args = ("train.max_steps=4", "train.save_every=2", "train.eval_every=2")
+    run(train_assets, whole, *args)
+    run(train_assets, cut, *args, "train.keep_checkpoints=0")
     # Pretend the process died right after writing step 2: later files are what a kill would have left unwritten.
     import shutil
 
@@ -159,12 +160,19 @@ def test_resume_continues_the_same_run(train_assets, tmp_path):
     (cut / "checkpoints" / "latest").write_text("step-000002\n")
     with open(cut / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 5, "lo')  # a line cut short by the kill
-    run(train_assets, cut, "train.max_steps=4", "train.save_every=2")
+    run(train_assets, cut, *args)
     a = load_file(whole / "checkpoints" / "step-000004" / "trainable.safetensors")
     b = load_file(cut / "checkpoints" / "step-000004" / "trainable.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in records(whole, "train")] == [r["loss"] for r in records(cut, "train")]
     assert [r["step"] for r in records(cut, "train")] == [1, 2, 3, 4]  # the curve continues, no duplicates
+    run(train_assets, whole, *args)  # a finished run started again: evaluates and exports again, nothing doubles
+    for out in (whole, cut):
+        assert [r["step"] for r in records(out, "train")] == [1, 2, 3, 4]
+        assert [(r["step"], r["accuracy"]) for r in records(out, "eval")] == [
+            (r["step"], r["accuracy"]) for r in records(tmp_path / "whole", "eval")
+        ]
+    assert [r["step"] for r in records(whole, "eval")] == [0, 2, 4]
 
 
 def wandb_history(path: Path) -> list[dict]:

@@ -209,9 +209,13 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
         path = checkpoint.save_checkpoint(engine, run_dir, at_step, trainable, state, keep=t.keep_checkpoints)
         print0(f"[train] checkpoint {path}")
 
+    def eval_due(at_step: int) -> bool:  # the final evaluation runs after the loop
+        periodic = t.eval_every > 0 and at_step % t.eval_every == 0
+        return eval_set is not None and at_step != total_steps and (at_step == 0 or periodic)
+
     # -- loop -----------------------------------------------------------------------------------------------------
-    if eval_set is not None and step == 0:
-        evaluate(0)
+    if eval_due(step):  # before training; or, resumed, the evaluation due at the checkpoint (its record was dropped)
+        evaluate(step)
     batches = _micro_batches(loader, sampler)
     progress = _progress_bar(cfg, dist, step, total_steps)
     while step < total_steps:
@@ -262,7 +266,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
         logger.console(record, total_steps, progress)
         if (t.save_every and step % t.save_every == 0) or step == total_steps:
             save(step)
-        if eval_set is not None and t.eval_every and step % t.eval_every == 0 and step != total_steps:
+        if eval_due(step):
             evaluate(step)
     if progress is not None:
         progress.close()
@@ -523,8 +527,9 @@ def _progress_bar(cfg: Config, dist: Dist, step: int, total: int):
 class RunLogger:
     """metrics.jsonl (+ wandb when enabled) on rank 0; a no-op elsewhere.
 
-    On resume the records after the resumed step (written before the process died) are dropped, so the file holds
-    one continuous curve.
+    On resume the records after the resumed step (written before the process died) are dropped, and so is an
+    evaluation at that step (it ran after the checkpoint was written, and runs again), so the file holds one
+    continuous curve with one evaluation per evaluated step.
     """
 
     def __init__(self, run_dir: Path, cfg: Config, dist: Dist, resume_step: int | None):
@@ -535,7 +540,7 @@ class RunLogger:
             return
         kept = []
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _kept_on_resume(line, resume_step)]
         _write_atomically(self.path, "".join(line + "\n" for line in kept))
         if cfg.logging.wandb:
             self.wandb = _init_wandb(cfg, run_dir)
@@ -578,12 +583,15 @@ class RunLogger:
             wandb.teardown()  # waits for the W&B service to flush the run files (finish alone may return first)
 
 
-def _step_of(line: str) -> float:
-    """The step of a metrics.jsonl line; infinity for a line cut short by a kill (it is dropped on resume)."""
+def _kept_on_resume(line: str, resume_step: int) -> bool:
+    """Whether a metrics.jsonl line stays when resuming at ``resume_step``: training records up to it, evaluations
+    before it; never a line cut short by a kill."""
     try:
-        return json.loads(line)["step"]
+        record = json.loads(line)
+        step, kind = record["step"], record["kind"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
+        return False
+    return step < resume_step or (step == resume_step and kind != "eval")
 
 
 def _is_number(value: Any) -> bool:
