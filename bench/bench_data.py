@@ -7,6 +7,11 @@ the per-worker rate, multiply by workers for a loader; best of interleaved repea
 on text alone (templating and tokenization of the same samples without images), and the rate of ``load_samples``
 streaming a LLaVA-shaped JSON array into Arrow (rows/s; the full 665k-sample mix takes about 665k / that rate,
 once, then it is cached).
+
+Then the same per family, measured interleaved on one demo set whose fifth of samples are 8-frame videos (frame
+lists): samples/s of LLaVA-1.5 (336 px; its video samples are skipped), LLaVA-NeXT (336 px crops, every image
+tiled into a 2x2 grid + base crop), Video-LLaVA (224 px, images and videos) and LLaVA-OneVision (384 px crops and
+frames), and each one's time per sample relative to LLaVA-1.5 on the image samples they share.
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ import torch  # noqa: E402
 
 from visionzip_tune.data import Collator, SupervisedDataset, load_samples, make_demo_dataset  # noqa: E402
 from visionzip_tune.data.template import llava_turns  # noqa: E402
-from visionzip_tune.tiny import TinySpec, build_processor, build_tokenizer  # noqa: E402
+from visionzip_tune.tiny import (  # noqa: E402
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    TinySpec,
+    build_image_processor,
+    build_processor,
+    build_tokenizer,
+)
 
 TOKENS_PER_IMAGE = 64  # the paper's smallest LLaVA-1.5 budget, 54 + 10
 
@@ -68,6 +80,42 @@ def load_rows_per_second(rows: int, folder: Path) -> float:
     return rows / (time.perf_counter() - start)
 
 
+FAMILY_GEOMETRY = {"llava": 336, "llava_next": 336, "video_llava": 224, "llava_onevision": 384}  # tower input px
+VIDEO_FRAMES = 8
+
+
+def family_datasets(paths, samples) -> tuple[dict[str, SupervisedDataset], Collator]:
+    """One dataset per family over the same samples, with that family's image processor at its real input size;
+    placeholder counts are fixed (they cost nothing to compute) and the model is never built."""
+    tokenizer = build_tokenizer(media_tokens=(IMAGE_TOKEN, VIDEO_TOKEN))
+    video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+    datasets = {}
+    for family, size in FAMILY_GEOMETRY.items():
+        video = family in ("video_llava", "llava_onevision")
+        datasets[family] = SupervisedDataset(
+            samples,
+            image_folder=paths.images,
+            tokenizer=tokenizer,
+            image_processor=build_image_processor(TinySpec(family=family, image_size=size)),
+            image_tokens=lambda sizes: [TOKENS_PER_IMAGE] * len(sizes),
+            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+            video_tokens=(lambda frames: TOKENS_PER_IMAGE * frames) if video else None,
+            video_token_id=video_token_id if video else None,
+            video_frames=VIDEO_FRAMES,
+            max_length=4096,
+            on_bad_sample="skip",  # LLaVA-1.5 and NeXT take no video: their video samples are left out
+        )
+    return datasets, Collator(tokenizer.pad_token_id)
+
+
+def per_sample_ms(dataset: SupervisedDataset, rows: list[int]) -> float:
+    """Mean ms to build one example of the given dataset positions (no collation: batches would mix kinds)."""
+    start = time.perf_counter()
+    for i in rows:
+        dataset[i]
+    return 1e3 * (time.perf_counter() - start) / len(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=400, help="demo training samples")
@@ -106,6 +154,26 @@ def main() -> None:
         text_rate = text_only_per_second(datasets["pad"])
         load_rate = load_rows_per_second(args.load_rows, tmp)
 
+        mixed = make_demo_dataset(tmp / "demo-video", n=args.n, seed=0, videos=args.n // 5)
+        family_sets, family_collate = family_datasets(mixed, load_samples(mixed.train, cache_dir=tmp / "cache"))
+        kinds = {"image": [], "video": []}
+        for i, r in enumerate(family_sets["video_llava"].rows):
+            row = family_sets["video_llava"].samples[r]
+            if row["frame_files"]:
+                kinds["video"].append(i)
+            elif row["images"]:
+                kinds["image"].append(i)
+        # LLaVA-1.5 and NeXT skip the video samples: time them on the image samples only, by position of the same
+        # rows in their own (shorter) row lists.
+        image_rows = {family: [d.rows.index(family_sets["video_llava"].rows[i]) for i in kinds["image"]]
+                      for family, d in family_sets.items()}  # fmt: skip
+        ms = {family: {"image": float("inf"), "video": float("inf")} for family in family_sets}
+        for _ in range(args.repeats):
+            for family, dataset in family_sets.items():
+                ms[family]["image"] = min(ms[family]["image"], per_sample_ms(dataset, image_rows[family]))
+                if dataset.video_tokens is not None:
+                    ms[family]["video"] = min(ms[family]["video"], per_sample_ms(dataset, kinds["video"]))
+
     print(f"demo set: {args.n} samples (~95% with a 224 px PNG), 336 px CLIP processor, "
           f"{TOKENS_PER_IMAGE} tokens/image, batch {args.batch}, 1 thread")
     for aspect, rate in rates.items():
@@ -116,6 +184,13 @@ def main() -> None:
           f"({100 * rates['pad'] / text_rate:.0f}% of the pad time is text)")
     print(f"load_samples, {args.load_rows} LLaVA-shaped rows:            {load_rate:8.0f} rows/s "
           f"(665,298 rows: ~{665_298 / load_rate:.0f} s, once)")
+    print(f"per family ({len(kinds['image'])} image and {len(kinds['video'])} {VIDEO_FRAMES}-frame video samples of "
+          "the same demo set, pad, one example at a time, best of interleaved repeats):")
+    print(f"  {'family':<16} {'input px':>8} {'ms/image sample':>16} {'vs LLaVA-1.5':>13} {'ms/video sample':>16}")
+    for family, size in FAMILY_GEOMETRY.items():
+        video = f"{ms[family]['video']:16.1f}" if ms[family]["video"] != float("inf") else f"{'-':>16}"
+        print(f"  {family:<16} {size:>8} {ms[family]['image']:16.1f} "
+              f"{ms[family]['image'] / ms['llava']['image']:13.2f} {video}")
 
 
 if __name__ == "__main__":

@@ -86,9 +86,23 @@ class MediaTransform:
         """
         if len(frames) != self.video_frames:
             raise ValueError(f"a video of {len(frames)} frames; this transform samples {self.video_frames}")
-        # Flat: every frame is a sample of its own (as one of several images, OneVision would pad it to a square).
-        pixels = self._process(frames)["pixel_values"]
-        return (pixels[:, 0] if pixels.dim() == 5 else pixels).unsqueeze(0)
+        side = _anyres_crop_side(self.image_processor)
+        if side is None:
+            return self._process(frames)["pixel_values"].unsqueeze(0)  # flat: every frame a sample of its own
+        # An anyres processor would tile each frame into up to ~10 crops to keep only crop 0, the whole frame
+        # resized to one crop. Resize here instead, and pass the frames as one multi-image sample, which OneVision's
+        # processor does not tile (its square-padding is then a no-op): one crop of work per frame.
+        resample = getattr(self.image_processor, "resample", Image.Resampling.BICUBIC)
+        frames = [frame.resize((side, side), resample) for frame in frames]
+        return self._process([frames])["pixel_values"][:, 0].unsqueeze(0)
+
+
+def _anyres_crop_side(image_processor) -> int | None:
+    """The crop side of an anyres image processor (one with ``image_grid_pinpoints``), else None."""
+    if not getattr(image_processor, "image_grid_pinpoints", None):
+        return None
+    crop, size = getattr(image_processor, "crop_size", None) or {}, image_processor.size or {}
+    return crop.get("height") or size.get("height") or size["shortest_edge"]
 
 
 # What image processors return that the models' forward takes, and the legacy names of those keys.
