@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 
@@ -11,9 +10,8 @@ from conftest import cli_error, greedy_answer
 from PIL import Image
 
 from visionzip_tune.__main__ import main as cli
-from visionzip_tune.data import SupervisedDataset, load_samples
+from visionzip_tune.data import SupervisedDataset, load_samples, model_placeholders
 from visionzip_tune.generate import Chat, load_model
-from visionzip_tune.models import sample_image_tokens
 from visionzip_tune.tiny import TinySpec, save_tiny_llava
 
 MAX_NEW = 6
@@ -38,8 +36,7 @@ def reference_answer(model, processor, picture, questions: list[str], answers: l
     dataset = SupervisedDataset(
         load_samples(path), image_folder=picture.parent, tokenizer=processor.tokenizer,
         image_processor=processor.image_processor, template="vicuna_v1",
-        image_tokens=functools.partial(sample_image_tokens, model.config),
-        image_token_id=model.config.image_token_index,
+        **model_placeholders(model.config),
     )
     return greedy_answer(model, processor.tokenizer, dataset[0], MAX_NEW)
 

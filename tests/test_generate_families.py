@@ -8,7 +8,6 @@ build the same placeholders, pixels and prompt.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 
@@ -19,11 +18,11 @@ from conftest import cli_error, greedy_answer, perturb_projector
 from PIL import Image
 
 from visionzip_tune.__main__ import main as cli
-from visionzip_tune.data import SupervisedDataset, load_samples
+from visionzip_tune.data import SupervisedDataset, load_samples, model_placeholders
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import export_projector
 from visionzip_tune.generate import Chat, load_model
-from visionzip_tune.models import apply_visionzip, sample_image_tokens, tokens_per_video
+from visionzip_tune.models import apply_visionzip
 from visionzip_tune.processing import load_processing
 from visionzip_tune.tiny import TinySpec, save_tiny
 
@@ -93,12 +92,9 @@ def _reference(model, base, media, *, image: str | None = None, video=None) -> t
         sample["video"] = video
     path = media / "sample.json"
     path.write_text(json.dumps([sample]))
-    has_video = getattr(model.config, "video_token_id", None) is not None
     dataset = SupervisedDataset(
         load_samples(path), image_folder=media, tokenizer=tokenizer, image_processor=image_processor,
-        image_tokens=functools.partial(sample_image_tokens, model.config), image_token_id=model.config.image_token_id,
-        video_tokens=functools.partial(tokens_per_video, model.config) if has_video else None,
-        video_token_id=model.config.video_token_id if has_video else None, video_frames=RECIPE_FRAMES,
+        **model_placeholders(model.config), video_frames=RECIPE_FRAMES,
     )  # fmt: skip
     return greedy_answer(model, tokenizer, dataset[0], MAX_NEW)
 

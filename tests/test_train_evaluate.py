@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
 import torch
 from conftest import load_tiny
 
-from visionzip_tune.data import Collator, SupervisedDataset, load_samples
+from visionzip_tune.data import Collator, SupervisedDataset, load_samples, model_placeholders
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.errors import UserError
 from visionzip_tune.evaluate import answer_logprob, answer_mask, choice_accuracy, read_choices, with_answer
-from visionzip_tune.models import apply_visionzip, sample_image_tokens
+from visionzip_tune.models import apply_visionzip
 
 X = -100
 
@@ -53,8 +52,7 @@ def eval_setup(train_assets):
             image_folder=paths.images,
             tokenizer=processor.tokenizer,
             image_processor=processor.image_processor,
-            image_tokens=functools.partial(sample_image_tokens, model.config),
-            image_token_id=model.config.image_token_id,
+            **model_placeholders(model.config),
             max_length=256,
         )
 

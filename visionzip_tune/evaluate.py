@@ -155,6 +155,9 @@ def _example(dataset: SupervisedDataset, sample: dict) -> dict:
         ) from None
 
 
+SAMPLE_KINDS = ("video", "image", "text")
+
+
 @torch.no_grad()
 def choice_accuracy(
     model: torch.nn.Module,
@@ -207,9 +210,6 @@ def choice_accuracy(
             result[f"accuracy_{kind}"] = correct[kind] / total[kind]
             result[f"total_{kind}"] = int(total[kind])
     return result
-
-
-SAMPLE_KINDS = ("video", "image", "text")
 
 
 def sample_kind(sample: dict) -> str:

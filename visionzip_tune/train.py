@@ -131,8 +131,6 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
     )
 
     # -- data ------------------------------------------------------------------------------------------------------
-    # Placeholder ids of every kind of vision input (images; videos for families with a video input).
-    vision_token_ids = torch.tensor([model.config.image_token_id, getattr(model.config, "video_token_id", -1)])
     skip_log = run_dir / "skipped.jsonl" if dist.is_main else None  # one writer: every rank skips the same ids
     train_set = _dataset(cfg, cfg.data.path, cfg.data.image_folder, model.config, processing, skip_log)
     collator = Collator(tokenizer.pad_token_id)
@@ -177,6 +175,11 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
         config=ds_config,
     )
     dtype = torch.bfloat16 if bf16 else torch.float32
+    # Placeholder ids of every kind of vision input (images; videos for families with a video input), on the device
+    # once rather than every micro-batch.
+    vision_token_ids = torch.tensor(
+        [model.config.image_token_id, getattr(model.config, "video_token_id", -1)], device=engine.device
+    )
 
     # -- run directory: the resolved config first; then resume --------------------------------------------------
     if dist.is_main:
@@ -241,7 +244,7 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
             loss_sum += micro_loss / dist.world_size
             samples += inputs["input_ids"].shape[0]
             tokens += float(inputs["attention_mask"].sum())
-            vision += float(torch.isin(inputs["input_ids"], vision_token_ids.to(engine.device)).sum())
+            vision += float(torch.isin(inputs["input_ids"], vision_token_ids).sum())
             images += batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
             videos += batch["pixel_values_videos"].shape[0] if "pixel_values_videos" in batch else 0
         samples, tokens, vision, images, videos = all_reduce_sum([samples, tokens, vision, images, videos])
@@ -455,23 +458,16 @@ def _adamw(groups: list[dict], lr: float, offload: bool) -> torch.optim.Optimize
 
 
 def _dataset(cfg: Config, path: str, image_folder: str, model_config, processing, skip_log: Path | None):
-    import functools
-
-    from visionzip_tune.data import SupervisedDataset, load_samples
-    from visionzip_tune.models import has_video_input, sample_image_tokens, tokens_per_video
+    from visionzip_tune.data import SupervisedDataset, load_samples, model_placeholders
 
     tokenizer, image_processor, chat_template = processing
-    video = has_video_input(model_config)
     return SupervisedDataset(
         load_samples(path),
         image_folder=image_folder,
         tokenizer=tokenizer,
         image_processor=image_processor,
         template=cfg.data.template,
-        image_tokens=functools.partial(sample_image_tokens, model_config),
-        image_token_id=model_config.image_token_id,
-        video_tokens=functools.partial(tokens_per_video, model_config) if video else None,
-        video_token_id=model_config.video_token_id if video else None,
+        **model_placeholders(model_config),
         video_folder=cfg.data.video_folder,
         video_frames=cfg.data.video_frames,
         max_length=cfg.data.max_length,

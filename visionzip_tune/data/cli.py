@@ -58,14 +58,11 @@ def _render(tokenizer, ids: list[int], labels: list[int], image_token_id: int, v
 
 
 def _preview(args: argparse.Namespace) -> int:
-    import functools
-
     from transformers import AutoConfig
 
-    from visionzip_tune.data.dataset import SupervisedDataset
+    from visionzip_tune.data.dataset import SupervisedDataset, model_placeholders
     from visionzip_tune.data.source import load_samples
     from visionzip_tune.data.validate import BadSample
-    from visionzip_tune.models import sample_image_tokens, tokens_per_video
     from visionzip_tune.processing import load_processing
 
     if (args.dominant is None) != (args.contextual is None):
@@ -77,17 +74,13 @@ def _preview(args: argparse.Namespace) -> int:
         raise UserError(f"--model {args.model}: cannot load a saved model config and processor ({err})") from None
     if args.dominant is not None:
         config.visionzip = {"dominant": args.dominant, "contextual": args.contextual, "eager": False}
-    video_token_id = getattr(config, "video_token_index", None)  # set only by families with video input
     dataset = SupervisedDataset(
         load_samples(args.data),
         image_folder=args.image_folder,
         tokenizer=tokenizer,
         image_processor=image_processor,
         template=args.template,
-        image_tokens=functools.partial(sample_image_tokens, config),
-        image_token_id=config.image_token_index,
-        video_tokens=functools.partial(tokens_per_video, config) if video_token_id is not None else None,
-        video_token_id=video_token_id,
+        **model_placeholders(config),
         video_folder=args.video_folder,
         video_frames=args.video_frames,
         max_length=args.max_length,
@@ -109,7 +102,7 @@ def _preview(args: argparse.Namespace) -> int:
         else:
             supervised = sum(1 for y in labels if y != -100)
             print(f"=== id {example['id']}: {len(ids)} tokens, {supervised} supervised (in «»)")
-            print(_render(tokenizer, ids, labels, config.image_token_index, video_token_id) + "\n")
+            print(_render(tokenizer, ids, labels, dataset.image_token_id, dataset.video_token_id) + "\n")
     if dataset.skipped:
         print(dataset.skip_summary(), file=sys.stderr)
     return 0

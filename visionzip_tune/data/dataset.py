@@ -8,6 +8,7 @@ Every drop is counted and, with ``skip_log``, appended to that file as ``{"id", 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,21 @@ def word_lengths(samples) -> list[int]:
     has_frames = pc.list_value_length(table.column("frame_files")).to_numpy(zero_copy_only=False) > 0
     has_file = pc.is_valid(table.column("video_file")).to_numpy(zero_copy_only=False)
     return np.where(has_image | has_frames | has_file, per_sample, -per_sample).tolist()
+
+
+def model_placeholders(config) -> dict:
+    """:class:`SupervisedDataset`'s placeholder arguments for a model config: its image (and, for a family with a
+    video input, video) token ids and token-count functions -- the model's own, so data and model cannot disagree.
+    """
+    from visionzip_tune.models import has_video_input, sample_image_tokens, tokens_per_video
+
+    video = has_video_input(config)
+    return {
+        "image_tokens": functools.partial(sample_image_tokens, config),
+        "image_token_id": config.image_token_id,
+        "video_tokens": functools.partial(tokens_per_video, config) if video else None,
+        "video_token_id": config.video_token_id if video else None,
+    }
 
 
 class SupervisedDataset(torch.utils.data.Dataset):

@@ -60,6 +60,7 @@ class MediaTransform:
         self.image_aspect = image_aspect
         self.video_frames = video_frames
         self.fill = tuple(int(m * 255) for m in image_processor.image_mean)
+        self.anyres_side = _anyres_crop_side(image_processor)  # None for a processor that does not tile
 
     def _process(self, images: list[Image.Image] | list[list[Image.Image]]) -> dict[str, torch.Tensor]:
         out = self.image_processor(images=images, return_tensors="pt")
@@ -86,7 +87,7 @@ class MediaTransform:
         """
         if len(frames) != self.video_frames:
             raise ValueError(f"a video of {len(frames)} frames; this transform samples {self.video_frames}")
-        side = _anyres_crop_side(self.image_processor)
+        side = self.anyres_side
         if side is None:
             return self._process(frames)["pixel_values"].unsqueeze(0)  # flat: every frame a sample of its own
         # An anyres processor would tile each frame into up to ~10 crops to keep only crop 0, the whole frame
