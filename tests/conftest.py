@@ -61,6 +61,30 @@ def tiny_tokenizer():
     return build_tiny_llava(TinySpec())[1].tokenizer
 
 
+def fed_to_llm(model, **inputs) -> tuple[object, dict[str, torch.Tensor]]:
+    """``(output, rows)``: run ``model(**inputs)`` and return, per kind of placeholder (``"image"``, ``"video"``), the
+    rows of the LLM's input embeddings at its placeholder positions, i.e. the vision features the model actually
+    feeds its language model, (n, text hidden) in order. Read from the language model's own input, so it does not
+    depend on how a transformers release reports features in its outputs (5.23 vs 5.24 ``image_hidden_states``).
+    """
+    from visionzip_tune.models import language_model
+
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["embeds"] = kwargs["inputs_embeds"].detach()
+
+    handle = language_model(model).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        out = model(**inputs)
+    finally:
+        handle.remove()
+    ids, config = inputs["input_ids"], model.config
+    kinds = {"image": config.image_token_id, "video": getattr(config, "video_token_id", None)}
+    rows = {kind: captured["embeds"][ids == token] for kind, token in kinds.items() if token is not None}
+    return out, rows
+
+
 def perturb_projector(model, seed: int = 1) -> dict:
     """Change the projector as training would; returns its new tensors by in-projector name (``linear_1.weight``)."""
     from visionzip_tune.models import projector

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import visionzip_tune as vzt
+from conftest import fed_to_llm
 from reference_visionzip import reference_visionzip
 from visionzip_tune.models import family_name, grid_order, projector, tokens_per_image
 from visionzip_tune.tiny import IMAGE_TOKEN, VIDEO_TOKEN, TinySpec, build_tiny, build_tiny_llava
@@ -148,16 +149,16 @@ def test_next_processor_count_equals_model_rows(tiny_next, token_order):
         batch = _next_batch(processor, [size])
         stock.append(_image_tokens(model, batch)[0])
         with torch.no_grad():
-            out = model(**batch)  # stock: get_placeholder_mask accepts the count
-        assert out.image_hidden_states.shape[0] == stock[-1] == tokens_per_image(model.config, size)
+            _, fed = fed_to_llm(model, **batch)  # stock: get_placeholder_mask accepts the count
+        assert fed["image"].shape[0] == stock[-1] == tokens_per_image(model.config, size)
     vzt.apply_visionzip(model, 6, 3, processor, token_order=token_order)
     batch = _next_batch(processor, SIZES)  # one padded batch of 3- and 5-crop images
     expected = [tokens_per_image(model.config, size) for size in SIZES]
     assert expected == [27, 45, 27, 27, 45]
     assert _image_tokens(model, batch) == expected
     with torch.no_grad():
-        out = model(**batch)
-    assert out.image_hidden_states.shape[0] == sum(expected)
+        _, fed = fed_to_llm(model, **batch)
+    assert fed["image"].shape[0] == sum(expected)
     assert all(zipped < full for zipped, full in zip(expected, stock))
 
 
@@ -284,16 +285,16 @@ def test_video_llava_counts_forward_backward(tiny_video_llava):
     model, tokenizer = tiny_video_llava
     assert (tokens_per_image(model.config), tokens_per_video(model.config, FRAMES)) == (16, FRAMES * 17)
     with torch.no_grad():
-        stock = model(**_video_inputs(model, tokenizer))  # the stock counts are what the stock model accepts
-    assert stock.video_hidden_states.shape[:2] == (2 * FRAMES, 17)
+        _, stock = fed_to_llm(model, **_video_inputs(model, tokenizer))  # the stock counts are accepted
+    assert stock["video"].shape == (2 * FRAMES * 17, 32)
     vzt.apply_visionzip(model, 6, 3)
     assert (tokens_per_image(model.config), tokens_per_video(model.config, FRAMES)) == (9, FRAMES * 9)
     batch = _video_inputs(model, tokenizer)
     model.requires_grad_(False)
     projector(model).requires_grad_(True)
     model.train()
-    out = model(**batch, labels=batch["input_ids"])
-    assert out.image_hidden_states.shape == (2, 9, 32) and out.video_hidden_states.shape == (2, FRAMES * 9, 32)
+    out, fed = fed_to_llm(model, **batch, labels=batch["input_ids"])
+    assert fed["image"].shape == (2 * 9, 32) and fed["video"].shape == (2 * FRAMES * 9, 32)
     out.loss.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
     assert with_grad == {f"model.multi_modal_projector.{n}" for n, _ in projector(model).named_parameters()}
@@ -388,15 +389,24 @@ def _ov_counts(processor, inputs: dict) -> list[int]:
     return [processor.replace_image_token(inputs, i).count(IMAGE_TOKEN) for i in range(len(inputs["image_sizes"]))]
 
 
-def _ov_forward(model, tokenizer, inputs: dict, counts: list[int], **extra):
-    """Run the model on hand-built input_ids: each sample's images' placeholder runs, then a question."""
+def _ov_ids(model, tokenizer, inputs: dict, counts: list[int]) -> torch.Tensor:
+    """Hand-built input_ids: each sample's images' placeholder runs, then a question."""
     text = tokenizer("What is in the image?")["input_ids"]
     ids, start = [], 0
     for n in inputs["batch_num_images"].tolist():
         ids.append(text[:1] + [model.config.image_token_id] * sum(counts[start : start + n]) + text[1:])
         start += n
     assert len({len(row) for row in ids}) == 1, "test batches are built with equal lengths"
-    return model(input_ids=torch.tensor(ids), **inputs, **extra)
+    return torch.tensor(ids)
+
+
+def _ov_forward(model, tokenizer, inputs: dict, counts: list[int], **extra):
+    return model(input_ids=_ov_ids(model, tokenizer, inputs, counts), **inputs, **extra)
+
+
+def _ov_fed_images(model, tokenizer, inputs: dict, counts: list[int]) -> torch.Tensor:
+    """The image rows the model feeds its LLM for the hand-built batch."""
+    return fed_to_llm(model, input_ids=_ov_ids(model, tokenizer, inputs, counts), **inputs)[1]["image"]
 
 
 def test_onevision_equals_per_crop_reference(tiny_onevision):
@@ -424,13 +434,13 @@ def test_onevision_processor_count_equals_model_rows(tiny_onevision, zipped):
         counts = _ov_counts(processor, inputs)
         assert counts == [tokens_per_image(model.config, size)]
         with torch.no_grad():
-            assert _ov_forward(model, tokenizer, inputs, counts).image_hidden_states.shape[0] == counts[0]
+            assert _ov_fed_images(model, tokenizer, inputs, counts).shape[0] == counts[0]
     # A sample with two images: neither is tiled, in the stock layout or the zipped one.
     inputs = _ov_images(processor, [[(100, 90), (40, 100)]])
     counts = _ov_counts(processor, inputs)
     assert counts == [tokens_per_image(model.config, None)] * 2 == ([7, 7] if zipped else [17, 17])
     with torch.no_grad():
-        assert _ov_forward(model, tokenizer, inputs, counts).image_hidden_states.shape[0] == sum(counts)
+        assert _ov_fed_images(model, tokenizer, inputs, counts).shape[0] == sum(counts)
     if zipped:
         assert [tokens_per_image(model.config, s) for s in OV_SIZES] == [21, 35, 70, 49, 14]
     else:  # the 3x3 grid of (160, 150) is downscaled by the stock layout

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import visionzip_tune as vzt
-from conftest import load_tiny
+from conftest import fed_to_llm, load_tiny
 from reference_visionzip import reference_visionzip
 from visionzip_tune import encoders
 from visionzip_tune.models import family_name, language_model, projector, tokens_per_image, vision_tower
@@ -80,8 +80,8 @@ def test_processor_counts_paper_budgets(clip_336, dominant, contextual):
         assert _image_tokens(model, batch) == [dominant + contextual] * 2
         assert tokens_per_image(model.config) == dominant + contextual
         with torch.no_grad():
-            out = model(**batch)  # the placeholder check inside accepts the compressed count
-        assert out.image_hidden_states.shape == (2 * (dominant + contextual), model.config.text_config.hidden_size)
+            _, fed = fed_to_llm(model, **batch)  # the placeholder check inside accepts the compressed count
+        assert fed["image"].shape == (2 * (dominant + contextual), model.config.text_config.hidden_size)
     finally:
         vzt.remove_visionzip(model, processor)
     assert _image_tokens(model, _batch(processor)) == [576, 576]
@@ -174,7 +174,7 @@ def test_reapply_changes_budget(tiny_clip):
     batch = _batch(processor)
     assert _image_tokens(model, batch) == [128, 128]
     with torch.no_grad():
-        assert model(**batch).image_hidden_states.shape[0] == 256
+        assert fed_to_llm(model, **batch)[1]["image"].shape[0] == 256
     vzt.apply_visionzip(model, contextual=0)  # one argument changes, the other is kept
     assert model.config.visionzip["dominant"] == 108 and tokens_per_image(model.config) == 108
     assert _image_tokens(model, _batch(processor)) == [108, 108]  # the processor follows the model's budget
@@ -233,5 +233,5 @@ def test_bf16_model(tiny_clip):
     model.to(torch.bfloat16)
     vzt.apply_visionzip(model, 54, 10, processor)
     with torch.no_grad():
-        out = model(**_batch(processor))  # fp32 pixel values are cast to the tower's dtype
-    assert out.image_hidden_states.dtype == torch.bfloat16 and out.image_hidden_states.shape[0] == 128
+        _, fed = fed_to_llm(model, **_batch(processor))  # fp32 pixel values are cast to the tower's dtype
+    assert fed["image"].dtype == torch.bfloat16 and fed["image"].shape[0] == 128

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from conftest import fed_to_llm
+
 from visionzip_tune.errors import UserError
 from visionzip_tune.models import family_name, language_model, projector, sample_image_tokens, tokens_per_video
 from visionzip_tune.processing import load_processing
@@ -111,8 +113,8 @@ def test_image_forward_with_the_counted_placeholders(saved, family):
         assert inputs["pixel_values"].shape[1] == 5  # a base crop and a 2 x 2 grid
         assert count > 4 + 4  # more than the base crop's 4 patches: the grid is fed too
     with torch.no_grad():
-        out = model(input_ids=_ids(tokenizer, IMAGE_TOKEN, count), **inputs)
-        assert out.image_hidden_states.flatten(0, -2).shape[0] == count  # (count, D) or (1, count, D)
+        _, fed = fed_to_llm(model, input_ids=_ids(tokenizer, IMAGE_TOKEN, count), **inputs)
+        assert fed["image"].shape[0] == count
         with pytest.raises(ValueError, match="do not match"):  # one placeholder more is refused: the count is exact
             model(input_ids=_ids(tokenizer, IMAGE_TOKEN, count + 1), **inputs)
 
@@ -124,7 +126,7 @@ def test_onevision_multi_image_sample_is_fed_untiled(saved):
     counts = sample_image_tokens(model.config, sizes)
     assert inputs["pixel_values"].shape[:2] == (2, 1) and counts == [4 + 1, 4 + 1]  # base crop + newline each
     with torch.no_grad():
-        assert model(input_ids=_ids(tokenizer, IMAGE_TOKEN, sum(counts)), **inputs).image_hidden_states.shape[0] == 10
+        assert fed_to_llm(model, input_ids=_ids(tokenizer, IMAGE_TOKEN, sum(counts)), **inputs)[1]["image"].shape[0] == 10
 
 
 @pytest.mark.parametrize("family", ["video_llava", "llava_onevision"])
@@ -136,8 +138,8 @@ def test_video_forward_with_the_counted_placeholders(saved, family):
     count = tokens_per_video(model.config, FRAMES)
     assert count == {"video_llava": FRAMES * (4 + 1), "llava_onevision": FRAMES * 1 + 1}[family]
     with torch.no_grad():
-        out = model(input_ids=_ids(tokenizer, VIDEO_TOKEN, count), **videos)
-        assert out.video_hidden_states.flatten(0, -2).shape[0] == count  # frames x tokens (+ OneVision's newline)
+        _, fed = fed_to_llm(model, input_ids=_ids(tokenizer, VIDEO_TOKEN, count), **videos)
+        assert fed["video"].shape[0] == count  # frames x tokens (+ OneVision's newline)
         with pytest.raises(ValueError, match="do not match"):
             model(input_ids=_ids(tokenizer, VIDEO_TOKEN, count + 1), **videos)
 
