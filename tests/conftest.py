@@ -17,13 +17,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import pytest
 import torch
 
-from visionzip_tune.tiny import TinySpec, build_tiny_llava, save_tiny_llava
+from visionzip_tune.tiny import TinySpec, build_tiny_with_processor, save_tiny
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def load_tiny(path):
-    """A fresh ``(model, processor)`` from a directory written by ``save_tiny_llava``."""
+    """A fresh ``(model, processor)`` from a directory written by ``save_tiny``."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(path)
@@ -34,13 +34,13 @@ def load_tiny(path):
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny CLIP-tower LLaVA on disk: 224 px, patch 14 -> 256 patches + CLS, 4 vision layers."""
-    return save_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-clip", TinySpec(tower="clip"))
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-clip", TinySpec(tower="clip"))
 
 
 @pytest.fixture(scope="session")
 def tiny_siglip_dir(tmp_path_factory):
     """A tiny SigLIP-tower LLaVA on disk: 224 px, patch 14 -> 256 patches, no CLS."""
-    return save_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-siglip", TinySpec(tower="siglip"))
+    return save_tiny(tmp_path_factory.mktemp("models") / "tiny-siglip", TinySpec(tower="siglip"))
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def tiny_siglip(tiny_siglip_dir):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """The locally built Llama-shaped tokenizer (``<unk>``=0, ``<s>``=1, ``</s>``=2, ``<pad>``, ``<image>``)."""
-    return build_tiny_llava(TinySpec())[1].tokenizer
+    return build_tiny_with_processor(TinySpec())[1].tokenizer
 
 
 def fed_to_llm(model, **inputs) -> tuple[object, dict[str, torch.Tensor]]:
@@ -67,7 +67,7 @@ def fed_to_llm(model, **inputs) -> tuple[object, dict[str, torch.Tensor]]:
     feeds its language model, (n, text hidden) in order. Read from the language model's own input, so it does not
     depend on how a transformers release reports features in its outputs (5.23 vs 5.24 ``image_hidden_states``).
     """
-    from visionzip_tune.models import language_model
+    from visionzip_tune.families import language_model
 
     captured = {}
 
@@ -87,13 +87,11 @@ def fed_to_llm(model, **inputs) -> tuple[object, dict[str, torch.Tensor]]:
 
 def perturb_projector(model, seed: int = 1) -> dict:
     """Change the projector as training would; returns its new tensors by in-projector name (``linear_1.weight``)."""
-    from visionzip_tune.models import projector
-
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for param in projector(model).parameters():
+        for param in model.model.multi_modal_projector.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return {name: p.detach().clone() for name, p in projector(model).named_parameters()}
+    return {name: p.detach().clone() for name, p in model.model.multi_modal_projector.named_parameters()}
 
 
 @pytest.fixture
@@ -101,7 +99,7 @@ def tiny_clip_export(tiny_clip, tiny_clip_dir, tmp_path):
     """``(model, processor, tensors, export_dir)``: a tiny CLIP LLaVA zipped to 54 + 10 whose projector was
     perturbed as if trained (``tensors``), exported to ``tmp_path / "export"`` (recorded step 7)."""
     from visionzip_tune.export import export_projector
-    from visionzip_tune.models import apply_visionzip
+    from visionzip_tune.families import apply_visionzip
 
     model, processor = tiny_clip
     apply_visionzip(model, 54, 10, processor=processor)
@@ -123,7 +121,7 @@ def train_assets(tmp_path_factory):
     from visionzip_tune.data import make_demo_dataset
 
     root = tmp_path_factory.mktemp("train-assets")
-    model_dir = save_tiny_llava(root / "tiny-llava", TRAIN_SPEC)
+    model_dir = save_tiny(root / "tiny-llava", TRAIN_SPEC)
     return model_dir, make_demo_dataset(root / "demo", n=24, seed=0, n_eval=8)
 
 

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from visionzip_tune import checkpoint
 from visionzip_tune.config import load_config
-from visionzip_tune.distributed import deepspeed_config, init_distributed
+from visionzip_tune.build import deepspeed_config
+from visionzip_tune.distributed import init_distributed
 from visionzip_tune.errors import UserError
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from visionzip_tune.data import IGNORE_INDEX, Collator, SupervisedDataset, load_samples
+from visionzip_tune.data import IGNORE_INDEX, Collator, DataConfig, Placeholders, SupervisedDataset, load_samples
 from visionzip_tune.errors import UserError
+from visionzip_tune.processing import Processing
 from visionzip_tune.tiny import TinySpec, build_processor
 
 RED = (230, 20, 20)
@@ -43,15 +44,20 @@ def write(data_dir, samples, name="data.json"):
     return load_samples(path, cache_dir=data_dir / "cache")
 
 
-def make(data_dir, processor, samples, **kwargs):
-    options = dict(
-        image_folder=data_dir / "images",
-        tokenizer=processor.tokenizer,
-        image_processor=processor.image_processor,
-        image_tokens=lambda sizes: [16] * len(sizes),
-        image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"),
+def make(data_dir, processor, samples, *, image_tokens=None, image_token_id=None, skip_log=None, **data):
+    """A dataset of ``samples`` whose images each become 16 placeholders unless ``image_tokens`` says otherwise;
+    ``data``: DataConfig fields."""
+    placeholders = Placeholders(
+        image_tokens or (lambda sizes: [16] * len(sizes)),
+        image_token_id or processor.tokenizer.convert_tokens_to_ids("<image>"),
     )
-    return SupervisedDataset(write(data_dir, samples), **{**options, **kwargs})
+    return SupervisedDataset(
+        write(data_dir, samples),
+        DataConfig(**{"image_folder": data_dir / "images", **data}),
+        Processing(processor.tokenizer, processor.image_processor, None),
+        placeholders,
+        skip_log=skip_log,
+    )
 
 
 GOOD = [
@@ -69,7 +75,7 @@ def test_items_have_the_image_token_count_of_their_image_size(data_dir, processo
         return [7 if hw == (448, 448) else 11 for hw in sizes]
 
     ds = make(data_dir, processor, GOOD, image_tokens=count)
-    image_id = ds.image_token_id
+    image_id = ds.placeholders.image_token_id
     first, text, third = ds[0], ds[1], ds[2]
     assert seen == [(448, 448), (150, 150)]  # the sizes the processor saw: padded to squares
     assert (first["input_ids"] == image_id).sum() == 7 and (third["input_ids"] == image_id).sum() == 11
@@ -116,12 +122,12 @@ def test_skip_policy_substitutes_logs_and_summarises(data_dir, processor):
     assert len(ds) == 5 and len(ds.lengths) == 5  # the structural problem is left out up front
     assert ds[0]["id"] == "1"  # "m" has a missing image: the next sample stands in
     assert ds[4]["id"] == "1"  # "u" is last: the substitute wraps around
-    assert ds.skipped == {
+    assert ds.read_skipped() == {
         "b1": "conversations[1]: empty gpt turn",
         "m": f"missing image {data_dir / 'images' / 'coco' / 'nope.jpg'}",
-        "u": ds.skipped["u"],
+        "u": ds.read_skipped()["u"],
     }
-    assert ds.skipped["u"].startswith("unreadable image")
+    assert ds.read_skipped()["u"].startswith("unreadable image")
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [entry["id"] for entry in lines] == ["b1", "m", "u"]
     ds[0]
@@ -139,7 +145,7 @@ def test_skips_in_dataloader_workers_reach_the_shared_log(data_dir, processor):
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=Collator(0))
     ids = [i for batch in loader for i in batch["ids"]]
     assert len(ids) == len(ds) and not any(i.startswith("m") for i in ids)
-    assert sorted(ds.skipped) == ["m0", "m1", "m2", "m3"]
+    assert sorted(ds.read_skipped()) == ["m0", "m1", "m2", "m3"]
 
 
 def test_too_long_samples_are_dropped_and_counted_under_either_policy(data_dir, processor):
@@ -156,7 +162,7 @@ def test_too_long_samples_are_dropped_and_counted_under_either_policy(data_dir, 
     assert (cut["labels"] != IGNORE_INDEX).any()
     ds = make(data_dir, processor, samples, max_length=80, image_tokens=lambda sizes: [100] * len(sizes))
     assert ds[1]["id"] == "t" and ds[0]["id"] == "t"  # the image run alone is past max_length
-    assert ds.skipped["huge-image"].startswith("too long")
+    assert ds.read_skipped()["huge-image"].startswith("too long")
     assert "too long" in ds.skip_summary()
 
 
@@ -181,7 +187,7 @@ def test_collator_pads_right_and_concatenates_images(data_dir, processor):
 def test_batches_run_through_a_visionzip_model(data_dir, tiny_clip):
     """The data path and the model agree on the token count (else LLaVA raises a placeholder mismatch)."""
     import visionzip_tune as vzt
-    from visionzip_tune.models import sample_image_tokens
+    from visionzip_tune.families import sample_image_tokens
 
     model, processor = tiny_clip
     vzt.apply_visionzip(model, dominant=54, contextual=10)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from visionzip_tune.data.dataset import word_lengths
+from visionzip_tune.data.dataset import modality_lengths
 from visionzip_tune.data.jsonstream import iter_records
 from visionzip_tune.data.source import load_samples, source_of
 from visionzip_tune.errors import UserError
@@ -165,7 +165,7 @@ def test_video_forms_load_as_a_file_or_a_frame_list(tmp_path, cache):
     assert ds["video_file"][:] == ["clips/a.mp4", None, "clips/b.mp4", "clips/c.mp4"]
     assert ds["frame_files"][:] == [[], ["k400/a/0.png", "k400/a/1.png"], [], []]
     assert ds["source"][:] == ["clips", "k400", "coco", "clips"]  # an image's folder first, else the video's
-    assert word_lengths(ds) == [5, 2, 2, 2]  # a video makes a sample multimodal (positive)
+    assert modality_lengths(ds) == [5, 2, 2, 2]  # a video makes a sample multimodal (positive)
 
 
 def test_source_of():
@@ -178,12 +178,12 @@ def test_source_of():
     assert source_of(["coco/1.jpg"], "k400/a.mp4") == "coco"
 
 
-def test_word_lengths_are_llava_modality_lengths(tmp_path, cache):
+def test_modality_lengths_are_llava_modality_lengths(tmp_path, cache):
     path = tmp_path / "mix.json"
     path.write_text(json.dumps(SAMPLES))
     ds = load_samples(path, cache_dir=cache)
     expected = [
         sum(len(t["value"].split()) for t in s["conversations"]) * (1 if "image" in s else -1) for s in SAMPLES
     ]
-    assert word_lengths(ds) == expected == [6, -6, 3]
-    assert word_lengths(ds.select([2, 0])) == [3, 6]
+    assert modality_lengths(ds) == expected == [6, -6, 3]
+    assert modality_lengths(ds.select([2, 0])) == [3, 6]

@@ -4,7 +4,6 @@ Video-LLaVA and OneVision models accept (their forward raises when a placeholder
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
@@ -15,12 +14,14 @@ from PIL import Image
 
 import visionzip_tune as vzt
 from test_families import CROP, build_tiny_next, build_tiny_onevision, build_tiny_video_llava
-from visionzip_tune.data import Collator, SupervisedDataset, load_samples
+from visionzip_tune import build
+from visionzip_tune.data import Collator, DataConfig, SupervisedDataset, load_samples
 from visionzip_tune.data.images import MediaTransform
 from visionzip_tune.data.validate import BadSample
 from visionzip_tune.data.video import read_video, sample_indices
 from visionzip_tune.errors import UserError
-from visionzip_tune.models import sample_image_tokens, tokens_per_video
+from visionzip_tune.families import sample_image_tokens, tokens_per_video
+from visionzip_tune.processing import Processing
 
 av = pytest.importorskip("av")
 
@@ -199,21 +200,21 @@ def media(tmp_path):
     return folder
 
 
-def dataset(tmp_path, folder, samples, model, tokenizer, image_processor, *, video=True, frames=3, **kwargs):
+def dataset(tmp_path, folder, samples, model, tokenizer, image_processor, *, video=True, frames=3, skip_log=None,
+            **data):  # fmt: skip
+    """A dataset of ``samples`` with ``model``'s own counts (without its video input when ``video`` is false);
+    ``data``: DataConfig fields."""
     path = tmp_path / "data.json"
     path.write_text(json.dumps(samples))
-    config = model.config
+    placeholders = build.placeholders(model.config)
+    if not video:
+        placeholders = placeholders._replace(video_tokens=None, video_token_id=None)
     return SupervisedDataset(
         load_samples(path, cache_dir=tmp_path / "cache"),
-        image_folder=folder,
-        tokenizer=tokenizer,
-        image_processor=image_processor,
-        image_tokens=functools.partial(sample_image_tokens, config),
-        image_token_id=config.image_token_id,
-        video_tokens=functools.partial(tokens_per_video, config) if video else None,
-        video_token_id=config.video_token_id if video else None,
-        video_frames=frames,
-        **kwargs,
+        DataConfig(**{"image_folder": folder, "video_frames": frames, **data}),
+        Processing(tokenizer, image_processor, None),
+        placeholders,
+        skip_log=skip_log,
     )
 
 
@@ -304,7 +305,7 @@ def test_video_sample_for_a_model_without_video_input(tmp_path, media):
     ds = dataset(tmp_path, media, [VIDEO_SAMPLES[0], IMAGE_SAMPLES[1]], model, processor.tokenizer,
                  processor.image_processor, video=False, on_bad_sample="skip")  # fmt: skip
     assert ds[0]["id"] == "text"
-    assert ds.skipped == {"frames": "video, but the model takes no video input"}
+    assert ds.read_skipped() == {"frames": "video, but the model takes no video input"}
     strict = dataset(tmp_path, media, VIDEO_SAMPLES[:1], model, processor.tokenizer, processor.image_processor,
                      video=False)  # fmt: skip
     with pytest.raises(UserError, match=r"sample id frames: video, but the model takes no video input"):
@@ -324,9 +325,9 @@ def test_bad_videos_are_bad_samples_with_the_file_named(tmp_path, media):
     ds = dataset(tmp_path, media, samples, model, tokenizer, video_llava_processor(), on_bad_sample="skip",
                  skip_log=log)  # fmt: skip
     assert ds[0]["id"] == "text"
-    assert ds.skipped["gone"].startswith("missing video ") and ds.skipped["gone"].endswith("gone.mp4")
-    assert ds.skipped["junk"].startswith("unreadable video ") and "junk.mp4" in ds.skipped["junk"]
-    assert ds.skipped["hole"].startswith("missing video frame ") and "clip/404.png" in ds.skipped["hole"]
+    assert ds.read_skipped()["gone"].startswith("missing video ") and ds.read_skipped()["gone"].endswith("gone.mp4")
+    assert ds.read_skipped()["junk"].startswith("unreadable video ") and "junk.mp4" in ds.read_skipped()["junk"]
+    assert ds.read_skipped()["hole"].startswith("missing video frame ") and "clip/404.png" in ds.read_skipped()["hole"]
     summary = ds.skip_summary()
     assert "2 missing video" in summary and "1 unreadable video" in summary
 

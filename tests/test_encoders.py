@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from visionzip_tune import compress, encoders
+from visionzip_tune.families.base import zip_tower
 
 
 def _eager_copy(tower):
@@ -132,7 +133,7 @@ def test_unsupported_tower_is_named():
 
 def test_visionzip_features_shapes(towers, pixels):
     with torch.no_grad():
-        clip = encoders.visionzip_features(towers["clip"], pixels, 2, dominant=54, contextual=10)
-        siglip = encoders.visionzip_features(towers["siglip"], pixels, 3, dominant=30, contextual=0)
+        clip = zip_tower(towers["clip"], pixels, 2, dominant=54, contextual=10)
+        siglip = zip_tower(towers["siglip"], pixels, 3, dominant=30, contextual=0)
     assert clip.tokens.shape == (2, 64, 64) and clip.dominant_indices[:, 0].tolist() == [0, 0]
     assert siglip.tokens.shape == (2, 30, 64) and siglip.contextual_indices.shape == (2, 0)

@@ -18,8 +18,7 @@ import visionzip_tune as vzt
 from visionzip_tune.__main__ import main as cli
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import export_projector, load_projector, read_export, weights_fingerprint
-from visionzip_tune.models import projector
-from visionzip_tune.tiny import TinySpec, build_tiny_llava, save_tiny_llava
+from visionzip_tune.tiny import TinySpec, build_tiny_with_processor, save_tiny
 
 from conftest import load_tiny, perturb_projector
 
@@ -68,8 +67,8 @@ def test_fingerprint_changes_with_sampled_weights(tiny_clip_dir, where):
 
 
 def test_fingerprint_differs_between_random_bases():
-    assert weights_fingerprint(build_tiny_llava(TinySpec(seed=0))[0]) != weights_fingerprint(
-        build_tiny_llava(TinySpec(seed=1))[0]
+    assert weights_fingerprint(build_tiny_with_processor(TinySpec(seed=0))[0]) != weights_fingerprint(
+        build_tiny_with_processor(TinySpec(seed=1))[0]
     )
 
 
@@ -225,25 +224,25 @@ def test_export_without_visionzip_loads_back_stock(tiny_clip, tiny_clip_dir, tmp
 
 def test_fingerprint_mismatch_names_both_fingerprints_and_leaves_the_model_alone(tiny_clip_export, tmp_path):
     _, _, _, out = tiny_clip_export
-    other_dir = save_tiny_llava(tmp_path / "other", TinySpec(seed=1))
+    other_dir = save_tiny(tmp_path / "other", TinySpec(seed=1))
     other, processor = load_tiny(other_dir)
-    before = {n: p.clone() for n, p in projector(other).named_parameters()}
+    before = {n: p.clone() for n, p in other.model.multi_modal_projector.named_parameters()}
     record = read_export(out)
     with pytest.raises(UserError) as err:
         load_projector(other, out, processor=processor)
     message = str(err.value)
     for part in (record["base_fingerprint"], weights_fingerprint(other), str(out), record["base_model"]):
         assert part in message
-    assert all(torch.equal(p, before[n]) for n, p in projector(other).named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in other.model.multi_modal_projector.named_parameters())
     assert not hasattr(other.config, "visionzip")
     # The override loads anyway (same geometry, other weights).
     load_projector(other, out, processor=processor, check_fingerprint=False)
-    assert torch.equal(projector(other).linear_1.weight, tiny_clip_export[2]["linear_1.weight"])
+    assert torch.equal(other.model.multi_modal_projector.linear_1.weight, tiny_clip_export[2]["linear_1.weight"])
 
 
 def test_shape_mismatch_lists_the_tensors(tiny_clip_export, tmp_path):
     _, _, _, out = tiny_clip_export
-    narrow, _ = build_tiny_llava(TinySpec(text_hidden=32))
+    narrow, _ = build_tiny_with_processor(TinySpec(text_hidden=32))
     with pytest.raises(UserError) as err:
         load_projector(narrow, out, check_fingerprint=False)
     message = str(err.value)
@@ -320,7 +319,7 @@ def test_export_cli_exports_the_latest_checkpoint(tiny_clip_dir, tmp_path, capsy
     assert record["recipe"]["config"]["visionzip"]["dominant"] == 54
     fresh, processor = load_tiny(tiny_clip_dir)
     load_projector(fresh, out, processor=processor)
-    assert all(torch.equal(p, tensors[n]) for n, p in projector(fresh).named_parameters())
+    assert all(torch.equal(p, tensors[n]) for n, p in fresh.model.multi_modal_projector.named_parameters())
     assert fresh.config.visionzip["dominant"] == 54
 
 
@@ -390,11 +389,11 @@ def lora_model(model_dir: Path, seed: int = 5):
     """A zipped tiny model wrapped for ``train.mode=lora`` exactly as training wraps it, LoRA and projector
     perturbed as if trained; returns the peft model."""
     from visionzip_tune.config import TrainConfig
-    from visionzip_tune.train import set_trainable
+    from visionzip_tune.build import prepare_trainable
 
     model, _ = load_tiny(model_dir)
     vzt.apply_visionzip(model, 54, 10)
-    wrapped = set_trainable(model, TrainConfig(mode="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    wrapped, _ = prepare_trainable(model, TrainConfig(mode="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in wrapped.named_parameters():
@@ -441,9 +440,9 @@ def test_export_cli_exports_a_full_run_as_a_whole_model(tiny_clip_dir, tmp_path)
     from transformers import LlavaForConditionalGeneration
 
     from visionzip_tune.config import load_config
-    from visionzip_tune.models import language_model
+    from visionzip_tune.families import language_model
     from visionzip_tune.processing import load_processing
-    from visionzip_tune.train import set_trainable
+    from visionzip_tune.build import prepare_trainable
 
     trained, processor = load_tiny(tiny_clip_dir)
     vzt.apply_visionzip(trained, 54, 10, processor=processor)
@@ -451,7 +450,7 @@ def test_export_cli_exports_a_full_run_as_a_whole_model(tiny_clip_dir, tmp_path)
     with torch.no_grad():
         for param in language_model(trained).layers[0].parameters():
             param.add_(0.05 * torch.randn_like(param))
-    set_trainable(trained, load_config(overrides=["train.mode=full"]).train)
+    prepare_trainable(trained, load_config(overrides=["train.mode=full"]).train)
     tensors = {name: p.detach().clone() for name, p in trained.named_parameters() if p.requires_grad}
     run = make_run(tmp_path / "run", tiny_clip_dir, tensors, mode="full", prefix="")
     assert cli(["export", "--run", str(run)]) == 0
@@ -504,23 +503,23 @@ ZERO3_SCRIPT = textwrap.dedent(
     import json, sys
     import deepspeed, torch
     from visionzip_tune.export import export_projector, load_projector, weights_fingerprint
-    from visionzip_tune.models import apply_visionzip, projector
-    from visionzip_tune.tiny import TinySpec, build_tiny_llava
+    from visionzip_tune.families import apply_visionzip
+    from visionzip_tune.tiny import TinySpec, build_tiny_with_processor
 
     out = sys.argv[1]
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    model, _ = build_tiny_llava(TinySpec())                     # same seed on every rank
+    model, _ = build_tiny_with_processor(TinySpec())                     # same seed on every rank
     apply_visionzip(model, 54, 10)
     fingerprint = weights_fingerprint(model)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for p in projector(model).parameters():
+        for p in model.model.multi_modal_projector.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
-    expected = {n: p.detach().clone() for n, p in projector(model).named_parameters()}
+    expected = {n: p.detach().clone() for n, p in model.model.multi_modal_projector.named_parameters()}
     model.requires_grad_(False)
-    projector(model).requires_grad_(True)
-    params = list(projector(model).parameters())
+    model.model.multi_modal_projector.requires_grad_(True)
+    params = list(model.model.multi_modal_projector.parameters())
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
               "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params), config=config)
@@ -533,7 +532,7 @@ ZERO3_SCRIPT = textwrap.dedent(
             p.zero_()
     load_projector(engine, out)
     with deepspeed.zero.GatheredParameters(params):
-        restored = all(torch.equal(p.detach(), expected[n]) for n, p in projector(model).named_parameters())
+        restored = all(torch.equal(p.detach(), expected[n]) for n, p in model.model.multi_modal_projector.named_parameters())
     if rank == 0:
         torch.save(expected, out + ".expected.pt")
         json.dump({"partitioned": partitioned, "same_fingerprint": same_fingerprint, "restored": restored},
@@ -574,12 +573,12 @@ ZERO3_FULL_SCRIPT = textwrap.dedent(
     import sys
     import deepspeed, torch
     from visionzip_tune.export import export_projector
-    from visionzip_tune.models import apply_visionzip
-    from visionzip_tune.tiny import TinySpec, build_tiny_llava
+    from visionzip_tune.families import apply_visionzip
+    from visionzip_tune.tiny import TinySpec, build_tiny_with_processor
 
     out = sys.argv[1]
     deepspeed.init_distributed(dist_backend="gloo")
-    model, _ = build_tiny_llava(TinySpec())                     # same seed on every rank
+    model, _ = build_tiny_with_processor(TinySpec())                     # same seed on every rank
     apply_visionzip(model, 54, 10)
     if torch.distributed.get_rank() == 0:
         torch.save(model.state_dict(), out + ".expected.pt")

@@ -11,8 +11,9 @@ from PIL import Image
 import visionzip_tune as vzt
 from conftest import fed_to_llm
 from reference_visionzip import reference_visionzip
-from visionzip_tune.models import family_name, grid_order, projector, tokens_per_image
-from visionzip_tune.tiny import IMAGE_TOKEN, VIDEO_TOKEN, TinySpec, build_tiny, build_tiny_llava
+from visionzip_tune.families import family_name, tokens_per_image
+from visionzip_tune.families.llava_next import grid_order
+from visionzip_tune.tiny import IMAGE_TOKEN, VIDEO_TOKEN, TinySpec, build_tiny, build_tiny_with_processor
 
 PROMPT = "USER: <image>\nWhat colour is the shape? ASSISTANT:"
 
@@ -35,7 +36,7 @@ def _spec(family: str, seed: int, crop_grids: str = "1x2 2x1 2x2") -> TinySpec:
 
 def build_tiny_next(seed: int = 0):
     """A random LlavaNextForConditionalGeneration (CLIP tower, Llama LLM, PINPOINTS) and its LlavaNextProcessor."""
-    model, processor = build_tiny_llava(_spec("llava_next", seed))
+    model, processor = build_tiny_with_processor(_spec("llava_next", seed))
     assert model.config.image_grid_pinpoints == PINPOINTS
     return model, processor
 
@@ -78,7 +79,7 @@ def test_next_flat_equals_per_crop_reference(tiny_next):
         # The straightforward route: the stock tower per crop, the reference algorithm per crop, concatenated.
         expected = reference_visionzip(model.model.vision_tower, crops, -2, 6, 3)
         with torch.no_grad():
-            projected = projector(model)(torch.cat(expected.tokens))
+            projected = model.model.multi_modal_projector(torch.cat(expected.tokens))
         torch.testing.assert_close(features, projected, rtol=0, atol=1e-5)
 
 
@@ -166,13 +167,13 @@ def test_next_only_projector_gets_gradients(tiny_next):
     model, processor = tiny_next
     vzt.apply_visionzip(model, 6, 3, processor, token_order="grid")
     model.requires_grad_(False)
-    projector(model).requires_grad_(True)
+    model.model.multi_modal_projector.requires_grad_(True)
     model.train()
     batch = _next_batch(processor, [(40, 100), (100, 90)])
     model(**batch, labels=batch["input_ids"]).loss.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {f"model.multi_modal_projector.{n}" for n, _ in projector(model).named_parameters()}
-    assert all(p.grad.abs().sum() > 0 for p in projector(model).parameters())
+    assert with_grad == {f"model.multi_modal_projector.{n}" for n, _ in model.model.multi_modal_projector.named_parameters()}
+    assert all(p.grad.abs().sum() > 0 for p in model.model.multi_modal_projector.parameters())
 
 
 def test_next_generate(tiny_next):
@@ -243,7 +244,7 @@ def tiny_video_llava():
 
 def _video_inputs(model, tokenizer, videos: int = 2) -> dict:
     """input_ids with one <image> run and one <video> run per sample, counts from the model's count functions."""
-    from visionzip_tune.models import tokens_per_video
+    from visionzip_tune.families import tokens_per_video
 
     config = model.config
     text = tokenizer("What happens in the video?")["input_ids"]
@@ -268,11 +269,11 @@ def test_video_llava_equals_per_frame_reference(tiny_video_llava):
         image_out = model.model.get_image_features(pixel_values=images)
         video_out = model.model.get_video_features(pixel_values_videos=videos)
         expected_images = torch.stack(reference_visionzip(model.model.image_tower, images, -2, 6, 3).tokens)
-        torch.testing.assert_close(image_out.pooler_output, projector(model)(expected_images), rtol=0, atol=1e-5)
+        torch.testing.assert_close(image_out.pooler_output, model.model.multi_modal_projector(expected_images), rtol=0, atol=1e-5)
         assert video_out.pooler_output.shape == (2, FRAMES * 9, 32)
         for video, features in zip(videos, video_out.pooler_output):
             frames = reference_visionzip(model.model.video_tower, video, -2, 6, 3).tokens  # frame by frame
-            torch.testing.assert_close(features, projector(model)(torch.cat(frames)), rtol=0, atol=1e-5)
+            torch.testing.assert_close(features, model.model.multi_modal_projector(torch.cat(frames)), rtol=0, atol=1e-5)
     # The two towers really are used: video frames through the image tower would give other tokens.
     with torch.no_grad():
         through_image_tower = reference_visionzip(model.model.image_tower, videos[0], -2, 6, 3).tokens
@@ -280,7 +281,7 @@ def test_video_llava_equals_per_frame_reference(tiny_video_llava):
 
 
 def test_video_llava_counts_forward_backward(tiny_video_llava):
-    from visionzip_tune.models import tokens_per_video
+    from visionzip_tune.families import tokens_per_video
 
     model, tokenizer = tiny_video_llava
     assert (tokens_per_image(model.config), tokens_per_video(model.config, FRAMES)) == (16, FRAMES * 17)
@@ -291,13 +292,13 @@ def test_video_llava_counts_forward_backward(tiny_video_llava):
     assert (tokens_per_image(model.config), tokens_per_video(model.config, FRAMES)) == (9, FRAMES * 9)
     batch = _video_inputs(model, tokenizer)
     model.requires_grad_(False)
-    projector(model).requires_grad_(True)
+    model.model.multi_modal_projector.requires_grad_(True)
     model.train()
     out, fed = fed_to_llm(model, **batch, labels=batch["input_ids"])
     assert fed["image"].shape == (2 * 9, 32) and fed["video"].shape == (2 * FRAMES * 9, 32)
     out.loss.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {f"model.multi_modal_projector.{n}" for n, _ in projector(model).named_parameters()}
+    assert with_grad == {f"model.multi_modal_projector.{n}" for n, _ in model.model.multi_modal_projector.named_parameters()}
 
 
 def test_video_llava_generate_and_remove(tiny_video_llava):
@@ -320,7 +321,7 @@ def test_video_llava_generate_and_remove(tiny_video_llava):
 def test_video_llava_processor_counts(tiny_video_llava):
     from transformers import VideoLlavaProcessor
 
-    from visionzip_tune.models import tokens_per_video
+    from visionzip_tune.families import tokens_per_video
 
     model, _ = tiny_video_llava
     processor = VideoLlavaProcessor.__new__(VideoLlavaProcessor)  # __init__ needs torchvision (video processor)
@@ -421,7 +422,7 @@ def test_onevision_equals_per_crop_reference(tiny_onevision):
     for features, pixels, count in zip(out.pooler_output, inputs["pixel_values"], (3, 10)):
         expected = reference_visionzip(model.model.vision_tower, pixels[:count], -1, 5, 2)  # SigLIP: received
         with torch.no_grad():
-            torch.testing.assert_close(features, projector(model)(torch.cat(expected.tokens)), rtol=0, atol=1e-5)
+            torch.testing.assert_close(features, model.model.multi_modal_projector(torch.cat(expected.tokens)), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("zipped", [False, True])
@@ -448,7 +449,7 @@ def test_onevision_processor_count_equals_model_rows(tiny_onevision, zipped):
 
 
 def test_onevision_video_per_frame(tiny_onevision):
-    from visionzip_tune.models import tokens_per_video
+    from visionzip_tune.families import tokens_per_video
 
     model, processor, tokenizer = tiny_onevision
     videos = {"pixel_values_videos": torch.randn(1, FRAMES, 3, CROP, CROP, generator=torch.Generator().manual_seed(5))}
@@ -459,15 +460,15 @@ def test_onevision_video_per_frame(tiny_onevision):
     with torch.no_grad():
         out = model.model.get_video_features(pixel_values_videos=videos["pixel_values_videos"])
         frames = reference_visionzip(model.model.vision_tower, videos["pixel_values_videos"][0], -1, 5, 2).tokens
-        torch.testing.assert_close(out.pooler_output[0], projector(model)(torch.cat(frames)), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.pooler_output[0], model.model.multi_modal_projector(torch.cat(frames)), rtol=0, atol=1e-5)
     text = tokenizer("What happens?")["input_ids"]
     ids = torch.tensor([text[:1] + [model.config.video_token_id] * 21 + text[1:]])
     model.requires_grad_(False)
-    projector(model).requires_grad_(True)
+    model.model.multi_modal_projector.requires_grad_(True)
     model.train()
     model(input_ids=ids, labels=ids, **videos).loss.backward()
     assert {n for n, p in model.named_parameters() if p.grad is not None} == {
-        f"model.multi_modal_projector.{n}" for n, _ in projector(model).named_parameters()
+        f"model.multi_modal_projector.{n}" for n, _ in model.model.multi_modal_projector.named_parameters()
     }
     model.eval()
     with torch.no_grad():

@@ -10,9 +10,11 @@ from conftest import cli_error, greedy_answer
 from PIL import Image
 
 from visionzip_tune.__main__ import main as cli
-from visionzip_tune.data import SupervisedDataset, load_samples, model_placeholders
+from visionzip_tune import build
+from visionzip_tune.data import DataConfig, SupervisedDataset, load_samples
+from visionzip_tune.processing import Processing
 from visionzip_tune.generate import Chat, load_model
-from visionzip_tune.tiny import TinySpec, save_tiny_llava
+from visionzip_tune.tiny import TinySpec, save_tiny
 
 MAX_NEW = 6
 
@@ -34,9 +36,10 @@ def reference_answer(model, processor, picture, questions: list[str], answers: l
     path = picture.parent / "sample.json"
     path.write_text(json.dumps([{"id": "q", "image": picture.name, "conversations": turns}]))
     dataset = SupervisedDataset(
-        load_samples(path), image_folder=picture.parent, tokenizer=processor.tokenizer,
-        image_processor=processor.image_processor, template="vicuna_v1",
-        **model_placeholders(model.config),
+        load_samples(path),
+        DataConfig(image_folder=picture.parent, template="vicuna_v1"),
+        Processing(processor.tokenizer, processor.image_processor, None),
+        build.placeholders(model.config),
     )
     return greedy_answer(model, processor.tokenizer, dataset[0], MAX_NEW)
 
@@ -122,7 +125,7 @@ def test_generate_errors(tiny_clip_export, tiny_clip_dir, picture, tmp_path, cap
         ["generate", "--projector", str(export), "--image", str(broken), "--prompt", "Hi"], capsys)
     assert "does not exist" in cli_error(["generate", "--projector", str(tmp_path / "nothing"), *common], capsys)
     assert "cannot load the model" in cli_error(["generate", "--model", str(tmp_path / "nothing"), *common], capsys)
-    other = save_tiny_llava(tmp_path / "other", TinySpec(seed=1))
+    other = save_tiny(tmp_path / "other", TinySpec(seed=1))
     message = cli_error(["generate", "--projector", str(export), "--model", str(other), *common], capsys)
     assert "fingerprint" in message and str(export) in message
     assert cli(["generate", "--projector", str(export), "--model", str(other), "--no-check-fingerprint", *common]) == 0

@@ -18,11 +18,12 @@ from conftest import cli_error, greedy_answer, perturb_projector
 from PIL import Image
 
 from visionzip_tune.__main__ import main as cli
-from visionzip_tune.data import SupervisedDataset, load_samples, model_placeholders
+from visionzip_tune import build
+from visionzip_tune.data import DataConfig, SupervisedDataset, load_samples
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import export_projector
 from visionzip_tune.generate import Chat, load_model
-from visionzip_tune.models import apply_visionzip
+from visionzip_tune.families import apply_visionzip
 from visionzip_tune.processing import load_processing
 from visionzip_tune.tiny import TinySpec, save_tiny
 
@@ -84,7 +85,7 @@ def _write_mp4(frames_dir, path) -> None:
 def _reference(model, base, media, *, image: str | None = None, video=None) -> tuple[str, list[int]]:
     """The greedy answer to QUESTION about ``image`` / ``video`` (paths relative to ``media``), with the prompt
     and vision inputs built by the training dataset (vicuna_v1, pad, RECIPE_FRAMES frames)."""
-    tokenizer, image_processor, _ = load_processing(str(base))
+    processing = load_processing(str(base))
     sample = {"id": "q", "conversations": [{"from": "human", "value": QUESTION}, {"from": "gpt", "value": "x"}]}
     if image is not None:
         sample["image"] = image
@@ -93,10 +94,12 @@ def _reference(model, base, media, *, image: str | None = None, video=None) -> t
     path = media / "sample.json"
     path.write_text(json.dumps([sample]))
     dataset = SupervisedDataset(
-        load_samples(path), image_folder=media, tokenizer=tokenizer, image_processor=image_processor,
-        **model_placeholders(model.config), video_frames=RECIPE_FRAMES,
-    )  # fmt: skip
-    return greedy_answer(model, tokenizer, dataset[0], MAX_NEW)
+        load_samples(path),
+        DataConfig(image_folder=media, video_frames=RECIPE_FRAMES),
+        processing,
+        build.placeholders(model.config),
+    )
+    return greedy_answer(model, processing.tokenizer, dataset[0], MAX_NEW)
 
 
 def _generate(export, capsys, *media_args: str) -> tuple[str, str]:
@@ -199,7 +202,7 @@ def test_generate_media_errors(exports, media, capsys, tmp_path):
 def test_full_run_export_generates_with_its_whole_model(exports, media, capsys, tmp_path):
     import copy
 
-    from visionzip_tune.models import language_model, remove_visionzip
+    from visionzip_tune.families import language_model, remove_visionzip
 
     trained, export = exports["video_llava"]
     base = export.parent / "base-video_llava"
@@ -217,14 +220,10 @@ def test_full_run_export_generates_with_its_whole_model(exports, media, capsys, 
     assert expected and answer == expected
     assert expected != _reference(trained, base, media, video=frames)[0]  # the trained language model is used
     assert f"<video>x{RECIPE_FRAMES * K}" in err
-    # An export written without the processing pieces falls back to the base model's.
-    bare = export_projector(full, tmp_path / "bare", metadata=metadata)
-    assert not (bare / "model" / "tokenizer.json").exists()
-    assert _generate(bare, capsys, "--video", str(media / "frames"))[0] == expected
     # A full run without VisionZip: a stock model, every patch of every frame (17 with CLS).
     stock = copy.deepcopy(full)
     remove_visionzip(stock)
-    stock_export = export_projector(stock, tmp_path / "stock", metadata=metadata)
+    stock_export = export_projector(stock, tmp_path / "stock", metadata=metadata, processing=(tokenizer, image_processor))
     assert f"<video>x{RECIPE_FRAMES * 17}" in _generate(stock_export, capsys, "--video", str(media / "frames"))[1]
     assert "holds the whole trained model" in cli_error(
         ["generate", "--projector", str(full_export), "--model", str(base), "--video", str(media / "frames"),

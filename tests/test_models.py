@@ -11,8 +11,9 @@ import visionzip_tune as vzt
 from conftest import fed_to_llm, load_tiny
 from reference_visionzip import reference_visionzip
 from visionzip_tune import encoders
-from visionzip_tune.models import family_name, language_model, projector, tokens_per_image, vision_tower
-from visionzip_tune.tiny import TinySpec, build_tiny_llava
+from visionzip_tune.families.base import zip_tower
+from visionzip_tune.families import family_name, language_model, projector_modules, tokens_per_image, vision_tower
+from visionzip_tune.tiny import TinySpec, build_tiny_with_processor
 
 PROMPT = "USER: <image>\nWhat colour is the shape? ASSISTANT:"
 
@@ -40,7 +41,7 @@ def test_features_match_eager_reference(request, fixture):
     expected = reference_visionzip(model.model.vision_tower, pixels, layer, 54, 10)
     with torch.no_grad():
         out = model.model.get_image_features(pixel_values=pixels)
-        zipped = encoders.visionzip_features(model.model.vision_tower, pixels, encoders.resolve_layer(4, layer), 54, 10)
+        zipped = zip_tower(model.model.vision_tower, pixels, encoders.resolve_layer(4, layer), 54, 10)
     assert zipped.dominant_indices.tolist() == expected.dominant
     assert zipped.contextual_indices.tolist() == expected.contextual
     reference_tokens = torch.stack(expected.tokens)
@@ -48,7 +49,7 @@ def test_features_match_eager_reference(request, fixture):
     assert len(out.pooler_output) == 3 and out.pooler_output[0].shape == (64, model.config.text_config.hidden_size)
     with torch.no_grad():
         torch.testing.assert_close(
-            torch.stack(out.pooler_output), projector(model)(reference_tokens), rtol=0, atol=1e-5
+            torch.stack(out.pooler_output), model.model.multi_modal_projector(reference_tokens), rtol=0, atol=1e-5
         )
 
 
@@ -67,7 +68,7 @@ def test_eager_budget_is_recorded_and_exact(tiny_clip):
 @pytest.fixture(scope="module")
 def clip_336():
     """CLIP tower at 336 px / patch 14: 576 patches + CLS, as in LLaVA-1.5."""
-    return build_tiny_llava(TinySpec(tower="clip", image_size=336, vision_layers=3))
+    return build_tiny_with_processor(TinySpec(tower="clip", image_size=336, vision_layers=3))
 
 
 @pytest.mark.parametrize("dominant, contextual", [(54, 10), (108, 20), (162, 30)])
@@ -91,13 +92,13 @@ def test_only_projector_gets_gradients(tiny_clip):
     model, processor = tiny_clip
     vzt.apply_visionzip(model, 54, 10, processor)
     model.requires_grad_(False)
-    projector(model).requires_grad_(True)
+    model.model.multi_modal_projector.requires_grad_(True)
     model.train()
     batch = _batch(processor)
     model(**batch, labels=batch["input_ids"]).loss.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {f"model.multi_modal_projector.{n}" for n, _ in projector(model).named_parameters()}
-    assert all(p.grad.abs().sum() > 0 for p in projector(model).parameters())
+    assert with_grad == {f"model.multi_modal_projector.{n}" for n, _ in model.model.multi_modal_projector.named_parameters()}
+    assert all(p.grad.abs().sum() > 0 for p in model.model.multi_modal_projector.parameters())
 
 
 def test_tower_runs_without_autograd_under_activation_checkpointing(tiny_clip):
@@ -106,7 +107,7 @@ def test_tower_runs_without_autograd_under_activation_checkpointing(tiny_clip):
     vzt.apply_visionzip(model, 54, 10, processor)
     model.activation_checkpointing_enable()
     model.requires_grad_(False)
-    projector(model).requires_grad_(True)
+    model.model.multi_modal_projector.requires_grad_(True)
     model.train()
     out = model.model.get_image_features(pixel_values=_batch(processor)["pixel_values"])
     assert out.last_hidden_state.grad_fn is None  # tower + selection built no graph
@@ -199,7 +200,7 @@ def test_unsupported_model_lists_families():
 
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
-    for call in (lambda: vzt.apply_visionzip(llama, 54, 10), lambda: projector(llama), lambda: family_name(llama)):
+    for call in (lambda: vzt.apply_visionzip(llama, 54, 10), lambda: projector_modules(llama), lambda: family_name(llama)):
         with pytest.raises(ValueError, match=r"LlamaForCausalLM; supported families: llava \(LlavaForConditional"):
             call()
     with pytest.raises(ValueError, match=r"unsupported model type 'llama'.*llava"):
@@ -211,13 +212,13 @@ def test_accessors_plain_and_peft(tiny_clip):
 
     model, processor = tiny_clip
     assert family_name(model) == family_name(model.config) == "llava"
-    assert projector(model) is model.model.multi_modal_projector
+    assert projector_modules(model) == {"multi_modal_projector": model.model.multi_modal_projector}
     assert vision_tower(model) is model.model.vision_tower
     assert language_model(model) is model.model.language_model
     vzt.apply_visionzip(model, 54, 10, processor)
     lora = LoraConfig(r=2, target_modules=r".*language_model.*\.(q_proj|v_proj)")
     wrapped = get_peft_model(model, lora)
-    assert projector(wrapped) is model.model.multi_modal_projector
+    assert projector_modules(wrapped) == {"multi_modal_projector": model.model.multi_modal_projector}
     assert vision_tower(wrapped) is model.model.vision_tower
     assert language_model(wrapped) is model.model.language_model
     assert family_name(wrapped) == "llava"

@@ -9,7 +9,7 @@ import pytest
 from visionzip_tune.compress import validate_budget
 from visionzip_tune.config import load_config
 from visionzip_tune.encoders import tokens_per_tower_output
-from visionzip_tune.models import tokens_per_image, tokens_per_video
+from visionzip_tune.families import tokens_per_image, tokens_per_video
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

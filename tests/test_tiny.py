@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from conftest import fed_to_llm
 
 from visionzip_tune.errors import UserError
-from visionzip_tune.models import family_name, language_model, projector, sample_image_tokens, tokens_per_video
+from visionzip_tune.families import family_name, language_model, sample_image_tokens, tokens_per_video
 from visionzip_tune.processing import load_processing
 from visionzip_tune.tiny import (
     CHAT_TEMPLATE,
@@ -21,7 +21,7 @@ from visionzip_tune.tiny import (
     TinySpec,
     build_processor,
     build_tiny,
-    build_tiny_llava,
+    build_tiny_with_processor,
     image_grid_pinpoints,
     save_tiny,
 )
@@ -151,12 +151,12 @@ def test_text_init_std_and_seed_apply_to_every_family(family):
     for model, std in ((wide, 0.5), (narrow, 0.02)):
         llm_weight = language_model(model).layers[0].mlp.gate_proj.weight
         assert llm_weight.std().item() == pytest.approx(std, rel=0.2)
-        assert projector(model).linear_1.weight.std().item() == pytest.approx(std, rel=0.2)
+        assert model.model.multi_modal_projector.linear_1.weight.std().item() == pytest.approx(std, rel=0.2)
     again, _, _ = build_tiny(tiny_spec(family))
     other, _, _ = build_tiny(tiny_spec(family, seed=1))
-    weight = projector(narrow).linear_1.weight
-    assert torch.equal(projector(again).linear_1.weight, weight)
-    assert not torch.equal(projector(other).linear_1.weight, weight)
+    weight = narrow.model.multi_modal_projector.linear_1.weight
+    assert torch.equal(again.model.multi_modal_projector.linear_1.weight, weight)
+    assert not torch.equal(other.model.multi_modal_projector.linear_1.weight, weight)
 
 
 def test_towers_follow_the_family_unless_given():
@@ -185,7 +185,7 @@ def test_processor_classes_that_need_torchvision_are_refused():
     with pytest.raises(ValueError, match="needs torchvision"):
         build_processor(tiny_spec("video_llava"), tokenizer)
     with pytest.raises(ValueError, match="needs torchvision"):
-        build_tiny_llava(tiny_spec("llava_onevision"))
+        build_tiny_with_processor(tiny_spec("llava_onevision"))
 
 
 def test_save_tiny_replaces_a_directory_atomically(tmp_path):
@@ -194,5 +194,5 @@ def test_save_tiny_replaces_a_directory_atomically(tmp_path):
     (out / "stale.txt").write_text("from an earlier build")
     save_tiny(out, tiny_spec("llava_next", seed=3))
     assert not (out / "stale.txt").exists() and [p.name for p in tmp_path.iterdir()] == ["model"]
-    loaded = projector(AutoModelForImageTextToText.from_pretrained(out)).linear_1.weight
-    assert torch.equal(loaded, projector(build_tiny(tiny_spec("llava_next", seed=3))[0]).linear_1.weight)
+    loaded = AutoModelForImageTextToText.from_pretrained(out).model.multi_modal_projector.linear_1.weight
+    assert torch.equal(loaded, build_tiny(tiny_spec("llava_next", seed=3))[0].model.multi_modal_projector.linear_1.weight)

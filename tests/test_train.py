@@ -17,7 +17,7 @@ from visionzip_tune.config import load_config
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import load_projector
-from visionzip_tune.models import apply_visionzip, language_model, projector, vision_tower
+from visionzip_tune.families import apply_visionzip, language_model, projector_modules, vision_tower
 from visionzip_tune.train import train
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "demo.yaml"
@@ -53,12 +53,12 @@ def test_projector_mode_changes_only_the_projector_and_lowers_the_loss(train_ass
     out = tmp_path / "run"
     trained = run(train_assets, out, "train.max_steps=8", "train.save_every=4", "train.micro_batch_size=3")
     base, _ = load_tiny(train_assets[0])
-    proj = names_of(trained, projector(trained))
+    proj = names_of(trained, projector_modules(trained)["multi_modal_projector"])
     assert changed_names(trained, base) == proj  # every other tensor is bit-identical
     losses = [r["loss"] for r in records(out, "train")]
     assert len(losses) == 8 and all(k in records(out, "train")[0] for k in ("lr", "samples_per_s", "tokens_per_s"))
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
-    assert records(out, "train")[0]["vision_tokens_per_image"] == 8
+    assert records(out, "train")[0]["vision_tokens_per_unit"] == 8
     # run directory layout: config first, two atomic checkpoints, latest pointer, export
     assert load_config(out / "config.yaml").train.mode == "projector"
     ckpts = out / "checkpoints"
@@ -95,7 +95,7 @@ def test_full_mode_trains_llm_and_projector_not_the_tower(train_assets, tmp_path
     trained = run(train_assets, tmp_path / "run", "train.mode=full", "train.max_steps=2", "train.lr=1e-3",
                   "train.activation_checkpointing=true")  # fmt: skip
     base, _ = load_tiny(train_assets[0])
-    expected = names_of(trained, projector(trained)) | names_of(trained, language_model(trained))
+    expected = names_of(trained, projector_modules(trained)["multi_modal_projector"]) | names_of(trained, language_model(trained))
     expected |= names_of(trained, trained.get_output_embeddings())
     assert changed_names(trained, base) == expected
     assert not names_of(trained, vision_tower(trained)) & changed_names(trained, base)
@@ -128,8 +128,8 @@ def test_lora_mode_wraps_only_llm_linears_and_trains_lora_plus_projector(train_a
     lora_linears = {n.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for n in lora}
     assert lora_linears == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     trainable = {name for name, p in trained.named_parameters() if p.requires_grad}
-    assert trainable == lora | names_of(trained, projector(trained))
-    assert changed_names(trained, base) == {n for n in names_of(trained, projector(trained))}
+    assert trainable == lora | names_of(trained, projector_modules(trained)["multi_modal_projector"])
+    assert changed_names(trained, base) == {n for n in names_of(trained, projector_modules(trained)["multi_modal_projector"])}
     lora_b = [p for n, p in trained.named_parameters() if ".lora_B" in n]
     assert all(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: every one moved
     lrs = records(out, "train")[1]["lr_groups"]
@@ -222,7 +222,7 @@ def test_wandb_offline_run_holds_the_logged_loss(train_assets, tmp_path, monkeyp
         ("train.lr=fast", "'train.lr' in override 'train.lr=fast' expects a number"),
         ("data.path=/nonexistent/train.json", "data.path: the data file /nonexistent/train.json does not exist"),
         ("data.image_folder=/nonexistent/images", "data.image_folder: the image folder /nonexistent/images does"),
-        ("model.name_or_path=/nonexistent/model", "model.name_or_path='/nonexistent/model' could not be loaded"),
+        ("model.name_or_path=/nonexistent/model", "cannot load the model '/nonexistent/model' (model.name_or_path)"),
         ("visionzip.dominant=40", "visionzip.dominant=40, visionzip.contextual=2"),
         ("visionzip.token_order=grid", "token_order='grid' is not available for LlavaForConditionalGeneration"),
         ("model.tiny.family=qwen", "'model.tiny.family' in override 'model.tiny.family=qwen' expects one of"),

@@ -8,11 +8,13 @@ import pytest
 import torch
 from conftest import load_tiny
 
-from visionzip_tune.data import Collator, SupervisedDataset, load_samples, model_placeholders
+from visionzip_tune import build
+from visionzip_tune.data import Collator, DataConfig, SupervisedDataset, load_samples
+from visionzip_tune.processing import Processing
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.errors import UserError
 from visionzip_tune.evaluate import answer_logprob, answer_mask, choice_accuracy, read_choices, with_answer
-from visionzip_tune.models import apply_visionzip
+from visionzip_tune.families import apply_visionzip
 
 X = -100
 
@@ -49,11 +51,9 @@ def eval_setup(train_assets):
     def dataset_of(path):
         return SupervisedDataset(
             load_samples(path),
-            image_folder=paths.images,
-            tokenizer=processor.tokenizer,
-            image_processor=processor.image_processor,
-            **model_placeholders(model.config),
-            max_length=256,
+            DataConfig(image_folder=paths.images, max_length=256),
+            Processing(processor.tokenizer, processor.image_processor, None),
+            build.placeholders(model.config),
         )
 
     return model, processor, dataset_of

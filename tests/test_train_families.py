@@ -19,7 +19,7 @@ from transformers import AutoModelForImageTextToText
 from visionzip_tune.config import load_config
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.export import load_projector
-from visionzip_tune.models import projector
+from visionzip_tune.families import projector_modules
 from visionzip_tune.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,10 +102,10 @@ def test_family_trains_the_projector_and_exports_it(family, extra, tmp_path):
         name.removeprefix("multi_modal_projector."): tensor
         for name, tensor in load_file(out / "export" / "projector.safetensors").items()
     }
-    before = {n: p.detach() for n, p in projector(base).named_parameters()}
+    before = {n: p.detach() for n, p in base.model.multi_modal_projector.named_parameters()}
     assert exported.keys() == before.keys()
     assert any(not torch.equal(exported[n], before[n]) for n in before), "the projector did not train"
-    after = {n: p.detach() for n, p in projector(trained).named_parameters()}
+    after = {n: p.detach() for n, p in projector_modules(trained)["multi_modal_projector"].named_parameters()}
     assert all(torch.equal(exported[n], after[n]) for n in after)
 
     record = json.loads((out / "export" / "visionzip.json").read_text())
@@ -119,7 +119,7 @@ def test_family_trains_the_projector_and_exports_it(family, extra, tmp_path):
     assert base.config.visionzip["dominant"] == 6 and base.config.visionzip["contextual"] == 2
     if extra == ("visionzip.token_order=grid",):
         assert base.config.visionzip["token_order"] == "grid"
-    for n, p in projector(base).named_parameters():
+    for n, p in base.model.multi_modal_projector.named_parameters():
         assert torch.equal(p.detach(), exported[n])
 
 

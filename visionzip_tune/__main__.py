@@ -11,7 +11,7 @@ from visionzip_tune.errors import UserError, user_message
 COMMANDS = {
     "train": ("visionzip_tune.train", "train a projector (or more) with VisionZip in the data path"),
     "data": ("visionzip_tune.data.cli", "subset, check, preview LLaVA data; build the demo dataset"),
-    "export": ("visionzip_tune.export", "export the projector of a run directory"),
+    "export": ("visionzip_tune.export_run", "export the projector of a run directory"),
     "generate": ("visionzip_tune.generate", "answer a prompt about an image or a video with a tuned projector"),
 }
 

@@ -30,6 +30,7 @@ from visionzip_tune.distributed import barrier, is_main
 from visionzip_tune.errors import UserError
 
 LATEST = "latest"
+TRAINABLE_FILE = "trainable.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -39,7 +40,7 @@ def checkpoints_root(run_dir: str | Path) -> Path:
 
 def gather_trainable(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
     """Full fp32 copies of the trainable parameters. Collective under ZeRO: call on every rank, same order."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param  # lazy: slow to import; only saving a checkpoint needs it
 
     tensors = {}
     for name, param in named_params:
@@ -71,7 +72,7 @@ def save_checkpoint(
     tensors = gather_trainable(trainable)
     torch.save(_rng_state(), tmp / f"rng-rank{engine.global_rank:03d}.pt")
     if is_main():
-        save_file(tensors, tmp / "trainable.safetensors")
+        save_file(tensors, tmp / TRAINABLE_FILE)
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
     barrier()
     if is_main():

@@ -17,115 +17,108 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from visionzip_tune.data.config import DataConfig
+from visionzip_tune.docfields import bound_problems, documented
 from visionzip_tune.errors import UserError
-from visionzip_tune.tiny import TinySpec
+
+TinyFamily = Literal["llava", "llava_next", "video_llava", "llava_onevision"]
 
 
-def _doc(default: Any, doc: str) -> Any:
-    """A dataclass field with a one-line description (the source of the help table)."""
-    if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: default, metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+@dataclass(frozen=True)
+class TinySpec:
+    """Geometry of a tiny random VLM (``visionzip_tune.tiny``) for the demo, tests and benches. Defaults give a
+    LLaVA with 224 px / patch 14 = 256 patches (+ CLS for CLIP)."""
+
+    family: TinyFamily = "llava"
+    tower: Literal["clip", "siglip"] | None = None  # None: the family's own (SigLIP for OneVision, else CLIP)
+    image_size: int = 224  # the tower's input side: the whole image (LLaVA), one crop (anyres) or one frame
+    patch_size: int = 14
+    vision_hidden: int = 64
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    seed: int = 0
+    # Std of the LLM's (and projector's) random init. transformers' 0.02 suits ~4096-wide LLMs (about 1.3/sqrt(d));
+    # a 64-wide frozen LLM initialised that way has logits within about +-1 that a projector can hardly steer, so
+    # the demo uses ~1/sqrt(text_hidden) (recipes/tiny/demo.yaml).
+    text_init_std: float = 0.02
+    # Anyres families: the grids of crops ("rows x columns", space separated) an image may be tiled into; HF's
+    # image_grid_pinpoints are these times image_size (see tiny.image_grid_pinpoints()).
+    crop_grids: str = "1x2 2x1 2x2"
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _doc("llava-hf/llava-1.5-7b-hf", "base VLM: a local save_pretrained directory or a hub id")
-    attn_implementation: str | None = _doc(
+    name_or_path: str = documented("llava-hf/llava-1.5-7b-hf", "base VLM: a local save_pretrained directory or a hub id")
+    attn_implementation: str | None = documented(
         None, "LLM attention kernel for from_pretrained ('sdpa', 'flash_attention_2', 'eager'); null = default"
     )
-    build_tiny_if_missing: bool = _doc(
+    build_tiny_if_missing: bool = documented(
         False, "demo/tests only: build a random tiny model (model.tiny) at name_or_path when it does not exist"
     )
-    tiny: TinySpec = _doc(TinySpec(), "family and geometry of that tiny model (fields of visionzip_tune.tiny.TinySpec)")
+    tiny: TinySpec = documented(TinySpec(), "family and geometry of that tiny model (fields of visionzip_tune.config.TinySpec)")
 
 
 @dataclass
 class VisionZipConfig:
-    enabled: bool = _doc(True, "feed the LLM only VisionZip's dominant + contextual tokens per image")
-    dominant: int = _doc(54, "dominant tokens per image, CLS included (paper: 54 / 108 / 162 for 64 / 128 / 192)")
-    contextual: int = _doc(10, "contextual (merged) tokens per image (paper: 10 / 20 / 30)")
-    eager: bool = _doc(False, "run the vision tower with eager attention (bit-exact reproduction; slower)")
-    token_order: Literal["flat", "grid"] | None = _doc(
+    enabled: bool = documented(True, "feed the LLM only VisionZip's dominant + contextual tokens per image")
+    dominant: int = documented(
+        54, "dominant tokens per image, CLS included (paper: 54 / 108 / 162 for 64 / 128 / 192)", ge=1
+    )
+    contextual: int = documented(10, "contextual (merged) tokens per image (paper: 10 / 20 / 30)", ge=0)
+    eager: bool = documented(False, "run the vision tower with eager attention (bit-exact reproduction; slower)")
+    token_order: Literal["flat", "grid"] | None = documented(
         None, "LLaVA-NeXT crop token layout: 'flat' (crop after crop) or 'grid' (official VisionZip); null = flat"
     )
 
 
 @dataclass
-class DataConfig:
-    path: str = _doc("data/llava_v1_5_mix665k_10pct.json", "training data: LLaVA JSON array or JSONL")
-    image_folder: str = _doc("data/images", "folder the samples' 'image' paths are relative to")
-    eval_path: str | None = _doc(
-        None, "held-out LLaVA JSON whose samples carry 'choices'; accuracy before, during and after training"
-    )
-    eval_image_folder: str | None = _doc(None, "image folder for eval_path; null = image_folder")
-    video_folder: str | None = _doc(None, "folder the samples' 'video' paths are relative to; null = image_folder")
-    video_frames: int = _doc(8, "frames sampled uniformly from each video (Video-LLaVA: 8)")
-    template: Literal["vicuna_v1", "chat_template"] = _doc(
-        "vicuna_v1", "conversation template: LLaVA-1.5's v1 prompt, or the tokenizer's chat template"
-    )
-    image_aspect: Literal["pad", "processor"] = _doc(
-        "pad", "'pad': LLaVA's expand-to-square with the mean colour; 'processor': the image processor alone"
-    )
-    max_length: int = _doc(2048, "token limit per sample, image tokens included (longer text is cut)")
-    on_bad_sample: Literal["error", "skip"] = _doc(
-        "error", "a sample that cannot be used stops the run ('error') or is logged to skipped.jsonl ('skip')"
-    )
-    num_workers: int = _doc(4, "DataLoader worker processes per rank")
-    group_by_modality: bool = _doc(True, "LLaVA's group_by_modality_length batching (image / text-only)")
-    build_demo_if_missing: bool = _doc(
-        False, "demo only: write the synthetic demo dataset into path's folder when path does not exist"
-    )
-    demo_samples: int = _doc(400, "number of samples the demo builder writes")
-    demo_seed: int = _doc(0, "seed of the demo builder")
-    demo_videos: int = _doc(0, "of demo_samples, how many are video samples (families with a video input)")
-
-
-@dataclass
 class TrainConfig:
-    mode: Literal["projector", "full", "lora"] = _doc(
+    mode: Literal["projector", "full", "lora"] = documented(
         "projector", "projector: projector only; full: LLM + projector; lora: LoRA on the LLM + projector"
     )
-    epochs: int = _doc(1, "passes over the data when max_steps is null")
-    max_steps: int | None = _doc(None, "optimizer steps; null = epochs x steps per epoch")
-    micro_batch_size: int = _doc(16, "samples per forward pass per rank")
-    grad_accum: int = _doc(1, "micro-batches per optimizer step (global batch = micro x accum x ranks)")
-    lr: float = _doc(2e-5, "peak learning rate (LoRA parameters in lora mode)")
-    projector_lr: float | None = _doc(None, "peak learning rate of the projector; null = lr")
-    weight_decay: float = _doc(0.0, "AdamW weight decay (matrices only; biases and norms never decay)")
-    warmup_ratio: float = _doc(0.03, "fraction of the steps with linear warmup before the cosine decay")
-    max_grad_norm: float = _doc(1.0, "gradient clipping norm (0 = no clipping)")
-    activation_checkpointing: bool = _doc(True, "recompute LLM activations in backward (less memory)")
-    lora_r: int = _doc(128, "LoRA rank (lora mode)")
-    lora_alpha: int = _doc(256, "LoRA alpha (lora mode)")
-    lora_dropout: float = _doc(0.05, "LoRA dropout (lora mode)")
-    save_every: int = _doc(100, "checkpoint every N optimizer steps (0 = only at the end)")
-    keep_checkpoints: int = _doc(2, "newest checkpoints kept on disk (0 = keep all)")
-    eval_every: int = _doc(0, "held-out evaluation every N steps (0 = only before and after training)")
-    eval_batch_size: int = _doc(8, "held-out samples per forward pass (all their choices together)")
-    resume: str = _doc("auto", "'auto': continue the newest checkpoint in output.dir; 'never'; or a checkpoint path")
-    seed: int = _doc(42, "seed of parameter init (LoRA), data order and dropout")
+    epochs: int = documented(1, "passes over the data when max_steps is null", gt=0)
+    max_steps: int | None = documented(None, "optimizer steps; null = epochs x steps per epoch", gt=0)
+    micro_batch_size: int = documented(16, "samples per forward pass per rank", gt=0)
+    grad_accum: int = documented(1, "micro-batches per optimizer step (global batch = micro x accum x ranks)", gt=0)
+    lr: float = documented(2e-5, "peak learning rate (LoRA parameters in lora mode)", gt=0)
+    projector_lr: float | None = documented(None, "peak learning rate of the projector; null = lr", gt=0)
+    weight_decay: float = documented(0.0, "AdamW weight decay (matrices only; biases and norms never decay)", ge=0)
+    warmup_ratio: float = documented(0.03, "fraction of the steps with linear warmup before the cosine decay", ge=0, lt=1)
+    max_grad_norm: float = documented(1.0, "gradient clipping norm (0 = no clipping)", ge=0)
+    activation_checkpointing: bool = documented(True, "recompute LLM activations in backward (less memory)")
+    lora_r: int = documented(128, "LoRA rank (lora mode)", gt=0)
+    lora_alpha: int = documented(256, "LoRA alpha (lora mode)", gt=0)
+    lora_dropout: float = documented(0.05, "LoRA dropout (lora mode)", ge=0, lt=1)
+    save_every: int = documented(100, "checkpoint every N optimizer steps (0 = only at the end)", ge=0)
+    keep_checkpoints: int = documented(2, "newest checkpoints kept on disk (0 = keep all)", ge=0)
+    eval_every: int = documented(0, "held-out evaluation every N steps (0 = only before and after training)", ge=0)
+    eval_batch_size: int = documented(8, "held-out samples per forward pass (all their choices together)", gt=0)
+    resume: str = documented("auto", "'auto': continue the newest checkpoint in output.dir; 'never'; or a checkpoint path")
+    seed: int = documented(42, "seed of parameter init (LoRA), data order and dropout")
 
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: Literal[0, 1, 2, 3] = _doc(2, "ZeRO stage (2: shard optimizer + grads; 3: also parameters)")
-    bf16: bool | Literal["auto"] = _doc("auto", "bf16 mixed precision; auto = on where the GPU supports it")
-    offload_optimizer: bool = _doc(False, "ZeRO-Offload: keep optimizer states in CPU memory")
+    zero_stage: Literal[0, 1, 2, 3] = documented(2, "ZeRO stage (2: shard optimizer + grads; 3: also parameters)")
+    bf16: bool | Literal["auto"] = documented("auto", "bf16 mixed precision; auto = on where the GPU supports it")
+    offload_optimizer: bool = documented(False, "ZeRO-Offload: keep optimizer states in CPU memory")
 
 
 @dataclass
 class LoggingConfig:
-    wandb: bool = _doc(False, "log to Weights & Biases (offline mode when no WANDB_API_KEY is set)")
-    wandb_project: str = _doc("visionzip_tune", "W&B project")
-    wandb_run_name: str | None = _doc(None, "W&B run name; null = the output directory's name")
-    progress_bar: bool = _doc(True, "tqdm progress bar with ETA on rank 0")
+    wandb: bool = documented(False, "log to Weights & Biases (offline mode when no WANDB_API_KEY is set)")
+    wandb_project: str = documented("visionzip_tune", "W&B project")
+    wandb_run_name: str | None = documented(None, "W&B run name; null = the output directory's name")
+    progress_bar: bool = documented(True, "tqdm progress bar with ETA on rank 0")
 
 
 @dataclass
 class OutputConfig:
-    dir: str = _doc("runs/visionzip", "run directory: config.yaml, metrics.jsonl, checkpoints/, export/")
-    export: bool = _doc(True, "export the projector into dir/export at the end of training")
+    dir: str = documented("runs/visionzip", "run directory: config.yaml, metrics.jsonl, checkpoints/, export/")
+    export: bool = documented(True, "export the projector into dir/export at the end of training")
 
 
 @dataclass
@@ -272,45 +265,17 @@ def _type_name(kind: Any) -> str:
 
 
 def validate(cfg: Config) -> None:
-    """Checks that span values (ranges, combinations); per-key types were checked while loading."""
-    t = cfg.train
-    positive = {
-        "train.epochs": t.epochs,
-        "train.micro_batch_size": t.micro_batch_size,
-        "train.grad_accum": t.grad_accum,
-        "train.eval_batch_size": t.eval_batch_size,
-        "train.lr": t.lr,
-        "data.max_length": cfg.data.max_length,
-    }
-    if t.max_steps is not None:
-        positive["train.max_steps"] = t.max_steps
-    if t.projector_lr is not None:
-        positive["train.projector_lr"] = t.projector_lr
-    if t.mode == "lora":
-        positive.update({"train.lora_r": t.lora_r, "train.lora_alpha": t.lora_alpha})
-    for name, value in positive.items():
-        if value <= 0:
-            raise UserError(f"config key '{name}' must be positive, got {value}")
-    non_negative = {
-        "train.save_every": t.save_every,
-        "train.keep_checkpoints": t.keep_checkpoints,
-        "train.eval_every": t.eval_every,
-        "train.weight_decay": t.weight_decay,
-        "train.max_grad_norm": t.max_grad_norm,
-        "data.num_workers": cfg.data.num_workers,
-        "visionzip.contextual": cfg.visionzip.contextual,
-    }
-    for name, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"config key '{name}' must be >= 0, got {value}")
-    if not 0 <= t.warmup_ratio < 1:
-        raise UserError(f"config key 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
-    if not 0 <= t.lora_dropout < 1:
-        raise UserError(f"config key 'train.lora_dropout' must be in [0, 1), got {t.lora_dropout}")
-    if cfg.visionzip.enabled and cfg.visionzip.dominant < 1:
-        raise UserError(f"config key 'visionzip.dominant' must be >= 1, got {cfg.visionzip.dominant}")
+    """Bounds declared on the fields, then checks that span several keys; per-key types were checked while loading."""
+    problems = bound_problems(cfg, prefix="")
+    if cfg.data.demo_videos > cfg.data.demo_samples:
+        problems.append(
+            f"config key 'data.demo_videos' ({cfg.data.demo_videos}) must not exceed data.demo_samples "
+            f"({cfg.data.demo_samples}): the videos are part of the demo samples"
+        )
     if not cfg.output.dir.strip():
-        raise UserError("config key 'output.dir' must name a directory")
+        problems.append("config key 'output.dir' must name a directory")
+    if problems:
+        raise UserError("; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Process group, rank helpers and the DeepSpeed config built from a recipe.
+"""Process group, rank helpers and DeepSpeed ZeRO helpers.
 
 Works the same under ``torchrun`` (any number of processes and nodes) and as a plain single process (tests,
 ``python -m visionzip_tune train``), where a world of one is set up without opening a port.
@@ -6,14 +6,15 @@ Works the same under ``torchrun`` (any number of processes and nodes) and as a p
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from visionzip_tune.config import Config
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -21,10 +22,6 @@ class Dist:
     rank: int
     local_rank: int
     world_size: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def init_distributed() -> Dist:
@@ -57,6 +54,7 @@ def barrier() -> None:
 
 
 def is_main() -> bool:
+    """Rank 0 (also outside a process group)."""
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -66,59 +64,65 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def _collective_device() -> torch.device | None:
+    """Where a collective's tensor must live: the current GPU under NCCL, anywhere under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few floats over all ranks (float64 on CPU: gloo has no bf16 and the counts must stay exact)."""
+    """Sum a few floats over all ranks (float64: gloo has no bf16 and the counts must stay exact)."""
     tensor = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        device = _collective_device()
         tensor = tensor.to(device) if device is not None else tensor
         dist.all_reduce(tensor)
     return tensor.cpu().tolist()
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place where it lives (no host round trip); returns it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
 
 
-def use_bf16(cfg: Config) -> bool:
-    """bf16 where the hardware supports it ('auto'), fp32 on CPU."""
-    if cfg.deepspeed.bf16 == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(cfg.deepspeed.bf16)
+# ----------------------------------------------------------------------------------------------------------------
+# Wrappers and ZeRO-3 partitioned parameters
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config for this recipe (LLaVA's scripts/zero2.json / zero3.json with the numbers filled)."""
-    t = cfg.train
-    zero: dict[str, Any] = {
-        "stage": cfg.deepspeed.zero_stage,
-        "overlap_comm": torch.cuda.is_available(),  # overlap needs CUDA streams; on CPU it only adds copies
-        "contiguous_gradients": True,
-        "reduce_bucket_size": 5e8,
-    }
-    if cfg.deepspeed.zero_stage == 3:
-        zero.update(
-            stage3_prefetch_bucket_size=5e8,
-            stage3_param_persistence_threshold=1e6,
-            stage3_max_live_parameters=1e9,
-            stage3_max_reuse_distance=1e9,
-        )
-    if cfg.deepspeed.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
-        "gradient_clipping": t.max_grad_norm,
-        "bf16": {"enabled": use_bf16(cfg)},
-        "zero_optimization": zero,
-        # Our optimizer is torch's AdamW over the trainable parameters only (param groups for projector_lr).
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,  # we print our own one line per step
-        "wall_clock_breakdown": False,
-    }
+def unwrap_engine(model: nn.Module) -> nn.Module:
+    """The module inside a DeepSpeed engine / DDP wrapper (``.module``); others pass through."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """ZeRO-3 partitions a parameter in place and tags it with ``ds_id``; its ``.data`` is empty outside a gather."""
+    return hasattr(param, "ds_id")
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's whole shape, also when ZeRO-3 holds only this rank's shard of it."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """A parameter's whole element count, also when ZeRO-3 holds only this rank's shard of it."""
+    return getattr(param, "ds_numel", param.numel())
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Full parameters inside the block; a collective when any is ZeRO-3 partitioned, a no-op otherwise.
+
+    ``modifier_rank``: the rank whose in-block changes are kept (broadcast to the others when the block closes).
+    """
+    if not any(is_partitioned(p) for p in params):
+        yield
+        return
+    import deepspeed  # lazy: optional until DeepSpeed has partitioned a model, which it then has imported
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield

@@ -17,19 +17,18 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from . import compress
-
 
 class _Tower(NamedTuple):
     model_type: str  # the tower config's model_type
     has_cls: bool  # whether token 0 is a CLS token
+    pre_norm: str | None  # the norm between the embeddings and layer 0, by attribute name (CLIP's pre_layrnorm)
 
 
 # Tower class name -> its config type and token layout. LLaVA-style models build their tower from the config
 # with AutoModel, so these classes are what they hold.
 _TOWERS = {
-    "CLIPVisionModel": _Tower("clip_vision_model", has_cls=True),
-    "SiglipVisionModel": _Tower("siglip_vision_model", has_cls=False),
+    "CLIPVisionModel": _Tower("clip_vision_model", has_cls=True, pre_norm="pre_layrnorm"),
+    "SiglipVisionModel": _Tower("siglip_vision_model", has_cls=False, pre_norm=None),
 }
 
 
@@ -44,14 +43,18 @@ class LayerCapture(NamedTuple):
     has_cls: bool
 
 
-def tower_has_cls(tower: nn.Module) -> bool:
-    """Whether the tower's token 0 is a CLS token; a tower of an unsupported class raises ``ValueError``."""
+def _tower_facts(tower: nn.Module) -> _Tower:
     name = type(tower).__name__
     if name not in _TOWERS:
         raise ValueError(
             f"VisionZip does not support the vision tower class {name}; supported towers: {', '.join(_TOWERS)}"
         )
-    return _TOWERS[name].has_cls
+    return _TOWERS[name]
+
+
+def tower_has_cls(tower: nn.Module) -> bool:
+    """Whether the tower's token 0 is a CLS token; a tower of an unsupported class raises ``ValueError``."""
+    return _tower_facts(tower).has_cls
 
 
 def tokens_per_tower_output(vision_config) -> int:
@@ -136,39 +139,15 @@ def run_until(tower: nn.Module, pixel_values: Tensor, layer: int, *, eager: bool
     (bit-exact with an ``output_attentions`` run of the same tower); otherwise the configured one (SDPA) is kept.
     Call under ``torch.no_grad()`` unless gradients through the tower are wanted.
     """
-    has_cls = tower_has_cls(tower)
+    facts = _tower_facts(tower)
     layers = tower.encoder.layers
     if not 0 <= layer < len(layers):
         raise ValueError(f"encoder layer {layer} does not exist in a tower with {len(layers)} layers")
     attention = layers[layer].self_attn
     with attention_implementation(tower, "eager" if eager else None), capture_qk(attention) as store:
         hidden = tower.embeddings(pixel_values.to(tower.embeddings.patch_embedding.weight.dtype))
-        if has_cls:
-            hidden = tower.pre_layrnorm(hidden)
+        if facts.pre_norm is not None:
+            hidden = getattr(tower, facts.pre_norm)(hidden)
         for encoder_layer in layers[: layer + 1]:
             hidden = encoder_layer(hidden, None)
-    return LayerCapture(hidden, store["q"], store["k"], attention.num_heads, attention.scale, has_cls)
-
-
-def visionzip_features(
-    tower: nn.Module, pixel_values: Tensor, layer: int, dominant: int, contextual: int, *, eager: bool = False
-) -> compress.ZipResult:
-    """VisionZip tokens of layer ``layer`` (an encoder-layer index, see :func:`resolve_layer`) for a batch.
-
-    pixel_values: (B, 3, H, W). Returns a :class:`compress.ZipResult` with tokens (B, dominant + contextual, D).
-    """
-    return zip_capture(run_until(tower, pixel_values, layer, eager=eager), dominant, contextual)
-
-
-def zip_capture(captured: LayerCapture, dominant: int, contextual: int) -> compress.ZipResult:
-    """VisionZip on an already captured layer (the selection step alone, as the bench times it)."""
-    return compress.visionzip(
-        captured.hidden,
-        captured.queries,
-        captured.keys,
-        num_heads=captured.num_heads,
-        scale=captured.scale,
-        dominant=dominant,
-        contextual=contextual,
-        has_cls=captured.has_cls,
-    )
+    return LayerCapture(hidden, store["q"], store["k"], attention.num_heads, attention.scale, facts.has_cls)

@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
 from visionzip_tune.data import Collator, SupervisedDataset
 from visionzip_tune.data.template import IGNORE_INDEX
 from visionzip_tune.data.validate import BadSample, row_video
 from visionzip_tune.distributed import all_reduce_sum
 from visionzip_tune.errors import UserError
+from visionzip_tune.families.forward import forward_with_vision, to_model_inputs
 
 
 @dataclass(frozen=True)
@@ -69,58 +67,6 @@ def with_answer(sample: dict, answer: str) -> dict:
     turns = list(sample["conversations"])
     turns[-1] = {**turns[-1], "value": answer}
     return {**sample, "conversations": turns}
-
-
-def model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The collated batch's tensors on ``device``; pixel values (images, crops, frames) in the model's dtype (bf16
-    under mixed precision)."""
-    return {
-        k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
-        for k, v in batch.items()
-        if isinstance(v, torch.Tensor)
-    }
-
-
-IMAGE_INPUTS = ("pixel_values", "image_sizes", "batch_num_images")  # what get_image_features takes, per family
-VIDEO_INPUT = "pixel_values_videos"
-
-
-def forward_vision_first(call: Callable[..., Any], model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
-    """Run a VLM on a batch with its vision path computed first, passed in as ``mm_encoder_outputs``.
-
-    ``call`` runs the model (the DeepSpeed engine in training, the model itself in evaluation); ``model`` is that
-    model (plain or peft-wrapped). Every batch runs the image path, and the video path for families with one. A
-    batch without images (or videos) runs it on one blank image (one blank frame) and passes a zero-length slice
-    of its features (LLaVA's ``image_features[0:0]``): nothing is inserted, but the LLM's inputs depend on the
-    projector. So whatever a rank's batch holds, every rank runs the same modules in the same order, forward and
-    backward -- under ZeRO-3 each is a collective parameter gather -- and every rank reduces the projector's
-    gradients (zero for that batch) instead of waiting or asserting.
-    """
-    from visionzip_tune.models import blank_image_inputs, has_video_input, unwrap
-
-    base = unwrap(model)
-    inputs = dict(inputs)
-    on = (inputs["input_ids"].device, base.dtype)
-    images = {k: inputs.pop(k) for k in IMAGE_INPUTS if k in inputs}
-    encoded = {"image": _features(base.model.get_image_features, images, lambda: blank_image_inputs(base.config), *on)}
-    if has_video_input(base.config):
-        size = base.config.vision_config.image_size
-        videos = {VIDEO_INPUT: inputs.pop(VIDEO_INPUT)} if VIDEO_INPUT in inputs else {}
-        blank_video = lambda: {VIDEO_INPUT: torch.zeros(1, 1, 3, size, size)}
-        encoded["video"] = _features(base.model.get_video_features, videos, blank_video, *on)
-    return call(**inputs, mm_encoder_outputs=encoded)
-
-
-def _features(encode: Callable[..., Any], given: dict, blank: Callable[[], dict], device, dtype):
-    """``encode(**given)``; without inputs, the features of ``blank()`` sliced to zero tokens (same graph, nothing
-    inserted). Pooled features are a list of per-image tensors or one (units, tokens, hidden) tensor by family."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    if given:
-        return encode(**given)
-    pooled = encode(**model_inputs(blank(), device, dtype)).pooler_output
-    empty = [f[:0] for f in pooled] if isinstance(pooled, (list, tuple)) else pooled[:, :0]
-    return BaseModelOutputWithPooling(pooler_output=empty)
 
 
 def answer_mask(labels: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
@@ -186,9 +132,9 @@ def choice_accuracy(
             chunk = [samples[i if i is not None else 0] for i in padded[start : start + batch_size]]
             counted = [i is not None for i in padded[start : start + batch_size]]
             items = [_example(dataset, with_answer(s.sample, c)) for s in chunk for c in s.choices]
-            inputs = model_inputs(collator(items), param.device, param.dtype)
+            inputs = to_model_inputs(collator(items), param.device, param.dtype)
             labels = inputs.pop("labels")
-            logits = forward_vision_first(model, model, inputs).logits
+            logits = forward_with_vision(model, inputs).logits
             scores = answer_logprob(logits, labels, eos_token_id).cpu()
             for s, keep, row_scores in zip(chunk, counted, scores.split([len(s.choices) for s in chunk])):
                 if keep:

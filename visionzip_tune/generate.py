@@ -27,23 +27,25 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText
 
+from visionzip_tune import build
+from visionzip_tune.data.config import (
+    DEFAULT_IMAGE_ASPECT,
+    DEFAULT_TEMPLATE,
+    DEFAULT_VIDEO_FRAMES,
+    IMAGE_ASPECTS,
+    TEMPLATES,
+)
 from visionzip_tune.data.images import MediaTransform, open_image
 from visionzip_tune.data.template import IGNORE_INDEX, Templater, Turn
 from visionzip_tune.data.validate import BadSample
 from visionzip_tune.data.video import read_video
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import MODEL_DIR, load_projector, read_export
-from visionzip_tune.models import apply_visionzip, sample_image_tokens, tokens_per_video
-from visionzip_tune.processing import load_processing
+from visionzip_tune.families import apply_visionzip, sample_image_tokens, tokens_per_video
+from visionzip_tune.processing import Processing
 
-DEFAULT_TEMPLATE = "vicuna_v1"
-DEFAULT_ASPECT = "pad"
-DEFAULT_VIDEO_FRAMES = 8
 NO_MEDIA = "give an image (--image FILE) and/or a video (--video FILE_OR_DIR) to ask about."
-
-Processing = tuple[Any, Any, str | None]  # (tokenizer, image_processor, chat_template), as load_processing gives
 
 
 def video_frames_of(path: str | Path, frames: int) -> list[Image.Image]:
@@ -73,7 +75,7 @@ class Chat:
 
     def __init__(self, model, processing: Processing, *, image: str | Path | None = None,
                  video: str | Path | None = None, template: str = DEFAULT_TEMPLATE,
-                 image_aspect: str = DEFAULT_ASPECT, video_frames: int = DEFAULT_VIDEO_FRAMES,
+                 image_aspect: str = DEFAULT_IMAGE_ASPECT, video_frames: int = DEFAULT_VIDEO_FRAMES,
                  max_new_tokens: int = 128):
         self.model = model
         self.tokenizer, image_processor, chat_template = processing
@@ -193,38 +195,42 @@ class Chat:
         return f"({zipped}: {', '.join(counts)})"
 
 
-def load_model(model_dir: str | None, projector: str | None, dominant: int | None = None,
-               contextual: int | None = None, *, check_fingerprint: bool = True, dtype: str = "float32",
-               device: str | None = None) -> tuple[Any, Processing, dict | None]:
-    """``(model, (tokenizer, image_processor, chat_template), record)``: the base model with the exported projector
-    and budget (``record`` = its visionzip.json), or stock with an optional training-free budget when ``projector``
-    is None. A ``full`` run's export holds the whole trained model: it is loaded (with the tokenizer and image
-    processor saved next to it when present) and re-zipped with its recorded budget."""
+def load_model(
+    model_dir: str | None,
+    projector: str | None,
+    dominant: int | None = None,
+    contextual: int | None = None,
+    *,
+    check_fingerprint: bool = True,
+    dtype: str = "float32",
+    device: str | None = None,
+) -> tuple[Any, Processing, dict | None]:
+    """``(model, processing, record)``: the base model with the exported projector and budget (``record`` = its
+    visionzip.json), or stock with an optional training-free budget (``dominant`` + ``contextual``) when
+    ``projector`` is None. A ``full`` run's export holds the whole trained model with its tokenizer and image
+    processor: it is loaded and re-zipped with its recorded budget."""
     if projector is not None and (dominant is not None or contextual is not None):
         raise UserError(
-            "--dominant/--contextual set a training-free budget; with --projector the export's budget is used "
+            "dominant/contextual set a training-free budget; with a projector export the export's budget is used "
             "(the projector was tuned for it). Give one or the other."
         )
     if (dominant is None) != (contextual is None):
-        raise UserError("give both --dominant and --contextual (e.g. 54 and 10 for 64 tokens per image), or neither.")
+        raise UserError("give both dominant and contextual (e.g. 54 and 10 for 64 tokens per image), or neither.")
     record = read_export(projector) if projector is not None else None
     whole = record is not None and record.get("mode") == "full"
     if whole and model_dir is not None:
         raise UserError(
-            f"{projector} comes from a 'full' run: it holds the whole trained model ({MODEL_DIR}/), so --model "
-            "cannot replace it. Leave --model out."
+            f"{projector} comes from a 'full' run: it holds the whole trained model ({MODEL_DIR}/), so no other "
+            "model can replace it. Leave the model out."
         )
     if whole:
         source = str(Path(projector) / record.get("model", MODEL_DIR))
     else:
         source = model_dir or (record["base_model"] if record else None)
     if source is None:
-        raise UserError("give --model (a save_pretrained directory or hub id) or --projector (an export).")
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the model {source}: {err}") from None
-    processing = _load_processing(source, record["base_model"] if whole else None)
+        raise UserError("give a model (a save_pretrained directory or hub id) or a projector export.")
+    model = build.load_vlm(source, key="--model / the export's base model", dtype=getattr(torch, dtype))
+    processing = build.load_model_processing(source, key="model")
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     if whole:
         if record["dominant"] is not None:  # a run without VisionZip saved a stock model
@@ -235,19 +241,8 @@ def load_model(model_dir: str | None, projector: str | None, dominant: int | Non
         try:
             apply_visionzip(model, dominant, contextual)
         except ValueError as err:
-            raise UserError(f"--dominant {dominant} --contextual {contextual}: {err}") from None
+            raise UserError(f"dominant={dominant}, contextual={contextual}: {err}") from None
     return model, processing, record
-
-
-def _load_processing(source: str, fallback: str | None) -> Processing:
-    """Tokenizer, image processor and chat template of ``source``, else of ``fallback`` (a full run's base model:
-    exports written before the processor pieces were saved next to the trained model lack them)."""
-    try:
-        return load_processing(source)
-    except (OSError, ValueError) as err:
-        if fallback is None:
-            raise UserError(f"cannot load the tokenizer and image processor of {source}: {err}") from None
-    return _load_processing(fallback, None)
 
 
 def _recipe_value(record: dict | None, section: str, key: str, default):
@@ -305,9 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", help="question about the media (with --interactive: the first question)")
     parser.add_argument("--interactive", action="store_true", help="multi-turn chat reading questions from stdin")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
-    parser.add_argument("--template", choices=("vicuna_v1", "chat_template"),
+    parser.add_argument("--template", choices=TEMPLATES,
                         help="prompt template (default: the export's recipe, else vicuna_v1)")
-    parser.add_argument("--image-aspect", choices=("pad", "processor"),
+    parser.add_argument("--image-aspect", choices=IMAGE_ASPECTS,
                         help="image transform (default: the export's recipe, else pad)")
     parser.add_argument("--dominant", type=int, help="without --projector: training-free VisionZip dominant tokens")
     parser.add_argument("--contextual", type=int, help="without --projector: training-free VisionZip contextual tokens")
@@ -325,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--video-frames must be >= 1")
     if args.image is None and args.video is None:
         raise UserError(NO_MEDIA)
+    if (args.dominant is None) != (args.contextual is None):
+        raise UserError("give both --dominant and --contextual (e.g. 54 and 10 for 64 tokens per image), or neither.")
+    if args.projector is not None and args.dominant is not None:
+        raise UserError(
+            "--dominant/--contextual set a training-free budget; with --projector the export's budget is used (the "
+            "projector was tuned for it). Give one or the other."
+        )
 
     model, processing, record = load_model(
         args.model, args.projector, args.dominant, args.contextual,
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     chat = Chat(
         model, processing, image=args.image, video=args.video,
         template=args.template or _recipe_value(record, "data", "template", DEFAULT_TEMPLATE),
-        image_aspect=args.image_aspect or _recipe_value(record, "data", "image_aspect", DEFAULT_ASPECT),
+        image_aspect=args.image_aspect or _recipe_value(record, "data", "image_aspect", DEFAULT_IMAGE_ASPECT),
         video_frames=args.video_frames or _recipe_value(record, "data", "video_frames", DEFAULT_VIDEO_FRAMES),
         max_new_tokens=args.max_new_tokens,
     )

@@ -1,59 +1,47 @@
 """Processor side of VisionZip: each ``<image>`` in the text expands to exactly the number of tokens the model's
 image features have, or ``get_placeholder_mask`` refuses the batch.
 
-The processor's ``replace_image_token`` is overridden on the instance with a count function supplied by
-``models.py`` — ``functools.partial(tokens_per_image, model.config)`` — so processor and model share one formula and
-one budget (the live ``config.visionzip``). Removing the override restores the processor's own stock expansion.
+The processor's ``replace_image_token`` (and ``replace_video_token``) is overridden on the instance with count
+functions supplied by the families (``families.processor_counts(config)``), so processor and model share one
+formula and one budget (the live ``config.visionzip``). Removing the override restores the processor's own stock
+expansion.
 """
 
 from __future__ import annotations
 
 import types
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
-ImageSize = tuple[int, int]
-TokenCount = Callable[[ImageSize | None], int]
+from transformers import AutoImageProcessor, AutoTokenizer
 
-
-def _original_size(image_inputs: dict, image_idx: int) -> ImageSize | None:
-    """(height, width) of image ``image_idx`` before resizing, when the image processor reports it and the model
-    tiles the image (OneVision does not tile the images of a sample holding several, ``batch_num_images``)."""
-    sizes = image_inputs.get("image_sizes")
-    if sizes is None or not _tiled(image_inputs.get("batch_num_images"), image_idx):
-        return None
-    height, width = (int(v) for v in sizes[image_idx])
-    return height, width
+# count(inputs the image (video) processor returned for the whole call, index of the image (video)) -> tokens
+MediaCount = Callable[[dict, int], int]
 
 
-def _tiled(batch_num_images, image_idx: int) -> bool:
-    """Whether image ``image_idx`` (counted over the whole batch) is alone in its sample, or no grouping is given."""
-    if batch_num_images is None:
-        return True
-    seen = 0
-    for count in batch_num_images:
-        seen += int(count)
-        if image_idx < seen:
-            return int(count) == 1
-    return True
+class Processing(NamedTuple):
+    """What training, evaluation and generation need to turn a sample into model inputs."""
+
+    tokenizer: Any
+    image_processor: Any
+    chat_template: str | None  # the tokenizer's chat template (None when it has none)
 
 
-def load_processing(name_or_path: str):
-    """``(tokenizer, image_processor, chat_template)`` of a saved model: what training, evaluation and generation
-    need, loaded without the multimodal processor class (Video-LLaVA's and OneVision's build a video processor that
-    requires torchvision, which the data path never uses: frames go through the image processor).
+def load_processing(name_or_path: str) -> Processing:
+    """The :class:`Processing` of a saved model, loaded without the multimodal processor class (Video-LLaVA's and
+    OneVision's build a video processor that requires torchvision, which the data path never uses: frames go
+    through the image processor).
 
     ``OSError`` as from ``from_pretrained`` when something is missing.
     """
-    from transformers import AutoImageProcessor, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     image_processor = AutoImageProcessor.from_pretrained(name_or_path)
-    return tokenizer, image_processor, tokenizer.chat_template
+    return Processing(tokenizer, image_processor, tokenizer.chat_template)
 
 
-def patch_processor(processor, count: TokenCount, video_count: Callable[[int], int] | None = None):
-    """Make ``processor`` expand each ``<image>`` to ``count(original_size)`` tokens and, with ``video_count``,
-    each ``<video>`` to ``video_count(num_frames)`` tokens. In place; returns it.
+def patch_processor(processor, image_count: MediaCount, video_count: MediaCount | None = None):
+    """Make ``processor`` expand ``<image>`` number i to ``image_count(image_inputs, i)`` tokens and, with
+    ``video_count``, ``<video>`` number i to ``video_count(video_inputs, i)`` tokens. In place; returns it.
 
     Calling it again replaces the previous count functions.
     """
@@ -64,14 +52,13 @@ def patch_processor(processor, count: TokenCount, video_count: Callable[[int], i
         )
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        return self.image_token * count(_original_size(image_inputs, image_idx))
+        return self.image_token * image_count(image_inputs, image_idx)
 
     processor.replace_image_token = types.MethodType(replace_image_token, processor)
     if video_count is not None:
 
         def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
-            frames = len(video_inputs["pixel_values_videos"][video_idx])  # (T, 3, H, W) array, tensor or list
-            return self.video_token * video_count(frames)
+            return self.video_token * video_count(video_inputs, video_idx)
 
         processor.replace_video_token = types.MethodType(replace_video_token, processor)
     return processor

@@ -10,22 +10,39 @@ LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision), randomly initialised from a seed; eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-
-from visionzip_tune.errors import UserError
-
-VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForImageTextToText,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaNextConfig,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionImageProcessorPil,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
+    VideoLlavaConfig,
+    VideoLlavaImageProcessor,
 )
+
+from visionzip_tune.config import TinySpec
+from visionzip_tune.data.config import DEFAULT_VIDEO_FRAMES
+from visionzip_tune.data.template import VICUNA_V1_SYSTEM
+from visionzip_tune.errors import UserError
+from visionzip_tune.families import FAMILIES
+from visionzip_tune.files import atomic_dir
 
 # Vocabulary the BPE is trained on; text outside it still encodes (byte fallback), just into more tokens.
 _CORPUS = [
-    VICUNA_SYSTEM,
+    VICUNA_V1_SYSTEM,
     "USER: ASSISTANT: Human: Assistant: system user assistant",
     "What colour is the background? What color is the shape? What shape is in the image? How many shapes are there?",
     "Is there a circle? Is there a square? Is there a triangle? Where is the shape? Which side? Answer with one word.",
@@ -64,9 +81,6 @@ def build_tokenizer(
 ):
     """A Llama-shaped fast tokenizer trained locally; deterministic for the same corpus. ``media_tokens`` become
     added special tokens after ``<pad>``, in that order (``<image>``, then ``<video>`` for video families)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
@@ -96,41 +110,12 @@ def build_tokenizer(
     return fast
 
 
-Family = Literal["llava", "llava_next", "video_llava", "llava_onevision"]
-
 # Families whose multimodal processor class can be built here (Video-LLaVA's and OneVision's build a video processor
 # that needs torchvision): save_tiny saves it whole, so AutoProcessor works on their directories.
 _WITH_PROCESSOR = ("llava", "llava_next")
-_WITH_VIDEO = ("video_llava", "llava_onevision")
 # OneVision's stock layout downscales an anyres grid bigger than this many crops' worth (its release uses 9); 4 lets
 # a tiny 3x3 grid reach that branch.
 ONEVISION_ASPECT_RATIO = "anyres_max_4"
-# Video-LLaVA samples 8 frames per video; only its (unbuildable) processor reads config.video_seq_length.
-VIDEO_LLAVA_FRAMES = 8
-
-
-@dataclass(frozen=True)
-class TinySpec:
-    """Geometry of a tiny VLM. Defaults give a LLaVA with 224 px / patch 14 = 256 patches (+ CLS for CLIP)."""
-
-    family: Family = "llava"
-    tower: Literal["clip", "siglip"] | None = None  # None: the family's own (SigLIP for OneVision, else CLIP)
-    image_size: int = 224  # the tower's input side: the whole image (LLaVA), one crop (anyres) or one frame
-    patch_size: int = 14
-    vision_hidden: int = 64
-    vision_layers: int = 4
-    vision_heads: int = 4
-    text_hidden: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    seed: int = 0
-    # Std of the LLM's (and projector's) random init. transformers' 0.02 suits ~4096-wide LLMs (about 1.3/sqrt(d));
-    # a 64-wide frozen LLM initialised that way has logits within about +-1 that a projector can hardly steer, so
-    # the demo uses ~1/sqrt(text_hidden) (recipes/tiny/demo.yaml).
-    text_init_std: float = 0.02
-    # Anyres families: the grids of crops ("rows x columns", space separated) an image may be tiled into; HF's
-    # image_grid_pinpoints are these times image_size (see image_grid_pinpoints()).
-    crop_grids: str = "1x2 2x1 2x2"
 
 
 def tower_name(spec: TinySpec) -> str:
@@ -162,8 +147,6 @@ def image_grid_pinpoints(spec: TinySpec) -> list[list[int]]:
 def _tower_config(spec: TinySpec):
     """(vision config, select strategy, feature layer, extra tokens besides patches) of the spec's tower: CLIP keeps
     CLS and feeds layer -2 without it, as LLaVA does; SigLIP has no CLS and feeds every token of layer -1."""
-    from transformers import CLIPVisionConfig, SiglipVisionConfig
-
     shape = dict(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_hidden * 4,
@@ -181,8 +164,6 @@ def _tower_config(spec: TinySpec):
 
 
 def _text_config(spec: TinySpec, tokenizer):
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.text_hidden,
@@ -201,8 +182,6 @@ def _text_config(spec: TinySpec, tokenizer):
 def build_config(spec: TinySpec, tokenizer):
     """The family's config (``LlavaConfig``, ``LlavaNextConfig``, ``VideoLlavaConfig`` or ``LlavaOnevisionConfig``)
     around the shared tower and LLM configs, with the tokenizer's ``<image>`` / ``<video>`` / ``<pad>`` ids."""
-    from transformers import LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig, VideoLlavaConfig
-
     vision, strategy, layer, _ = _tower_config(spec)
     patches = (spec.image_size // spec.patch_size) ** 2
     common = dict(
@@ -222,7 +201,7 @@ def build_config(spec: TinySpec, tokenizer):
         return VideoLlavaConfig(
             video_token_index=video_token_index,
             image_seq_length=patches,
-            video_seq_length=VIDEO_LLAVA_FRAMES * (patches + 1),  # stock Video-LLaVA keeps CLS in every frame
+            video_seq_length=DEFAULT_VIDEO_FRAMES * (patches + 1),  # stock Video-LLaVA keeps CLS in every frame
             **common,
         )
     if spec.family == "llava_onevision":
@@ -237,14 +216,6 @@ def build_config(spec: TinySpec, tokenizer):
 
 def build_image_processor(spec: TinySpec):
     """The family's PIL image processor at the spec's geometry (no torchvision needed)."""
-    from transformers import (
-        CLIPImageProcessorPil,
-        LlavaNextImageProcessorPil,
-        LlavaOnevisionImageProcessorPil,
-        SiglipImageProcessorPil,
-        VideoLlavaImageProcessor,
-    )
-
     size = spec.image_size
     square = {"height": size, "width": size}
     if spec.family == "llava_next":
@@ -264,8 +235,6 @@ def build_processor(spec: TinySpec, tokenizer):
     """The multimodal processor (``LlavaProcessor`` / ``LlavaNextProcessor``) of the spec's image processor and
     ``tokenizer``. Video-LLaVA's and OneVision's processors cannot be built here (their video processor needs
     torchvision): ValueError; use the tokenizer and :func:`build_image_processor` instead, as the data path does."""
-    from transformers import LlavaNextProcessor, LlavaProcessor
-
     if spec.family not in _WITH_PROCESSOR:
         raise ValueError(
             f"the {spec.family} processor class needs torchvision (its video processor); tiny {spec.family} models "
@@ -285,9 +254,7 @@ def build_processor(spec: TinySpec, tokenizer):
 
 def _model_and_tokenizer(spec: TinySpec, extra_corpus: list[str] | None):
     """The random model (fp32, eval mode, weights a function of ``spec.seed``) and its tokenizer."""
-    from transformers import AutoModelForImageTextToText
-
-    media = (IMAGE_TOKEN, VIDEO_TOKEN) if spec.family in _WITH_VIDEO else (IMAGE_TOKEN,)
+    media = (IMAGE_TOKEN, VIDEO_TOKEN) if FAMILIES[spec.family].has_video else (IMAGE_TOKEN,)
     tokenizer = build_tokenizer(extra_corpus, media_tokens=media)
     config = build_config(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):
@@ -307,8 +274,6 @@ def save_tiny(out_dir: str | Path, spec: TinySpec = TinySpec(), extra_corpus: li
     """Build a tiny model of ``spec.family`` and ``save_pretrained`` it into ``out_dir`` (written atomically) with
     what :func:`visionzip_tune.processing.load_processing` reads: the whole processor for LLaVA and LLaVA-NeXT (so
     ``AutoProcessor`` works too), the tokenizer (with the chat template) and image processor for the others."""
-    from visionzip_tune.files import atomic_dir
-
     model, tokenizer = _model_and_tokenizer(spec, extra_corpus)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
@@ -320,13 +285,8 @@ def save_tiny(out_dir: str | Path, spec: TinySpec = TinySpec(), extra_corpus: li
     return Path(out_dir)
 
 
-def build_tiny_llava(spec: TinySpec = TinySpec(), extra_corpus: list[str] | None = None):
-    """Return ``(model, processor)``: a random LLaVA (or LLaVA-NeXT, per ``spec.family``; fp32, eval mode) and its
-    multimodal processor."""
+def build_tiny_with_processor(spec: TinySpec = TinySpec(), extra_corpus: list[str] | None = None):
+    """Return ``(model, processor)``: a random LLaVA or LLaVA-NeXT (per ``spec.family``; fp32, eval mode) and its
+    multimodal processor (see :func:`build_processor`)."""
     model, tokenizer = _model_and_tokenizer(spec, extra_corpus)
     return model, build_processor(spec, tokenizer)
-
-
-def save_tiny_llava(out_dir: str | Path, spec: TinySpec = TinySpec(), extra_corpus: list[str] | None = None) -> Path:
-    """:func:`save_tiny` under its original name (LLaVA callers)."""
-    return save_tiny(out_dir, spec, extra_corpus)

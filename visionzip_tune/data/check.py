@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from visionzip_tune.data.config import DEFAULT_VIDEO_FRAMES
 from visionzip_tune.data.images import open_image
 from visionzip_tune.data.source import column, load_samples
 from visionzip_tune.data.validate import BadSample, row_video
@@ -68,7 +69,7 @@ def check_data(
     image_folder: str | Path | None,
     *,
     video_folder: str | Path | None = None,
-    video_frames: int = 8,
+    video_frames: int = DEFAULT_VIDEO_FRAMES,
     workers: int | None = None,
     progress: bool = True,
 ) -> CheckReport:

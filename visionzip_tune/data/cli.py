@@ -6,12 +6,28 @@ import argparse
 import json
 import sys
 
+from transformers import AutoConfig
+
+from visionzip_tune import build
+from visionzip_tune.data.check import check_data
+from visionzip_tune.data.config import (
+    DEFAULT_IMAGE_ASPECT,
+    DEFAULT_TEMPLATE,
+    DEFAULT_VIDEO_FRAMES,
+    IMAGE_ASPECTS,
+    TEMPLATES,
+    DataConfig,
+)
+from visionzip_tune.data.dataset import SupervisedDataset
+from visionzip_tune.data.demo import make_demo_dataset
+from visionzip_tune.data.source import load_samples
+from visionzip_tune.data.subset import manifest_path, parse_fraction, write_subset
+from visionzip_tune.data.validate import BadSample
 from visionzip_tune.errors import UserError
+from visionzip_tune.processing import load_processing
 
 
 def _subset(args: argparse.Namespace) -> int:
-    from visionzip_tune.data.subset import manifest_path, parse_fraction, write_subset
-
     fraction = parse_fraction(args.fraction) if args.fraction is not None else None
     if args.count is not None and args.count < 1:
         raise UserError(f"--count must be at least 1, not {args.count}")
@@ -24,8 +40,6 @@ def _subset(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from visionzip_tune.data.check import check_data
-
     report = check_data(
         args.data,
         args.image_folder,
@@ -58,36 +72,26 @@ def _render(tokenizer, ids: list[int], labels: list[int], image_token_id: int, v
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
-
-    from visionzip_tune.data.dataset import SupervisedDataset, model_placeholders
-    from visionzip_tune.data.source import load_samples
-    from visionzip_tune.data.validate import BadSample
-    from visionzip_tune.processing import load_processing
-
     if (args.dominant is None) != (args.contextual is None):
         raise UserError("give both --dominant and --contextual (the VisionZip budget), or neither")
     try:
         config = AutoConfig.from_pretrained(args.model)
-        tokenizer, image_processor, chat_template = load_processing(args.model)
+        processing = load_processing(args.model)
     except (OSError, ValueError) as err:
         raise UserError(f"--model {args.model}: cannot load a saved model config and processor ({err})") from None
     if args.dominant is not None:
         config.visionzip = {"dominant": args.dominant, "contextual": args.contextual, "eager": False}
-    dataset = SupervisedDataset(
-        load_samples(args.data),
+    data = DataConfig(
         image_folder=args.image_folder,
-        tokenizer=tokenizer,
-        image_processor=image_processor,
-        template=args.template,
-        **model_placeholders(config),
         video_folder=args.video_folder,
         video_frames=args.video_frames,
-        max_length=args.max_length,
+        template=args.template,
         image_aspect=args.image_aspect,
+        max_length=args.max_length,
         on_bad_sample="skip",
-        chat_template=chat_template,
     )
+    dataset = SupervisedDataset(load_samples(args.data), data, processing, build.placeholders(config))
+    tokenizer, placeholders = processing.tokenizer, dataset.placeholders
     for row in dataset.rows[: args.n]:
         sample = dataset.samples[row]
         try:
@@ -102,15 +106,17 @@ def _preview(args: argparse.Namespace) -> int:
         else:
             supervised = sum(1 for y in labels if y != -100)
             print(f"=== id {example['id']}: {len(ids)} tokens, {supervised} supervised (in «»)")
-            print(_render(tokenizer, ids, labels, dataset.image_token_id, dataset.video_token_id) + "\n")
-    if dataset.skipped:
+            print(_render(tokenizer, ids, labels, placeholders.image_token_id, placeholders.video_token_id) + "\n")
+    if dataset.read_skipped():
         print(dataset.skip_summary(), file=sys.stderr)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from visionzip_tune.data.demo import make_demo_dataset
-
+    if args.n < 1:
+        raise UserError(f"--n must be at least 1, not {args.n}")
+    if not 0 <= args.videos <= args.n:
+        raise UserError(f"--videos must be between 0 and --n ({args.n}), not {args.videos}")
     paths = make_demo_dataset(args.output, n=args.n, seed=args.seed, n_eval=args.n_eval, videos=args.videos)
     what = "images and video frames" if args.videos else "images"
     print(f"wrote {paths.train}, {paths.eval} and {what} in {paths.images} (use it as the image folder)")
@@ -119,7 +125,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _video_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video-folder", help="folder the samples' video paths are relative to (default: image folder)")
-    p.add_argument("--video-frames", type=int, default=8, help="frames sampled per video (default 8)")
+    p.add_argument(
+        "--video-frames",
+        type=int,
+        default=DEFAULT_VIDEO_FRAMES,
+        help=f"frames sampled per video (default {DEFAULT_VIDEO_FRAMES})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,12 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", help="folder the samples' image paths are relative to")
     _video_arguments(p)
     p.add_argument("--model", required=True, help="local directory written by save_pretrained (config + processor)")
-    p.add_argument("--template", default="vicuna_v1", choices=("vicuna_v1", "chat_template"))
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES)
     p.add_argument("--dominant", type=int, help="VisionZip dominant tokens per image (with --contextual)")
     p.add_argument("--contextual", type=int, help="VisionZip contextual tokens per image (with --dominant)")
     p.add_argument("--n", type=int, default=3, help="number of samples to show (default 3)")
     p.add_argument("--max-length", type=int, default=2048, help="token budget per sample (default 2048)")
-    p.add_argument("--image-aspect", default="pad", choices=("pad", "processor"))
+    p.add_argument("--image-aspect", default=DEFAULT_IMAGE_ASPECT, choices=IMAGE_ASPECTS)
     p.add_argument("--json", action="store_true", help='one {"id", "input_ids", "labels"} object per line')
     p.set_defaults(run=_preview)
 

@@ -8,32 +8,32 @@ Every drop is counted and, with ``skip_log``, appended to that file as ``{"id", 
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
+from visionzip_tune.data.config import DataConfig
 from visionzip_tune.data.images import MediaTransform, open_image
 from visionzip_tune.data.source import column, data_path
 from visionzip_tune.data.template import Templater, TooLong, fit_to_length, llava_turns
 from visionzip_tune.data.validate import BadSample, row_video
 from visionzip_tune.data.video import read_video
 from visionzip_tune.errors import UserError
+from visionzip_tune.processing import Processing
 
-BAD_SAMPLE_POLICIES = ("error", "skip")
 _LISTED = 10  # bad samples named in an error message before "... and N more"
 # The reasons a summary counts apart from "malformed".
 _KINDS = ("missing image", "unreadable image", "missing video", "unreadable video", "too long")
 
 
-def word_lengths(samples) -> list[int]:
+def modality_lengths(samples) -> list[int]:
     """LLaVA's ``modality_lengths``: words over all turns, negative for text-only samples (never 0); a sample with
     images or a video is multimodal (positive)."""
-    import pyarrow.compute as pc
-
     table = samples.with_format("arrow")[:]
     words = []
     for turns in table.column("conversations").chunks:  # chunk by chunk: the text is never copied whole
@@ -47,19 +47,19 @@ def word_lengths(samples) -> list[int]:
     return np.where(has_image | has_frames | has_file, per_sample, -per_sample).tolist()
 
 
-def model_placeholders(config) -> dict:
-    """:class:`SupervisedDataset`'s placeholder arguments for a model config: its image (and, for a family with a
-    video input, video) token ids and token-count functions -- the model's own, so data and model cannot disagree.
-    """
-    from visionzip_tune.models import has_video_input, sample_image_tokens, tokens_per_video
+class Placeholders(NamedTuple):
+    """A model's placeholder ids and token-count functions -- the model's own (``build.placeholders(config)``), so
+    data and model cannot disagree.
 
-    video = has_video_input(config)
-    return {
-        "image_tokens": functools.partial(sample_image_tokens, config),
-        "image_token_id": config.image_token_id,
-        "video_tokens": functools.partial(tokens_per_video, config) if video else None,
-        "video_token_id": config.video_token_id if video else None,
-    }
+    ``image_tokens(sizes)`` gives the placeholder count of each image of one sample from the (height, width) its
+    image processor saw; ``video_tokens(frames)`` the count of a video of that many frames (None for a model
+    without video input, whose video samples are then bad samples).
+    """
+
+    image_tokens: Callable[[list[tuple[int, int]]], list[int]]
+    image_token_id: int
+    video_tokens: Callable[[int], int] | None = None
+    video_token_id: int | None = None
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
@@ -67,58 +67,44 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     ``vision``: the model inputs of the sample's images (:meth:`MediaTransform.images`: ``pixel_values`` and, from
     anyres processors, ``image_sizes`` / ``batch_num_images``) and, for a video sample, ``pixel_values_videos``
-    (1, T, 3, S, S); ``{}`` for a text-only sample.
+    (1, T, 3, S, S); ``{}`` for a text-only sample. Each image becomes exactly as many placeholder ids as the
+    model's count function says (``placeholders``), each video likewise.
 
-    ``image_tokens(sizes)`` gives the placeholder count of each image of one sample from the (height, width) its
-    image processor saw (the model's count function, ``functools.partial(models.sample_image_tokens, config)``);
-    each image becomes exactly that many ``image_token_id`` ids. ``video_tokens(frames)`` does the same for a video
-    of that many frames (``functools.partial(models.tokens_per_video, config)``; None for a model without video
-    input, whose video samples are then bad samples). Videos are read from ``video_folder`` (default: the image
-    folder), sampled to ``video_frames`` frames. ``chat_template`` overrides the tokenizer's for
+    ``data`` gives the template, image aspect, frames per video, token limit, bad-sample policy and folders
+    (``image_folder`` overrides ``data.image_folder``, for a held-out set with its own images; videos are read from
+    ``data.video_folder``, default the image folder). ``processing.chat_template`` overrides the tokenizer's for
     ``template="chat_template"`` (processors often carry the chat template instead of their tokenizer).
     """
 
     def __init__(
         self,
         samples,
+        data: DataConfig,
+        processing: Processing,
+        placeholders: Placeholders,
         *,
-        image_folder: str | Path | None,
-        tokenizer,
-        image_processor,
-        template: str = "vicuna_v1",
-        image_tokens: Callable[[list[tuple[int, int]]], list[int]],
-        image_token_id: int,
-        video_tokens: Callable[[int], int] | None = None,
-        video_token_id: int | None = None,
-        video_folder: str | Path | None = None,
-        video_frames: int = 8,
-        max_length: int = 2048,
-        image_aspect: str = "pad",
-        on_bad_sample: str = "error",
+        image_folder: str | Path | None = None,
         skip_log: str | Path | None = None,
-        chat_template: str | None = None,
     ):
-        if on_bad_sample not in BAD_SAMPLE_POLICIES:
-            policies = ", ".join(BAD_SAMPLE_POLICIES)
-            raise UserError(f"data.on_bad_sample must be one of {policies}, not {on_bad_sample!r}")
+        if (placeholders.video_tokens is None) != (placeholders.video_token_id is None):
+            raise ValueError("give both video_tokens and video_token_id (a model with video input), or neither")
         self.samples = samples
         self.path = data_path(samples)
-        if (video_tokens is None) != (video_token_id is None):
-            raise ValueError("give both video_tokens and video_token_id (a model with video input), or neither")
-        self.image_folder = Path(image_folder) if image_folder is not None else None
-        self.video_folder = Path(video_folder) if video_folder is not None else self.image_folder
-        self.templater = Templater(tokenizer, template, image_token_id, chat_template, video_token_id)
-        self.transform = MediaTransform(image_processor, image_aspect, video_frames)
-        self.image_tokens = image_tokens
-        self.image_token_id = image_token_id
-        self.video_tokens = video_tokens
-        self.video_token_id = video_token_id
-        self.max_length = max_length
-        self.on_bad_sample = on_bad_sample
+        folder = data.image_folder if image_folder is None else image_folder
+        self.image_folder = Path(folder) if folder is not None else None
+        self.video_folder = Path(data.video_folder) if data.video_folder is not None else self.image_folder
+        self.templater = Templater(
+            processing.tokenizer, data.template, placeholders.image_token_id, processing.chat_template,
+            placeholders.video_token_id,
+        )
+        self.transform = MediaTransform(processing.image_processor, data.image_aspect, data.video_frames)
+        self.placeholders = placeholders
+        self.max_length = data.max_length
+        self.on_bad_sample = data.on_bad_sample
         self.skip_log = Path(skip_log) if skip_log is not None else None
         self._skipped: dict[str, str] = {}
         self.rows = self._usable_rows()
-        lengths = word_lengths(samples)
+        lengths = modality_lengths(samples)
         self.lengths = [lengths[r] for r in self.rows]
 
     def _usable_rows(self) -> list[int]:
@@ -165,20 +151,22 @@ class SupervisedDataset(torch.utils.data.Dataset):
         video_counts: list[int] = []
         video = row_video(sample)
         if video is not None:
-            if self.video_tokens is None:
+            if self.placeholders.video_tokens is None:
                 raise BadSample("video, but the model takes no video input")
             frames = read_video(video, self._folder(self.video_folder, "videos"), self.transform.video_frames)
             vision["pixel_values_videos"] = self.transform.video(frames)
-            video_counts.append(self.video_tokens(len(frames)))
+            video_counts.append(self.placeholders.video_tokens(len(frames)))
         if sample["images"]:
             folder = self._folder(self.image_folder, "images")
             images = [open_image(folder / rel) for rel in sample["images"]]
             image_inputs, sizes = self.transform.images(images)
             vision.update(image_inputs)
-            image_counts = self.image_tokens(sizes)
+            image_counts = self.placeholders.image_tokens(sizes)
         turns = llava_turns(sample["conversations"], len(image_counts), len(video_counts))
         ids, labels = self.templater(turns, image_counts, video_counts)
-        ids, labels = fit_to_length(ids, labels, self.image_token_id, self.max_length, self.video_token_id)
+        ids, labels = fit_to_length(
+            ids, labels, self.placeholders.image_token_id, self.max_length, self.placeholders.video_token_id
+        )
         return {
             "id": sample["id"],
             "input_ids": torch.tensor(ids, dtype=torch.long),
@@ -201,8 +189,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             with open(self.skip_log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"id": sample_id, "reason": reason}, ensure_ascii=False) + "\n")
 
-    @property
-    def skipped(self) -> dict[str, str]:
+    def read_skipped(self) -> dict[str, str]:
         """``{id: reason}`` of every sample dropped so far (from ``skip_log``, which dataloader workers share)."""
         if self.skip_log is None or not self.skip_log.exists():
             return dict(self._skipped)
@@ -211,7 +198,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def skip_summary(self) -> str:
         """One line for the end of a run: how many samples were dropped, by kind, and where the list is."""
-        skipped = self.skipped
+        skipped = self.read_skipped()
         if not skipped:
             return "no samples skipped"
         kinds: dict[str, int] = {}

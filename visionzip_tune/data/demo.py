@@ -225,14 +225,14 @@ def make_demo_dataset(
     Train: single- and two-turn questions, ~5% text-only. Eval: single-turn image questions with ``"choices"``
     (the question's closed answer set); the gold answer is the last gpt turn. ``videos`` of the ``n`` training
     samples (and the same share of the held-out ones, at least one) are motion videos given as frame lists,
-    ``images/videos/<id>/NNN.png``: the image folder is their video folder too. ``videos=0`` writes exactly the
-    bytes it wrote before videos existed.
+    ``images/videos/<id>/NNN.png``: the image folder is their video folder too. With ``videos=0`` no random draw
+    serves videos, so an image-only dataset is the same bytes for a seed whatever video support is added later.
     """
     out_dir = Path(out_dir)
     if n < 1:
-        raise UserError(f"--n must be at least 1, not {n}")
+        raise ValueError(f"make_demo_dataset: n must be at least 1, not {n}")
     if not 0 <= videos <= n:
-        raise UserError(f"--videos must be between 0 and --n ({n}), not {videos}")
+        raise ValueError(f"make_demo_dataset: videos must be between 0 and n ({n}), not {videos}")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "train.json").exists():
         raise UserError(f"{out_dir} exists and is not a demo dataset; choose an empty or new directory")
     n_eval = max(8, n // 4) if n_eval is None else n_eval

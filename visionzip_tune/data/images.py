@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from visionzip_tune.data.config import DEFAULT_IMAGE_ASPECT, DEFAULT_VIDEO_FRAMES, IMAGE_ASPECTS
 from visionzip_tune.data.validate import BadSample
-
-IMAGE_ASPECTS = ("pad", "processor")
 
 
 def open_image(path: str | Path, *, draft: bool = False) -> Image.Image:
@@ -51,7 +50,9 @@ class MediaTransform:
     evaluation and generation sample videos alike.
     """
 
-    def __init__(self, image_processor, image_aspect: str = "pad", video_frames: int = 8):
+    def __init__(
+        self, image_processor, image_aspect: str = DEFAULT_IMAGE_ASPECT, video_frames: int = DEFAULT_VIDEO_FRAMES
+    ):
         if image_aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image aspect {image_aspect!r} is not one of {IMAGE_ASPECTS}")
         if video_frames < 1:

@@ -74,17 +74,17 @@ def write_subset(
 ) -> dict:
     """Write the subset of ``data`` to ``output`` (a JSON array) and its manifest; return the manifest."""
     if (fraction is None) == (count is None):
-        raise UserError("give exactly one of --fraction and --count")
+        raise UserError("give exactly one of a fraction and a count of samples to keep")
     data, output = Path(data), Path(output)
     if output.resolve() == data.resolve():
-        raise UserError(f"--output {output} is the input file; choose another path")
+        raise UserError(f"the output path {output} is the input file; choose another path")
     samples = load_samples(data)
     sources = column(samples, "source")
     n = len(sources)
     total = int(fraction * n + Fraction(1, 2)) if fraction is not None else count
     if not 1 <= total <= n:
-        asked = f"--fraction {fraction}" if fraction is not None else f"--count {count}"
-        raise UserError(f"{asked} selects {total} of the {n} samples in {data}; it must select between 1 and {n}")
+        asked = f"fraction {fraction}" if fraction is not None else f"count {count}"
+        raise UserError(f"a {asked} selects {total} of the {n} samples in {data}; it must select between 1 and {n}")
     by_source = strata(sources)
     counts_in = {name: len(by_source[name]) for name in sorted(by_source)}
     counts_out = allocate(counts_in, total)

@@ -16,11 +16,11 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from visionzip_tune.data.config import TEMPLATES
 from visionzip_tune.data.validate import IMAGE_TAG, VIDEO_TAG, BadSample
 from visionzip_tune.errors import UserError
 
 IGNORE_INDEX = -100
-TEMPLATES = ("vicuna_v1", "chat_template")
 # LLaVA-1.5's conv_vicuna_v1 system prompt (llava/conversation.py).
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

@@ -1,0 +1,298 @@
+"""What a recipe means: the model it names, its VisionZip budget, what trains, its data and its DeepSpeed config.
+
+One place for every command that rebuilds a run's pieces: ``train``, ``export --run``, ``data preview`` and
+``generate``. Functions here raise :class:`UserError` with the config key (or parameter) that is wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForImageTextToText
+from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+from visionzip_tune import families
+from visionzip_tune.config import Config, TrainConfig, VisionZipConfig
+from visionzip_tune.data import Placeholders, SupervisedDataset, load_samples, make_demo_dataset
+from visionzip_tune.distributed import full_numel, print0
+from visionzip_tune.errors import UserError
+from visionzip_tune.processing import Processing, load_processing
+from visionzip_tune.tiny import save_tiny
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def missing_inputs(cfg: Config) -> dict[str, str]:
+    """Config key -> what is wrong, for every input file or folder of the recipe that does not exist."""
+    data = cfg.data
+    problems = {}
+    for key, path, what in [
+        ("data.path", data.path, "data file"),
+        ("data.image_folder", data.image_folder, "image folder"),
+        ("data.eval_path", data.eval_path, "data file"),
+        ("data.eval_image_folder", data.eval_image_folder, "image folder"),
+        ("data.video_folder", data.video_folder, "video folder"),
+    ]:
+        if path is None or (Path(path).is_file() if what == "data file" else Path(path).is_dir()):
+            continue
+        problems[key] = f"{key}: the {what} {path} does not exist (relative paths start at {Path.cwd()})"
+    return problems
+
+
+def demo_outputs(cfg: Config) -> set[str]:
+    """Config keys whose paths the demo data builder writes (``data.build_demo_if_missing``): they may be missing
+    before a run starts."""
+    return {"data.path", "data.image_folder", "data.eval_path"} if cfg.data.build_demo_if_missing else set()
+
+
+def build_demo_assets(cfg: Config) -> None:
+    """Build the tiny model and the demo data of a demo recipe when missing (call on one rank)."""
+    if cfg.model.build_tiny_if_missing and not Path(cfg.model.name_or_path).exists():
+        print0(f"[train] building a random tiny {cfg.model.tiny.family} model in {cfg.model.name_or_path}")
+        save_tiny(cfg.model.name_or_path, cfg.model.tiny)
+    if cfg.data.build_demo_if_missing and not Path(cfg.data.path).exists():
+        out = Path(cfg.data.path).parent
+        print0(f"[train] writing the demo dataset ({cfg.data.demo_samples} samples) into {out}")
+        make_demo_dataset(out, n=cfg.data.demo_samples, seed=cfg.data.demo_seed, videos=cfg.data.demo_videos)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def base_model_id(name: str) -> str:
+    """A hub id as given, a local directory as an absolute path (from_pretrained must find it from anywhere)."""
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def load_vlm(
+    name_or_path: str,
+    *,
+    key: str = "model.name_or_path",
+    what: str = "model",
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    zero3_config: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The VLM saved at ``name_or_path`` (a ``save_pretrained`` directory or a hub id) of a supported family.
+
+    With ``zero3_config`` (a DeepSpeed config of ZeRO stage 3) the model is built inside ``zero.Init``
+    (transformers does so while an ``HfDeepSpeedConfig`` is registered): every rank holds only its shard of the
+    weights from the start, instead of a full copy per rank in host memory (about 14 GB per rank for a 7B model in
+    bf16). Errors name the path as the ``what`` (model, base model) given as ``key`` (a config key, a flag).
+    """
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    # zero.Init parses the config before DeepSpeed knows the world size: leave out the global batch it would check.
+    registered = (
+        HfDeepSpeedConfig({k: v for k, v in zero3_config.items() if k != "train_batch_size"})
+        if zero3_config is not None
+        else None
+    )
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the {what} {name_or_path!r} ({key}): {err}") from None
+    finally:
+        if registered is not None:
+            unset_hf_deepspeed_config()  # only loading is built under zero.Init
+    try:
+        families.family_of(model)
+    except ValueError as err:
+        raise UserError(f"the {what} {name_or_path!r} ({key}): {err}") from None
+    return model
+
+
+def load_model_processing(name_or_path: str, key: str = "model.name_or_path") -> Processing:
+    """The tokenizer, image processor and chat template saved with a model (``processing.load_processing``)."""
+    try:
+        return load_processing(name_or_path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{key}={name_or_path!r}: cannot load its tokenizer and image processor: {err}") from None
+
+
+def apply_recipe_visionzip(model: nn.Module, visionzip: VisionZipConfig) -> None:
+    """The recipe's VisionZip: its budget when enabled; otherwise stock, also for a base saved zipped (a full-mode
+    export records a budget in its config)."""
+    if not visionzip.enabled:
+        families.remove_visionzip(model)
+        return
+    try:
+        families.apply_visionzip(
+            model, visionzip.dominant, visionzip.contextual, eager=visionzip.eager, token_order=visionzip.token_order
+        )
+    except ValueError as err:
+        raise UserError(
+            f"visionzip.dominant={visionzip.dominant}, visionzip.contextual={visionzip.contextual}, "
+            f"visionzip.token_order={visionzip.token_order}: {err}"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What trains
+
+
+def trainable_parts(model: nn.Module, mode: str) -> dict[str, set[str]]:
+    """The parameters that train in ``mode``, by part, named as ``model.named_parameters()`` names them:
+    the projector always; the language model and LM head in ``full`` mode; the LoRA adapters in ``lora`` mode
+    (``model`` already wrapped by peft)."""
+    name_of = {id(p): name for name, p in model.named_parameters()}  # tied weights: their first name
+    parts: dict[str, list[nn.Parameter]] = {"projector": list(families.projector_parameters(model).values())}
+    if mode == "full":
+        parts["language model"] = list(families.language_model(model).parameters())
+        parts["lm_head"] = list(families.unwrap_peft(model).get_output_embeddings().parameters())
+    elif mode == "lora":
+        parts["LoRA adapters"] = [p for name, p in model.named_parameters() if ".lora_" in name]
+    return {part: {name_of[id(p)] for p in params} for part, params in parts.items()}
+
+
+def prepare_trainable(model: nn.Module, train: TrainConfig) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
+    """Wrap the LLM's linears with LoRA in ``lora`` mode, then train exactly the parameters of
+    :func:`trainable_parts` and nothing else (asserted by name). Returns the (possibly peft-wrapped) model and its
+    trainable ``(name, parameter)`` pairs in ``named_parameters`` order; :func:`describe_trainable` says what they
+    are."""
+    model.requires_grad_(False)
+    if train.mode == "lora":
+        model = _wrap_lora(model, train)
+    parts = trainable_parts(model, train.mode)
+    wanted = set().union(*parts.values())
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in wanted)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if {name for name, _ in trainable} != wanted:
+        raise AssertionError(
+            f"{train.mode} mode should train {sorted(wanted)} but trains {sorted(n for n, _ in trainable)}"
+        )
+    return model, trainable
+
+
+def describe_trainable(model: nn.Module, mode: str) -> str:
+    """One line: how many parameters train in ``mode``, of how many, by part (also under ZeRO-3 sharding)."""
+    size = {name: full_numel(p) for name, p in model.named_parameters()}
+    parts = trainable_parts(model, mode)
+    trained, total = sum(size[name] for names in parts.values() for name in names), sum(size.values())
+    by_part = "; ".join(f"{part} {sum(size[n] for n in names):,} in {len(names)} tensors" for part, names in parts.items())
+    return f"mode={mode}: {trained:,} trainable parameters of {total:,} ({100 * trained / total:.2f}%): {by_part}"
+
+
+def _wrap_lora(model: nn.Module, train: TrainConfig) -> nn.Module:
+    """peft LoRA on the language model's linear layers only: the regex is rooted at the LLM's module path, so the
+    vision tower's q/k/v projections (same leaf names) are never wrapped."""
+    from peft import LoraConfig, get_peft_model  # lazy: heavy, and only lora mode needs it
+
+    llm = families.language_model(model)
+    prefix = next(name for name, module in model.named_modules() if module is llm)
+    leaves = sorted({name.rpartition(".")[2] for name, m in llm.named_modules() if isinstance(m, nn.Linear)})
+    target = rf"{re.escape(prefix)}\..*\.(?:{'|'.join(map(re.escape, leaves))})"
+    lora = LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout, target_modules=target)
+    return get_peft_model(model, lora)
+
+
+def optimizer(model: nn.Module, trainable: list[tuple[str, nn.Parameter]], cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (HF Trainer's defaults, as LLaVA used), in groups: projector vs the rest
+    (``train.projector_lr``), decay (matrices) vs none (biases, norms). With ZeRO-Offload DeepSpeed's CPU AdamW,
+    the only optimizer it steps efficiently in CPU memory."""
+    train = cfg.train
+    in_projector = {id(p) for p in families.projector_parameters(model).values()}
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for _, p in trainable:
+        groups.setdefault((id(p) in in_projector, p.ndim >= 2), []).append(p)
+    param_groups = [
+        {
+            "params": params,
+            "lr": train.projector_lr if is_projector and train.projector_lr is not None else train.lr,
+            "weight_decay": train.weight_decay if decays else 0.0,
+        }
+        for (is_projector, decays), params in sorted(groups.items())  # non-projector first: lr logs train.lr
+    ]
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # lazy: builds a CPU op on first import
+
+        return DeepSpeedCPUAdam(param_groups, lr=train.lr, betas=(0.9, 0.999), eps=1e-8, adamw_mode=True)
+    return torch.optim.AdamW(param_groups, lr=train.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def placeholders(model_config) -> Placeholders:
+    """The model's placeholder ids and token-count functions, for :class:`SupervisedDataset`."""
+    video = families.has_video_input(model_config)
+    return Placeholders(
+        image_tokens=functools.partial(families.sample_image_tokens, model_config),
+        image_token_id=model_config.image_token_id,
+        video_tokens=functools.partial(families.tokens_per_video, model_config) if video else None,
+        video_token_id=model_config.video_token_id if video else None,
+    )
+
+
+def dataset(
+    cfg: Config,
+    model_config,
+    processing: Processing,
+    *,
+    held_out: bool = False,
+    skip_log: Path | None = None,
+) -> SupervisedDataset:
+    """The recipe's training set (``data.path``) or held-out set (``data.eval_path``, its own image folder)."""
+    data = cfg.data
+    if held_out:
+        return SupervisedDataset(
+            load_samples(data.eval_path),
+            data,
+            processing,
+            placeholders(model_config),
+            image_folder=data.eval_image_folder or data.image_folder,
+        )
+    return SupervisedDataset(load_samples(data.path), data, processing, placeholders(model_config), skip_log=skip_log)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+def use_bf16(cfg: Config) -> bool:
+    """bf16 where the hardware supports it ('auto'), fp32 on CPU."""
+    if cfg.deepspeed.bf16 == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(cfg.deepspeed.bf16)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this recipe (LLaVA's scripts/zero2.json / zero3.json with the numbers filled)."""
+    train = cfg.train
+    zero: dict[str, Any] = {
+        "stage": cfg.deepspeed.zero_stage,
+        "overlap_comm": torch.cuda.is_available(),  # overlap needs CUDA streams; on CPU it only adds copies
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 5e8,
+    }
+    if cfg.deepspeed.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=5e8,
+            stage3_param_persistence_threshold=1e6,
+            stage3_max_live_parameters=1e9,
+            stage3_max_reuse_distance=1e9,
+        )
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "gradient_clipping": train.max_grad_norm,
+        "bf16": {"enabled": use_bf16(cfg)},
+        "zero_optimization": zero,
+        # Our optimizer is torch's AdamW over the trainable parameters only (param groups for projector_lr).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we print our own one line per step
+        "wall_clock_breakdown": False,
+    }

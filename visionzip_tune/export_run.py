@@ -1,0 +1,100 @@
+"""``python -m visionzip_tune export --run DIR [--checkpoint NAME] [--output DIR]``: export a checkpoint of a run.
+
+The model is rebuilt as the run trained it (``build``: its base model, VisionZip budget and trainable set, LoRA
+wrapping included), the checkpoint's trainable tensors are loaded by name, and ``export.export_projector`` writes
+the export. Single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from visionzip_tune import build, checkpoint
+from visionzip_tune.config import load_config, to_dict
+from visionzip_tune.errors import UserError
+from visionzip_tune.export import export_projector, shape_problems, weights_fingerprint
+
+
+def run_checkpoint(run: Path, name: str | None) -> Path:
+    """The checkpoint directory ``name`` (default: the one ``checkpoints/latest`` names) of run directory ``run``."""
+    root = checkpoint.checkpoints_root(run)
+    available = sorted(p.name for p in root.glob("step-*") if (p / checkpoint.TRAINABLE_FILE).is_file())
+    if name is None:
+        pointer = root / checkpoint.LATEST
+        if not pointer.is_file():
+            raise UserError(
+                f"run {run} has no checkpoint yet ({pointer} is missing); train it first, or pick one with "
+                f"--checkpoint (complete checkpoints: {available or 'none'})."
+            )
+        name = pointer.read_text().strip()
+    path = root / name
+    if not (path / checkpoint.TRAINABLE_FILE).is_file():
+        raise UserError(
+            f"checkpoint {path} has no {checkpoint.TRAINABLE_FILE}; complete checkpoints of {run}: {available or 'none'}."
+        )
+    return path
+
+
+def export_run(run: str | Path, checkpoint_name: str | None = None, output: str | Path | None = None) -> Path:
+    """Export checkpoint ``checkpoint_name`` (default: the latest) of a run directory to ``output`` (default
+    RUN/export). A ``full`` run's trainable set is the projector and the language model, so its export holds the
+    whole model too, with the base model's tokenizer and image processor."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise UserError(
+            f"{run} is not a run directory: {run / 'config.yaml'} is missing (a run directory is the output.dir "
+            "of `bash train.sh` / `python -m visionzip_tune train`)."
+        )
+    cfg = load_config(run / "config.yaml")
+    ckpt = run_checkpoint(run, checkpoint_name)
+    base_model = build.base_model_id(cfg.model.name_or_path)
+    key = f"model.name_or_path of run {run}"
+    model = build.load_vlm(base_model, key=key, what="base model")
+    processing = build.load_model_processing(base_model, key=key)[:2] if cfg.train.mode == "full" else None
+    fingerprint = weights_fingerprint(model)
+    build.apply_recipe_visionzip(model, cfg.visionzip)
+    model, trainable = build.prepare_trainable(model, cfg.train)
+
+    path = ckpt / checkpoint.TRAINABLE_FILE
+    trained = load_file(str(path))
+    params = dict(trainable)
+    problems = shape_problems(
+        {name: tuple(p.shape) for name, p in params.items()},
+        {name: tuple(t.shape) for name, t in trained.items()},
+        "trainable parameter of this run's model",
+    )
+    if problems:
+        raise UserError(f"{path} does not fit the {cfg.train.mode}-mode model of {base_model}: {'; '.join(problems)}.")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(trained[name])
+    state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").is_file() else {}
+    metadata = {
+        "base_model": base_model,
+        "base_fingerprint": fingerprint,
+        "recipe": {"path": str((run / "config.yaml").resolve()), "config": to_dict(cfg)},
+        "step": state.get("step"),
+        "data_fingerprint": state.get("data_fingerprint"),
+        "mode": cfg.train.mode,
+        "checkpoint": str(ckpt.resolve()),
+    }
+    return export_projector(model, Path(output) if output else run / "export", metadata=metadata, processing=processing)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m visionzip_tune export",
+        description="Export the trained projector of a run directory: projector.safetensors (HF names), "
+        "mm_projector.bin (original LLaVA names) and visionzip.json (budget, base model fingerprint, recipe).",
+    )
+    parser.add_argument("--run", required=True, help="run directory (the output.dir of a training run)")
+    parser.add_argument("--checkpoint", help="checkpoint name under RUN/checkpoints (default: the latest)")
+    parser.add_argument("--output", help="export directory (default: RUN/export; replaced atomically)")
+    args = parser.parse_args(argv)
+    print(export_run(args.run, args.checkpoint, args.output))
+    return 0

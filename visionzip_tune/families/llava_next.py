@@ -1,0 +1,152 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): one image becomes a base crop plus an anyres grid of crops,
+and VisionZip zips every crop with the same budget (the paper's Table 9 budgets are per crop).
+
+The stock ``pack_image_features`` (unpad to the aspect ratio, a newline per row) needs the dense grid that
+selection removes, so it is bypassed and ``image_newline`` unused. LLaVA-OneVision tiles images the same way and
+uses the anyres helpers of this module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+)
+
+from visionzip_tune import compress, encoders
+from visionzip_tune.families.base import Family, ImageSize, llava_stock_tokens, zip_units, zipped_per_unit
+
+
+def crop_count(config, image_size) -> int:
+    """Crops of one image of original (height, width) ``image_size``: the base crop + the anyres grid's crops."""
+    return image_size_to_num_patches(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
+
+
+def grid_shape(config, image_size) -> tuple[int, int]:
+    """(rows, columns) of the anyres crop grid for original (height, width) ``image_size`` (HF's (h, w) order)."""
+    rows, cols = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, config.vision_config.image_size)
+    return int(rows), int(cols)
+
+
+def zip_crops(
+    inner: nn.Module, pixel_values: Tensor, crops: list[int], vision_feature_layer: int | None
+) -> tuple[compress.ZipResult, list[Tensor]]:
+    """Zip every real crop of a batch of anyres images; project; split per image (crop after crop).
+
+    pixel_values: (B, max_crops, 3, S, S) padded, or the real crops concatenated (sum crops, 3, S, S); ``crops``:
+    the real crop count of each image. Returns the :class:`compress.ZipResult` over all crops and B tensors
+    (crops_i * K, text hidden).
+    """
+    if pixel_values.dim() == 5:
+        pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, crops)])
+    elif pixel_values.dim() != 4:
+        raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
+    zipped = zip_units(inner, inner.vision_tower, pixel_values, vision_feature_layer)
+    projected = inner.multi_modal_projector(zipped.tokens)  # (sum crops, K, text hidden)
+    return zipped, [image.flatten(0, 1) for image in torch.split(projected, crops)]
+
+
+def grid_order(dominant_indices: Tensor, contextual: int, grid: tuple[int, int], side: int, has_cls: bool) -> Tensor:
+    """Permutation of one image's zipped crop tokens into the official VisionZip LLaVA-NeXT order.
+
+    The zipped tokens of an image, flattened crop after crop (crop 0 = base, then the grid crops row-major), are
+    ``crops * K`` rows, ``K = dominant + contextual``, each crop ``[dominant (positional order), contextual]``. The
+    official order is: the base crop's K tokens; the dominant *patch* tokens of all grid crops in raster order of
+    the stitched (rows * side) x (columns * side) patch grid; each grid crop's CLS token; all grid crops'
+    contextual tokens, crop by crop.
+    dominant_indices: (crops, dominant) ascending tower positions (CLS = 0 when ``has_cls``); ``side`` patches per
+    crop edge. Returns (crops * K,) int64 indices into the flattened rows.
+    """
+    crops, dominant = dominant_indices.shape
+    rows, cols = grid
+    if crops - 1 != rows * cols:
+        raise ValueError(f"{crops} crops do not fit a base crop plus a {rows}x{cols} grid")
+    kept = dominant + contextual
+    first_patch = int(has_cls)  # with CLS, dominant slot 0 of every crop is the CLS token
+    device = dominant_indices.device
+    crop = torch.arange(1, crops, device=device).unsqueeze(1)  # (G, 1) grid crops, row-major
+    patch = dominant_indices[1:, first_patch:] - first_patch  # (G, P) patch index within its crop
+    row = ((crop - 1) // cols) * side + patch // side
+    col = ((crop - 1) % cols) * side + patch % side
+    slots = crop * kept + torch.arange(first_patch, dominant, device=device)  # where those tokens sit now
+    dominant_slots = slots.flatten()[(row * (cols * side) + col).flatten().argsort()]
+    cls_slots = crop.flatten() * kept if has_cls else crop.new_zeros(0)
+    contextual_slots = (crop * kept + torch.arange(dominant, kept, device=device)).flatten()
+    base = torch.arange(kept, device=device)
+    return torch.cat([base, dominant_slots, cls_slots, contextual_slots])
+
+
+def get_image_features(
+    self,
+    pixel_values: Tensor,
+    image_sizes: Tensor,
+    vision_feature_layer: int | None = None,
+    vision_feature_select_strategy: str | None = None,
+    **kwargs,
+) -> BaseModelOutputWithPooling:
+    """VisionZip replacement for ``LlavaNextModel.get_image_features``: every crop zipped to K tokens.
+
+    pixel_values: (B, max_crops, 3, S, S) padded, or the real crops already concatenated (sum crops, 3, S, S);
+    image_sizes: (B, 2) original (height, width). Returns ``last_hidden_state`` = (sum crops, K, D_vision) zipped
+    crop tokens and ``pooler_output`` = list of B tensors (crops_i * K, text hidden), projected with autograd on, in
+    ``config.visionzip["token_order"]`` order ("flat": crop after crop; "grid": see :func:`grid_order`).
+    """
+    crops = [crop_count(self.config, size) for size in image_sizes]
+    zipped, per_image = zip_crops(self, pixel_values, crops, vision_feature_layer)
+    if self.config.visionzip.get("token_order", "flat") == "grid":
+        config, contextual = self.config, self.config.visionzip["contextual"]
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        has_cls = encoders.tower_has_cls(self.vision_tower)
+        positions = torch.split(zipped.dominant_indices, crops)
+        per_image = [
+            tokens.index_select(0, grid_order(kept, contextual, grid_shape(config, size), side, has_cls))
+            for tokens, kept, size in zip(per_image, positions, image_sizes)
+        ]
+    return BaseModelOutputWithPooling(last_hidden_state=zipped.tokens, pooler_output=per_image)
+
+
+def anyres_stock_tokens(config, image_size: ImageSize | None = None, max_crops: int | None = None) -> int:
+    """Stock anyres layout (``pack_image_features``): the base crop, plus the stitched grid unpadded to the image's
+    aspect ratio, downscaled to about ``max_crops`` crops' worth when given (OneVision), one newline per row.
+
+    ``image_size=None`` is an untiled image (one crop; OneVision's multi-image samples): base crop + one newline.
+    """
+    if image_size is None:
+        return llava_stock_tokens(config) + 1
+    height, width = image_size
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    rows, cols = grid_shape(config, (height, width))
+    grid_h, grid_w = rows * side, cols * side
+    # Unpadding, as in transformers' unpad_image: the padded axis keeps the image's share, rounded the same way.
+    if width / height > grid_w / grid_h:
+        grid_h -= 2 * ((grid_h - int(round(height * (grid_w / width), 7))) // 2)
+    else:
+        grid_w -= 2 * ((grid_w - int(round(width * (grid_h / height), 7))) // 2)
+    if max_crops is not None:
+        ratio = math.sqrt(grid_h * grid_w / (max_crops * side**2))
+        if ratio > 1.1:
+            grid_h, grid_w = int(grid_h // ratio), int(grid_w // ratio)
+    return llava_stock_tokens(config) + grid_h * grid_w + grid_h
+
+
+def anyres_zipped_tokens(config, budget: dict, image_size: ImageSize | None = None) -> int:
+    """Every crop zipped to K tokens; ``image_size=None`` is an untiled image (one crop)."""
+    crops = 1 if image_size is None else crop_count(config, image_size)
+    return crops * zipped_per_unit(config, budget)
+
+
+FAMILY = Family(
+    name="llava_next",
+    model_class="LlavaNextForConditionalGeneration",
+    model_type="llava_next",
+    overrides={"get_image_features": get_image_features},
+    stock_tokens=anyres_stock_tokens,
+    zipped_tokens=anyres_zipped_tokens,
+    token_orders=("flat", "grid"),
+    anyres=True,
+)

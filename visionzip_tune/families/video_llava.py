@@ -1,0 +1,52 @@
+"""Video-LLaVA (``VideoLlavaForConditionalGeneration``): images through ``image_tower`` as in LLaVA-1.5, videos
+through ``video_tower`` frame by frame, one projector. VisionZip zips every image and every frame independently
+with the same budget."""
+
+from __future__ import annotations
+
+from torch import Tensor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from visionzip_tune import encoders
+from visionzip_tune.families.base import (
+    Family,
+    llava_stock_tokens,
+    per_frame_video_features,
+    zip_units,
+    zipped_per_unit,
+)
+
+
+def get_image_features(
+    self,
+    pixel_values: Tensor | None = None,
+    pixel_values_images: Tensor | None = None,
+    vision_feature_layer: int | None = None,
+    vision_feature_select_strategy: str | None = None,
+    **kwargs,
+) -> BaseModelOutputWithPooling:
+    """VisionZip replacement for ``VideoLlavaModel.get_image_features`` (same parameter names).
+
+    pixel_values (or the deprecated pixel_values_images): (B, 3, H, W). Returns ``last_hidden_state`` = (B, K,
+    D_vision) and ``pooler_output`` = (B, K, text hidden), a tensor as the stock method returns.
+    """
+    pixels = pixel_values if pixel_values is not None else pixel_values_images
+    tokens = zip_units(self, self.image_tower, pixels, vision_feature_layer).tokens
+    return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=self.multi_modal_projector(tokens))
+
+
+def stock_video_tokens(config, frames: int) -> int:
+    """Stock Video-LLaVA feeds every tower token of every frame, CLS included, whatever the select strategy."""
+    return frames * encoders.tokens_per_tower_output(config.vision_config)
+
+
+FAMILY = Family(
+    name="video_llava",
+    model_class="VideoLlavaForConditionalGeneration",
+    model_type="video_llava",
+    overrides={"get_image_features": get_image_features, "get_video_features": per_frame_video_features("video_tower")},
+    stock_tokens=llava_stock_tokens,
+    zipped_tokens=zipped_per_unit,
+    towers=("image_tower", "video_tower"),
+    stock_video_tokens=stock_video_tokens,
+)
