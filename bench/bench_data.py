@@ -28,7 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from visionzip_tune.data import Collator, SupervisedDataset, load_samples, make_demo_dataset  # noqa: E402
+from visionzip_tune.data import (  # noqa: E402
+    Collator,
+    DataConfig,
+    Placeholders,
+    SupervisedDataset,
+    load_samples,
+    make_demo_dataset,
+)
+from visionzip_tune.families import FAMILIES  # noqa: E402
+from visionzip_tune.processing import Processing  # noqa: E402
 from visionzip_tune.data.template import llava_turns  # noqa: E402
 from visionzip_tune.tiny import (  # noqa: E402
     IMAGE_TOKEN,
@@ -91,19 +100,19 @@ def family_datasets(paths, samples) -> tuple[dict[str, SupervisedDataset], Colla
     video_token_id = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
     datasets = {}
     for family, size in FAMILY_GEOMETRY.items():
-        video = family in ("video_llava", "llava_onevision")
-        datasets[family] = SupervisedDataset(
-            samples,
-            image_folder=paths.images,
-            tokenizer=tokenizer,
-            image_processor=build_image_processor(TinySpec(family=family, image_size=size)),
+        video = FAMILIES[family].has_video
+        placeholders = Placeholders(
             image_tokens=lambda sizes: [TOKENS_PER_IMAGE] * len(sizes),
             image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
             video_tokens=(lambda frames: TOKENS_PER_IMAGE * frames) if video else None,
             video_token_id=video_token_id if video else None,
-            video_frames=VIDEO_FRAMES,
-            max_length=4096,
-            on_bad_sample="skip",  # LLaVA-1.5 and NeXT take no video: their video samples are left out
+        )
+        datasets[family] = SupervisedDataset(
+            samples,
+            # LLaVA-1.5 and NeXT take no video: their video samples are left out
+            DataConfig(image_folder=paths.images, video_frames=VIDEO_FRAMES, max_length=4096, on_bad_sample="skip"),
+            Processing(tokenizer, build_image_processor(TinySpec(family=family, image_size=size)), None),
+            placeholders,
         )
     return datasets, Collator(tokenizer.pad_token_id)
 
@@ -136,12 +145,9 @@ def main() -> None:
         datasets = {
             aspect: SupervisedDataset(
                 samples,
-                image_folder=paths.images,
-                tokenizer=tokenizer,
-                image_processor=processor.image_processor,
-                image_tokens=lambda sizes: [TOKENS_PER_IMAGE] * len(sizes),
-                image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                image_aspect=aspect,
+                DataConfig(image_folder=paths.images, image_aspect=aspect),
+                Processing(tokenizer, processor.image_processor, None),
+                Placeholders(lambda sizes: [TOKENS_PER_IMAGE] * len(sizes), tokenizer.convert_tokens_to_ids("<image>")),
             )
             for aspect in ("pad", "processor")
         }
@@ -165,8 +171,10 @@ def main() -> None:
                 kinds["image"].append(i)
         # LLaVA-1.5 and NeXT skip the video samples: time them on the image samples only, by position of the same
         # rows in their own (shorter) row lists.
-        image_rows = {family: [d.rows.index(family_sets["video_llava"].rows[i]) for i in kinds["image"]]
-                      for family, d in family_sets.items()}  # fmt: skip
+        image_rows = {
+            family: [d.rows.index(family_sets["video_llava"].rows[i]) for i in kinds["image"]]
+            for family, d in family_sets.items()
+        }
         ms = {family: {"image": float("inf"), "video": float("inf")} for family in family_sets}
         for _ in range(args.repeats):
             for family, dataset in family_sets.items():
@@ -174,23 +182,35 @@ def main() -> None:
                 if dataset.video_tokens is not None:
                     ms[family]["video"] = min(ms[family]["video"], per_sample_ms(dataset, kinds["video"]))
 
-    print(f"demo set: {args.n} samples (~95% with a 224 px PNG), 336 px CLIP processor, "
-          f"{TOKENS_PER_IMAGE} tokens/image, batch {args.batch}, 1 thread")
+    print(
+        f"demo set: {args.n} samples (~95% with a 224 px PNG), 336 px CLIP processor, "
+        f"{TOKENS_PER_IMAGE} tokens/image, batch {args.batch}, 1 thread"
+    )
     for aspect, rate in rates.items():
         print(f"  load+template+collate, image_aspect={aspect:<9} {rate:8.1f} samples/s")
-    print(f"  pad / processor ratio:                         {rates['pad'] / rates['processor']:8.2f}"
-          "  (demo images are square: padding adds no pixels here)")
-    print(f"  templating + tokenization alone:              {text_rate:8.1f} samples/s "
-          f"({100 * rates['pad'] / text_rate:.0f}% of the pad time is text)")
-    print(f"load_samples, {args.load_rows} LLaVA-shaped rows:            {load_rate:8.0f} rows/s "
-          f"(665,298 rows: ~{665_298 / load_rate:.0f} s, once)")
-    print(f"per family ({len(kinds['image'])} image and {len(kinds['video'])} {VIDEO_FRAMES}-frame video samples of "
-          "the same demo set, pad, one example at a time, best of interleaved repeats):")
+    print(
+        f"  pad / processor ratio:                         {rates['pad'] / rates['processor']:8.2f}"
+        "  (demo images are square: padding adds no pixels here)"
+    )
+    print(
+        f"  templating + tokenization alone:              {text_rate:8.1f} samples/s "
+        f"({100 * rates['pad'] / text_rate:.0f}% of the pad time is text)"
+    )
+    print(
+        f"load_samples, {args.load_rows} LLaVA-shaped rows:            {load_rate:8.0f} rows/s "
+        f"(665,298 rows: ~{665_298 / load_rate:.0f} s, once)"
+    )
+    print(
+        f"per family ({len(kinds['image'])} image and {len(kinds['video'])} {VIDEO_FRAMES}-frame video samples of "
+        "the same demo set, pad, one example at a time, best of interleaved repeats):"
+    )
     print(f"  {'family':<16} {'input px':>8} {'ms/image sample':>16} {'vs LLaVA-1.5':>13} {'ms/video sample':>16}")
     for family, size in FAMILY_GEOMETRY.items():
         video = f"{ms[family]['video']:16.1f}" if ms[family]["video"] != float("inf") else f"{'-':>16}"
-        print(f"  {family:<16} {size:>8} {ms[family]['image']:16.1f} "
-              f"{ms[family]['image'] / ms['llava']['image']:13.2f} {video}")
+        print(
+            f"  {family:<16} {size:>8} {ms[family]['image']:16.1f} "
+            f"{ms[family]['image'] / ms['llava']['image']:13.2f} {video}"
+        )
 
 
 if __name__ == "__main__":

@@ -34,11 +34,19 @@ from dataclasses import dataclass
 
 import torch
 
-from visionzip_tune.models import apply_visionzip, projector, remove_visionzip, tokens_per_image
+from visionzip_tune.families import apply_visionzip, projector_parameters, remove_visionzip, tokens_per_image
 from visionzip_tune.tiny import TinySpec, build_tiny
 
-GEOMETRY = dict(image_size=336, patch_size=14, vision_hidden=128, vision_layers=6, vision_heads=4, text_hidden=512,
-                text_layers=8, text_heads=8)  # fmt: skip
+GEOMETRY = dict(
+    image_size=336,
+    patch_size=14,
+    vision_hidden=128,
+    vision_layers=6,
+    vision_heads=4,
+    text_hidden=512,
+    text_layers=8,
+    text_heads=8,
+)
 Budget = tuple[int, int] | None  # (dominant, contextual) per image or crop; None = stock
 
 
@@ -51,8 +59,9 @@ class Setup:
 
 SETUPS = {
     "llava": Setup(TinySpec(family="llava", **GEOMETRY), (None, (162, 30), (54, 10)), (336, 336)),
-    "llava_next": Setup(TinySpec(family="llava_next", crop_grids="1x2 2x1 2x2", **GEOMETRY), (None, (54, 10), (27, 5)),
-                        (672, 672)),  # fmt: skip
+    "llava_next": Setup(
+        TinySpec(family="llava_next", crop_grids="1x2 2x1 2x2", **GEOMETRY), (None, (54, 10), (27, 5)), (672, 672)
+    ),
 }
 SUPERVISED = 30  # answer tokens with labels at the end of each sample; the rest of the text is the prompt
 
@@ -61,8 +70,10 @@ def build(setup: Setup):
     """The model with only the projector trainable, and AdamW on the projector (as ``train.mode=projector``)."""
     model, _, _ = build_tiny(setup.spec)
     model.requires_grad_(False)
-    projector(model).requires_grad_(True)
-    optimizer = torch.optim.AdamW(projector(model).parameters(), lr=1e-5)
+    params = list(projector_parameters(model).values())
+    for param in params:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
     return model, optimizer
 
 
@@ -183,8 +194,20 @@ def memory_child(setup: Setup, index: int, batch: int, text: int, steps: int) ->
 
 
 def measure_memory(index: int, args) -> float:
-    command = [sys.executable, __file__, "--family", args.family, "--memory-child", str(index), "--batch",
-               str(args.batch), "--text", str(args.text), "--threads", str(args.threads)]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--family",
+        args.family,
+        "--memory-child",
+        str(index),
+        "--batch",
+        str(args.batch),
+        "--text",
+        str(args.text),
+        "--threads",
+        str(args.threads),
+    ]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_delta_mib"]
 
@@ -224,24 +247,32 @@ def main() -> None:
     memory = [measure_memory(k, args) for k in range(len(setup.budgets))]
 
     crops = crops_per_image(setup)
-    flops = [step_flops(model.config, n, args.batch, args.text, crops, budget is not None)
-             for n, budget in zip(tokens, setup.budgets)]  # fmt: skip
+    flops = [
+        step_flops(model.config, n, args.batch, args.text, crops, budget is not None)
+        for n, budget in zip(tokens, setup.budgets)
+    ]
     median = [statistics.median(values) for values in times]
     spec = setup.spec
-    print(f"{args.family}: projector-mode step, one {setup.image_size[0]}x{setup.image_size[1]} image ({crops} tower "
-          f"pass(es)) per sample, batch {args.batch}, {args.text} text tokens/sample, {args.threads} threads, "
-          f"{args.rounds} interleaved rounds (medians); LLM {spec.text_layers}x{spec.text_hidden}, "
-          f"CLIP {spec.image_size}px/{spec.patch_size} {spec.vision_layers}x{spec.vision_hidden}")
-    header = (f"{'budget':>10} {'tokens/img':>10} {'LLM seq':>7} {'step ms':>8} {'IQR ms':>7} {'time ratio':>10} "
-              f"{'FLOP ratio':>10} {'GFLOP':>7} {'LLM %':>6} {'peak MiB':>9} {'mem ratio':>9}")
+    print(
+        f"{args.family}: projector-mode step, one {setup.image_size[0]}x{setup.image_size[1]} image ({crops} tower "
+        f"pass(es)) per sample, batch {args.batch}, {args.text} text tokens/sample, {args.threads} threads, "
+        f"{args.rounds} interleaved rounds (medians); LLM {spec.text_layers}x{spec.text_hidden}, "
+        f"CLIP {spec.image_size}px/{spec.patch_size} {spec.vision_layers}x{spec.vision_hidden}"
+    )
+    header = (
+        f"{'budget':>10} {'tokens/img':>10} {'LLM seq':>7} {'step ms':>8} {'IQR ms':>7} {'time ratio':>10} "
+        f"{'FLOP ratio':>10} {'GFLOP':>7} {'LLM %':>6} {'peak MiB':>9} {'mem ratio':>9}"
+    )
     print(header)
     for k, budget in enumerate(setup.budgets):
         quartiles = statistics.quantiles(times[k], n=4)
         label = "stock" if budget is None else f"{budget[0]}+{budget[1]}"
-        print(f"{label:>10} {tokens[k]:>10} {tokens[k] + args.text:>7} {median[k] * 1e3:>8.0f} "
-              f"{(quartiles[2] - quartiles[0]) * 1e3:>7.0f} {median[k] / median[0]:>10.3f} "
-              f"{flops[k].total / flops[0].total:>10.3f} {flops[k].total / 1e9:>7.1f} "
-              f"{100 * flops[k].llm / flops[k].total:>6.1f} {memory[k]:>9.0f} {memory[k] / memory[0]:>9.3f}")
+        print(
+            f"{label:>10} {tokens[k]:>10} {tokens[k] + args.text:>7} {median[k] * 1e3:>8.0f} "
+            f"{(quartiles[2] - quartiles[0]) * 1e3:>7.0f} {median[k] / median[0]:>10.3f} "
+            f"{flops[k].total / flops[0].total:>10.3f} {flops[k].total / 1e9:>7.1f} "
+            f"{100 * flops[k].llm / flops[k].total:>6.1f} {memory[k]:>9.0f} {memory[k] / memory[0]:>9.3f}"
+        )
 
 
 if __name__ == "__main__":

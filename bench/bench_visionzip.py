@@ -36,6 +36,7 @@ from collections.abc import Callable
 import torch
 
 from visionzip_tune import compress, encoders
+from visionzip_tune.families.base import zip_layer, zip_tower
 
 
 def build_tower(kind: str, image_size: int, hidden: int, layers: int, heads: int, device: str):
@@ -87,12 +88,12 @@ def bench_tower(kind: str, image_size: int, layer: int, args) -> dict[str, list[
         captured = encoders.run_until(tower, pixels, layer_index)
 
     def selection():
-        return encoders.zip_capture(captured, args.dominant, args.contextual).tokens
+        return zip_layer(captured, args.dominant, args.contextual).tokens
 
     run_eager = eager_route(eager, hs_index, args.dominant, args.contextual)
     variants: dict[str, Callable[[], object]] = {
         "stock": lambda: tower(pixels, output_hidden_states=True).hidden_states[hs_index],
-        "visionzip": lambda: encoders.visionzip_features(tower, pixels, layer_index, args.dominant, args.contextual),
+        "visionzip": lambda: zip_tower(tower, pixels, layer_index, args.dominant, args.contextual),
         "eager": lambda: run_eager(pixels),
         "selection": selection,
     }
@@ -121,16 +122,30 @@ def bench_next(args) -> tuple[dict[str, list[float]], dict[str, int]]:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     import visionzip_tune as vzt
-    from visionzip_tune.models import tokens_per_image
+    from visionzip_tune.families import tokens_per_image
 
     vision = CLIPVisionConfig(
-        hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, image_size=336, patch_size=14,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        image_size=336,
+        patch_size=14,
     )
-    text = LlamaConfig(vocab_size=64, hidden_size=args.hidden, intermediate_size=args.hidden, num_hidden_layers=1,
-                       num_attention_heads=args.heads, num_key_value_heads=args.heads)
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=63,
-                             image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+    text = LlamaConfig(
+        vocab_size=64,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden,
+        num_hidden_layers=1,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=63,
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    )
     torch.manual_seed(0)
     stock_model = LlavaNextForConditionalGeneration(config).eval().to(args.device)
     flat, grid = copy.deepcopy(stock_model), copy.deepcopy(stock_model)
@@ -138,8 +153,10 @@ def bench_next(args) -> tuple[dict[str, list[float]], dict[str, int]]:
     vzt.apply_visionzip(grid, args.dominant, args.contextual, token_order="grid")
     pixels = torch.randn(1, 5, 3, 336, 336, device=args.device)
     sizes = torch.tensor([[672, 672]], device=args.device)
-    tokens = {"stock": tokens_per_image(stock_model.config, (672, 672)),
-              "zipped": tokens_per_image(flat.config, (672, 672))}
+    tokens = {
+        "stock": tokens_per_image(stock_model.config, (672, 672)),
+        "zipped": tokens_per_image(flat.config, (672, 672)),
+    }
     variants = {
         "stock": lambda: stock_model.model.get_image_features(pixels, sizes),
         "flat": lambda: flat.model.get_image_features(pixels, sizes),
@@ -212,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'tower':<13}{'variant':<11}{'median ms':>10}{'vs stock':>10}{'best ms':>10}{'vs stock':>10}"
     print(header)
     print("-" * len(header))
-    for label, kind, image_size, layer in (("clip 576", "clip", 336, -2), ("siglip 576", "siglip", 336, -1),
-                                           ("siglip 729", "siglip", 384, -1)):
+    for label, kind, image_size, layer in (
+        ("clip 576", "clip", 336, -2),
+        ("siglip 576", "siglip", 336, -1),
+        ("siglip 729", "siglip", 384, -1),
+    ):
         print_rows(label, bench_tower(kind, image_size, layer, args), percent=("selection",))
     times, tokens = bench_next(args)
     print_rows("next 5 crops", times)

@@ -14,12 +14,24 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from visionzip_tune.tiny import TinySpec, build_tiny_with_processor, save_tiny
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "recipes" / "tiny" / "demo.yaml"  # the demo recipe the training tests override
+
+
+def records(run_dir, kind: str) -> list[dict]:
+    """The ``kind`` ("train" or "eval") records of a run's metrics.jsonl, in order."""
+    from visionzip_tune.metrics import read_metrics
+
+    return [r for r in read_metrics(run_dir) if r["kind"] == kind]
 
 
 def load_tiny(path):
@@ -170,8 +182,14 @@ def greedy_answer(model, tokenizer, item: dict, max_new_tokens: int) -> tuple[st
         start -= 1
     prompt = item["input_ids"][:start]
     with torch.no_grad():
-        out = model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt[None]), **item["vision"],
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        out = model.generate(
+            input_ids=prompt[None],
+            attention_mask=torch.ones_like(prompt[None]),
+            **item["vision"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip(), prompt.tolist()
 
 

@@ -28,11 +28,28 @@ def test_defaults_recipe_and_overrides_layer_in_order(tmp_path):
 def test_keys_the_issue_names_exist():
     cfg = load_config()
     for key in [
-        "model.name_or_path", "visionzip.enabled", "visionzip.dominant", "visionzip.contextual", "data.path",
-        "data.image_folder", "data.template", "train.mode", "train.max_steps", "train.epochs",
-        "train.micro_batch_size", "train.grad_accum", "train.lr", "train.projector_lr", "train.warmup_ratio",
-        "train.save_every", "train.resume", "train.seed", "deepspeed.zero_stage", "logging.wandb", "output.dir",
-    ]:  # fmt: skip
+        "model.name_or_path",
+        "visionzip.enabled",
+        "visionzip.dominant",
+        "visionzip.contextual",
+        "data.path",
+        "data.image_folder",
+        "data.template",
+        "train.mode",
+        "train.max_steps",
+        "train.epochs",
+        "train.micro_batch_size",
+        "train.grad_accum",
+        "train.lr",
+        "train.projector_lr",
+        "train.warmup_ratio",
+        "train.save_every",
+        "train.resume",
+        "train.seed",
+        "deepspeed.zero_stage",
+        "logging.wandb",
+        "output.dir",
+    ]:
         section, name = key.split(".")
         assert hasattr(getattr(cfg, section), name), key
     assert cfg.train.resume == "auto"

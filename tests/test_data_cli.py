@@ -45,8 +45,9 @@ def test_check_lists_every_bad_sample_and_exits_nonzero(tmp_path, capsys):
     ]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(samples))
-    code = vzt_main(["data", "check", "--data", str(data), "--image-folder", str(tmp_path / "images"),
-                     "--workers", "2", "--quiet"])
+    code = vzt_main(
+        ["data", "check", "--data", str(data), "--image-folder", str(tmp_path / "images"), "--workers", "2", "--quiet"]
+    )
     out = capsys.readouterr()
     assert code == 1 and "Traceback" not in out.out + out.err
     assert "checked 8 samples (4 with images, 0 with a video, 4 text-only): 6 unusable" in out.out
@@ -71,8 +72,17 @@ def test_check_passes_on_the_demo_and_needs_an_image_folder(tmp_path, capsys):
 
 def test_preview_json_uses_the_models_token_count(tmp_path, tiny_clip_dir, capsys):
     paths = make_demo_dataset(tmp_path / "demo", n=12, seed=1)
-    common = ["preview", "--data", str(paths.train), "--image-folder", str(paths.images), "--model",
-              str(tiny_clip_dir), "--n", "4"]
+    common = [
+        "preview",
+        "--data",
+        str(paths.train),
+        "--image-folder",
+        str(paths.images),
+        "--model",
+        str(tiny_clip_dir),
+        "--n",
+        "4",
+    ]
     assert main([*common, "--json", "--dominant", "54", "--contextual", "10"]) == 0
     zipped = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert main([*common, "--json"]) == 0
@@ -90,8 +100,26 @@ def test_preview_json_uses_the_models_token_count(tmp_path, tiny_clip_dir, capsy
 
 def test_preview_text_marks_answers_and_image_runs(tmp_path, tiny_clip_dir, capsys):
     paths = make_demo_dataset(tmp_path / "demo", n=8, seed=2)
-    assert main(["preview", "--data", str(paths.train), "--image-folder", str(paths.images), "--model",
-                 str(tiny_clip_dir), "--n", "1", "--dominant", "54", "--contextual", "10"]) == 0
+    assert (
+        main(
+            [
+                "preview",
+                "--data",
+                str(paths.train),
+                "--image-folder",
+                str(paths.images),
+                "--model",
+                str(tiny_clip_dir),
+                "--n",
+                "1",
+                "--dominant",
+                "54",
+                "--contextual",
+                "10",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     first = json.loads(paths.train.read_text())[0]
     answer = first["conversations"][1]["value"]
@@ -123,8 +151,11 @@ def test_demo_is_deterministic_balanced_and_valid(tmp_path):
     assert 5 <= sum("image" not in s for s in train) <= 40  # a few text-only samples
     for s in evaluation:
         assert len(s["conversations"]) == 2 and s["conversations"][-1]["value"] in s["choices"]
-    background = Counter(s["conversations"][-1]["value"] for s in evaluation
-                         if QUESTIONS["background"].text in s["conversations"][0]["value"])
+    background = Counter(
+        s["conversations"][-1]["value"]
+        for s in evaluation
+        if QUESTIONS["background"].text in s["conversations"][0]["value"]
+    )
     assert set(background) == set(COLOURS) and max(background.values()) - min(background.values()) <= 1
     assert all(load_samples(p)["problem"][:] == [None] * n for p, n in ((a.train, 400), (a.eval, 200)))
     with Image.open(a.images / "eval_000000.png") as img:
@@ -196,8 +227,20 @@ def test_check_opens_videos_and_names_bad_ones(tmp_path, capsys):
     ]
     data = tmp_path / "data.json"
     data.write_text(json.dumps(samples))
-    code = main(["check", "--data", str(data), "--video-folder", str(videos), "--video-frames", "2", "--workers",
-                 "1", "--quiet"])  # fmt: skip
+    code = main(
+        [
+            "check",
+            "--data",
+            str(data),
+            "--video-folder",
+            str(videos),
+            "--video-frames",
+            "2",
+            "--workers",
+            "1",
+            "--quiet",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 1 and "checked 7 samples (0 with images, 6 with a video, 1 text-only): 4 unusable" in out
     listed = {line.split(":")[0].strip(): line for line in out.splitlines()[1:]}
@@ -242,8 +285,7 @@ def test_demo_direction_answers_have_equal_token_length(tiny_tokenizer):
 def test_preview_shows_video_runs_of_a_video_model(tmp_path, capsys):
     from visionzip_tune.tiny import TinySpec, save_tiny
 
-    model_dir = save_tiny(tmp_path / "tiny-video-llava", TinySpec(family="video_llava", image_size=56,
-                                                                  vision_layers=2))  # fmt: skip
+    model_dir = save_tiny(tmp_path / "tiny-video-llava", TinySpec(family="video_llava", image_size=56, vision_layers=2))
     paths = make_demo_dataset(tmp_path / "demo", n=4, seed=0, n_eval=1, videos=1)
     common = ["preview", "--data", str(paths.train), "--image-folder", str(paths.images), "--model", str(model_dir)]
     assert main([*common, "--n", "4", "--dominant", "6", "--contextual", "2", "--video-frames", "4"]) == 0

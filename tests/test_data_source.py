@@ -121,8 +121,10 @@ def test_missing_and_non_utf8_files(tmp_path, cache):
         ({"id": 1, "video": [], "conversations": turns("hi", "yo")}, "'video' is an empty list of frames"),
         ({"id": 1, "video": " ", "conversations": turns("hi", "yo")}, "empty video path"),
         ({"id": 1, "video": ["a/0.png", ""], "conversations": turns("hi", "yo")}, "empty video path"),
-        ({"id": 1, "video": [["a/0.png"], ["b/0.png"]], "conversations": turns("hi", "yo")},
-         "2 videos: at most one video per sample"),
+        (
+            {"id": 1, "video": [["a/0.png"], ["b/0.png"]], "conversations": turns("hi", "yo")},
+            "2 videos: at most one video per sample",
+        ),
         ({"id": 1, "video": "a.mp4", "conversations": turns("<video><video> hi", "yo")}, "2 <video> tags but 1 video"),
         ({"id": 1, "conversations": turns("<video> hi", "yo")}, "1 <video> tags but 0 video"),
         ({"id": 1, "video": "a.mp4", "conversations": turns("hi", "<video>")}, "[1]: <video> tag in a gpt turn"),
@@ -182,8 +184,6 @@ def test_modality_lengths_are_llava_modality_lengths(tmp_path, cache):
     path = tmp_path / "mix.json"
     path.write_text(json.dumps(SAMPLES))
     ds = load_samples(path, cache_dir=cache)
-    expected = [
-        sum(len(t["value"].split()) for t in s["conversations"]) * (1 if "image" in s else -1) for s in SAMPLES
-    ]
+    expected = [sum(len(t["value"].split()) for t in s["conversations"]) * (1 if "image" in s else -1) for s in SAMPLES]
     assert modality_lengths(ds) == expected == [6, -6, 3]
     assert modality_lengths(ds.select([2, 0])) == [3, 6]

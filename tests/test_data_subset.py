@@ -38,7 +38,9 @@ def mix(tmp_path):
 def test_allocate_is_proportional_with_exact_total():
     assert allocate({"a": 5, "b": 3, "c": 2}, 5) == {"a": 3, "b": 1, "c": 1}  # .5/.5 remainders tie -> by name
     assert allocate({"coco": 364100, "text-only": 40688, "vg": 86417}, 49121) == {
-        "coco": 36410, "text-only": 4069, "vg": 8642,
+        "coco": 36410,
+        "text-only": 4069,
+        "vg": 8642,
     }
     assert sum(allocate({"x": 7, "y": 11, "z": 13}, 17).values()) == 17
 
@@ -60,7 +62,9 @@ def test_fraction_is_stratified_and_copies_records_verbatim(tmp_path, mix):
     assert positions == sorted(positions)
     assert manifest == json.loads(manifest_path(out).read_text())
     assert manifest["sources"] == {
-        "coco": {"in": 50, "out": 5}, "text-only": {"in": 20, "out": 2}, "vg": {"in": 30, "out": 3},
+        "coco": {"in": 50, "out": 5},
+        "text-only": {"in": 20, "out": 2},
+        "vg": {"in": 30, "out": 3},
     }
     assert manifest["seed"] == 0 and manifest["fraction"] == "1/10" and manifest["count"] is None
     assert manifest["input_samples"] == 100 and manifest["output_samples"] == 10
@@ -75,8 +79,21 @@ def test_same_bytes_in_a_fresh_process_with_another_hash_seed(tmp_path, mix):
     here, there = tmp_path / "here.json", tmp_path / "there.json"
     assert main(["subset", "--data", str(path), "--output", str(here), "--count", "17", "--seed", "3"]) == 0
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    cmd = [sys.executable, "-m", "visionzip_tune", "data", "subset", "--data", str(path), "--output", str(there),
-           "--count", "17", "--seed", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "visionzip_tune",
+        "data",
+        "subset",
+        "--data",
+        str(path),
+        "--output",
+        str(there),
+        "--count",
+        "17",
+        "--seed",
+        "3",
+    ]
     subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True)
     assert here.read_bytes() == there.read_bytes()
     assert len(json.loads(here.read_text())) == 17

@@ -99,11 +99,29 @@ def image_id(tiny_tokenizer):
 
 PARITY_CASES = [
     (conv("<image>\nWhat colour is the background?", "red"), 1),
-    (conv("What colour is the background?\n<image>", "blue", "How many shapes are there?", "two",
-          "Which side is the shape on?", "left"), 1),
+    (
+        conv(
+            "What colour is the background?\n<image>",
+            "blue",
+            "How many shapes are there?",
+            "two",
+            "Which side is the shape on?",
+            "left",
+        ),
+        1,
+    ),
     (conv("Describe the picture.", "Sure! Here is a short answer.", "Is there a circle?", "yes"), 0),
-    (conv("A preamble from the assistant.", "<image> Where is the shape?", "right", "Is there a square?", "no",
-          first="gpt"), 1),
+    (
+        conv(
+            "A preamble from the assistant.",
+            "<image> Where is the shape?",
+            "right",
+            "Is there a square?",
+            "no",
+            first="gpt",
+        ),
+        1,
+    ),
     (conv("<image>", "a red square on the left"), 1),
 ]
 
@@ -162,10 +180,15 @@ def test_chat_template_supervises_exactly_the_assistant_turns(tiny_tokenizer, im
     runs += [current] if current else []
     assert [tok.decode(r) for r in runs] == ["red</s>", "yes</s>"]
     rendered = tok.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the background?"}]},
-         {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
-         {"role": "user", "content": [{"type": "text", "text": "Is there a circle?"}]},
-         {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "What colour is the background?"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+            {"role": "user", "content": [{"type": "text", "text": "Is there a circle?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "yes"}]},
+        ],
         tokenize=False,
     )
     before, after = rendered.split("<image>")
@@ -275,8 +298,12 @@ def test_video_tag_renders_before_images_and_expands_to_its_count(video_tokenize
     tok = video_tokenizer
     templater = media_templater(tok)
     turns = llava_turns(conv("Is <image> in the <video>?", "yes", "Sure?", "no"), 1, 1)
-    assert [(t.images, t.videos, t.text) for t in turns] == [(1, 1, "Is  in the ?"), (0, 0, "yes"), (0, 0, "Sure?"),
-                                                             (0, 0, "no")]  # fmt: skip
+    assert [(t.images, t.videos, t.text) for t in turns] == [
+        (1, 1, "Is  in the ?"),
+        (0, 0, "yes"),
+        (0, 0, "Sure?"),
+        (0, 0, "no"),
+    ]
     whole = "".join(seg.text for seg in templater.segments(turns))
     assert "USER: <video>\n<image>\nIs  in the ? ASSISTANT:" in whole  # Video-LLaVA: USER: <video>\n... ASSISTANT:
     ids, labels = templater(turns, [3], [7])

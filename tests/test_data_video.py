@@ -167,8 +167,12 @@ def test_video_frames_use_the_whole_frame_resized():
     frames = [noise(40, 100, seed) for seed in range(3)]
     _, next_processor = build_tiny_next()
     _, ov_processor, _ = build_tiny_onevision()
-    for processor in (clip_processor(), video_llava_processor(), next_processor.image_processor,
-                      ov_processor.image_processor):  # fmt: skip
+    for processor in (
+        clip_processor(),
+        video_llava_processor(),
+        next_processor.image_processor,
+        ov_processor.image_processor,
+    ):
         transform = MediaTransform(processor, video_frames=3)
         video = transform.video(frames)
         assert video.shape == (1, 3, 3, CROP, CROP)
@@ -200,8 +204,9 @@ def media(tmp_path):
     return folder
 
 
-def dataset(tmp_path, folder, samples, model, tokenizer, image_processor, *, video=True, frames=3, skip_log=None,
-            **data):  # fmt: skip
+def dataset(
+    tmp_path, folder, samples, model, tokenizer, image_processor, *, video=True, frames=3, skip_log=None, **data
+):
     """A dataset of ``samples`` with ``model``'s own counts (without its video input when ``video`` is false);
     ``data``: DataConfig fields."""
     path = tmp_path / "data.json"
@@ -248,8 +253,16 @@ def test_next_batches_with_crops_run_through_the_model(tmp_path, media, zipped, 
     if zipped:
         vzt.apply_visionzip(model, 6, 3)
     samples = [*IMAGE_SAMPLES, {"id": "big", "image": "big.png", "conversations": turns("<image>\nAnd?", "no")}]
-    ds = dataset(tmp_path, media, samples, model, processor.tokenizer, processor.image_processor, video=False,
-                 image_aspect=aspect)  # fmt: skip
+    ds = dataset(
+        tmp_path,
+        media,
+        samples,
+        model,
+        processor.tokenizer,
+        processor.image_processor,
+        video=False,
+        image_aspect=aspect,
+    )
     items = [ds[k] for k in range(len(ds))]
     assert items[1]["vision"] == {}
     for item in (items[0], items[2], items[3]):
@@ -289,8 +302,15 @@ def test_onevision_batches_of_single_multi_image_and_video_samples_run_through_t
     if zipped:
         vzt.apply_visionzip(model, 5, 2)
     pair = {"id": "pair", "image": ["wide.png", "big.png"], "conversations": turns("<image><image> Same?", "no")}
-    ds = dataset(tmp_path, media, [*IMAGE_SAMPLES, pair, *VIDEO_SAMPLES], model, tokenizer,
-                 processor.image_processor, image_aspect="processor")  # fmt: skip
+    ds = dataset(
+        tmp_path,
+        media,
+        [*IMAGE_SAMPLES, pair, *VIDEO_SAMPLES],
+        model,
+        tokenizer,
+        processor.image_processor,
+        image_aspect="processor",
+    )
     items = [ds[k] for k in range(len(ds))]
     image_id = model.config.image_token_id
     assert (items[3]["input_ids"] == image_id).sum() == 2 * (7 if zipped else 17)  # untiled: one crop each
@@ -302,12 +322,21 @@ def test_onevision_batches_of_single_multi_image_and_video_samples_run_through_t
 
 def test_video_sample_for_a_model_without_video_input(tmp_path, media):
     model, processor = build_tiny_next()
-    ds = dataset(tmp_path, media, [VIDEO_SAMPLES[0], IMAGE_SAMPLES[1]], model, processor.tokenizer,
-                 processor.image_processor, video=False, on_bad_sample="skip")  # fmt: skip
+    ds = dataset(
+        tmp_path,
+        media,
+        [VIDEO_SAMPLES[0], IMAGE_SAMPLES[1]],
+        model,
+        processor.tokenizer,
+        processor.image_processor,
+        video=False,
+        on_bad_sample="skip",
+    )
     assert ds[0]["id"] == "text"
     assert ds.read_skipped() == {"frames": "video, but the model takes no video input"}
-    strict = dataset(tmp_path, media, VIDEO_SAMPLES[:1], model, processor.tokenizer, processor.image_processor,
-                     video=False)  # fmt: skip
+    strict = dataset(
+        tmp_path, media, VIDEO_SAMPLES[:1], model, processor.tokenizer, processor.image_processor, video=False
+    )
     with pytest.raises(UserError, match=r"sample id frames: video, but the model takes no video input"):
         strict[0]
 
@@ -322,8 +351,9 @@ def test_bad_videos_are_bad_samples_with_the_file_named(tmp_path, media):
         IMAGE_SAMPLES[1],
     ]
     log = tmp_path / "skipped.jsonl"
-    ds = dataset(tmp_path, media, samples, model, tokenizer, video_llava_processor(), on_bad_sample="skip",
-                 skip_log=log)  # fmt: skip
+    ds = dataset(
+        tmp_path, media, samples, model, tokenizer, video_llava_processor(), on_bad_sample="skip", skip_log=log
+    )
     assert ds[0]["id"] == "text"
     assert ds.read_skipped()["gone"].startswith("missing video ") and ds.read_skipped()["gone"].endswith("gone.mp4")
     assert ds.read_skipped()["junk"].startswith("unreadable video ") and "junk.mp4" in ds.read_skipped()["junk"]
@@ -337,6 +367,13 @@ def test_video_samples_need_a_folder(tmp_path, media):
     ds = dataset(tmp_path, None, VIDEO_SAMPLES[:1], model, tokenizer, video_llava_processor())
     with pytest.raises(UserError, match=r"data\.json: samples have videos but no video folder was given"):
         ds[0]
-    elsewhere = dataset(tmp_path, tmp_path / "no-images", VIDEO_SAMPLES[:1], model, tokenizer,
-                        video_llava_processor(), video_folder=media)  # fmt: skip
+    elsewhere = dataset(
+        tmp_path,
+        tmp_path / "no-images",
+        VIDEO_SAMPLES[:1],
+        model,
+        tokenizer,
+        video_llava_processor(),
+        video_folder=media,
+    )
     assert elsewhere[0]["vision"]["pixel_values_videos"].shape == (1, 3, 3, CROP, CROP)

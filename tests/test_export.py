@@ -55,8 +55,12 @@ def test_fingerprint_same_weights_same_value_any_wrapper_or_dtype(tiny_clip_dir)
 
 @pytest.mark.parametrize(
     "where",
-    ["model.language_model.embed_tokens.weight", "model.language_model.layers.0.mlp.up_proj.weight",
-     "model.vision_tower.encoder.layers.3.self_attn.k_proj.weight", "lm_head.weight"],
+    [
+        "model.language_model.embed_tokens.weight",
+        "model.language_model.layers.0.mlp.up_proj.weight",
+        "model.vision_tower.encoder.layers.3.self_attn.k_proj.weight",
+        "lm_head.weight",
+    ],
 )
 def test_fingerprint_changes_with_sampled_weights(tiny_clip_dir, where):
     model, _ = load_tiny(tiny_clip_dir)
@@ -76,10 +80,23 @@ def _deterministic_llava():
     """A small LLaVA whose every weight is a fixed function of its name's rank: no RNG, no tokenizer training."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=28, patch_size=14, projection_dim=16)
-    text = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2)
+    vision = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
     model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=63))
     with torch.no_grad():
         for k, (_, param) in enumerate(sorted(model.named_parameters())):
@@ -176,8 +193,9 @@ def test_export_replaces_the_previous_export_atomically(tiny_clip_export, tmp_pa
     newer = perturb_projector(model, seed=2)
     export_projector(model, out, metadata={"base_model": "somewhere", "step": 8})
     assert read_export(out)["step"] == 8
-    assert torch.equal(load_file(out / "projector.safetensors")["multi_modal_projector.linear_1.weight"],
-                       newer["linear_1.weight"])
+    assert torch.equal(
+        load_file(out / "projector.safetensors")["multi_modal_projector.linear_1.weight"], newer["linear_1.weight"]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temp or old directories left behind
 
 
@@ -192,8 +210,9 @@ def test_failed_export_keeps_the_previous_one(tiny_clip_export, tmp_path, monkey
     with pytest.raises(OSError, match="No space left"):
         export_projector(model, out, metadata={"base_model": "somewhere", "step": 8})
     assert read_export(out)["step"] == 7
-    assert torch.equal(load_file(out / "projector.safetensors")["multi_modal_projector.linear_1.weight"],
-                       tensors["linear_1.weight"])
+    assert torch.equal(
+        load_file(out / "projector.safetensors")["multi_modal_projector.linear_1.weight"], tensors["linear_1.weight"]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
@@ -287,15 +306,31 @@ def test_broken_export_is_a_clear_user_error(tiny_clip_export, tiny_clip_dir, da
 # `python -m visionzip_tune export --run DIR`
 
 
-def make_run(run: Path, model_dir: Path, tensors: dict[str, torch.Tensor], step: int = 3, mode: str = "projector",
-             prefix: str = "model.multi_modal_projector.", overrides: tuple[str, ...] = ()) -> Path:
+def make_run(
+    run: Path,
+    model_dir: Path,
+    tensors: dict[str, torch.Tensor],
+    step: int = 3,
+    mode: str = "projector",
+    prefix: str = "model.multi_modal_projector.",
+    overrides: tuple[str, ...] = (),
+) -> Path:
     """A run directory laid out as training writes it (config.yaml, checkpoints/latest, trainable.safetensors);
     ``overrides`` (``key=value``) come after the defaults here."""
     from visionzip_tune.config import load_config, to_yaml
 
-    cfg = load_config(overrides=[f"model.name_or_path={model_dir}", f"output.dir={run}", "visionzip.dominant=54",
-                                 "visionzip.contextual=10", f"train.mode={mode}", "train.lora_r=4",
-                                 "train.lora_alpha=8", *overrides])
+    cfg = load_config(
+        overrides=[
+            f"model.name_or_path={model_dir}",
+            f"output.dir={run}",
+            "visionzip.dominant=54",
+            "visionzip.contextual=10",
+            f"train.mode={mode}",
+            "train.lora_r=4",
+            "train.lora_alpha=8",
+            *overrides,
+        ]
+    )
     ckpt = run / "checkpoints" / f"step-{step:06d}"
     ckpt.mkdir(parents=True)
     (run / "config.yaml").write_text(to_yaml(cfg))
@@ -345,8 +380,9 @@ def test_export_cli_of_a_run_without_visionzip_on_a_zipped_base(tiny_clip_dir, t
     zipped, _ = load_tiny(tiny_clip_dir)
     vzt.apply_visionzip(zipped, 54, 10)
     zipped.save_pretrained(tmp_path / "zipped-base")  # e.g. a full run's export/model: its config records a budget
-    run = make_run(tmp_path / "run", tmp_path / "zipped-base", perturb_projector(zipped),
-                   overrides=("visionzip.enabled=false",))
+    run = make_run(
+        tmp_path / "run", tmp_path / "zipped-base", perturb_projector(zipped), overrides=("visionzip.enabled=false",)
+    )
     assert cli(["export", "--run", str(run)]) == 0
     assert read_export(run / "export")["dominant"] is None  # the run trained on every token
 
@@ -490,8 +526,9 @@ def test_full_export_saves_the_processing_next_to_the_model(tmp_path):
     assert loaded_image_processor.to_dict() == image_processor.to_dict()
     assert type(AutoModelForImageTextToText.from_pretrained(out / "model")) is type(model)
     # A projector-mode export has no model directory to put them in: the processing is not written.
-    projector_only = export_projector(model, tmp_path / "projector", metadata={"base_model": "tiny"},
-                                      processing=(tokenizer, image_processor))
+    projector_only = export_projector(
+        model, tmp_path / "projector", metadata={"base_model": "tiny"}, processing=(tokenizer, image_processor)
+    )
     assert not (projector_only / "model").exists()
 
 
@@ -549,8 +586,15 @@ def _torchrun2(source: str, tmp_path: Path, out: Path) -> None:
     script = tmp_path / "zero3_export.py"
     script.write_text(source)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(script), str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(out),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

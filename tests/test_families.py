@@ -29,8 +29,17 @@ SIZES = [(40, 100), (100, 90), (100, 40), (57, 300), (120, 121)]
 def _spec(family: str, seed: int, crop_grids: str = "1x2 2x1 2x2") -> TinySpec:
     """CROP px crops / frames of PATCH px patches, a 3-layer tower and a 2-layer Llama, 32 wide, for every family."""
     return TinySpec(
-        family=family, image_size=CROP, patch_size=PATCH, vision_hidden=32, vision_layers=3, vision_heads=4,
-        text_hidden=32, text_layers=2, text_heads=4, seed=seed, crop_grids=crop_grids,
+        family=family,
+        image_size=CROP,
+        patch_size=PATCH,
+        vision_hidden=32,
+        vision_layers=3,
+        vision_heads=4,
+        text_hidden=32,
+        text_layers=2,
+        text_heads=4,
+        seed=seed,
+        crop_grids=crop_grids,
     )
 
 
@@ -136,8 +145,9 @@ def test_next_grid_order_through_the_model(tiny_next):
         grid = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
     for flat_tokens, grid_tokens, crops, (rows, cols) in zip(flat, grid, _real_crops(batch), [(2, 2), (1, 2)]):
         positions = reference_visionzip(model.model.vision_tower, crops, -2, 6, 3).dominant
-        expected = _grid_order_from_spec(flat_tokens.view(len(crops), 9, -1), positions, 3, rows, cols, SIDE,
-                                         flat_tokens.shape[-1])
+        expected = _grid_order_from_spec(
+            flat_tokens.view(len(crops), 9, -1), positions, 3, rows, cols, SIDE, flat_tokens.shape[-1]
+        )
         torch.testing.assert_close(grid_tokens, expected, rtol=0, atol=0)
     assert not torch.equal(flat[0], grid[0])  # the orders really differ
 
@@ -163,17 +173,29 @@ def test_next_processor_count_equals_model_rows(tiny_next, token_order):
     assert all(zipped < full for zipped, full in zip(expected, stock))
 
 
-def test_next_only_projector_gets_gradients(tiny_next):
-    model, processor = tiny_next
-    vzt.apply_visionzip(model, 6, 3, processor, token_order="grid")
-    model.requires_grad_(False)
-    model.model.multi_modal_projector.requires_grad_(True)
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_only_projector_gets_gradients(family, request):
+    """Projector mode as training sets it up (build.prepare_trainable): the loss reaches every projector tensor and
+    nothing else, through the zipped features."""
+    from visionzip_tune.build import prepare_trainable
+    from visionzip_tune.config import TrainConfig
+    from visionzip_tune.families import projector_parameters
+
+    if family == "llava":
+        model, processor = request.getfixturevalue("tiny_clip")
+        vzt.apply_visionzip(model, 54, 10, processor)
+        batch = processor(images=[_image(60, 80, k) for k in range(2)], text=[PROMPT] * 2, return_tensors="pt")
+    else:
+        model, processor = request.getfixturevalue("tiny_next")
+        vzt.apply_visionzip(model, 6, 3, processor, token_order="grid")
+        batch = _next_batch(processor, [(40, 100), (100, 90)])
+    model, trainable = prepare_trainable(model, TrainConfig(mode="projector"))
     model.train()
-    batch = _next_batch(processor, [(40, 100), (100, 90)])
     model(**batch, labels=batch["input_ids"]).loss.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {f"model.multi_modal_projector.{n}" for n, _ in model.model.multi_modal_projector.named_parameters()}
-    assert all(p.grad.abs().sum() > 0 for p in model.model.multi_modal_projector.parameters())
+    expected = {f"model.{name}" for name in projector_parameters(model)}
+    assert with_grad == {name for name, _ in trainable} == expected
+    assert all(p.grad.abs().sum() > 0 for p in projector_parameters(model).values())
 
 
 def test_next_generate(tiny_next):
@@ -248,9 +270,12 @@ def _video_inputs(model, tokenizer, videos: int = 2) -> dict:
 
     config = model.config
     text = tokenizer("What happens in the video?")["input_ids"]
-    ids = text + [config.image_token_id] * tokens_per_image(config) + [config.video_token_id] * tokens_per_video(
-        config, FRAMES
-    ) + text[1:]
+    ids = (
+        text
+        + [config.image_token_id] * tokens_per_image(config)
+        + [config.video_token_id] * tokens_per_video(config, FRAMES)
+        + text[1:]
+    )
     generator = torch.Generator().manual_seed(0)
     return {
         "input_ids": torch.tensor([ids] * videos),
@@ -269,11 +294,15 @@ def test_video_llava_equals_per_frame_reference(tiny_video_llava):
         image_out = model.model.get_image_features(pixel_values=images)
         video_out = model.model.get_video_features(pixel_values_videos=videos)
         expected_images = torch.stack(reference_visionzip(model.model.image_tower, images, -2, 6, 3).tokens)
-        torch.testing.assert_close(image_out.pooler_output, model.model.multi_modal_projector(expected_images), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            image_out.pooler_output, model.model.multi_modal_projector(expected_images), rtol=0, atol=1e-5
+        )
         assert video_out.pooler_output.shape == (2, FRAMES * 9, 32)
         for video, features in zip(videos, video_out.pooler_output):
             frames = reference_visionzip(model.model.video_tower, video, -2, 6, 3).tokens  # frame by frame
-            torch.testing.assert_close(features, model.model.multi_modal_projector(torch.cat(frames)), rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                features, model.model.multi_modal_projector(torch.cat(frames)), rtol=0, atol=1e-5
+            )
     # The two towers really are used: video frames through the image tower would give other tokens.
     with torch.no_grad():
         through_image_tower = reference_visionzip(model.model.image_tower, videos[0], -2, 6, 3).tokens
@@ -298,7 +327,9 @@ def test_video_llava_counts_forward_backward(tiny_video_llava):
     assert fed["image"].shape == (2 * 9, 32) and fed["video"].shape == (2 * FRAMES * 9, 32)
     out.loss.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {f"model.multi_modal_projector.{n}" for n, _ in model.model.multi_modal_projector.named_parameters()}
+    assert with_grad == {
+        f"model.multi_modal_projector.{n}" for n, _ in model.model.multi_modal_projector.named_parameters()
+    }
 
 
 def test_video_llava_generate_and_remove(tiny_video_llava):
@@ -325,14 +356,21 @@ def test_video_llava_processor_counts(tiny_video_llava):
 
     model, _ = tiny_video_llava
     processor = VideoLlavaProcessor.__new__(VideoLlavaProcessor)  # __init__ needs torchvision (video processor)
-    processor.__dict__.update(image_token=IMAGE_TOKEN, video_token="<video>", patch_size=PATCH,
-                              num_additional_image_tokens=1, vision_feature_select_strategy="default")
+    processor.__dict__.update(
+        image_token=IMAGE_TOKEN,
+        video_token="<video>",
+        patch_size=PATCH,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+    )
     images = {"pixel_values": np.zeros((1, 3, CROP, CROP), np.float32)}
     videos = {"pixel_values_videos": [np.zeros((frames, 3, CROP, CROP), np.float32) for frames in (2, 5)]}
 
     def counts():
-        return (processor.replace_image_token(images, 0).count(IMAGE_TOKEN),
-                [processor.replace_video_token(videos, i).count("<video>") for i in range(2)])
+        return (
+            processor.replace_image_token(images, 0).count(IMAGE_TOKEN),
+            [processor.replace_video_token(videos, i).count("<video>") for i in range(2)],
+        )
 
     # The stock processor and the stock count function agree; then both follow the budget, and back.
     assert counts() == (tokens_per_image(model.config), [tokens_per_video(model.config, f) for f in (2, 5)])
@@ -368,8 +406,12 @@ def build_tiny_onevision(seed: int = 0):
     assert model.config.image_grid_pinpoints == OV_PINPOINTS and model.config.vision_aspect_ratio == "anyres_max_4"
     processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
     processor.__dict__.update(
-        image_processor=image_processor, image_token=IMAGE_TOKEN, video_token=VIDEO_TOKEN,
-        num_image_tokens=SIDE * SIDE, vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_4",
+        image_processor=image_processor,
+        image_token=IMAGE_TOKEN,
+        video_token=VIDEO_TOKEN,
+        num_image_tokens=SIDE * SIDE,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_4",
     )
     return model, processor, tokenizer
 
@@ -416,13 +458,16 @@ def test_onevision_equals_per_crop_reference(tiny_onevision):
     assert model.config.visionzip == {"dominant": 5, "contextual": 2, "eager": False}  # one order: none recorded
     inputs = _ov_images(processor, [[(40, 100)], [(160, 150)]])
     with torch.no_grad():
-        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
-                                             batch_num_images=inputs["batch_num_images"])
+        out = model.model.get_image_features(
+            inputs["pixel_values"], inputs["image_sizes"], batch_num_images=inputs["batch_num_images"]
+        )
     assert [t.shape[0] for t in out.pooler_output] == [3 * 7, 10 * 7]
     for features, pixels, count in zip(out.pooler_output, inputs["pixel_values"], (3, 10)):
         expected = reference_visionzip(model.model.vision_tower, pixels[:count], -1, 5, 2)  # SigLIP: received
         with torch.no_grad():
-            torch.testing.assert_close(features, model.model.multi_modal_projector(torch.cat(expected.tokens)), rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                features, model.model.multi_modal_projector(torch.cat(expected.tokens)), rtol=0, atol=1e-5
+            )
 
 
 @pytest.mark.parametrize("zipped", [False, True])
@@ -460,7 +505,9 @@ def test_onevision_video_per_frame(tiny_onevision):
     with torch.no_grad():
         out = model.model.get_video_features(pixel_values_videos=videos["pixel_values_videos"])
         frames = reference_visionzip(model.model.vision_tower, videos["pixel_values_videos"][0], -1, 5, 2).tokens
-        torch.testing.assert_close(out.pooler_output[0], model.model.multi_modal_projector(torch.cat(frames)), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            out.pooler_output[0], model.model.multi_modal_projector(torch.cat(frames)), rtol=0, atol=1e-5
+        )
     text = tokenizer("What happens?")["input_ids"]
     ids = torch.tensor([text[:1] + [model.config.video_token_id] * 21 + text[1:]])
     model.requires_grad_(False)
@@ -505,8 +552,10 @@ def _features(family: str, model, processor) -> list[torch.Tensor]:
         if family == "video_llava":
             videos = torch.randn(1, FRAMES, 3, CROP, CROP, generator=generator)
             images = torch.randn(1, 3, CROP, CROP, generator=generator)
-            return [model.model.get_video_features(pixel_values_videos=videos).pooler_output,
-                    model.model.get_image_features(pixel_values=images).pooler_output]
+            return [
+                model.model.get_video_features(pixel_values_videos=videos).pooler_output,
+                model.model.get_image_features(pixel_values=images).pooler_output,
+            ]
         inputs = _ov_images(processor, [[(160, 150)]])
         return list(model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output)
 

@@ -31,8 +31,10 @@ def reference_answer(model, processor, picture, questions: list[str], answers: l
     conversation (dummy last answer) cut where its last answer's supervised labels begin."""
     turns = []
     for k, (question, answer) in enumerate(zip(questions, [*answers, "x"])):
-        turns += [{"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
-                  {"from": "gpt", "value": answer}]
+        turns += [
+            {"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
+            {"from": "gpt", "value": answer},
+        ]
     path = picture.parent / "sample.json"
     path.write_text(json.dumps([{"id": "q", "image": picture.name, "conversations": turns}]))
     dataset = SupervisedDataset(
@@ -46,8 +48,18 @@ def reference_answer(model, processor, picture, questions: list[str], answers: l
 
 def test_generate_answers_with_the_exported_projector_and_budget(tiny_clip_export, picture, capsys):
     trained, processor, _, export = tiny_clip_export
-    argv = ["generate", "--projector", str(export), "--image", str(picture), "--prompt", "What colour is it?",
-            "--max-new-tokens", str(MAX_NEW), "--show-prompt"]
+    argv = [
+        "generate",
+        "--projector",
+        str(export),
+        "--image",
+        str(picture),
+        "--prompt",
+        "What colour is it?",
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "--show-prompt",
+    ]
     assert cli(argv) == 0
     captured = capsys.readouterr()
     expected, prompt = reference_answer(trained, processor, picture, ["What colour is it?"], [])
@@ -60,8 +72,17 @@ def test_generate_answers_with_the_exported_projector_and_budget(tiny_clip_expor
 def test_interactive_mode_keeps_the_conversation(tiny_clip_export, picture, capsys, monkeypatch):
     trained, processor, _, export = tiny_clip_export
     monkeypatch.setattr("sys.stdin", io.StringIO("What colour is it?\nIs there a circle?\n\nnever read\n"))
-    argv = ["generate", "--projector", str(export), "--image", str(picture), "--interactive",
-            "--max-new-tokens", str(MAX_NEW), "--show-prompt"]
+    argv = [
+        "generate",
+        "--projector",
+        str(export),
+        "--image",
+        str(picture),
+        "--interactive",
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "--show-prompt",
+    ]
     assert cli(argv) == 0
     captured = capsys.readouterr()
     answers = captured.out.strip().splitlines()
@@ -90,8 +111,18 @@ def test_image_command_starts_a_new_conversation(tiny_clip_export, picture, tmp_
 
 
 def test_stock_and_training_free_budgets(tiny_clip_dir, picture, capsys):
-    base = ["generate", "--model", str(tiny_clip_dir), "--image", str(picture), "--prompt", "Hi",
-            "--max-new-tokens", "2", "--show-prompt"]
+    base = [
+        "generate",
+        "--model",
+        str(tiny_clip_dir),
+        "--image",
+        str(picture),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "2",
+        "--show-prompt",
+    ]
     assert cli(base) == 0
     assert "<image>x256" in capsys.readouterr().err  # stock LLaVA: every patch, CLS dropped
     assert cli([*base, "--dominant", "108", "--contextual", "20"]) == 0
@@ -100,29 +131,45 @@ def test_stock_and_training_free_budgets(tiny_clip_dir, picture, capsys):
 
 def test_chat_template_option(tiny_clip_export, picture, capsys):
     _, _, _, export = tiny_clip_export
-    argv = ["generate", "--projector", str(export), "--image", str(picture), "--prompt", "Hi",
-            "--max-new-tokens", "2", "--show-prompt", "--template", "chat_template"]
+    argv = [
+        "generate",
+        "--projector",
+        str(export),
+        "--image",
+        str(picture),
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "2",
+        "--show-prompt",
+        "--template",
+        "chat_template",
+    ]
     assert cli(argv) == 0
     err = capsys.readouterr().err
     assert "USER: <image>x64\nHi ASSISTANT:" in err and "A chat between" not in err  # no vicuna system prompt
-
 
 
 def test_generate_errors(tiny_clip_export, tiny_clip_dir, picture, tmp_path, capsys):
     _, _, _, export = tiny_clip_export
     common = ["--image", str(picture), "--prompt", "Hi", "--max-new-tokens", "2"]
     assert "Give one or the other" in cli_error(
-        ["generate", "--projector", str(export), "--dominant", "54", "--contextual", "10", *common], capsys)
+        ["generate", "--projector", str(export), "--dominant", "54", "--contextual", "10", *common], capsys
+    )
     assert "give both --dominant and --contextual" in cli_error(
-        ["generate", "--model", str(tiny_clip_dir), "--dominant", "54", *common], capsys)
+        ["generate", "--model", str(tiny_clip_dir), "--dominant", "54", *common], capsys
+    )
     assert "dominant + contextual" in cli_error(
-        ["generate", "--model", str(tiny_clip_dir), "--dominant", "250", "--contextual", "30", *common], capsys)
+        ["generate", "--model", str(tiny_clip_dir), "--dominant", "250", "--contextual", "30", *common], capsys
+    )
     assert "missing image" in cli_error(
-        ["generate", "--projector", str(export), "--image", str(tmp_path / "none.png"), "--prompt", "Hi"], capsys)
+        ["generate", "--projector", str(export), "--image", str(tmp_path / "none.png"), "--prompt", "Hi"], capsys
+    )
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     assert f"unreadable image {broken}" in cli_error(
-        ["generate", "--projector", str(export), "--image", str(broken), "--prompt", "Hi"], capsys)
+        ["generate", "--projector", str(export), "--image", str(broken), "--prompt", "Hi"], capsys
+    )
     assert "does not exist" in cli_error(["generate", "--projector", str(tmp_path / "nothing"), *common], capsys)
     assert "cannot load the model" in cli_error(["generate", "--model", str(tmp_path / "nothing"), *common], capsys)
     other = save_tiny(tmp_path / "other", TinySpec(seed=1))

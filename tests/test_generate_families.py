@@ -39,8 +39,15 @@ def _export(root, family: str):
     perturbed, exported with a recipe recording ``data.video_frames``."""
     from transformers import AutoModelForImageTextToText
 
-    spec = TinySpec(family=family, image_size=56, patch_size=14, vision_hidden=32, vision_layers=2, text_hidden=32,
-                    text_init_std=0.2)  # fmt: skip
+    spec = TinySpec(
+        family=family,
+        image_size=56,
+        patch_size=14,
+        vision_hidden=32,
+        vision_layers=2,
+        text_hidden=32,
+        text_init_std=0.2,
+    )
     base = save_tiny(root / f"base-{family}", spec)
     model = AutoModelForImageTextToText.from_pretrained(base).eval()
     apply_visionzip(model, DOMINANT, CONTEXTUAL)
@@ -105,8 +112,17 @@ def _reference(model, base, media, *, image: str | None = None, video=None) -> t
 def _generate(export, capsys, *media_args: str) -> tuple[str, str]:
     """(answer, stderr) of the CLI on ``export`` with ``media_args``."""
     capsys.readouterr()
-    argv = ["generate", "--projector", str(export), *media_args, "--prompt", QUESTION,
-            "--max-new-tokens", str(MAX_NEW), "--show-prompt"]  # fmt: skip
+    argv = [
+        "generate",
+        "--projector",
+        str(export),
+        *media_args,
+        "--prompt",
+        QUESTION,
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "--show-prompt",
+    ]
     assert cli(argv) == 0
     captured = capsys.readouterr()
     return captured.out.strip(), captured.err
@@ -161,8 +177,17 @@ def test_video_llava_image_frames_and_mp4(exports, media, capsys):
 def test_interactive_video_command_starts_over(exports, media, capsys, monkeypatch):
     _, export = exports["video_llava"]
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUESTION}\n/video {media / 'frames'}\n{QUESTION}\n\n"))
-    argv = ["generate", "--projector", str(export), "--image", str(media / "wide.png"), "--interactive",
-            "--max-new-tokens", str(MAX_NEW), "--show-prompt"]  # fmt: skip
+    argv = [
+        "generate",
+        "--projector",
+        str(export),
+        "--image",
+        str(media / "wide.png"),
+        "--interactive",
+        "--max-new-tokens",
+        str(MAX_NEW),
+        "--show-prompt",
+    ]
     assert cli(argv) == 0
     captured = capsys.readouterr()
     assert len(captured.out.strip().splitlines()) == 2  # one answer per question
@@ -173,26 +198,39 @@ def test_interactive_video_command_starts_over(exports, media, capsys, monkeypat
     assert second.count("USER:") == 1
 
 
-
 def test_generate_media_errors(exports, media, capsys, tmp_path):
     _, next_export = exports["llava_next"]
     _, video_export = exports["video_llava"]
     common = ["--prompt", QUESTION, "--max-new-tokens", "1"]
-    message = cli_error(["generate", "--projector", str(next_export), "--video", str(media / "frames"), *common],
-                         capsys)  # fmt: skip
+    message = cli_error(
+        ["generate", "--projector", str(next_export), "--video", str(media / "frames"), *common], capsys
+    )
     assert "LlavaNextForConditionalGeneration has no video input" in message and "frames" in message
     missing = tmp_path / "none.mp4"
     assert f"missing video {missing}" in cli_error(
-        ["generate", "--projector", str(video_export), "--video", str(missing), *common], capsys)
+        ["generate", "--projector", str(video_export), "--video", str(missing), *common], capsys
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "holds no frame images" in cli_error(
-        ["generate", "--projector", str(video_export), "--video", str(empty), *common], capsys)
+        ["generate", "--projector", str(video_export), "--video", str(empty), *common], capsys
+    )
     assert "give an image (--image FILE) and/or a video" in cli_error(
-        ["generate", "--projector", str(video_export), *common], capsys)
+        ["generate", "--projector", str(video_export), *common], capsys
+    )
     with pytest.raises(SystemExit):
-        cli(["generate", "--projector", str(video_export), "--video", str(media / "frames"), "--video-frames", "0",
-             *common])  # fmt: skip
+        cli(
+            [
+                "generate",
+                "--projector",
+                str(video_export),
+                "--video",
+                str(media / "frames"),
+                "--video-frames",
+                "0",
+                *common,
+            ]
+        )
     assert "--video-frames must be >= 1" in capsys.readouterr().err
     model, processing, _ = load_model(None, str(video_export))
     with pytest.raises(UserError, match=r"give an image \(--image FILE\) and/or a video"):
@@ -223,8 +261,21 @@ def test_full_run_export_generates_with_its_whole_model(exports, media, capsys, 
     # A full run without VisionZip: a stock model, every patch of every frame (17 with CLS).
     stock = copy.deepcopy(full)
     remove_visionzip(stock)
-    stock_export = export_projector(stock, tmp_path / "stock", metadata=metadata, processing=(tokenizer, image_processor))
+    stock_export = export_projector(
+        stock, tmp_path / "stock", metadata=metadata, processing=(tokenizer, image_processor)
+    )
     assert f"<video>x{RECIPE_FRAMES * 17}" in _generate(stock_export, capsys, "--video", str(media / "frames"))[1]
     assert "holds the whole trained model" in cli_error(
-        ["generate", "--projector", str(full_export), "--model", str(base), "--video", str(media / "frames"),
-         "--prompt", QUESTION], capsys)  # fmt: skip
+        [
+            "generate",
+            "--projector",
+            str(full_export),
+            "--model",
+            str(base),
+            "--video",
+            str(media / "frames"),
+            "--prompt",
+            QUESTION,
+        ],
+        capsys,
+    )

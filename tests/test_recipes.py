@@ -45,15 +45,20 @@ def released_config(recipe: Path):
         return LlavaConfig(vision_config=_small(CLIPVisionConfig, image_size=336, patch_size=14))
     if family == "llava-next":  # llava-v1.6 anyres grids: 1x2, 2x1, 2x2, 3x1, 1x3 crops of 336 px
         pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-        return LlavaNextConfig(vision_config=_small(CLIPVisionConfig, image_size=336, patch_size=14),
-                               image_grid_pinpoints=pinpoints)  # fmt: skip
+        return LlavaNextConfig(
+            vision_config=_small(CLIPVisionConfig, image_size=336, patch_size=14), image_grid_pinpoints=pinpoints
+        )
     if family == "video-llava":  # LanguageBind towers: CLIP-L/14 at 224 px, 256 patches + CLS per frame
         return VideoLlavaConfig(vision_config=_small(CLIPVisionConfig, image_size=224, patch_size=14))
     if family == "llava-onevision":  # SigLIP-so400m at 384 px (729 tokens), grids up to 6x6, anyres_max_9
         pinpoints = [[384 * rows, 384 * cols] for rows in range(1, 7) for cols in range(1, 7)]
-        return LlavaOnevisionConfig(vision_config=_small(SiglipVisionConfig, image_size=384, patch_size=14),
-                                    image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9",
-                                    vision_feature_layer=-1, vision_feature_select_strategy="full")  # fmt: skip
+        return LlavaOnevisionConfig(
+            vision_config=_small(SiglipVisionConfig, image_size=384, patch_size=14),
+            image_grid_pinpoints=pinpoints,
+            vision_aspect_ratio="anyres_max_9",
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
     raise AssertionError(f"no released geometry for {recipe}")
 
 
@@ -133,8 +138,9 @@ def test_gpu_recipes_share_the_llava_training_setup(recipe):
     assert cfg.deepspeed.bf16 == "auto" and cfg.data.group_by_modality and cfg.train.activation_checkpointing
     assert cfg.output.dir == f"runs/{recipe.parent.name}-{recipe.stem}"
     # The budget fits the released tower: D + C <= the tokens it emits per image / crop / frame.
-    validate_budget(cfg.visionzip.dominant, cfg.visionzip.contextual,
-                    tokens_per_tower_output(released_config(recipe).vision_config))  # fmt: skip
+    validate_budget(
+        cfg.visionzip.dominant, cfg.visionzip.contextual, tokens_per_tower_output(released_config(recipe).vision_config)
+    )
 
 
 @pytest.mark.parametrize("recipe", NEXT, ids=lambda r: str(r.relative_to(ROOT / "recipes")))
@@ -155,8 +161,10 @@ def test_next_recipes_zip_every_crop_with_a_table_9_budget(recipe):
 
 def test_next_table_9_budget_overrides_give_the_totals():
     for total, (dominant, contextual) in TABLE_9.items():
-        cfg = load_config(NEXT[0], [f"visionzip.dominant={dominant}", f"visionzip.contextual={contextual}",
-                                    "visionzip.token_order=grid"])  # fmt: skip
+        cfg = load_config(
+            NEXT[0],
+            [f"visionzip.dominant={dominant}", f"visionzip.contextual={contextual}", "visionzip.token_order=grid"],
+        )
         assert tokens_per_image(zipped(NEXT[0], cfg), (672, 672)) == total
 
 

@@ -39,8 +39,16 @@ IMAGE_HW = (40, 70)  # not square: the anyres families tile it into a grid and (
 
 def tiny_spec(family: str, **changes) -> TinySpec:
     """28 px images / crops / frames of 14 px patches (2 x 2 patches), 16-wide one- and two-layer models."""
-    geometry = dict(image_size=28, patch_size=14, vision_hidden=16, vision_layers=2, vision_heads=2, text_hidden=16,
-                    text_layers=1, text_heads=2)  # fmt: skip
+    geometry = dict(
+        image_size=28,
+        patch_size=14,
+        vision_hidden=16,
+        vision_layers=2,
+        vision_heads=2,
+        text_hidden=16,
+        text_layers=1,
+        text_heads=2,
+    )
     return TinySpec(family=family, **{**geometry, **changes})
 
 
@@ -93,9 +101,12 @@ def test_saved_model_loads_through_auto_classes_and_load_processing(saved, famil
         assert tokenizer.convert_tokens_to_ids(VIDEO_TOKEN) == model.config.video_token_id
     else:
         assert VIDEO_TOKEN not in tokenizer.get_vocab()
-    expected_processor = {"llava": "CLIPImageProcessorPil", "llava_next": "LlavaNextImageProcessorPil",
-                          "video_llava": "VideoLlavaImageProcessor",
-                          "llava_onevision": "LlavaOnevisionImageProcessorPil"}[family]  # fmt: skip
+    expected_processor = {
+        "llava": "CLIPImageProcessorPil",
+        "llava_next": "LlavaNextImageProcessorPil",
+        "video_llava": "VideoLlavaImageProcessor",
+        "llava_onevision": "LlavaOnevisionImageProcessorPil",
+    }[family]
     assert type(image_processor).__name__ == expected_processor
     if family in ("llava", "llava_next"):  # their whole processor is saved too
         assert type(AutoProcessor.from_pretrained(saved[family])).__name__ == CLASSES[family].replace(
@@ -126,7 +137,9 @@ def test_onevision_multi_image_sample_is_fed_untiled(saved):
     counts = sample_image_tokens(model.config, sizes)
     assert inputs["pixel_values"].shape[:2] == (2, 1) and counts == [4 + 1, 4 + 1]  # base crop + newline each
     with torch.no_grad():
-        assert fed_to_llm(model, input_ids=_ids(tokenizer, IMAGE_TOKEN, sum(counts)), **inputs)[1]["image"].shape[0] == 10
+        assert (
+            fed_to_llm(model, input_ids=_ids(tokenizer, IMAGE_TOKEN, sum(counts)), **inputs)[1]["image"].shape[0] == 10
+        )
 
 
 @pytest.mark.parametrize("family", ["video_llava", "llava_onevision"])
@@ -161,8 +174,12 @@ def test_text_init_std_and_seed_apply_to_every_family(family):
 
 def test_towers_follow_the_family_unless_given():
     towers = {family: type(build_tiny(tiny_spec(family))[0].config.vision_config).__name__ for family in FAMILIES}
-    assert towers == {"llava": "CLIPVisionConfig", "llava_next": "CLIPVisionConfig",
-                      "video_llava": "CLIPVisionConfig", "llava_onevision": "SiglipVisionConfig"}  # fmt: skip
+    assert towers == {
+        "llava": "CLIPVisionConfig",
+        "llava_next": "CLIPVisionConfig",
+        "video_llava": "CLIPVisionConfig",
+        "llava_onevision": "SiglipVisionConfig",
+    }
     siglip_llava, _, image_processor = build_tiny(tiny_spec("llava", tower="siglip"))
     assert type(siglip_llava.config.vision_config).__name__ == "SiglipVisionConfig"
     config = siglip_llava.config
@@ -195,4 +212,6 @@ def test_save_tiny_replaces_a_directory_atomically(tmp_path):
     save_tiny(out, tiny_spec("llava_next", seed=3))
     assert not (out / "stale.txt").exists() and [p.name for p in tmp_path.iterdir()] == ["model"]
     loaded = AutoModelForImageTextToText.from_pretrained(out).model.multi_modal_projector.linear_1.weight
-    assert torch.equal(loaded, build_tiny(tiny_spec("llava_next", seed=3))[0].model.multi_modal_projector.linear_1.weight)
+    assert torch.equal(
+        loaded, build_tiny(tiny_spec("llava_next", seed=3))[0].model.multi_modal_projector.linear_1.weight
+    )

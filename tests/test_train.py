@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_tiny, text_only_samples, train_args
+from conftest import DEMO, load_tiny, records, text_only_samples, train_args
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
@@ -20,17 +21,10 @@ from visionzip_tune.export import load_projector
 from visionzip_tune.families import apply_visionzip, language_model, projector_modules, vision_tower
 from visionzip_tune.train import train
 
-DEMO = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "demo.yaml"
-
 
 def run(assets, out_dir, *overrides):
     """Train in this process; returns the trained model."""
     return train(load_config(DEMO, train_args(assets, out_dir, *overrides)), init_distributed(), recipe=str(DEMO))
-
-
-def records(run_dir, kind):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def changed_names(trained, base) -> set[str]:
@@ -78,7 +72,9 @@ def test_projector_mode_changes_only_the_projector_and_lowers_the_loss(train_ass
     assert (meta["dominant"], meta["contextual"], meta["step"]) == (6, 2, 8)
     assert meta["base_model"] == str(Path(train_assets[0]).resolve())
     evals = records(out, "eval")
-    assert [e["step"] for e in evals] == [0, 8] and all(0 <= e["accuracy"] <= 1 for e in evals)
+    held_out = len(json.loads(train_assets[1].eval.read_text()))
+    assert [e["step"] for e in evals] == [0, 8]
+    assert all(e["total"] == held_out and e["accuracy"] == e["correct"] / held_out for e in evals)
 
 
 def test_text_only_micro_batches_keep_the_projector_in_the_graph(train_assets, tmp_path):
@@ -87,15 +83,28 @@ def test_text_only_micro_batches_keep_the_projector_in_the_graph(train_assets, t
     data = tmp_path / "mixed.json"
     data.write_text(json.dumps(text_only_samples(8) + [s for s in samples if "image" in s][:4]))
     out = tmp_path / "run"
-    run(train_assets, out, f"data.path={data}", "train.max_steps=2", "data.group_by_modality=true")
-    assert any(r["images"] == 0 for r in records(out, "train"))
+    run(train_assets, out, f"data.path={data}", "train.max_steps=3", "data.group_by_modality=true")
+    steps = records(out, "train")
+    text_only = [r for r in steps if r["images"] == 0]
+    assert text_only and len(text_only) < len(steps)  # both kinds of step ran
+    for r in text_only:  # the blank image's features are sliced to nothing: the projector gets exactly zero
+        assert r["grad_norm"] == 0.0 and math.isfinite(r["loss"]) and r["vision_tokens"] == 0
+    assert all(r["grad_norm"] > 0 for r in steps if r["images"])
 
 
 def test_full_mode_trains_llm_and_projector_not_the_tower(train_assets, tmp_path):
-    trained = run(train_assets, tmp_path / "run", "train.mode=full", "train.max_steps=2", "train.lr=1e-3",
-                  "train.activation_checkpointing=true")  # fmt: skip
+    trained = run(
+        train_assets,
+        tmp_path / "run",
+        "train.mode=full",
+        "train.max_steps=2",
+        "train.lr=1e-3",
+        "train.activation_checkpointing=true",
+    )
     base, _ = load_tiny(train_assets[0])
-    expected = names_of(trained, projector_modules(trained)["multi_modal_projector"]) | names_of(trained, language_model(trained))
+    expected = names_of(trained, projector_modules(trained)["multi_modal_projector"]) | names_of(
+        trained, language_model(trained)
+    )
     expected |= names_of(trained, trained.get_output_embeddings())
     assert changed_names(trained, base) == expected
     assert not names_of(trained, vision_tower(trained)) & changed_names(trained, base)
@@ -119,8 +128,16 @@ def test_full_mode_trains_llm_and_projector_not_the_tower(train_assets, tmp_path
 
 def test_lora_mode_wraps_only_llm_linears_and_trains_lora_plus_projector(train_assets, tmp_path):
     out = tmp_path / "run"
-    trained = run(train_assets, out, "train.mode=lora", "train.max_steps=3", "train.lora_r=4", "train.lora_alpha=8",
-                  "train.projector_lr=5e-3", "train.activation_checkpointing=true")  # fmt: skip
+    trained = run(
+        train_assets,
+        out,
+        "train.mode=lora",
+        "train.max_steps=3",
+        "train.lora_r=4",
+        "train.lora_alpha=8",
+        "train.projector_lr=5e-3",
+        "train.activation_checkpointing=true",
+    )
     base, _ = load_tiny(train_assets[0])
     lora = {name for name, _ in trained.named_parameters() if ".lora_" in name}
     llm_prefix = next(n for n, m in trained.named_modules() if m is language_model(trained))
@@ -129,7 +146,9 @@ def test_lora_mode_wraps_only_llm_linears_and_trains_lora_plus_projector(train_a
     assert lora_linears == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     trainable = {name for name, p in trained.named_parameters() if p.requires_grad}
     assert trainable == lora | names_of(trained, projector_modules(trained)["multi_modal_projector"])
-    assert changed_names(trained, base) == {n for n in names_of(trained, projector_modules(trained)["multi_modal_projector"])}
+    assert changed_names(trained, base) == {
+        n for n in names_of(trained, projector_modules(trained)["multi_modal_projector"])
+    }
     lora_b = [p for n, p in trained.named_parameters() if ".lora_B" in n]
     assert all(p.abs().sum() > 0 for p in lora_b)  # LoRA B starts at zero: every one moved
     lrs = records(out, "train")[1]["lr_groups"]
@@ -250,8 +269,10 @@ def test_train_sh_rejects_bad_input_before_launching(train_assets, tmp_path):
     root = DEMO.parents[2]
     done = subprocess.run(
         ["bash", str(root / "train.sh"), str(DEMO), *train_args(train_assets, out), "data.path=/nonexistent.json"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "data.path: the data file /nonexistent.json does not exist" in done.stderr
     assert "Traceback" not in done.stderr and "torchrun" not in done.stderr.lower()

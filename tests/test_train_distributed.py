@@ -12,24 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import text_only_samples, train_args
+from conftest import DEMO, ROOT, records, text_only_samples, train_args
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "recipes" / "tiny" / "demo.yaml"
 PROJECTOR = {f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
 
 pytestmark = pytest.mark.slow
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT)}  # fmt: skip
-
-
-def records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+    return {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 def one_image_data(paths, out: Path) -> Path:
@@ -44,10 +42,29 @@ def one_image_data(paths, out: Path) -> Path:
 def test_torchrun_two_processes_train_and_export(train_assets, tmp_path, stage):
     out = tmp_path / "run"
     data = one_image_data(train_assets[1], tmp_path / "one-image.json")
-    args = train_args(train_assets, out, f"data.path={data}", f"deepspeed.zero_stage={stage}", "train.max_steps=null",
-                      "train.epochs=2", "train.micro_batch_size=2", "train.save_every=2")  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(29400 + stage),
-           "-m", "visionzip_tune", "train", str(DEMO), *args]  # fmt: skip
+    args = train_args(
+        train_assets,
+        out,
+        f"data.path={data}",
+        f"deepspeed.zero_stage={stage}",
+        "train.max_steps=null",
+        "train.epochs=2",
+        "train.micro_batch_size=2",
+        "train.save_every=2",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(29400 + stage),
+        "-m",
+        "visionzip_tune",
+        "train",
+        str(DEMO),
+        *args,
+    ]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     if stage == 3:  # built under zero.Init: no rank ever held the whole model
@@ -102,8 +119,13 @@ def test_sigkill_mid_run_then_rerun_ends_like_an_uninterrupted_run(train_assets,
 def test_train_sh_launches_torchrun_and_prints_the_run_directory(train_assets, tmp_path):
     out = tmp_path / "run"
     args = train_args(train_assets, out, "train.max_steps=2", "train.micro_batch_size=2")
-    done = subprocess.run(["bash", str(ROOT / "train.sh"), str(DEMO), *args], env={**env(), "NPROC_PER_NODE": "2",
-                          "MASTER_PORT": "29431"}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(ROOT / "train.sh"), str(DEMO), *args],
+        env={**env(), "NPROC_PER_NODE": "2", "MASTER_PORT": "29431"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == f"run directory: {out}"
     assert (out / "export" / "visionzip.json").is_file()
@@ -118,20 +140,44 @@ def test_zero3_full_and_lora_runs_load_sharded_and_export_whole_tensors(train_as
     from transformers import AutoModelForImageTextToText
 
     out = tmp_path / "run"
-    args = train_args(train_assets, out, "deepspeed.zero_stage=3", f"train.mode={mode}", "train.lora_r=4",
-                      "train.lora_alpha=8", "train.max_steps=2", "train.micro_batch_size=2",
-                      "data.eval_path=null")  # fmt: skip
+    args = train_args(
+        train_assets,
+        out,
+        "deepspeed.zero_stage=3",
+        f"train.mode={mode}",
+        "train.lora_r=4",
+        "train.lora_alpha=8",
+        "train.max_steps=2",
+        "train.micro_batch_size=2",
+        "data.eval_path=null",
+    )
     port = str(29441 + (mode == "lora"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
-           "-m", "visionzip_tune", "train", str(DEMO), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        port,
+        "-m",
+        "visionzip_tune",
+        "train",
+        str(DEMO),
+        *args,
+    ]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[train] ZeRO-3: weights sharded across ranks at load" in done.stdout
     base = AutoModelForImageTextToText.from_pretrained(train_assets[0])
     if mode == "full":
-        saved = AutoModelForImageTextToText.from_pretrained(out / "export" / "model")
-        shapes = {n: p.shape for n, p in base.named_parameters()}
-        assert {n: p.shape for n, p in saved.named_parameters()} == shapes
+        saved = dict(AutoModelForImageTextToText.from_pretrained(out / "export" / "model").named_parameters())
+        base_params = dict(base.named_parameters())
+        assert {n: p.shape for n, p in saved.items()} == {n: p.shape for n, p in base_params.items()}
+        # Whole TRAINED tensors were gathered: every LLM weight moved, the frozen tower is bit-identical.
+        llm = [n for n in saved if ".language_model." in n]
+        tower = [n for n in saved if ".vision_tower." in n]
+        assert llm and all(not torch.equal(saved[n], base_params[n]) for n in llm)
+        assert tower and all(torch.equal(saved[n], base_params[n]) for n in tower)
     else:
         adapter = load_file(out / "export" / "adapter" / "adapter_model.safetensors")
         assert adapter and all(t.numel() > 0 and 4 in t.shape for t in adapter.values())

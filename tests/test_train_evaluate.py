@@ -20,11 +20,13 @@ X = -100
 
 
 def test_answer_mask_is_the_last_supervised_run_without_eos():
-    labels = torch.tensor([
-        [X, X, 5, 6, 2, X, X, 7, 8, 2, X, X],  # two answers; the last is 7 8 </s>; right padding
-        [X, X, X, 9, 2, X, X, X, X, X, X, X],  # one answer
-        [X, X, X, X, X, X, X, X, X, X, X, X],  # nothing supervised (cut away): scores 0
-    ])  # fmt: skip
+    labels = torch.tensor(
+        [
+            [X, X, 5, 6, 2, X, X, 7, 8, 2, X, X],  # two answers; the last is 7 8 </s>; right padding
+            [X, X, X, 9, 2, X, X, X, X, X, X, X],  # one answer
+            [X, X, X, X, X, X, X, X, X, X, X, X],  # nothing supervised (cut away): scores 0
+        ]
+    )
     mask = answer_mask(labels, eos_token_id=2)
     assert mask[0].nonzero().flatten().tolist() == [7, 8]
     assert mask[1].nonzero().flatten().tolist() == [3]
@@ -84,8 +86,13 @@ def test_batched_sharded_accuracy_equals_one_choice_at_a_time(eval_setup, train_
     assert sum(s["total"] for s in shards) == len(samples)
     assert sum(s["correct"] for s in shards) == correct
     whole = choice_accuracy(model, dataset, samples, collator, batch_size=5, eos_token_id=eos, rank=0, world_size=1)
-    assert whole == {"accuracy": correct / len(samples), "correct": correct, "total": len(samples),
-                     "accuracy_image": correct / len(samples), "total_image": len(samples)}  # fmt: skip
+    assert whole == {
+        "accuracy": correct / len(samples),
+        "correct": correct,
+        "total": len(samples),
+        "accuracy_image": correct / len(samples),
+        "total_image": len(samples),
+    }
 
 
 def test_bad_held_out_choices_name_the_sample(eval_setup, train_assets, tmp_path):

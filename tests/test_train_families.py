@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import text_only_samples
+from conftest import DEMO, ROOT, records, text_only_samples
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
@@ -22,8 +22,6 @@ from visionzip_tune.export import load_projector
 from visionzip_tune.families import projector_modules
 from visionzip_tune.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "recipes" / "tiny" / "demo.yaml"
 K = 6 + 2  # VisionZip tokens per image, crop or frame in these runs
 FRAMES = 4
 CROPS = 5  # the demo's 224 px square images on 56 px crops: the 2x2 grid plus the base crop
@@ -56,11 +54,6 @@ def family_args(family: str, root: Path, out: Path, *overrides: str) -> list[str
         f"output.dir={out}",
         *overrides,
     ]
-
-
-def records(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def tokens_per_unit(family: str) -> int:
@@ -139,13 +132,38 @@ def test_video_llava_zero3_two_processes_with_mixed_micro_batches(tmp_path):
     data = tmp_path / "mixed.json"
     data.write_text(json.dumps([video[0], image[0], image[1], text[0], video[1], image[2]]))
     out = tmp_path / "run"
-    args = family_args("video_llava", tmp_path, out, f"data.path={data}", f"data.image_folder={demo.images}",
-                       f"data.eval_path={demo.eval}", "deepspeed.zero_stage=3", "data.group_by_modality=false",
-                       "train.micro_batch_size=1", "train.max_steps=3")  # fmt: skip
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29457",
-           "-m", "visionzip_tune", "train", str(DEMO), *args]  # fmt: skip
+    args = family_args(
+        "video_llava",
+        tmp_path,
+        out,
+        f"data.path={data}",
+        f"data.image_folder={demo.images}",
+        f"data.eval_path={demo.eval}",
+        "deepspeed.zero_stage=3",
+        "data.group_by_modality=false",
+        "train.micro_batch_size=1",
+        "train.max_steps=3",
+    )
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        "29457",
+        "-m",
+        "visionzip_tune",
+        "train",
+        str(DEMO),
+        *args,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[train] ZeRO-3: weights sharded across ranks at load" in done.stdout

@@ -1,9 +1,9 @@
 """visionzip_tune: VisionZip token compression in the training data path of LLaVA-style VLMs.
 
-    import visionzip_tune as vzt
-    vzt.apply_visionzip(model, dominant=54, contextual=10, processor=processor)  # 64 tokens per image
-    vzt.remove_visionzip(model, processor)                                       # stock again
-    vzt.load_projector(model, "runs/x/export", processor=processor)              # tuned projector + its budget
+import visionzip_tune as vzt
+vzt.apply_visionzip(model, dominant=54, contextual=10, processor=processor)  # 64 tokens per image
+vzt.remove_visionzip(model, processor)                                       # stock again
+vzt.load_projector(model, "runs/x/export", processor=processor)              # tuned projector + its budget
 """
 
 from visionzip_tune.export import load_projector

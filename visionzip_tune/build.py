@@ -178,7 +178,9 @@ def describe_trainable(model: nn.Module, mode: str) -> str:
     size = {name: full_numel(p) for name, p in model.named_parameters()}
     parts = trainable_parts(model, mode)
     trained, total = sum(size[name] for names in parts.values() for name in names), sum(size.values())
-    by_part = "; ".join(f"{part} {sum(size[n] for n in names):,} in {len(names)} tensors" for part, names in parts.items())
+    by_part = "; ".join(
+        f"{part} {sum(size[n] for n in names):,} in {len(names)} tensors" for part, names in parts.items()
+    )
     return f"mode={mode}: {trained:,} trainable parameters of {total:,} ({100 * trained / total:.2f}%): {by_part}"
 
 
@@ -191,7 +193,9 @@ def _wrap_lora(model: nn.Module, train: TrainConfig) -> nn.Module:
     prefix = next(name for name, module in model.named_modules() if module is llm)
     leaves = sorted({name.rpartition(".")[2] for name, m in llm.named_modules() if isinstance(m, nn.Linear)})
     target = rf"{re.escape(prefix)}\..*\.(?:{'|'.join(map(re.escape, leaves))})"
-    lora = LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout, target_modules=target)
+    lora = LoraConfig(
+        r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout, target_modules=target
+    )
     return get_peft_model(model, lora)
 
 

@@ -51,14 +51,18 @@ class TinySpec:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = documented("llava-hf/llava-1.5-7b-hf", "base VLM: a local save_pretrained directory or a hub id")
+    name_or_path: str = documented(
+        "llava-hf/llava-1.5-7b-hf", "base VLM: a local save_pretrained directory or a hub id"
+    )
     attn_implementation: str | None = documented(
         None, "LLM attention kernel for from_pretrained ('sdpa', 'flash_attention_2', 'eager'); null = default"
     )
     build_tiny_if_missing: bool = documented(
         False, "demo/tests only: build a random tiny model (model.tiny) at name_or_path when it does not exist"
     )
-    tiny: TinySpec = documented(TinySpec(), "family and geometry of that tiny model (fields of visionzip_tune.config.TinySpec)")
+    tiny: TinySpec = documented(
+        TinySpec(), "family and geometry of that tiny model (fields of visionzip_tune.config.TinySpec)"
+    )
 
 
 @dataclass
@@ -86,7 +90,9 @@ class TrainConfig:
     lr: float = documented(2e-5, "peak learning rate (LoRA parameters in lora mode)", gt=0)
     projector_lr: float | None = documented(None, "peak learning rate of the projector; null = lr", gt=0)
     weight_decay: float = documented(0.0, "AdamW weight decay (matrices only; biases and norms never decay)", ge=0)
-    warmup_ratio: float = documented(0.03, "fraction of the steps with linear warmup before the cosine decay", ge=0, lt=1)
+    warmup_ratio: float = documented(
+        0.03, "fraction of the steps with linear warmup before the cosine decay", ge=0, lt=1
+    )
     max_grad_norm: float = documented(1.0, "gradient clipping norm (0 = no clipping)", ge=0)
     activation_checkpointing: bool = documented(True, "recompute LLM activations in backward (less memory)")
     lora_r: int = documented(128, "LoRA rank (lora mode)", gt=0)
@@ -96,7 +102,9 @@ class TrainConfig:
     keep_checkpoints: int = documented(2, "newest checkpoints kept on disk (0 = keep all)", ge=0)
     eval_every: int = documented(0, "held-out evaluation every N steps (0 = only before and after training)", ge=0)
     eval_batch_size: int = documented(8, "held-out samples per forward pass (all their choices together)", gt=0)
-    resume: str = documented("auto", "'auto': continue the newest checkpoint in output.dir; 'never'; or a checkpoint path")
+    resume: str = documented(
+        "auto", "'auto': continue the newest checkpoint in output.dir; 'never'; or a checkpoint path"
+    )
     seed: int = documented(42, "seed of parameter init (LoRA), data order and dropout")
 
 

@@ -197,7 +197,9 @@ def export_projector(
     base = _base_model(model)
     record = export_record(model, metadata)
     tensors = _gathered_copy(families.projector_parameters(base))
-    adapter = _gathered_copy({n: p for n, p in wrapped.named_parameters() if ".lora_" in n}) if "adapter" in record else None
+    adapter = (
+        _gathered_copy({n: p for n, p in wrapped.named_parameters() if ".lora_" in n}) if "adapter" in record else None
+    )
     full = record["mode"] == "full"
     # A full run's export needs every parameter: gather them all (collectively, on every rank) around rank 0's write.
     with gathered(list(base.parameters()) if full else []):
@@ -238,8 +240,10 @@ _REQUIRED_KEYS = ("base_model", "base_fingerprint", "family", "dominant", "conte
 def read_export(export_dir: str | Path) -> dict[str, Any]:
     """The validated ``visionzip.json`` of an export directory; :class:`UserError` naming what is wrong otherwise."""
     export_dir = Path(export_dir)
-    what = f"(an export is a directory holding {PROJECTOR_FILE}, {LLAVA_FILE} and {METADATA_FILE}, written by " \
+    what = (
+        f"(an export is a directory holding {PROJECTOR_FILE}, {LLAVA_FILE} and {METADATA_FILE}, written by "
         "`python -m visionzip_tune export --run RUN` or at the end of training)"
+    )
     if not export_dir.is_dir():
         raise UserError(f"export directory {export_dir} does not exist {what}.")
     path = export_dir / METADATA_FILE

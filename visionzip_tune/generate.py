@@ -73,10 +73,18 @@ class Chat:
     video's ``<video>`` before the image's ``<image>`` as the training templater renders them.
     """
 
-    def __init__(self, model, processing: Processing, *, image: str | Path | None = None,
-                 video: str | Path | None = None, template: str = DEFAULT_TEMPLATE,
-                 image_aspect: str = DEFAULT_IMAGE_ASPECT, video_frames: int = DEFAULT_VIDEO_FRAMES,
-                 max_new_tokens: int = 128):
+    def __init__(
+        self,
+        model,
+        processing: Processing,
+        *,
+        image: str | Path | None = None,
+        video: str | Path | None = None,
+        template: str = DEFAULT_TEMPLATE,
+        image_aspect: str = DEFAULT_IMAGE_ASPECT,
+        video_frames: int = DEFAULT_VIDEO_FRAMES,
+        max_new_tokens: int = 128,
+    ):
         self.model = model
         self.tokenizer, image_processor, chat_template = processing
         config = model.config
@@ -295,21 +303,27 @@ def main(argv: list[str] | None = None) -> int:
         help="video: a video file (decoded with PyAV: pip install av) or a directory of frame images, taken in name "
         "order; for families with a video input (Video-LLaVA, OneVision); may be given together with --image",
     )
-    parser.add_argument("--video-frames", type=int,
-                        help="frames sampled uniformly from --video (default: the export's recipe, else 8)")
+    parser.add_argument(
+        "--video-frames", type=int, help="frames sampled uniformly from --video (default: the export's recipe, else 8)"
+    )
     parser.add_argument("--prompt", help="question about the media (with --interactive: the first question)")
     parser.add_argument("--interactive", action="store_true", help="multi-turn chat reading questions from stdin")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
-    parser.add_argument("--template", choices=TEMPLATES,
-                        help="prompt template (default: the export's recipe, else vicuna_v1)")
-    parser.add_argument("--image-aspect", choices=IMAGE_ASPECTS,
-                        help="image transform (default: the export's recipe, else pad)")
+    parser.add_argument(
+        "--template", choices=TEMPLATES, help="prompt template (default: the export's recipe, else vicuna_v1)"
+    )
+    parser.add_argument(
+        "--image-aspect", choices=IMAGE_ASPECTS, help="image transform (default: the export's recipe, else pad)"
+    )
     parser.add_argument("--dominant", type=int, help="without --projector: training-free VisionZip dominant tokens")
     parser.add_argument("--contextual", type=int, help="without --projector: training-free VisionZip contextual tokens")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--no-check-fingerprint", action="store_true",
-                        help="load the projector even if the base weights differ from the ones it was tuned on")
+    parser.add_argument(
+        "--no-check-fingerprint",
+        action="store_true",
+        help="load the projector even if the base weights differ from the ones it was tuned on",
+    )
     parser.add_argument("--show-prompt", action="store_true", help="print each prompt (to stderr) as the model sees it")
     args = parser.parse_args(argv)
     if not args.interactive and not args.prompt:
@@ -329,11 +343,19 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     model, processing, record = load_model(
-        args.model, args.projector, args.dominant, args.contextual,
-        check_fingerprint=not args.no_check_fingerprint, dtype=args.dtype, device=args.device,
+        args.model,
+        args.projector,
+        args.dominant,
+        args.contextual,
+        check_fingerprint=not args.no_check_fingerprint,
+        dtype=args.dtype,
+        device=args.device,
     )
     chat = Chat(
-        model, processing, image=args.image, video=args.video,
+        model,
+        processing,
+        image=args.image,
+        video=args.video,
         template=args.template or _recipe_value(record, "data", "template", DEFAULT_TEMPLATE),
         image_aspect=args.image_aspect or _recipe_value(record, "data", "image_aspect", DEFAULT_IMAGE_ASPECT),
         video_frames=args.video_frames or _recipe_value(record, "data", "video_frames", DEFAULT_VIDEO_FRAMES),

@@ -107,7 +107,11 @@ class MetricLogger:
         if self.cfg.logging.progress_bar:
             # disable=None: no bar when stderr is not a terminal (log files keep one clean line per step)
             self.progress = tqdm(
-                total=self.total_steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True,
+                total=self.total_steps,
+                initial=self.start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
                 disable=None,
             )
         return self

@@ -1,10 +1,10 @@
 """LLaVA-format instruction data: load -> validate -> subset -> template + tokenize -> batches; and the demo set.
 
-    from visionzip_tune import build
-    from visionzip_tune.data import Collator, DataConfig, SupervisedDataset, load_samples
-    samples = load_samples("llava_v1_5_mix665k.json")           # memory-mapped datasets.Dataset, ids as str
-    ds = SupervisedDataset(samples, DataConfig(image_folder=...), processing, build.placeholders(model.config))
-    batch = Collator(tokenizer.pad_token_id)([ds[0], ds[1]])    # input_ids, labels, ..., pixel_values, ...
+from visionzip_tune import build
+from visionzip_tune.data import Collator, DataConfig, SupervisedDataset, load_samples
+samples = load_samples("llava_v1_5_mix665k.json")           # memory-mapped datasets.Dataset, ids as str
+ds = SupervisedDataset(samples, DataConfig(image_folder=...), processing, build.placeholders(model.config))
+batch = Collator(tokenizer.pad_token_id)([ds[0], ds[1]])    # input_ids, labels, ..., pixel_values, ...
 """
 
 from visionzip_tune.data.batching import Collator, LengthGroupedSampler

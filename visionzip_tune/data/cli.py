@@ -32,8 +32,10 @@ def _subset(args: argparse.Namespace) -> int:
     if args.count is not None and args.count < 1:
         raise UserError(f"--count must be at least 1, not {args.count}")
     manifest = write_subset(args.data, args.output, seed=args.seed, fraction=fraction, count=args.count)
-    print(f"wrote {manifest['output_samples']} of {manifest['input_samples']} samples to {args.output} "
-          f"(manifest: {manifest_path(args.output)})")
+    print(
+        f"wrote {manifest['output_samples']} of {manifest['input_samples']} samples to {args.output} "
+        f"(manifest: {manifest_path(args.output)})"
+    )
     for name, counts in manifest["sources"].items():
         print(f"  {name:<20} {counts['in']:>8} -> {counts['out']:>7}")
     return 0
@@ -97,8 +99,11 @@ def _preview(args: argparse.Namespace) -> int:
         try:
             example = dataset.example(sample)
         except BadSample as bad:
-            print(json.dumps({"id": sample["id"], "dropped": bad.reason}) if args.json
-                  else f"=== id {sample['id']}: dropped: {bad.reason}\n")
+            print(
+                json.dumps({"id": sample["id"], "dropped": bad.reason})
+                if args.json
+                else f"=== id {sample['id']}: dropped: {bad.reason}\n"
+            )
             continue
         ids, labels = example["input_ids"].tolist(), example["labels"].tolist()
         if args.json:
@@ -148,9 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
     p.set_defaults(run=_subset)
 
-    p = commands.add_parser(
-        "check", help="validate every sample, decode every image and video; lists unusable ones"
-    )
+    p = commands.add_parser("check", help="validate every sample, decode every image and video; lists unusable ones")
     p.add_argument("--data", required=True, help="LLaVA JSON array or JSONL file")
     p.add_argument("--image-folder", help="folder the samples' image paths are relative to")
     _video_arguments(p)

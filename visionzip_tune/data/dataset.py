@@ -94,7 +94,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.image_folder = Path(folder) if folder is not None else None
         self.video_folder = Path(data.video_folder) if data.video_folder is not None else self.image_folder
         self.templater = Templater(
-            processing.tokenizer, data.template, placeholders.image_token_id, processing.chat_template,
+            processing.tokenizer,
+            data.template,
+            placeholders.image_token_id,
+            processing.chat_template,
             placeholders.video_token_id,
         )
         self.transform = MediaTransform(processing.image_processor, data.image_aspect, data.video_frames)

@@ -14,6 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import datasets
+from datasets import Features, List, Value
+
 from visionzip_tune.data.jsonstream import iter_records
 from visionzip_tune.data.validate import normalize_record, row_video
 from visionzip_tune.errors import UserError
@@ -24,8 +27,6 @@ _ROW_VERSION = 2
 
 
 def _features():
-    from datasets import Features, List, Value
-
     return Features(
         {
             "id": Value("string"),
@@ -69,8 +70,6 @@ def load_samples(path: str | Path, *, cache_dir: str | Path | None = None):
     sample is kept with its reason in ``problem`` (``data check`` lists them, training errors or skips them).
     The dataset's ``info.description`` holds the resolved path, for error messages downstream.
     """
-    import datasets
-
     path = Path(path).resolve()
     stat = path.stat() if path.is_file() else None
     gen_kwargs = {

@@ -54,7 +54,7 @@ def _open_frame(path: Path, *, draft: bool = False) -> Image.Image:
 
 def _import_av():
     try:
-        import av
+        import av  # lazy: optional (the video extra); only video files need it
     except ImportError:
         raise UserError(
             "a sample's video is a video file, which needs PyAV: pip install av (or pip install "

@@ -53,8 +53,7 @@ def family_of(model_or_config) -> Family:
         if model_type == family.model_type:
             return family
     raise ValueError(
-        f"unsupported model type {model_type!r} ({type(model_or_config).__name__}); supported families: "
-        f"{_supported()}"
+        f"unsupported model type {model_type!r} ({type(model_or_config).__name__}); supported families: {_supported()}"
     )
 
 
