@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 import visionzip_tune as vzt
 from visionzip_tune.__main__ import main as cli
 from visionzip_tune.errors import UserError
-from visionzip_tune.export import export_projector, load_projector, read_export, weights_fingerprint
+from visionzip_tune.export import export_projector, load_projector, read_export, seal, weights_fingerprint
+from visionzip_tune.files import file_sha256
 from visionzip_tune.tiny import TinySpec, build_tiny_with_processor, save_tiny
 
 from conftest import load_tiny, perturb_projector
@@ -174,7 +175,7 @@ def test_projector_files_hold_the_same_tensors_under_both_namings(tiny_clip_expo
 def test_visionzip_json_records_budget_base_and_provenance(tiny_clip_export, tiny_clip_dir):
     model, _, tensors, out = tiny_clip_export
     record = json.loads((out / "visionzip.json").read_text())
-    assert record["format_version"] == 1
+    assert record["format_version"] == 2
     assert record["base_model"] == str(tiny_clip_dir)
     assert record["base_fingerprint"] == weights_fingerprint(load_tiny(tiny_clip_dir)[0])
     assert record["family"] == "llava"
@@ -185,6 +186,8 @@ def test_visionzip_json_records_budget_base_and_provenance(tiny_clip_export, tin
     assert record["step"] == 7
     assert record["recipe"] is None and record["data_fingerprint"] is None
     assert record["projector"] == {f"multi_modal_projector.{n}": list(t.shape) for n, t in tensors.items()}
+    assert set(record["files"]) == {"projector.safetensors", "mm_projector.bin"}
+    assert record["files"]["projector.safetensors"] == file_sha256(out / "projector.safetensors")
     assert read_export(out) == record
 
 
@@ -275,10 +278,16 @@ def test_tampered_projector_file_is_refused(tiny_clip_export, tiny_clip_dir):
     del hf["multi_modal_projector.linear_2.bias"]
     hf["multi_modal_projector.extra"] = torch.zeros(3)
     save_file(hf, out / "projector.safetensors")
-    with pytest.raises(UserError) as err:
-        load_projector(load_tiny(tiny_clip_dir)[0], out)
-    assert "multi_modal_projector.linear_2.bias is missing" in str(err.value)
-    assert "multi_modal_projector.extra [3] is not a parameter" in str(err.value)
+    model = load_tiny(tiny_clip_dir)[0]
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(UserError, match="projector.safetensors missing or changed since it was written"):
+        load_projector(model, out)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before touching it
+
+
+def _edit_record(out, **changes):
+    record = json.loads((out / "visionzip.json").read_text())
+    (out / "visionzip.json").write_text(json.dumps({**record, **changes}))
 
 
 @pytest.mark.parametrize(
@@ -288,11 +297,13 @@ def test_tampered_projector_file_is_refused(tiny_clip_export, tiny_clip_dir):
         (lambda out: (out / "visionzip.json").unlink(), "visionzip.json is missing"),
         (lambda out: (out / "visionzip.json").write_text("{not json"), "is not valid JSON"),
         (lambda out: (out / "visionzip.json").write_text('{"format_version": 99}'), "format_version 99"),
-        (lambda out: (out / "visionzip.json").write_text('{"format_version": 1}'), "lacks the keys"),
-        (lambda out: (out / "projector.safetensors").unlink(), "projector.safetensors is missing"),
-        (lambda out: (out / "projector.safetensors").write_bytes(b"\x00" * 20), "not a readable safetensors"),
+        (lambda out: (out / "visionzip.json").write_text('{"format_version": 2}'), "lacks the keys"),
+        (lambda out: (out / "projector.safetensors").unlink(), "projector.safetensors missing or changed"),
+        (lambda out: (out / "projector.safetensors").write_bytes(b"\x00" * 20), "projector.safetensors missing or"),
+        (lambda out: (out / "mm_projector.bin").write_bytes(b"\x00" * 20), "mm_projector.bin missing or changed"),
+        (lambda out: _edit_record(out, dominant=30), "was edited after the export"),
     ],
-    ids=["no-dir", "no-json", "bad-json", "new-format", "keys", "no-weights", "bad-weights"],
+    ids=["no-dir", "no-json", "bad-json", "new-format", "keys", "no-weights", "bad-weights", "bad-bin", "edited"],
 )
 def test_broken_export_is_a_clear_user_error(tiny_clip_export, tiny_clip_dir, damage, expected):
     _, _, _, out = tiny_clip_export
@@ -452,8 +463,8 @@ def test_lora_export_round_trip(tiny_clip_dir, tmp_path):
         torch.testing.assert_close(fresh(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
         projector_only, _ = load_tiny(tiny_clip_dir)
         record = read_export(out)
-        del record["adapter"]
-        (out / "visionzip.json").write_text(json.dumps(record))
+        del record["adapter"]  # an export of the same projector tuned without LoRA
+        (out / "visionzip.json").write_text(json.dumps(seal(record, out)))
         load_projector(projector_only, out)  # same projector, no adapter: the LoRA must have mattered
         assert not torch.allclose(projector_only(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
 

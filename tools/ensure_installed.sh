@@ -9,8 +9,8 @@ _extras="${1:-}"
 PYTHON="${PYTHON:-python}"
 
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
-    echo "[visionzip_tune] torch not found: installing torch==2.13.0" >&2
-    "$PYTHON" -m pip install --quiet "torch==2.13.0"
+    echo "[visionzip_tune] torch not found: installing torch==2.13.0 (CPU build)" >&2
+    "$PYTHON" -m pip install --progress-bar on "torch==2.13.0"
 fi
 
 _probe="import visionzip_tune, transformers, deepspeed, peft, datasets"
@@ -19,6 +19,6 @@ if ! (cd /tmp && "$PYTHON" -c "$_probe" >/dev/null 2>&1) \
    || ! "$PYTHON" -c "import visionzip_tune, sys, os; sys.exit(0 if os.path.realpath(visionzip_tune.__path__[0]).startswith(os.path.realpath('$_root')) else 1)" >/dev/null 2>&1; then
     _spec="$_root"
     [ -n "$_extras" ] && _spec="$_root[$_extras]"
-    echo "[visionzip_tune] installing $_spec" >&2
-    "$PYTHON" -m pip install --quiet -e "$_spec"
+    echo "[visionzip_tune] installing $_spec and what it needs (a few minutes the first time)" >&2
+    "$PYTHON" -m pip install --progress-bar on -e "$_spec"
 fi

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import textwrap
+import time
+from pathlib import Path
 
-from visionzip_tune.errors import UserError, user_message
+from visionzip_tune.distributed import PeerFailed
+from visionzip_tune.errors import ERROR_DIR_ENV, UserError, user_message
 
 COMMANDS = {
     "train": ("visionzip_tune.train", "train a projector (or more) with VisionZip in the data path"),
     "data": ("visionzip_tune.data.cli", "subset, check, preview LLaVA data; build the demo dataset"),
     "export": ("visionzip_tune.export_run", "export the projector of a run directory"),
     "generate": ("visionzip_tune.generate", "answer a prompt about an image or a video with a tuned projector"),
+    "launch": ("visionzip_tune.launch", "check a recipe, then train it under torchrun (what train.sh runs)"),
 }
 
 
@@ -34,8 +39,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return module.main(argv[1:]) or 0
     except UserError as err:
-        print("error: " + textwrap.fill(user_message(err), width=100), file=sys.stderr)
+        report_user_error(err)
         return 2
+    except Exception:
+        if another_rank_reported():  # e.g. a collective broken because that rank stopped: its paragraph says why
+            return 2
+        raise
+
+
+def another_rank_reported(wait_s: float = 10.0) -> bool:
+    """Whether, under the launcher, another rank reports a user error within ``wait_s`` seconds (it writes its
+    report after leaving the process group, which is what breaks this rank's collective)."""
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if not error_dir or not Path(error_dir).is_dir():
+        return False
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if any(Path(error_dir).glob("error-rank*.txt")):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def report_user_error(err: UserError) -> None:
+    """Print the error's one paragraph; under the launcher, hand it to the launcher instead (which prints the first
+    rank's once, without torchrun's tracebacks). A rank stopped only because another failed says nothing."""
+    if isinstance(err, PeerFailed):
+        return
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if error_dir and Path(error_dir).is_dir():
+        (Path(error_dir) / f"error-rank{os.environ.get('RANK', '0')}.txt").write_text(user_message(err))
+        return
+    print("error: " + textwrap.fill(user_message(err), width=100), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForImageTextToText
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import model_info, try_to_load_from_cache
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from transformers import AutoConfig, AutoModelForImageTextToText
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
 from visionzip_tune import families
 from visionzip_tune.config import Config, TrainConfig, VisionZipConfig
 from visionzip_tune.data import Placeholders, SupervisedDataset, load_samples, make_demo_dataset
+from visionzip_tune.data.dataset import refuse_unusable
 from visionzip_tune.distributed import full_numel, print0
 from visionzip_tune.errors import UserError
 from visionzip_tune.processing import Processing, load_processing
@@ -49,6 +53,78 @@ def demo_outputs(cfg: Config) -> set[str]:
     """Config keys whose paths the demo data builder writes (``data.build_demo_if_missing``): they may be missing
     before a run starts."""
     return {"data.path", "data.image_folder", "data.eval_path"} if cfg.data.build_demo_if_missing else set()
+
+
+def preflight(cfg: Config) -> None:
+    """What can be checked in seconds before anything starts (``train --check`` and the launcher run it): input
+    files, the model path, the budget against the model's tower, the data's structure. Raises :class:`UserError`."""
+    ignore = demo_outputs(cfg)
+    problems = [problem for key, problem in missing_inputs(cfg).items() if key not in ignore]
+    if problems:
+        raise UserError(problems[0])
+    tiny_demo = cfg.model.build_tiny_if_missing and not Path(cfg.model.name_or_path).exists()
+    if not tiny_demo:
+        check_model_source(cfg.model.name_or_path)
+        if cfg.visionzip.enabled:
+            try:
+                model_config = AutoConfig.from_pretrained(cfg.model.name_or_path)
+            except (OSError, ValueError) as err:
+                raise UserError(
+                    f"model.name_or_path={cfg.model.name_or_path!r}: cannot read its config: {err}"
+                ) from None
+            try:
+                families.family_of(model_config)
+                families.resolve_budget(
+                    model_config,
+                    cfg.visionzip.dominant,
+                    cfg.visionzip.contextual,
+                    eager=cfg.visionzip.eager,
+                    token_order=cfg.visionzip.token_order,
+                )
+            except ValueError as err:
+                raise _budget_error(cfg.visionzip, err) from None
+    if cfg.data.on_bad_sample == "error":
+        for key, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
+            if path is not None and key not in ignore:
+                refuse_unusable(load_samples(path))
+
+
+def check_model_source(name_or_path: str, key: str = "model.name_or_path") -> None:
+    """:class:`UserError` at once when ``name_or_path`` cannot be loaded: a local path that does not exist, or a
+    hub id that is neither in the local cache nor reachable (offline, a typo), instead of retrying for minutes."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{key}={name_or_path!r} is not a saved model: {path / 'config.json'} is missing")
+        return
+    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise UserError(f"{key}={name_or_path!r}: no such directory (relative paths start at {Path.cwd()})")
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        return  # cached: from_pretrained finds it offline too
+    if hf_constants.HF_HUB_OFFLINE:
+        raise UserError(
+            f"{key}={name_or_path!r} looks like a hub id, but it is not in the local cache and HF_HUB_OFFLINE is "
+            "set: download it first (huggingface-cli download ...) or give a local directory"
+        )
+    try:
+        model_info(name_or_path, timeout=10)
+    except GatedRepoError:
+        return  # it exists; from_pretrained says what access it needs
+    except RepositoryNotFoundError:
+        raise UserError(f"{key}={name_or_path!r}: no such model on the hub (a typo?), and no such directory") from None
+    except Exception as err:  # the HTTP client's connection errors: not cached and not downloadable either
+        raise UserError(
+            f"{key}={name_or_path!r} looks like a hub id, not in the local cache, and the hub cannot be reached "
+            f"({type(err).__name__}): check the name, download it where there is a network, or give a local directory"
+        ) from None
+
+
+def _budget_error(visionzip: VisionZipConfig, err: ValueError) -> UserError:
+    return UserError(
+        f"visionzip.dominant={visionzip.dominant}, visionzip.contextual={visionzip.contextual}, "
+        f"visionzip.token_order={visionzip.token_order}: {err}"
+    )
 
 
 def build_demo_assets(cfg: Config) -> None:
@@ -129,10 +205,7 @@ def apply_recipe_visionzip(model: nn.Module, visionzip: VisionZipConfig) -> None
             model, visionzip.dominant, visionzip.contextual, eager=visionzip.eager, token_order=visionzip.token_order
         )
     except ValueError as err:
-        raise UserError(
-            f"visionzip.dominant={visionzip.dominant}, visionzip.contextual={visionzip.contextual}, "
-            f"visionzip.token_order={visionzip.token_order}: {err}"
-        ) from None
+        raise _budget_error(visionzip, err) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

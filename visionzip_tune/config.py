@@ -20,6 +20,7 @@ import yaml
 from visionzip_tune.data.config import DataConfig
 from visionzip_tune.docfields import bound_problems, documented
 from visionzip_tune.errors import UserError
+from visionzip_tune.preemption import parse_signals
 
 TinyFamily = Literal["llava", "llava_next", "video_llava", "llava_onevision"]
 
@@ -106,6 +107,11 @@ class TrainConfig:
         "auto", "'auto': continue the newest checkpoint in output.dir; 'never'; or a checkpoint path"
     )
     seed: int = documented(42, "seed of parameter init (LoRA), data order and dropout")
+    save_on_signal: str = documented(
+        "SIGTERM SIGINT SIGUSR1",
+        "signals that make every rank finish the step, checkpoint and exit with status 75 (resume: run again); "
+        "empty = die on them",
+    )
 
 
 @dataclass
@@ -282,6 +288,10 @@ def validate(cfg: Config) -> None:
         )
     if not cfg.output.dir.strip():
         problems.append("config key 'output.dir' must name a directory")
+    try:
+        parse_signals(cfg.train.save_on_signal)
+    except ValueError as err:
+        problems.append(f"config key 'train.save_on_signal': {err}")
     if problems:
         raise UserError("; ".join(problems))
 

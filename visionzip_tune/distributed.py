@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from visionzip_tune.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,25 @@ def all_reduce_sum(values: list[float]) -> list[float]:
         tensor = tensor.to(device) if device is not None else tensor
         dist.all_reduce(tensor)
     return tensor.cpu().tolist()
+
+
+class PeerFailed(UserError):
+    """Raised on the ranks that did not fail themselves when another rank hit a :class:`UserError` (its own message
+    says what went wrong)."""
+
+
+def together(action: Callable[[], T]) -> T:
+    """Run ``action()`` on every rank; if it raised a :class:`UserError` on any rank, raise on every rank (that
+    rank's own error there, :class:`PeerFailed` elsewhere), so no rank goes on to a collective the others skip."""
+    error = None
+    try:
+        result = action()
+    except UserError as err:
+        error = err
+    (failed,) = all_reduce_sum([float(error is not None)])
+    if failed:
+        raise error or PeerFailed(f"{int(failed)} other process(es) stopped with an error (their message says why)")
+    return result
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:

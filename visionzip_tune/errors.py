@@ -5,6 +5,9 @@ its traceback.
 """
 
 _WORKER_PREFIX = "Caught UserError in DataLoader worker"
+# Set by the launcher for its workers: the folder where a worker leaves its error's paragraph for the launcher to
+# print once (``error-rank<R>.txt``), instead of printing it among torchrun's output.
+ERROR_DIR_ENV = "VZT_ERROR_DIR"
 
 
 class UserError(Exception):

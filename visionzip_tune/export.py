@@ -37,16 +37,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from visionzip_tune import families
-from visionzip_tune.distributed import barrier, full_shape, gathered, is_main, unwrap_engine
+from visionzip_tune.distributed import full_shape, gathered, is_main, together, unwrap_engine
 from visionzip_tune.errors import UserError
-from visionzip_tune.files import atomic_dir
+from visionzip_tune.files import atomic_dir, disk_errors, file_sha256, remove_stale_temps
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: visionzip.json seals its fields and the export's files (checksum, files)
 PROJECTOR_FILE = "projector.safetensors"
 LLAVA_FILE = "mm_projector.bin"
 METADATA_FILE = "visionzip.json"
@@ -201,9 +200,13 @@ def export_projector(
         _gathered_copy({n: p for n, p in wrapped.named_parameters() if ".lora_" in n}) if "adapter" in record else None
     )
     full = record["mode"] == "full"
-    # A full run's export needs every parameter: gather them all (collectively, on every rank) around rank 0's write.
-    with gathered(list(base.parameters()) if full else []):
-        if is_main():
+    out_dir = Path(out_dir)
+
+    def write() -> None:
+        if not is_main():
+            return
+        with disk_errors(out_dir, "the export"):
+            remove_stale_temps(out_dir.parent, out_dir.name)  # what killed exports left here
             with atomic_dir(out_dir) as tmp:
                 _write_projector(tmp, tensors, families.family_of(base))
                 if adapter is not None:
@@ -212,9 +215,27 @@ def export_projector(
                     base.save_pretrained(tmp / MODEL_DIR)  # config.json keeps config.visionzip: apply_visionzip re-zips
                     for piece in processing or ():  # tokenizer (with its chat template), image processor
                         piece.save_pretrained(tmp / MODEL_DIR)
-                (tmp / METADATA_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    barrier()
-    return Path(out_dir)
+                sealed = seal(record, tmp)
+                (tmp / METADATA_FILE).write_text(json.dumps(sealed, indent=2, default=str) + "\n")
+
+    # A full run's export needs every parameter: gather them all (collectively, on every rank) around rank 0's write.
+    with gathered(list(base.parameters()) if full else []):
+        together(write)
+    return out_dir
+
+
+def _digest(record: dict[str, Any]) -> str:
+    """sha256 of a record's fields (its ``checksum`` left out), canonically serialised."""
+    fields = {key: value for key, value in record.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def seal(record: dict[str, Any], export_dir: Path) -> dict[str, Any]:
+    """``record`` with the sha256 of every file in ``export_dir`` (``files``) and a ``checksum`` over all its
+    fields, so a file or a field changed after the export is noticed when it is read (:func:`read_export`)."""
+    files = sorted(p for p in export_dir.rglob("*") if p.is_file() and p.name != METADATA_FILE)
+    sealed = {**record, "files": {p.relative_to(export_dir).as_posix(): file_sha256(p) for p in files}}
+    return {**sealed, "checksum": _digest(sealed)}
 
 
 def _write_projector(out_dir: Path, tensors: dict[str, torch.Tensor], family: families.Family) -> None:
@@ -234,7 +255,16 @@ def _gathered_copy(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
 # Load
 
 
-_REQUIRED_KEYS = ("base_model", "base_fingerprint", "family", "dominant", "contextual", "projector")
+_REQUIRED_KEYS = (
+    "base_model",
+    "base_fingerprint",
+    "family",
+    "dominant",
+    "contextual",
+    "projector",
+    "files",
+    "checksum",
+)
 
 
 def read_export(export_dir: str | Path) -> dict[str, Any]:
@@ -262,16 +292,23 @@ def read_export(export_dir: str | Path) -> dict[str, Any]:
     missing = [key for key in _REQUIRED_KEYS if key not in record]
     if missing:
         raise UserError(f"{path} lacks the keys {missing}; the export is corrupt, export the run again.")
+    if record["checksum"] != _digest(record):
+        raise UserError(
+            f"{path} was edited after the export (its fields no longer match their checksum): the projector was tuned "
+            "for the recorded budget and base model, not for edited ones. Export the run again (or, for another "
+            "budget, tune for it: visionzip.dominant / visionzip.contextual)."
+        )
+    changed = [
+        name
+        for name, digest in record["files"].items()
+        if not (export_dir / name).is_file() or file_sha256(export_dir / name) != digest
+    ]
+    if changed:
+        raise UserError(
+            f"the export {export_dir} is damaged: {', '.join(changed)} missing or changed since it was written "
+            "(its sha256 no longer matches visionzip.json). Export the run again."
+        )
     return record
-
-
-def _read_projector(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the export in {path.parent} is incomplete; export the run again.")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{path} is not a readable safetensors file ({err}); export the run again.") from None
 
 
 def shape_problems(
@@ -330,7 +367,7 @@ def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, 
     adapter = export_dir / record["adapter"] if record.get("adapter") else None
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter} (the LoRA adapter of this lora run) is missing; export the run again.")
-    tensors = _read_projector(export_dir / PROJECTOR_FILE)
+    tensors = load_file(str(export_dir / PROJECTOR_FILE))  # read_export checked it is the file that was written
     params = families.projector_parameters(base)
     expected = {name: full_shape(p) for name, p in params.items()}
     problems = shape_problems(expected, {name: tuple(t.shape) for name, t in tensors.items()})
@@ -339,6 +376,18 @@ def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, 
             f"the projector in {export_dir / PROJECTOR_FILE} does not fit this model: {'; '.join(problems)}. "
             f"Was it exported from {record['base_model']}?"
         )
+    budget = {}
+    if record["dominant"] is not None:
+        budget = {
+            "dominant": record["dominant"],
+            "contextual": record["contextual"],
+            "eager": bool(record.get("eager")),
+            "token_order": record.get("token_order"),
+        }
+        try:
+            families.resolve_budget(base.config, **budget)
+        except ValueError as err:
+            raise UserError(f"{export_dir / METADATA_FILE} records a budget this model cannot take: {err}") from None
     if adapter is not None:
         from peft import PeftModel  # lazy: heavy, and only LoRA exports need it
 
@@ -350,12 +399,5 @@ def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, 
     if record["dominant"] is None:
         families.remove_visionzip(base, processor)
     else:
-        families.apply_visionzip(
-            base,
-            record["dominant"],
-            record["contextual"],
-            processor=processor,
-            eager=bool(record.get("eager")),
-            token_order=record.get("token_order"),
-        )
+        families.apply_visionzip(base, processor=processor, **budget)
     return model

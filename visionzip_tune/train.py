@@ -9,7 +9,9 @@ of processes, or plainly for one.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from visionzip_tune import build, checkpoint, families, metrics
+from visionzip_tune import build, checkpoint, families, metrics, preemption
 from visionzip_tune.config import Config, help_table, load_config, to_dict, to_yaml
 from visionzip_tune.data import Collator, LengthGroupedSampler, SupervisedDataset
 from visionzip_tune.distributed import (
@@ -33,12 +35,14 @@ from visionzip_tune.distributed import (
     init_distributed,
     is_main,
     print0,
+    together,
 )
 from visionzip_tune.errors import UserError
 from visionzip_tune.evaluate import ChoiceSample, choice_accuracy, read_choices
 from visionzip_tune.export import export_projector, weights_fingerprint
 from visionzip_tune.families.forward import forward_with_vision, to_model_inputs
-from visionzip_tune.files import atomic_write, file_sha256
+from visionzip_tune.files import atomic_write, file_sha256, remove_stale_temps
+from visionzip_tune.lock import RunLock
 from visionzip_tune.processing import Processing
 
 DESCRIPTION = __doc__.split("\n\n")[0].replace("``", "")
@@ -69,48 +73,64 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    if args.check:  # train.sh runs this before torchrun, so bad input never reaches the launcher's tracebacks
-        check_inputs(cfg, ignore=build.demo_outputs(cfg))
+    if args.check:  # cheap checks, before torchrun starts anything (the launcher runs them too)
+        build.preflight(cfg)
         print(cfg.output.dir)
         return 0
+    stop = preemption.install(cfg.train.save_on_signal)
+    if "LOCAL_RANK" in os.environ:  # under torchrun: stop (with a checkpoint) when the launcher dies
+        preemption.die_with_parent()
     dist = init_distributed()
     try:
-        train(cfg, dist, recipe=args.recipe)
-        barrier()  # leave together: a rank exiting while a peer still talks to it can abort in gloo's teardown
+        train(cfg, dist, recipe=args.recipe, stop=stop)
+    except preemption.Interrupted as interrupted:
+        print0(
+            f"[train] stopped by {interrupted.signal_name} after step {interrupted.step}; checkpoint "
+            f"{interrupted.checkpoint}. Run the same command again to resume."
+        )
+        barrier()
+        return preemption.EXIT_INTERRUPTED
     finally:
         cleanup_distributed()  # after an error no barrier: the other ranks may be inside another collective
+    barrier()  # leave together: a rank exiting while a peer still talks to it can abort in gloo's teardown
     return 0
 
 
-def check_inputs(cfg: Config, ignore: set[str] = frozenset()) -> None:
-    """The first missing input of the recipe as a :class:`UserError` (keys in ``ignore`` may be missing)."""
-    problems = [problem for key, problem in build.missing_inputs(cfg).items() if key not in ignore]
-    if problems:
-        raise UserError(problems[0])
+def train(cfg: Config, dist: Dist, recipe: str | None = None, stop: preemption.StopRequest | None = None) -> nn.Module:
+    """Run the whole recipe into ``cfg.output.dir``; returns the trained model (peft-wrapped in lora mode).
 
-
-def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
-    """Run the whole recipe into ``cfg.output.dir``; returns the trained model (peft-wrapped in lora mode)."""
-    run = setup(cfg, dist)
-    with metrics.open_logger(run.dir, cfg, run.total_steps, run.step, resumed=run.resumed) as log:
-        if run.eval_due(run.step):  # before training; or, resumed, the evaluation due at the checkpoint
-            log.eval(run.evaluate())
-        while run.step < run.total_steps:
-            run.step += 1
-            log.step(train_step(run))
-            if run.save_due():
-                log.print(f"[train] checkpoint {run.save()}")
-            if run.eval_due(run.step):
+    Holds the run directory's lock throughout. With ``stop`` (the signals of ``train.save_on_signal``), a signal
+    makes every rank finish the step, checkpoint and raise :class:`preemption.Interrupted`.
+    """
+    lock = RunLock(cfg.output.dir)
+    together(lambda: lock.acquire() if is_main() else None)
+    try:
+        run = setup(cfg, dist, stop)
+        with metrics.open_logger(run.dir, cfg, run.total_steps, run.step, resumed=run.resumed) as log:
+            if run.eval_due(run.step):  # before training; or, resumed, the evaluation due at the checkpoint
                 log.eval(run.evaluate())
-        if run.eval_set is not None:
-            log.eval(run.evaluate())
-        if cfg.output.export:
-            out = export_projector(
-                run.engine, run.dir / "export", metadata=run.export_metadata(recipe), processing=run.processing[:2]
-            )
-            log.print(f"[train] exported the {'model' if cfg.train.mode == 'full' else 'projector'} to {out}")
-        if run.train_set.read_skipped():
-            log.print(f"[train] {run.train_set.skip_summary()}")
+            while run.step < run.total_steps:
+                run.step += 1
+                log.step(train_step(run))
+                lock.heartbeat()
+                saved = run.save() if run.save_due() or run.stop_signal else None
+                if saved is not None:
+                    log.print(f"[train] checkpoint {saved}")
+                if run.stop_signal:
+                    raise run.interrupted(saved)
+                if run.eval_due(run.step):
+                    log.eval(run.evaluate())
+            if run.eval_set is not None:
+                log.eval(run.evaluate())
+            if cfg.output.export:
+                out = export_projector(
+                    run.engine, run.dir / "export", metadata=run.export_metadata(recipe), processing=run.processing[:2]
+                )
+                log.print(f"[train] exported the {'model' if cfg.train.mode == 'full' else 'projector'} to {out}")
+            if run.train_set.read_skipped():
+                log.print(f"[train] {run.train_set.skip_summary()}")
+    finally:
+        lock.release()
     print0(f"[train] done: {run.dir}")
     return run.engine.module
 
@@ -141,8 +161,12 @@ def train_step(run: Run) -> dict[str, Any]:
         samples += inputs["input_ids"].shape[0]
         images += batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
         videos += batch["pixel_values_videos"].shape[0] if "pixel_values_videos" in batch else 0
-    counts = torch.tensor([samples, images, videos], dtype=torch.float64, device=engine.device)
-    tokens, vision, samples, images, videos = all_reduce_sum_(torch.cat([on_device, counts])).tolist()
+    # The step's one reduce also tells every rank whether any rank got a stop signal, so all stop after this step.
+    stop = float(run.stop is not None and run.stop.requested)
+    counts = torch.tensor([samples, images, videos, stop], dtype=torch.float64, device=engine.device)
+    tokens, vision, samples, images, videos, stops = all_reduce_sum_(torch.cat([on_device, counts])).tolist()
+    if stops:
+        run.stop_signal = (run.stop.signal_name if run.stop is not None else None) or "a signal on another rank"
     elapsed = time.perf_counter() - started
     grad_norm = engine.get_global_grad_norm()
     record = {
@@ -204,9 +228,11 @@ class Run:
     vision_token_ids: torch.Tensor  # placeholder ids of every kind of vision input, on the device
     base_fingerprint: str
     data_fingerprint: str
+    stop: preemption.StopRequest | None = None
     step: int = 0
     data_state: dict | None = None
     resumed: bool = False
+    stop_signal: str | None = None  # set when any rank got a stop signal: stop after this step
 
     def eval_due(self, step: int) -> bool:
         """Evaluate before training and every ``train.eval_every`` steps; the final evaluation runs after the loop."""
@@ -237,10 +263,19 @@ class Run:
             "world_size": self.dist.world_size,
             "total_steps": self.total_steps,
             "data_fingerprint": self.data_fingerprint,
+            "base_fingerprint": self.base_fingerprint,
+            "config": to_dict(self.cfg),
         }
         return checkpoint.save_checkpoint(
             self.engine, self.dir, self.step, self.trainable, state, keep=self.cfg.train.keep_checkpoints
         )
+
+    def interrupted(self, saved: Path) -> preemption.Interrupted:
+        """Record (rank 0) that the run stopped on a signal with checkpoint ``saved``; the exception to raise."""
+        if is_main():
+            marker = {"signal": self.stop_signal, "step": self.step, "checkpoint": str(saved)}
+            atomic_write(self.dir / preemption.INTERRUPTED_FILE, json.dumps(marker).encode())
+        return preemption.Interrupted(self.stop_signal, self.step, str(saved))
 
     def export_metadata(self, recipe: str | None) -> dict[str, Any]:
         return {
@@ -253,20 +288,26 @@ class Run:
         }
 
 
-def setup(cfg: Config, dist: Dist) -> Run:
-    """Build the run ``cfg`` describes; inputs are checked before anything is loaded or written."""
+def setup(cfg: Config, dist: Dist, stop: preemption.StopRequest | None = None) -> Run:
+    """Build the run ``cfg`` describes (the run directory's lock held). Inputs, and a resumed checkpoint's
+    compatibility, are checked before anything is written into the run directory."""
     train_cfg, run_dir = cfg.train, Path(cfg.output.dir)
     _seed_everything(train_cfg.seed)
-    if is_main():
-        build.build_demo_assets(cfg)
-    barrier()
-    check_inputs(cfg)
+    together(lambda: build.build_demo_assets(cfg) if is_main() else None)
+    problems = build.missing_inputs(cfg)
+    if problems:
+        raise UserError(next(iter(problems.values())))
     resume_from = checkpoint.resolve_resume(train_cfg.resume, run_dir)
     if train_cfg.resume == "never" and checkpoint.latest_checkpoint(run_dir) is not None:
         raise UserError(
             f"output.dir {run_dir} already holds checkpoints and train.resume=never: choose another output.dir, "
             "delete that directory, or resume it (train.resume=auto)"
         )
+    data_fingerprint = "sha256:" + file_sha256(cfg.data.path)[:32]
+    resume_state = checkpoint.read_state(resume_from) if resume_from is not None else None
+    if resume_state is not None:
+        now = {"config": to_dict(cfg), "world_size": dist.world_size, "data_fingerprint": data_fingerprint}
+        checkpoint.refuse_incompatible_resume(resume_from, resume_state, now)
 
     # -- model: VisionZip in the data path, then what trains -------------------------------------------------------
     bf16 = build.use_bf16(cfg)
@@ -285,6 +326,8 @@ def setup(cfg: Config, dist: Dist) -> Run:
     processing = build.load_model_processing(cfg.model.name_or_path)
     build.apply_recipe_visionzip(model, cfg.visionzip)
     base_fingerprint = weights_fingerprint(model)  # before LoRA/DeepSpeed touch the model
+    if resume_state is not None:
+        checkpoint.refuse_incompatible_resume(resume_from, resume_state, {"base_fingerprint": base_fingerprint})
     if train_cfg.activation_checkpointing:
         model.activation_checkpointing_enable()
     model.config.use_cache = False
@@ -336,9 +379,12 @@ def setup(cfg: Config, dist: Dist) -> Run:
         [model.config.image_token_id, getattr(model.config, "video_token_id", -1)], device=engine.device
     )
 
-    # -- run directory: the resolved config first; then resume -----------------------------------------------------
+    # -- run directory: leftovers of killed writes go, the resolved config first; then resume ----------------------
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, checkpoint.checkpoints_root(run_dir)):
+            remove_stale_temps(folder)
+        (run_dir / preemption.INTERRUPTED_FILE).unlink(missing_ok=True)
         atomic_write(run_dir / "config.yaml", to_yaml(cfg).encode())
     barrier()
     run = Run(
@@ -359,8 +405,9 @@ def setup(cfg: Config, dist: Dist) -> Run:
         dtype=dtype,
         vision_token_ids=vision_token_ids,
         base_fingerprint=base_fingerprint,
-        data_fingerprint="sha256:" + file_sha256(cfg.data.path)[:32],
+        data_fingerprint=data_fingerprint,
         data_state=sampler.state_dict(0),
+        stop=stop,
     )
     if resume_from is not None:
         state = checkpoint.load_checkpoint(engine, resume_from, dist.world_size)

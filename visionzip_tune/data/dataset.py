@@ -47,6 +47,21 @@ def modality_lengths(samples) -> list[int]:
     return np.where(has_image | has_frames | has_file, per_sample, -per_sample).tolist()
 
 
+def refuse_unusable(samples) -> None:
+    """:class:`UserError` listing the structurally unusable samples of loaded ``samples`` (the first few), if any:
+    what ``data.on_bad_sample=error`` refuses before training starts."""
+    problems = column(samples, "problem")
+    bad = [r for r, p in enumerate(problems) if p is not None]
+    if bad:
+        ids = column(samples.select(bad[:_LISTED]), "id")
+        listed = "; ".join(f"id {i}: {problems[r]}" for i, r in zip(ids, bad))
+        more = f"; ... and {len(bad) - _LISTED} more" if len(bad) > _LISTED else ""
+        raise UserError(
+            f"{data_path(samples)}: {len(bad)} unusable sample(s): {listed}{more}. Fix them, or set "
+            "data.on_bad_sample=skip to leave them out (run `python -m visionzip_tune data check` for the full list)."
+        )
+
+
 class Placeholders(NamedTuple):
     """A model's placeholder ids and token-count functions -- the model's own (``build.placeholders(config)``), so
     data and model cannot disagree.
@@ -113,14 +128,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
     def _usable_rows(self) -> list[int]:
         problems = column(self.samples, "problem")
         bad = [r for r, p in enumerate(problems) if p is not None]
-        if bad and self.on_bad_sample == "error":
-            ids = column(self.samples.select(bad[:_LISTED]), "id")
-            listed = "; ".join(f"id {i}: {problems[r]}" for i, r in zip(ids, bad))
-            more = f"; ... and {len(bad) - _LISTED} more" if len(bad) > _LISTED else ""
-            raise UserError(
-                f"{self.path}: {len(bad)} unusable sample(s): {listed}{more}. Fix them, or set data.on_bad_sample=skip "
-                "to leave them out (run `python -m visionzip_tune data check` for the full list)."
-            )
+        if self.on_bad_sample == "error":
+            refuse_unusable(self.samples)
         for r in bad:
             self._record_skip(self.samples[r]["id"], problems[r])
         if len(bad) == len(problems):

@@ -223,7 +223,27 @@ def apply_visionzip(
     recorded as ``config.visionzip["token_order"]`` for such families only. Returns ``model``.
     """
     family, inner = _inner(model)
-    recorded = getattr(inner.config, "visionzip", None) or {}
+    inner.config.visionzip = resolve_budget(inner.config, dominant, contextual, eager=eager, token_order=token_order)
+    for method, override in family.overrides.items():
+        setattr(inner, method, types.MethodType(override, inner))
+    if processor is not None:
+        processing.patch_processor(processor, *processor_counts(inner.config))
+    return model
+
+
+def resolve_budget(
+    config,
+    dominant: int | None = None,
+    contextual: int | None = None,
+    *,
+    eager: bool | None = None,
+    token_order: str | None = None,
+) -> dict:
+    """The budget ``config.visionzip`` holds under :func:`apply_visionzip` with these arguments (``None``: the
+    recorded one), checked against the model's tower from its config alone (``ValueError`` naming the numbers), so a
+    recipe's budget can be checked before any weight is loaded."""
+    family = family_of(config)
+    recorded = getattr(config, "visionzip", None) or {}
     dominant = recorded.get("dominant") if dominant is None else dominant
     contextual = recorded.get("contextual") if contextual is None else contextual
     eager = bool(recorded.get("eager", False)) if eager is None else eager
@@ -238,20 +258,12 @@ def apply_visionzip(
             "apply_visionzip needs a budget: pass dominant and contextual (e.g. 54 and 10 for 64 tokens), or use a "
             "model whose config records one (config.visionzip)"
         )
-    for name in family.towers:
-        tower = getattr(inner, name)
-        encoders.tower_has_cls(tower)
-        encoders.resolve_layer(len(tower.encoder.layers), inner.config.vision_feature_layer)
-    compress.validate_budget(dominant, contextual, encoders.tokens_per_tower_output(inner.config.vision_config))
+    encoders.resolve_layer(config.vision_config.num_hidden_layers, config.vision_feature_layer)
+    compress.validate_budget(dominant, contextual, encoders.tokens_per_tower_output(config.vision_config))
     budget = {"dominant": dominant, "contextual": contextual, "eager": bool(eager)}
     if len(family.token_orders) > 1:
         budget["token_order"] = token_order
-    inner.config.visionzip = budget
-    for method, override in family.overrides.items():
-        setattr(inner, method, types.MethodType(override, inner))
-    if processor is not None:
-        processing.patch_processor(processor, *processor_counts(inner.config))
-    return model
+    return budget
 
 
 def remove_visionzip(model: nn.Module, processor=None) -> nn.Module:
