@@ -212,12 +212,16 @@ def apply_recipe_visionzip(model: nn.Module, visionzip: VisionZipConfig) -> None
 # What trains
 
 
-def trainable_parts(model: nn.Module, mode: str) -> dict[str, set[str]]:
+def trainable_parts(model: nn.Module, mode: str, projector: str = "all") -> dict[str, set[str]]:
     """The parameters that train in ``mode``, by part, named as ``model.named_parameters()`` names them:
-    the projector always; the language model and LM head in ``full`` mode; the LoRA adapters in ``lora`` mode
-    (``model`` already wrapped by peft)."""
+    the projector (or its subset ``projector``) always; the language model and LM head in ``full`` mode; the LoRA
+    adapters in ``lora`` mode (``model`` already wrapped by peft)."""
     name_of = {id(p): name for name, p in model.named_parameters()}  # tied weights: their first name
-    parts: dict[str, list[nn.Parameter]] = {"projector": list(families.projector_parameters(model).values())}
+    try:
+        projector_params = list(families.projector_parameters(model, projector).values())
+    except ValueError as err:
+        raise UserError(f"train.projector_modules={projector!r}: {err}") from None
+    parts: dict[str, list[nn.Parameter]] = {"projector": projector_params}
     if mode == "full":
         parts["language model"] = list(families.language_model(model).parameters())
         parts["lm_head"] = list(families.unwrap_peft(model).get_output_embeddings().parameters())
@@ -234,7 +238,7 @@ def prepare_trainable(model: nn.Module, train: TrainConfig) -> tuple[nn.Module, 
     model.requires_grad_(False)
     if train.mode == "lora":
         model = _wrap_lora(model, train)
-    parts = trainable_parts(model, train.mode)
+    parts = trainable_parts(model, train.mode, train.projector_modules)
     wanted = set().union(*parts.values())
     for name, param in model.named_parameters():
         param.requires_grad_(name in wanted)
@@ -246,10 +250,11 @@ def prepare_trainable(model: nn.Module, train: TrainConfig) -> tuple[nn.Module, 
     return model, trainable
 
 
-def describe_trainable(model: nn.Module, mode: str) -> str:
-    """One line: how many parameters train in ``mode``, of how many, by part (also under ZeRO-3 sharding)."""
+def describe_trainable(model: nn.Module, train: TrainConfig) -> str:
+    """One line: how many parameters train, of how many, by part (also under ZeRO-3 sharding)."""
     size = {name: full_numel(p) for name, p in model.named_parameters()}
-    parts = trainable_parts(model, mode)
+    mode = train.mode
+    parts = trainable_parts(model, mode, train.projector_modules)
     trained, total = sum(size[name] for names in parts.values() for name in names), sum(size.values())
     by_part = "; ".join(
         f"{part} {sum(size[n] for n in names):,} in {len(names)} tensors" for part, names in parts.items()

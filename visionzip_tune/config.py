@@ -81,6 +81,11 @@ class VisionZipConfig:
 
 @dataclass
 class TrainConfig:
+    projector_modules: str = documented(
+        "all",
+        "which projector modules train: all, or a subset the family names (Qwen3-VL: merger, without the DeepStack "
+        "mergers; Mini-Gemini: mlp_only, without the mining projections)",
+    )
     mode: Literal["projector", "full", "lora"] = documented(
         "projector", "projector: projector only; full: LLM + projector; lora: LoRA on the LLM + projector"
     )

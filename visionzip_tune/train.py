@@ -332,7 +332,7 @@ def setup(cfg: Config, dist: Dist, stop: preemption.StopRequest | None = None) -
         model.activation_checkpointing_enable()
     model.config.use_cache = False
     model, trainable = build.prepare_trainable(model, train_cfg)
-    print0(f"[train] {build.describe_trainable(model, train_cfg.mode)}")
+    print0(f"[train] {build.describe_trainable(model, train_cfg)}")
 
     # -- data ------------------------------------------------------------------------------------------------------
     skip_log = run_dir / "skipped.jsonl" if is_main() else None  # one writer: every rank skips the same ids

@@ -159,18 +159,19 @@ def _inner(model: nn.Module) -> tuple[Family, nn.Module]:
     return family_of(model), model.model
 
 
-def projector_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules projector mode trains, by attribute path on the inner model (``multi_modal_projector``)."""
+def projector_modules(model: nn.Module, subset: str = "all") -> dict[str, nn.Module]:
+    """The modules projector mode trains (all of them, or the family's named ``subset``), by attribute path on the
+    inner model (``multi_modal_projector``)."""
     family, inner = _inner(model)
-    return {path: inner.get_submodule(path) for path in family.projector}
+    return {path: inner.get_submodule(path) for path in family.projector_paths(subset)}
 
 
-def projector_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every projector parameter by its name relative to the inner model (``multi_modal_projector.linear_1.weight``:
-    the name HF checkpoints and ``projector.safetensors`` use)."""
+def projector_parameters(model: nn.Module, subset: str = "all") -> dict[str, nn.Parameter]:
+    """Every projector parameter (of ``subset``) by its name relative to the inner model
+    (``multi_modal_projector.linear_1.weight``: the name HF checkpoints and ``projector.safetensors`` use)."""
     return {
         f"{path}.{name}": param
-        for path, module in projector_modules(model).items()
+        for path, module in projector_modules(model, subset).items()
         for name, param in module.named_parameters()
     }
 

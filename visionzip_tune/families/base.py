@@ -37,7 +37,12 @@ class Family:
     stock_tokens: Callable[[object, ImageSize | None], int]  # placeholder tokens per image without VisionZip
     zipped_tokens: Callable[[object, dict, ImageSize | None], int]  # ... with the budget dict of config.visionzip
     towers: tuple[str, ...] = ("vision_tower",)  # every vision tower; the first one encodes images
-    projector: tuple[str, ...] = ("multi_modal_projector",)  # the modules projector mode trains
+    projector: tuple[str, ...] = (
+        "multi_modal_projector",
+    )  # the modules projector mode trains (train.projector_modules=all)
+    # Named parts of the projector that train.projector_modules may choose to train alone (e.g. a main merger
+    # without its DeepStack mergers): subset name -> module paths. "all" (the whole projector) is always there.
+    projector_subsets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     language_model: str = "language_model"
     # Projector parameter names in the family's original (non-HF) code, by HF name prefix within the projector
     # module: what ``mm_projector.bin`` is written with. None: the export has no such file for this family.
@@ -55,6 +60,15 @@ class Family:
     @property
     def has_video(self) -> bool:
         return self.stock_video_tokens is not None
+
+    def projector_paths(self, subset: str = "all") -> tuple[str, ...]:
+        """The module paths of projector subset ``subset``; ``ValueError`` naming the family's choices."""
+        if subset == "all":
+            return self.projector
+        if subset not in self.projector_subsets:
+            choices = ", ".join(["all", *self.projector_subsets])
+            raise ValueError(f"{self.model_class} has no projector subset {subset!r}; choose one of {choices}")
+        return self.projector_subsets[subset]
 
 
 def tiled_flags(family: Family, batch_num_images: Sequence[int] | Tensor | None, count: int) -> list[bool]:
