@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from visionzip_tune.distributed import is_main, together
 from visionzip_tune.errors import UserError
-from visionzip_tune.files import atomic_write, disk_errors, remove_stale_temps
+from visionzip_tune.files import atomic_write, disk_errors, remove_stale_temps, share_as_created
 
 LATEST = "latest"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -78,7 +78,7 @@ def save_checkpoint(
                 tmp.mkdir(parents=True)
 
     def write(tensors: dict[str, torch.Tensor]) -> None:
-        with disk_errors(tmp, f"the checkpoint of step {step}"):
+        with disk_errors(final, f"the checkpoint of step {step}"):
             # Frozen weights never change: they stay out (the base model is reloaded from its source).
             engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True, save_latest=False)
             torch.save(_rng_state(), tmp / f"rng-rank{engine.global_rank:03d}.pt")
@@ -87,10 +87,11 @@ def save_checkpoint(
                 (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
 
     def publish() -> None:
-        with disk_errors(root, f"the checkpoint of step {step}"):
+        with disk_errors(final, f"the checkpoint of step {step}"):
             if is_main():
                 if final.exists():  # re-saving a step after a resume from an older checkpoint
                     shutil.rmtree(final)
+                share_as_created(tmp)
                 os.replace(tmp, final)
                 atomic_write(root / LATEST, (final.name + "\n").encode())
                 _prune(root, keep)

@@ -37,6 +37,15 @@ def _as_if_created(path: Path, mode: int) -> None:
     os.chmod(path, mode & ~_umask())
 
 
+def share_as_created(folder: Path) -> None:
+    """Give ``folder`` and everything in it the permissions plain ``mkdir``/``open`` would have: some writers (a
+    temporary directory, safetensors) create private files, which teammates reading a run could not open."""
+    _as_if_created(folder, 0o777)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            _as_if_created(path, 0o777 if path.is_dir() or path.stat().st_mode & 0o111 else 0o666)
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     """Write through the yielded binary file; it replaces ``path`` only if the block finishes."""
@@ -68,7 +77,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
     try:
         yield tmp
-        _as_if_created(tmp, 0o777)
+        share_as_created(tmp)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
@@ -109,10 +118,23 @@ def disk_errors(path: str | Path, what: str) -> Iterator[None]:
     block into a one-paragraph :class:`UserError` naming ``what`` was being written, ``path`` and the free space."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in _USER_ERRNOS:
+    except Exception as err:
+        reason = _fixable_write_failure(err)
+        if reason is None:
             raise
-        raise UserError(f"could not write {what} to {path}: {err.strerror or err}; {free_space(path)}") from None
+        raise UserError(f"could not write {what} to {path}: {reason}; {free_space(path)}") from None
+
+
+def _fixable_write_failure(err: Exception) -> str | None:
+    """Why a write failed, when the user can fix it; None for anything else. torch.save and safetensors report
+    such failures as RuntimeError / SafetensorError without an errno, so their messages are read too."""
+    if isinstance(err, OSError):
+        return (err.strerror or str(err)) if err.errno in _USER_ERRNOS else None
+    text = str(err)
+    if "PytorchStreamWriter failed writing" in text or "file write failed" in text:
+        return "the file could not be written (no space left, a quota or a file size limit)"
+    known = ("No space left", "File too large", "Disk quota", "Read-only file system", "Permission denied")
+    return next((phrase for phrase in known if phrase.lower() in text.lower()), None)
 
 
 def free_space(path: str | Path) -> str:
