@@ -5,12 +5,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 from visionzip_tune.distributed import PeerFailed
-from visionzip_tune.errors import ERROR_DIR_ENV, UserError, user_message
+from visionzip_tune.errors import ERROR_DIR_ENV, UserError, paragraph, user_message
 
 COMMANDS = {
     "train": ("visionzip_tune.train", "train a projector (or more) with VisionZip in the data path"),
@@ -70,7 +69,7 @@ def report_user_error(err: UserError) -> None:
     if error_dir and Path(error_dir).is_dir():
         (Path(error_dir) / f"error-rank{os.environ.get('RANK', '0')}.txt").write_text(user_message(err))
         return
-    print("error: " + textwrap.fill(user_message(err), width=100), file=sys.stderr)
+    print("error: " + paragraph(user_message(err)), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,19 @@ The command line prints its message as one paragraph and exits with status 2; an
 its traceback.
 """
 
+from __future__ import annotations
+
+import textwrap
+
 _WORKER_PREFIX = "Caught UserError in DataLoader worker"
 # Set by the launcher for its workers: the folder where a worker leaves its error's paragraph for the launcher to
 # print once (``error-rank<R>.txt``), instead of printing it among torchrun's output.
 ERROR_DIR_ENV = "VZT_ERROR_DIR"
+
+
+def paragraph(message: str, width: int = 100) -> str:
+    """``message`` wrapped for the terminal without ever splitting a word (paths and keys stay copyable)."""
+    return textwrap.fill(message, width=width, break_long_words=False, break_on_hyphens=False)
 
 
 class UserError(Exception):

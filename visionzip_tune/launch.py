@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from visionzip_tune import build
 from visionzip_tune.config import load_config
-from visionzip_tune.errors import ERROR_DIR_ENV, UserError
+from visionzip_tune.errors import ERROR_DIR_ENV, UserError, paragraph
 from visionzip_tune.preemption import EXIT_INTERRUPTED, INTERRUPTED_FILE
 
 # How long the launcher lets workers finish their step and checkpoint after a signal before it kills them.
@@ -85,7 +84,7 @@ def launch(train_argv: list[str], run_dir: Path) -> int:
             message = _first_error(Path(error_dir))
             codes = {failure.exitcode for failure in failed.failures.values()}
             if message is not None:
-                print("error: " + textwrap.fill(message, width=100), file=sys.stderr)
+                print("error: " + paragraph(message), file=sys.stderr)
                 return 2
             if EXIT_INTERRUPTED in codes and codes <= {EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGKILL}:
                 return EXIT_INTERRUPTED
