@@ -10,7 +10,7 @@
 # SIGUSR1) after a checkpoint: run the same command to resume.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source "$root/tools/ensure_installed.sh"
+source "$root/tools/ensure_installed.sh" ""  # no extras (a bare source would pass this script's arguments)
 
 args=("$@")
 if [ $# -eq 0 ] || [[ "$1" == *=* ]]; then
