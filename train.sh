@@ -8,7 +8,7 @@
 # Rerunning the same command resumes from the run directory's latest checkpoint (train.resume=auto).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source "$root/tools/ensure_installed.sh"
+source "$root/tools/ensure_installed.sh" ""  # "": no extras (a bare source would hand it this script's arguments)
 
 recipe="$root/recipes/tiny/demo.yaml"
 if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then
