@@ -1,7 +1,7 @@
 """Projector-mode training step with and without VisionZip: time and peak memory vs a FLOP count.
 
     python bench/bench_train.py [--family llava|llava_next] [--rounds 7] [--batch 2] [--text 100] [--threads 2]
-                                [--geometry small|clip-l] [--device cpu|cuda] [--dtype float32|bfloat16]
+                                [--geometry small|clip-l|tiny] [--device cpu|cuda] [--dtype float32|bfloat16]
 
 One step = forward with labels + backward + AdamW step on the projector, everything else frozen; the tower (and
 VisionZip's selection) runs without autograd inside the forward, as in training.
@@ -15,7 +15,8 @@ VisionZip's selection) runs without autograd inside the forward, as in training.
 Model: a random model built from configs (no download) whose LLM dominates the cost, like a 7B one. ``small``
 (default): CLIP tower 336 px / patch 14 (576 patches, small: hidden 128, 6 layers), Llama LLM hidden 512, 8 layers,
 MLP 2048. ``clip-l`` (for a GPU): the real CLIP-L/336 tower (hidden 1024, 24 layers, 16 heads) and a Llama of
-hidden 1024, 24 layers, MLP 4096 (400 M parameters; its vocabulary is the tiny tokenizer's).
+hidden 1024, 24 layers, MLP 4096 (400 M parameters; its vocabulary is the tiny tokenizer's). ``tiny``: the same
+token counts through a 2-layer tower and LLM, to run the code paths quickly.
 
 Time: the budgets run interleaved round-robin on one model in one process (after a warm-up round); the table shows
 medians and their ratio to stock (CUDA: timed with CUDA events). FLOPs: counted analytically from the configs and
@@ -50,6 +51,9 @@ GEOMETRIES = {
     # LLaVA-1.5's CLIP-L/336 tower and an LLM big enough to keep a GPU busy (TinySpec's MLP is 4 x hidden).
     "clip-l": dict(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
                    text_hidden=1024, text_layers=24, text_heads=16),
+    # The same token counts at a size where a step takes milliseconds: runs the code paths (gpu_check on a CPU).
+    "tiny": dict(image_size=336, patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=2, text_hidden=128,
+                 text_layers=2, text_heads=2),
 }  # fmt: skip
 Budget = tuple[int, int] | None  # (dominant, contextual) per image or crop; None = stock
 

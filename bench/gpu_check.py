@@ -101,10 +101,11 @@ class Plan:
 GPU_PLAN = Plan(device="cuda", tower=(1024, 24, 16), parity_batch=8, parity_dtypes=("float32", "bfloat16"),
                 bench_dtype="bfloat16", tower_batches=(8, 32), tower_rounds=10, step_geometry="clip-l", step_batch=16,
                 step_rounds=10, demo_bf16=True, demo_samples=None, demo_steps=None, demo_timeout_s=300)  # fmt: skip
-# The CPU plan exercises every code path in about a minute and a half on 2 cores; its numbers mean little.
+# The CPU plan runs every code path in about a minute of CPU time (1.5-3.5 minutes of wall time on a shared 2-core
+# machine); its numbers mean little.
 CPU_PLAN = Plan(device="cpu", tower=(128, 4, 4), parity_batch=4, parity_dtypes=("bfloat16",), bench_dtype="float32",
-                tower_batches=(2,), tower_rounds=2, step_geometry="small", step_batch=1, step_rounds=2,
-                demo_bf16=False, demo_samples=200, demo_steps=40, demo_timeout_s=300)  # fmt: skip
+                tower_batches=(2,), tower_rounds=2, step_geometry="tiny", step_batch=1, step_rounds=2,
+                demo_bf16=False, demo_samples=200, demo_steps=40, demo_timeout_s=600)  # fmt: skip
 
 # What a machine without CUDA cannot run, by part (the part itself then runs at CPU sizes).
 GPU_ONLY = {
@@ -134,6 +135,9 @@ class _Tee:
     def flush(self) -> None:
         for stream in self.streams:
             stream.flush()
+
+    def __getattr__(self, name: str):  # encoding, isatty, fileno, ...: the console's
+        return getattr(self.streams[0], name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,7 +187,7 @@ def environment() -> dict:
             compute_capability=f"{props.major}.{props.minor}",
             bf16_supported=torch.cuda.is_bf16_supported(),
             cudnn=torch.backends.cudnn.version(),
-            nccl=".".join(map(str, torch.cuda.nccl.version())),
+            nccl=str(torch.cuda.nccl.version()),  # a tuple (major, minor, patch) in recent torch, an int before
             driver=_driver_version(),
         )
     return env
@@ -347,7 +351,8 @@ def part_step(plan: Plan) -> dict:
     rows = bench_train.run(args)
     bench_train.print_table(args, rows)
     empty_cache(plan)
-    return {"status": "ok", "geometry": bench_train.GEOMETRIES[plan.step_geometry], "dtype": plan.bench_dtype, "batch": plan.step_batch, "text_tokens": args.text, "rounds": plan.step_rounds,
+    return {"status": "ok", "geometry": bench_train.GEOMETRIES[plan.step_geometry], "dtype": plan.bench_dtype,
+            "batch": plan.step_batch, "text_tokens": args.text, "rounds": plan.step_rounds,
             "memory": "torch.cuda.max_memory_allocated" if plan.device == "cuda" else "skipped on the CPU",
             "rows": rows}  # fmt: skip
 
