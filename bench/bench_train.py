@@ -1,6 +1,7 @@
 """Projector-mode training step with and without VisionZip: time and peak memory vs a FLOP count.
 
     python bench/bench_train.py [--family llava|llava_next] [--rounds 7] [--batch 2] [--text 100] [--threads 2]
+                                [--geometry small|clip-l|tiny] [--device cpu|cuda] [--dtype float32|bfloat16]
 
 One step = forward with labels + backward + AdamW step on the projector, everything else frozen; the tower (and
 VisionZip's selection) runs without autograd inside the forward, as in training.
@@ -11,42 +12,73 @@ VisionZip's selection) runs without autograd inside the forward, as in training.
   (2,928 tokens: unpadded grid, newlines, base crop) against the paper's Table 9 per-crop budgets 54 + 10 (320 in
   all) and 27 + 5 (160).
 
-Model: a random model built from configs (no download) whose LLM dominates the cost, like a 7B one: CLIP tower
-336 px / patch 14 (576 patches, small: hidden 128, 6 layers), Llama LLM hidden 512, 8 layers, MLP 2048.
+Model: a random model built from configs (no download) whose LLM dominates the cost, like a 7B one. ``small``
+(default): CLIP tower 336 px / patch 14 (576 patches, small: hidden 128, 6 layers), Llama LLM hidden 512, 8 layers,
+MLP 2048. ``clip-l`` (for a GPU): the real CLIP-L/336 tower (hidden 1024, 24 layers, 16 heads) and a Llama of
+hidden 1024, 24 layers, MLP 4096 (400 M parameters; its vocabulary is the tiny tokenizer's). ``tiny``: the same
+token counts through a 2-layer tower and LLM, to run the code paths quickly.
 
 Time: the budgets run interleaved round-robin on one model in one process (after a warm-up round); the table shows
-medians and their ratio to stock. FLOPs: counted analytically from the configs and sequence lengths (see
-``step_flops``) -- the ratio a pure-compute model predicts. Peak memory: each budget in a fresh subprocess; the
-peak resident set size (VmHWM, reset through /proc/self/clear_refs after the model and batch are built) minus the
-resident size at that point, i.e. what the step itself adds (activations, gradients, optimizer state, temps).
+medians and their ratio to stock (CUDA: timed with CUDA events). FLOPs: counted analytically from the configs and
+sequence lengths (see ``step_flops``) -- the ratio a pure-compute model predicts. Peak memory, CPU: each budget in a
+fresh subprocess; the peak resident set size (VmHWM, reset through /proc/self/clear_refs after the model and batch
+are built) minus the resident size at that point, i.e. what the step itself adds (activations, gradients,
+optimizer state, temps). CUDA: in this process, ``torch.cuda.max_memory_allocated`` over two steps after a reset
+of the peak, minus what was allocated before them (the same quantity; the total peak is reported too).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 
+from timing import DTYPES, is_cuda, time_ms
+
 from visionzip_tune.families import apply_visionzip, projector_parameters, remove_visionzip, tokens_per_image
 from visionzip_tune.tiny import TinySpec, build_tiny
 
-GEOMETRY = dict(
-    image_size=336,
-    patch_size=14,
-    vision_hidden=128,
-    vision_layers=6,
-    vision_heads=4,
-    text_hidden=512,
-    text_layers=8,
-    text_heads=8,
-)
+GEOMETRIES = {
+    "small": dict(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=128,
+        vision_layers=6,
+        vision_heads=4,
+        text_hidden=512,
+        text_layers=8,
+        text_heads=8,
+    ),
+    # LLaVA-1.5's CLIP-L/336 tower and an LLM big enough to keep a GPU busy (TinySpec's MLP is 4 x hidden).
+    "clip-l": dict(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+        text_hidden=1024,
+        text_layers=24,
+        text_heads=16,
+    ),
+    # The same token counts at a size where a step takes milliseconds: runs the code paths (gpu_check on a CPU).
+    "tiny": dict(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=64,
+        vision_layers=2,
+        vision_heads=2,
+        text_hidden=128,
+        text_layers=2,
+        text_heads=2,
+    ),
+}
 Budget = tuple[int, int] | None  # (dominant, contextual) per image or crop; None = stock
 
 
@@ -57,18 +89,28 @@ class Setup:
     image_size: tuple[int, int]  # (height, width) of the benchmarked image
 
 
-SETUPS = {
-    "llava": Setup(TinySpec(family="llava", **GEOMETRY), (None, (162, 30), (54, 10)), (336, 336)),
-    "llava_next": Setup(
-        TinySpec(family="llava_next", crop_grids="1x2 2x1 2x2", **GEOMETRY), (None, (54, 10), (27, 5)), (672, 672)
-    ),
-}
+FAMILIES = ("llava", "llava_next")
 SUPERVISED = 30  # answer tokens with labels at the end of each sample; the rest of the text is the prompt
 
 
-def build(setup: Setup):
-    """The model with only the projector trainable, and AdamW on the projector (as ``train.mode=projector``)."""
+def make_setup(family: str, geometry: str = "small") -> Setup:
+    shape = GEOMETRIES[geometry]
+    if family == "llava":
+        return Setup(TinySpec(family="llava", **shape), (None, (162, 30), (54, 10)), (336, 336))
+    if family == "llava_next":
+        return Setup(
+            TinySpec(family="llava_next", crop_grids="1x2 2x1 2x2", **shape), (None, (54, 10), (27, 5)), (672, 672)
+        )
+    raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+
+
+def build(setup: Setup, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The model with only the projector trainable, and AdamW on the projector (as ``train.mode=projector``).
+
+    Built on the CPU, then moved: all of it in ``dtype`` (bf16 AdamW state for the small projector, where DeepSpeed
+    would keep an fp32 master copy: a few MiB, the step's cost is elsewhere)."""
     model, _, _ = build_tiny(setup.spec)
+    model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     params = list(projector_parameters(model).values())
     for param in params:
@@ -94,7 +136,8 @@ def crops_per_image(setup: Setup) -> int:
 
 def make_batch(model, setup: Setup, batch: int, text: int) -> dict[str, torch.Tensor]:
     """``batch`` samples: BOS, the image's placeholders under the current budget, ``text - 1`` text tokens, the last
-    30 supervised; pixel values as the family's image processor lays them out."""
+    30 supervised; pixel values as the family's image processor lays them out. Drawn on the CPU (the same batch on
+    every device), returned on the model's device, pixels in its dtype."""
     config = model.config
     tokens = tokens_per_image(config, setup.image_size)
     generator = torch.Generator().manual_seed(0)
@@ -112,7 +155,8 @@ def make_batch(model, setup: Setup, batch: int, text: int) -> dict[str, torch.Te
         crops = crops_per_image(setup)
         inputs["pixel_values"] = torch.randn(batch, crops, 3, size, size, generator=generator)
         inputs["image_sizes"] = torch.tensor([setup.image_size] * batch)
-    return inputs
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return {name: tensor.to(model.device) for name, tensor in inputs.items()}
 
 
 def train_step(model, optimizer, batch: dict[str, torch.Tensor]) -> float:
@@ -170,7 +214,7 @@ def step_flops(config, tokens: int, batch: int, text: int, crops: int, zipped: b
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Peak memory (fresh process per budget)
+# Peak memory: on the CPU in a fresh process per budget; on CUDA in this process (the allocator's peak resets)
 
 
 def _status_mib(key: str) -> float:
@@ -181,8 +225,8 @@ def _status_mib(key: str) -> float:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def memory_child(setup: Setup, index: int, batch: int, text: int, steps: int) -> dict[str, float]:
-    model, optimizer = build(setup)
+def memory_child(setup: Setup, index: int, batch: int, text: int, steps: int, dtype: torch.dtype) -> dict[str, float]:
+    model, optimizer = build(setup, "cpu", dtype)
     set_budget(model, setup.budgets[index])
     data = make_batch(model, setup, batch, text)
     base = _status_mib("VmRSS")
@@ -199,6 +243,10 @@ def measure_memory(index: int, args) -> float:
         __file__,
         "--family",
         args.family,
+        "--geometry",
+        args.geometry,
+        "--dtype",
+        args.dtype,
         "--memory-child",
         str(index),
         "--batch",
@@ -212,25 +260,41 @@ def measure_memory(index: int, args) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_delta_mib"]
 
 
+def cuda_peak_mib(model, optimizer, data: dict[str, torch.Tensor], steps: int = 2) -> tuple[float, float]:
+    """(peak MiB allocated during ``steps`` steps, of which MiB above what was allocated before them). Run after the
+    timed rounds, so AdamW's state already exists and counts in the base, as it does in the CPU figure."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for _ in range(steps):
+        train_step(model, optimizer, data)
+    peak = torch.cuda.max_memory_allocated()
+    return peak / 2**20, (peak - base) / 2**20
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=tuple(SETUPS), default="llava", help="model geometry (default llava)")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--family", choices=FAMILIES, default="llava", help="model geometry (default llava)")
+    parser.add_argument("--geometry", choices=tuple(GEOMETRIES), default="small", help="tower and LLM sizes")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (after one warm-up round; at least 2)")
     parser.add_argument("--batch", type=int, default=2, help="samples per step")
     parser.add_argument("--text", type=int, default=100, help="text tokens per sample (BOS included)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (CUDA events, peak CUDA memory)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of the whole model")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak memory (CPU: a fresh process per budget)")
     parser.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    setup = SETUPS[args.family]
-    if args.memory_child is not None:
-        print(json.dumps(memory_child(setup, args.memory_child, args.batch, args.text, steps=2)))
-        return
+    return parser.parse_args(argv)
 
-    model, optimizer = build(setup)
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """One row per budget (stock first): tokens, step time (median, IQR, ratio), FLOP ratio, peak memory."""
+    setup = make_setup(args.family, args.geometry)
+    model, optimizer = build(setup, args.device, DTYPES[args.dtype])
     batches, tokens = [], []
     for budget in setup.budgets:
         set_budget(model, budget)
@@ -240,11 +304,17 @@ def main() -> None:
     for round_index in range(args.rounds + 1):
         for k, (budget, data) in enumerate(zip(setup.budgets, batches)):
             set_budget(model, budget)
-            start = time.perf_counter()
-            train_step(model, optimizer, data)
+            elapsed = time_ms(functools.partial(train_step, model, optimizer, data), args.device)
             if round_index > 0:  # round 0 warms up allocator and kernels
-                times[k].append(time.perf_counter() - start)
-    memory = [measure_memory(k, args) for k in range(len(setup.budgets))]
+                times[k].append(elapsed)
+    memory: list[tuple[float | None, float | None]] = [(None, None)] * len(setup.budgets)
+    if not args.no_memory and is_cuda(args.device):
+        memory = []
+        for budget, data in zip(setup.budgets, batches):
+            set_budget(model, budget)
+            memory.append(cuda_peak_mib(model, optimizer, data))
+    elif not args.no_memory:
+        memory = [(None, measure_memory(k, args)) for k in range(len(setup.budgets))]
 
     crops = crops_per_image(setup)
     flops = [
@@ -252,27 +322,60 @@ def main() -> None:
         for n, budget in zip(tokens, setup.budgets)
     ]
     median = [statistics.median(values) for values in times]
-    spec = setup.spec
+    rows = []
+    for k, budget in enumerate(setup.budgets):
+        quartiles = statistics.quantiles(times[k], n=4)
+        peak_total, peak = memory[k]
+        rows.append(
+            {
+                "budget": "stock" if budget is None else f"{budget[0]}+{budget[1]}",
+                "tokens_per_image": tokens[k],
+                "llm_seq": tokens[k] + args.text,
+                "step_ms": median[k],
+                "iqr_ms": quartiles[2] - quartiles[0],
+                "time_ratio": median[k] / median[0],
+                "flop_ratio": flops[k].total / flops[0].total,
+                "gflop": flops[k].total / 1e9,
+                "llm_flop_share": flops[k].llm / flops[k].total,
+                "peak_mib": peak,  # what the step adds above the resident model, batch and optimizer state
+                "peak_total_mib": peak_total,  # CUDA only: everything allocated at the peak
+                "mem_ratio": None if peak is None else peak / memory[0][1],
+            }
+        )
+    return rows
+
+
+def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
+    setup = make_setup(args.family, args.geometry)
+    spec, crops = setup.spec, crops_per_image(setup)
     print(
         f"{args.family}: projector-mode step, one {setup.image_size[0]}x{setup.image_size[1]} image ({crops} tower "
-        f"pass(es)) per sample, batch {args.batch}, {args.text} text tokens/sample, {args.threads} threads, "
-        f"{args.rounds} interleaved rounds (medians); LLM {spec.text_layers}x{spec.text_hidden}, "
-        f"CLIP {spec.image_size}px/{spec.patch_size} {spec.vision_layers}x{spec.vision_hidden}"
+        f"pass(es)) per sample, batch {args.batch}, {args.text} text tokens/sample, {args.device} {args.dtype}, "
+        f"{args.threads} threads, {args.rounds} interleaved rounds (medians); LLM {spec.text_layers}x"
+        f"{spec.text_hidden}, CLIP {spec.image_size}px/{spec.patch_size} {spec.vision_layers}x{spec.vision_hidden}"
     )
     header = (
         f"{'budget':>10} {'tokens/img':>10} {'LLM seq':>7} {'step ms':>8} {'IQR ms':>7} {'time ratio':>10} "
         f"{'FLOP ratio':>10} {'GFLOP':>7} {'LLM %':>6} {'peak MiB':>9} {'mem ratio':>9}"
     )
     print(header)
-    for k, budget in enumerate(setup.budgets):
-        quartiles = statistics.quantiles(times[k], n=4)
-        label = "stock" if budget is None else f"{budget[0]}+{budget[1]}"
+    for row in rows:
+        memory = "-" if row["peak_mib"] is None else f"{row['peak_mib']:>9.0f} {row['mem_ratio']:>9.3f}"
         print(
-            f"{label:>10} {tokens[k]:>10} {tokens[k] + args.text:>7} {median[k] * 1e3:>8.0f} "
-            f"{(quartiles[2] - quartiles[0]) * 1e3:>7.0f} {median[k] / median[0]:>10.3f} "
-            f"{flops[k].total / flops[0].total:>10.3f} {flops[k].total / 1e9:>7.1f} "
-            f"{100 * flops[k].llm / flops[k].total:>6.1f} {memory[k]:>9.0f} {memory[k] / memory[0]:>9.3f}"
+            f"{row['budget']:>10} {row['tokens_per_image']:>10} {row['llm_seq']:>7} {row['step_ms']:>8.0f} "
+            f"{row['iqr_ms']:>7.0f} {row['time_ratio']:>10.3f} {row['flop_ratio']:>10.3f} {row['gflop']:>7.1f} "
+            f"{100 * row['llm_flop_share']:>6.1f} {memory:>19}"
         )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child is not None:
+        setup = make_setup(args.family, args.geometry)
+        print(json.dumps(memory_child(setup, args.memory_child, args.batch, args.text, 2, DTYPES[args.dtype])))
+        return
+    print_table(args, run(args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Vision-tower cost of VisionZip versus the stock tower and the official-style eager route.
 
-    python bench/bench_visionzip.py [--batch 4] [--rounds 7] [--threads 2] [--device cpu]
+    python bench/bench_visionzip.py [--batch 4] [--rounds 7] [--threads 2] [--device cpu] [--dtype float32]
 
 For a CLIP tower with 336 px / patch 14 (576 patches + CLS, LLaVA-1.5's geometry), a SigLIP tower of the same
 size (576 patches, no CLS) and a SigLIP tower at OneVision's geometry (384 px / patch 14 = 729 patches), each with
@@ -22,7 +22,9 @@ library does it versus the whole map at once, each in a fresh process (peak RSS 
 
 Variants run interleaved round-robin (one warm-up round discarded) so machine noise hits them alike; the table
 shows medians and ratios to stock measured in this one run, and the same for the fastest round (the least
-disturbed one on a shared machine). Goals (CLIP): visionzip <= 1.05x stock, selection < 2 % of the stock tower.
+disturbed one on a shared machine). On a CUDA device (``--device cuda``) each call is timed with CUDA events
+(``timing.time_ms``); ``--dtype bfloat16`` runs the towers in bf16, as a GPU serves them.
+Goals (CLIP): visionzip <= 1.05x stock, selection < 2 % of the stock tower.
 """
 
 from __future__ import annotations
@@ -35,11 +37,16 @@ from collections.abc import Callable
 
 import torch
 
+from timing import DTYPES, time_ms
+
 from visionzip_tune import compress, encoders
 from visionzip_tune.families.base import zip_layer, zip_tower
 
 
-def build_tower(kind: str, image_size: int, hidden: int, layers: int, heads: int, device: str):
+def build_tower(
+    kind: str, image_size: int, hidden: int, layers: int, heads: int, device: str, dtype: torch.dtype = torch.float32
+):
+    """A random tower (seed 0): built on the CPU in fp32 whatever the device, so every device gets the same weights."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
     geometry = dict(
@@ -55,7 +62,7 @@ def build_tower(kind: str, image_size: int, hidden: int, layers: int, heads: int
         tower = CLIPVisionModel(CLIPVisionConfig(**geometry))
     else:
         tower = SiglipVisionModel(SiglipVisionConfig(**geometry))
-    return tower.eval().to(device)
+    return tower.eval().to(device=device, dtype=dtype)
 
 
 def eager_route(eager_tower, hs_index: int, dominant: int, contextual: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -78,12 +85,13 @@ def eager_route(eager_tower, hs_index: int, dominant: int, contextual: int) -> C
 
 def bench_tower(kind: str, image_size: int, layer: int, args) -> dict[str, list[float]]:
     """Milliseconds per round for each variant."""
-    tower = build_tower(kind, image_size, args.hidden, args.layers, args.heads, args.device)
+    dtype = DTYPES[args.dtype]
+    tower = build_tower(kind, image_size, args.hidden, args.layers, args.heads, args.device, dtype)
     eager = copy.deepcopy(tower)
     eager.set_attn_implementation("eager")
     hs_index = layer % (args.layers + 1)
     layer_index = encoders.resolve_layer(args.layers, layer)
-    pixels = torch.randn(args.batch, 3, image_size, image_size, device=args.device)
+    pixels = torch.randn(args.batch, 3, image_size, image_size, device=args.device, dtype=dtype)
     with torch.no_grad():
         captured = encoders.run_until(tower, pixels, layer_index)
 
@@ -105,15 +113,10 @@ def interleaved(variants: dict[str, Callable[[], object]], args) -> dict[str, li
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_index in range(args.rounds + 1):
         for name, fn in variants.items():
-            if args.device != "cpu":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
             with torch.no_grad():
-                fn()
-            if args.device != "cpu":
-                torch.cuda.synchronize()
+                elapsed = time_ms(fn, args.device)
             if round_index > 0:
-                times[name].append((time.perf_counter() - start) * 1000)
+                times[name].append(elapsed)
     return times
 
 
@@ -147,11 +150,12 @@ def bench_next(args) -> tuple[dict[str, list[float]], dict[str, int]]:
         image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
     )
     torch.manual_seed(0)
-    stock_model = LlavaNextForConditionalGeneration(config).eval().to(args.device)
+    dtype = DTYPES[args.dtype]
+    stock_model = LlavaNextForConditionalGeneration(config).eval().to(device=args.device, dtype=dtype)
     flat, grid = copy.deepcopy(stock_model), copy.deepcopy(stock_model)
     vzt.apply_visionzip(flat, args.dominant, args.contextual, token_order="flat")
     vzt.apply_visionzip(grid, args.dominant, args.contextual, token_order="grid")
-    pixels = torch.randn(1, 5, 3, 336, 336, device=args.device)
+    pixels = torch.randn(1, 5, 3, 336, 336, device=args.device, dtype=dtype)
     sizes = torch.tensor([[672, 672]], device=args.device)
     tokens = {
         "stock": tokens_per_image(stock_model.config, (672, 672)),
@@ -207,7 +211,7 @@ def print_rows(label: str, times: dict[str, list[float]], percent: tuple[str, ..
         print(f"{label:<13}{name:<11}{cells}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=7)
@@ -217,13 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dominant", type=int, default=54)
     parser.add_argument("--contextual", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (timed with CUDA events)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of towers and pixels")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
 
     print(
         f"batch {args.batch}, patch 14, hidden {args.hidden}, {args.layers} layers, "
-        f"{args.heads} heads, keep {args.dominant}+{args.contextual}, device {args.device}, "
+        f"{args.heads} heads, keep {args.dominant}+{args.contextual}, device {args.device}, {args.dtype}, "
         f"{args.threads} threads, {args.rounds} rounds"
     )
     header = f"{'tower':<13}{'variant':<11}{'median ms':>10}{'vs stock':>10}{'best ms':>10}{'vs stock':>10}"

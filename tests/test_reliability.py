@@ -262,9 +262,19 @@ def test_launch_preflight_errors_are_one_paragraph_before_anything_starts(train_
     bad.write_text('[{"id": 1, "image": "x.png", "conversations": [{"from": "human", "value": "<image><image>hi"}, ')
     two_tags = tmp_path / "two-tags.json"
     two_tags.write_text(
-        json.dumps([{"id": "t", "image": "x.png", "conversations": [
-            {"from": "human", "value": "<image>\n<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}])
-    )  # fmt: skip
+        json.dumps(
+            [
+                {
+                    "id": "t",
+                    "image": "x.png",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\n<image>\nWhat?"},
+                        {"from": "gpt", "value": "red"},
+                    ],
+                }
+            ]
+        )
+    )
     cases = {
         f"data.path={bad}": "line 1",
         f"data.path={two_tags}": "id t:",
