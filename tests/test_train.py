@@ -194,14 +194,14 @@ def test_resume_continues_the_same_run(train_assets, tmp_path):
     assert [r["step"] for r in records(whole, "eval")] == [0, 2, 4]
 
 
-def wandb_history(path: Path) -> list[dict]:
-    """The history rows of an offline ``.wandb`` file: a LevelDB-style log (32 KiB blocks; records with a 7-byte
-    header crc32/length/type, split FIRST/MIDDLE/LAST across blocks) of ``wandb_internal_pb2.Record`` messages."""
+def wandb_records(path: Path) -> list:
+    """The ``wandb_internal_pb2.Record`` messages of an offline ``.wandb`` file: a LevelDB-style log (32 KiB blocks;
+    records with a 7-byte header crc32/length/type, split FIRST/MIDDLE/LAST across blocks)."""
     import struct
 
     from wandb.proto import wandb_internal_pb2
 
-    data, rows, pos, pending = path.read_bytes(), [], 7, b""  # 7: the ":W&B" file header
+    data, found, pos, pending = path.read_bytes(), [], 7, b""  # 7: the ":W&B" file header
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
@@ -215,9 +215,28 @@ def wandb_history(path: Path) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(pending)
             pending = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
-    return rows
+            found.append(record)
+    return found
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of an offline ``.wandb`` file."""
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+        for record in wandb_records(path)
+        if record.WhichOneof("record_type") == "history"
+    ]
+
+
+def test_a_run_stopped_by_a_user_error_still_finishes_its_wandb_run(train_assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="not finite"):
+        run(train_assets, out, "logging.wandb=true", "train.lr=1e30", "train.max_grad_norm=0", "train.save_every=1")
+    (file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    exits = [r.exit.exit_code for r in wandb_records(file) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [1]  # closed, and marked failed
+    assert [r["_step"] for r in wandb_history(file) if "train/loss" in r] == [1]
 
 
 def test_wandb_offline_run_holds_the_logged_loss(train_assets, tmp_path, monkeypatch):

@@ -26,11 +26,13 @@ def format_step(record: dict[str, Any], total: int) -> str:
     """The console line of a training record."""
     grad = f" | grad {record['grad_norm']:.3f}" if record["grad_norm"] is not None else ""
     unit = record.get("vision_tokens_per_unit")
-    return (
+    line = (
         f"step {record['step']:>{len(str(total))}}/{total} | loss {record['loss']:.4f} | lr {record['lr']:.2e}{grad}"
         f" | {record['samples_per_s']:.1f} samples/s | {record['tokens_per_s']:.0f} tok/s"
-        + (f" | {unit} vision tok/unit" if unit is not None else "")
     )
+    if record["images"] == 0 and record["videos"] == 0:  # says why the gradient is zero in projector mode
+        return line + " | text-only step: no image or video reached the projector"
+    return line + (f" | {unit} vision tok/unit" if unit is not None else "")
 
 
 def format_eval(record: dict[str, Any]) -> str:
