@@ -16,6 +16,4 @@ args=("$@")
 if [ $# -eq 0 ] || [[ "$1" == *=* ]]; then
     args=("$root/recipes/tiny/demo.yaml" "$@")
 fi
-# DeepSpeed JIT-builds small CPU ops on first use; keep them per user so later runs reuse them.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/visionzip_tune/torch_extensions}"
 exec python -m visionzip_tune launch "${args[@]}"

@@ -6,8 +6,6 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 source "$root/tools/ensure_installed.sh" test
 cd "$root"
-# DeepSpeed JIT-builds small CPU ops on first use; keep them in one place so reruns reuse them.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/visionzip_tune/torch_extensions}"
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 export WANDB_MODE="${WANDB_MODE:-offline}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1

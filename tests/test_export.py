@@ -285,6 +285,19 @@ def test_tampered_projector_file_is_refused(tiny_clip_export, tiny_clip_dir):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before touching it
 
 
+def test_a_recorded_budget_the_model_cannot_take_is_a_clear_error(tiny_clip_export, tiny_clip_dir):
+    """An export whose budget does not fit the model (sealed as written, e.g. by a newer version) is refused in
+    one paragraph before the model is touched, not with a raw ValueError."""
+    _, _, _, out = tiny_clip_export
+    record = read_export(out)
+    (out / "visionzip.json").write_text(json.dumps(seal({**record, "dominant": 300}, out)))
+    model = load_tiny(tiny_clip_dir)[0]
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(UserError, match=r"records a budget this model cannot take: .*dominant=300, contextual=10"):
+        load_projector(model, out)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def _edit_record(out, **changes):
     record = json.loads((out / "visionzip.json").read_text())
     (out / "visionzip.json").write_text(json.dumps({**record, **changes}))
