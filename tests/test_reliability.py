@@ -31,17 +31,30 @@ def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **extra}
 
 
-def train_sh(assets, out: Path, *overrides: str, nproc: int = 2) -> subprocess.Popen:
-    """``bash train.sh DEMO ...`` (the launcher) in the background, its own process group, output captured."""
+class Launched(subprocess.Popen):
+    """A background ``train.sh`` whose output goes to files: a pipe nobody reads while the run trains would fill
+    up and block the ranks' prints (and with them the whole run)."""
+
+    def output(self) -> tuple[str, str]:
+        """(stdout, stderr) so far."""
+        return self.out_file.read_text(), self.err_file.read_text()
+
+
+def train_sh(assets, out: Path, *overrides: str, nproc: int = 2) -> Launched:
+    """``bash train.sh DEMO ...`` (the launcher) in the background, in its own process group."""
     args = train_args(assets, out, *overrides)
-    return subprocess.Popen(
-        ["bash", str(ROOT / "train.sh"), str(DEMO), *args],
-        env=env(NPROC_PER_NODE=str(nproc)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    logs = out.parent / f"{out.name}-{time.monotonic_ns()}"
+    with open(f"{logs}.out", "w") as stdout, open(f"{logs}.err", "w") as stderr:
+        proc = Launched(
+            ["bash", str(ROOT / "train.sh"), str(DEMO), *args],
+            env=env(NPROC_PER_NODE=str(nproc)),
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+    proc.out_file, proc.err_file = Path(f"{logs}.out"), Path(f"{logs}.err")
+    return proc
 
 
 def preemptible(assets, out: Path, *extra: str) -> list[str]:
@@ -53,7 +66,7 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float =
     """Until metrics.jsonl has a training record for ``step`` (the run is past setup and stepping)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.stderr.read()[-3000:]
+        assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.output()[1][-3000:]
         if (out / "metrics.jsonl").exists() and any(r["step"] >= step for r in records(out, "train")):
             return
         time.sleep(0.05)
@@ -96,13 +109,13 @@ def projector(out: Path, step: int) -> dict[str, torch.Tensor]:
 def test_sigterm_to_the_launcher_checkpoints_exits_75_and_resumes_to_the_same_projector(train_assets, tmp_path):
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     reference = train_sh(train_assets, whole, *preemptible(train_assets, whole))
-    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    assert reference.wait(timeout=600) == 0, reference.output()[1][-3000:]
 
     proc = train_sh(train_assets, stopped, *preemptible(train_assets, stopped))
     wait_for_step(stopped, 3, proc)
     os.kill(proc.pid, signal.SIGTERM)  # the launcher only, as `kill PID` or Kubernetes would
-    assert proc.wait(timeout=300) == EXIT_INTERRUPTED, proc.stderr.read()[-3000:]
-    out = proc.stdout.read()
+    assert proc.wait(timeout=300) == EXIT_INTERRUPTED, proc.output()[1][-3000:]
+    out = proc.output()[0]
     marker = json.loads((stopped / INTERRUPTED_FILE).read_text())
     step = marker["step"]
     assert marker["signal"] == "SIGTERM" and 3 <= step < PREEMPTION_STEPS
@@ -112,7 +125,7 @@ def test_sigterm_to_the_launcher_checkpoints_exits_75_and_resumes_to_the_same_pr
     assert not (stopped / LOCK_FILE).exists()
 
     resumed = train_sh(train_assets, stopped, *preemptible(train_assets, stopped))
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    assert resumed.wait(timeout=600) == 0, resumed.output()[1][-3000:]
     a, b = projector(whole, PREEMPTION_STEPS), projector(stopped, PREEMPTION_STEPS)
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert [r["step"] for r in records(stopped, "train")] == list(range(1, PREEMPTION_STEPS + 1))
@@ -127,7 +140,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(train_assets,
     workers = worker_pids(proc.pid)
     assert sorted(workers) == [0, 1]
     os.kill(workers[1], signal.SIGUSR1)  # as SLURM's --signal=USR1 would, here reaching rank 1 alone
-    assert proc.wait(timeout=300) == EXIT_INTERRUPTED, proc.stderr.read()[-3000:]
+    assert proc.wait(timeout=300) == EXIT_INTERRUPTED, proc.output()[1][-3000:]
     marker = json.loads((out / INTERRUPTED_FILE).read_text())
     assert marker["signal"] == "a signal on another rank"  # rank 0, which reports, did not get it itself
     state = json.loads((out / "checkpoints" / f"step-{marker['step']:06d}" / "state.json").read_text())
@@ -171,16 +184,16 @@ def test_concurrent_runs_one_directory_refused_two_directories_both_finish(train
 
     second = train_sh(train_assets, first, *long_run)  # the same output.dir
     assert second.wait(timeout=300) == 2
-    err = " ".join(second.stderr.read().split())
+    err = " ".join(second.output()[1].split())
     assert f"is in use by another run (process {holder['pid']} on {socket.gethostname()}" in err
     assert "Traceback" not in err
     assert (first / "config.yaml").read_text() == config_before  # nothing of the running run was touched
 
     parallel = train_sh(train_assets, other, *preemptible(train_assets, other))  # same machine, own free port
-    assert parallel.wait(timeout=600) == 0, parallel.stderr.read()[-3000:]
+    assert parallel.wait(timeout=600) == 0, parallel.output()[1][-3000:]
     assert proc.poll() is None, "the first run should still be training"
     os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=300) == EXIT_INTERRUPTED, proc.stderr.read()[-3000:]
+    assert proc.wait(timeout=300) == EXIT_INTERRUPTED, proc.output()[1][-3000:]
     steps = [r["step"] for r in records(first, "train")]
     assert steps == list(range(1, len(steps) + 1))  # every step once: no second writer
     assert not (first / LOCK_FILE).exists() and not (other / LOCK_FILE).exists()
@@ -304,7 +317,7 @@ def test_a_bad_image_found_after_torchrun_started_is_one_paragraph_and_exit_2(tr
     out = tmp_path / "run"
     proc = train_sh(train_assets, out, f"data.image_folder={images}", "train.max_steps=6", "train.micro_batch_size=2")
     assert proc.wait(timeout=600) == 2
-    err = proc.stderr.read()
+    err = proc.output()[1]
     assert err.count("error: ") == 1 and "Traceback" not in err and "ChildFailedError" not in err, err[-3000:]
     assert f"sample id {broken['id']}: unreadable image" in " ".join(err.split())
 
