@@ -1,4 +1,4 @@
-"""``python -m visionzip_tune {train,data,export,generate} ...``: dispatch to each command's ``main(argv)``."""
+"""``python -m visionzip_tune {train,data,export,generate,launch,convert} ...``: dispatch to each command's ``main(argv)``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ COMMANDS = {
     "export": ("visionzip_tune.export_run", "export the projector of a run directory"),
     "generate": ("visionzip_tune.generate", "answer a prompt about an image or a video with a tuned projector"),
     "launch": ("visionzip_tune.launch", "check a recipe, then train it under torchrun (what train.sh runs)"),
+    "convert": ("visionzip_tune.convert", "convert an original Mini-Gemini checkpoint to a transformers model"),
 }
 
 

@@ -22,7 +22,7 @@ from visionzip_tune.docfields import bound_problems, documented
 from visionzip_tune.errors import UserError
 from visionzip_tune.preemption import parse_signals
 
-TinyFamily = Literal["llava", "llava_next", "video_llava", "llava_onevision"]
+TinyFamily = Literal["llava", "llava_next", "video_llava", "llava_onevision", "mini_gemini"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class TinySpec:
     # Anyres families: the grids of crops ("rows x columns", space separated) an image may be tiled into; HF's
     # image_grid_pinpoints are these times image_size (see tiny.image_grid_pinpoints()).
     crop_grids: str = "1x2 2x1 2x2"
+    # Mini-Gemini: MGM-HD's layout (2 x 2 crops + a global view, on an HR image twice as large) instead of MGM's.
+    hd: bool = False
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Export a tuned projector, and load it back onto a fresh base model with its VisionZip budget.
 
-An export directory holds three files (DESIGN §7):
+An export directory holds three files (DESIGN §7; two more for Mini-Gemini, below):
 
 * ``projector.safetensors`` -- the projector in HF checkpoint names (``multi_modal_projector.linear_1.weight``, ...),
   float32;
@@ -23,6 +23,13 @@ Original LLaVA code: its loader (``--model-path EXPORT --model-base liuhaotian/l
 "llava") reads ``mm_projector.bin`` and the ``config.json`` next to it; copy the base LLaVA's ``config.json`` there
 (the projector geometry is the base model's -- it is not written here because the HF config does not name the
 original vision tower). Run it under the official VisionZip with the budget of ``visionzip.json``.
+
+Original Mini-Gemini code (read, not run here: mgm/model/builder.py, mgm_arch.py ``initialize_uni_modules``): its
+projector set is the MLP plus the mining modules, so ``mm_projector.bin`` holds ``model.mm_projector.*`` and
+``model.vlm_uni_*``. Its loader (``load_pretrained_model(EXPORT, model_base=<the MGM checkpoint>, model_name)`` with
+"mgm" in the name) loads ``mm_projector.bin`` over the base with ``strict=False`` -- before the mining modules exist
+-- and then re-creates them from the checkpoint index in EXPORT: so a Mini-Gemini export also holds
+``model.safetensors.index.json`` pointing at ``mm_projector.safetensors`` (the same tensors, MGM names).
 
 Under DeepSpeed ZeRO-3 every parameter read here goes through ``deepspeed.zero.GatheredParameters``, a collective:
 call ``export_projector``, ``weights_fingerprint`` and ``load_projector`` on all ranks.
@@ -48,6 +55,10 @@ from visionzip_tune.files import atomic_dir, disk_errors, file_sha256, remove_st
 FORMAT_VERSION = 2  # 2: visionzip.json seals its fields and the export's files (checksum, files)
 PROJECTOR_FILE = "projector.safetensors"
 LLAVA_FILE = "mm_projector.bin"
+# Families whose original loader reads trained modules through a checkpoint index (Mini-Gemini's mining modules):
+# the original names again, as a safetensors checkpoint of one shard and its index.
+ORIGINAL_SAFETENSORS_FILE = "mm_projector.safetensors"
+ORIGINAL_INDEX_FILE = "model.safetensors.index.json"
 METADATA_FILE = "visionzip.json"
 ADAPTER_DIR = "adapter"  # LoRA runs: the language model's adapter, in peft's save_pretrained format
 MODEL_DIR = "model"  # full runs: the whole trained model, in HF's save_pretrained format
@@ -65,12 +76,9 @@ def _base_model(model: nn.Module) -> nn.Module:
 def original_name(hf_name: str, family: families.Family) -> str:
     """A projector parameter's name in the family's original code (``multi_modal_projector.linear_1.weight`` ->
     ``model.mm_projector.0.weight``), the names ``mm_projector.bin`` holds."""
-    for path in family.projector:
-        if hf_name.startswith(path + "."):
-            local = hf_name[len(path) + 1 :]
-            for ours, theirs in family.original_projector_names.items():
-                if local.startswith(ours):
-                    return theirs + local[len(ours) :]
+    for ours, theirs in family.original_projector_names.items():
+        if hf_name.startswith(ours):
+            return theirs + hf_name[len(ours) :]
     raise ValueError(f"projector parameter {hf_name!r} has no original name in the {family.name} family")
 
 
@@ -239,10 +247,17 @@ def seal(record: dict[str, Any], export_dir: Path) -> dict[str, Any]:
 
 
 def _write_projector(out_dir: Path, tensors: dict[str, torch.Tensor], family: families.Family) -> None:
-    """``projector.safetensors`` (HF names) and, for families with an original naming, ``mm_projector.bin``."""
+    """``projector.safetensors`` (HF names) and, for families with an original naming, ``mm_projector.bin`` (and,
+    for a family whose loader wants an index, ``mm_projector.safetensors`` with ``model.safetensors.index.json``)."""
     save_file(tensors, str(out_dir / PROJECTOR_FILE), metadata={"format": "pt"})
-    if family.original_projector_names is not None:
-        torch.save({original_name(name, family): t for name, t in tensors.items()}, out_dir / LLAVA_FILE)
+    if family.original_projector_names is None:
+        return
+    original = {original_name(name, family): t for name, t in tensors.items()}
+    torch.save(original, out_dir / LLAVA_FILE)
+    if family.original_projector_index:
+        save_file(original, str(out_dir / ORIGINAL_SAFETENSORS_FILE), metadata={"format": "pt"})
+        index = {"metadata": {}, "weight_map": dict.fromkeys(sorted(original), ORIGINAL_SAFETENSORS_FILE)}
+        (out_dir / ORIGINAL_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _gathered_copy(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:

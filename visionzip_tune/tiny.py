@@ -4,8 +4,9 @@ Nothing here downloads anything. The tokenizer is a byte-fallback BPE trained in
 vicuna_v1 system prompt, the demo data's vocabulary), shaped like Llama's: ``<unk>``=0, ``<s>``=1, ``</s>``=2, a
 ``<s>`` prepended to every encoded text, ``<pad>``, ``<image>`` (and ``<video>`` for families with a video input) as
 added special tokens. The model is a real transformers model of the family :attr:`TinySpec.family` names (LLaVA,
-LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision), randomly initialised from a seed; every family shares one tower config
-(CLIP or SigLIP) and one Llama LLM config, so the families differ only where their architectures do.
+LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision, and this package's native Mini-Gemini), randomly initialised from a seed;
+every family shares one tower config (CLIP or SigLIP) and one Llama LLM config, so the families differ only where
+their architectures do (Mini-Gemini adds a tiny ConvNeXt as its high-resolution tower).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import (
     AutoModelForImageTextToText,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
+    ConvNextConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaNextConfig,
@@ -39,6 +41,8 @@ from visionzip_tune.data.template import VICUNA_V1_SYSTEM
 from visionzip_tune.errors import UserError
 from visionzip_tune.families import FAMILIES
 from visionzip_tune.files import atomic_dir
+from visionzip_tune.modeling_mini_gemini import MiniGeminiConfig
+from visionzip_tune.modeling_mini_gemini import build_image_processor as mini_gemini_image_processor
 
 # Vocabulary the BPE is trained on; text outside it still encodes (byte fallback), just into more tokens.
 _CORPUS = [
@@ -116,6 +120,10 @@ _WITH_PROCESSOR = ("llava", "llava_next")
 # OneVision's stock layout downscales an anyres grid bigger than this many crops' worth (its release uses 9); 4 lets
 # a tiny 3x3 grid reach that branch.
 ONEVISION_ASPECT_RATIO = "anyres_max_4"
+# Mini-Gemini's HR tower: four stages like ConvNeXt-L (120 channels in all). Layer scale 1: at ImageNet's 1e-6 the
+# random blocks would be near-identities and the stage outputs would barely depend on them.
+MINI_GEMINI_AUX = {"hidden_sizes": [8, 16, 32, 64], "depths": [1, 1, 2, 1], "layer_scale_init_value": 1.0}
+MINI_GEMINI_REGION_SIDE = 4  # HR vectors per LR token and side (MGM-7B: 8)
 
 
 def tower_name(spec: TinySpec) -> str:
@@ -123,6 +131,14 @@ def tower_name(spec: TinySpec) -> str:
     if spec.tower is not None:
         return spec.tower
     return "siglip" if spec.family == "llava_onevision" else "clip"
+
+
+def mini_gemini_image_size_aux(spec: TinySpec) -> int:
+    """The HR image side of a tiny Mini-Gemini: ConvNeXt's stride 4 x one region per LR patch per side x the grid
+    (2 for HD), so that every LR token mines MINI_GEMINI_REGION_SIDE² HR vectors."""
+    grid = 2 if spec.hd else 1
+    stride = ConvNextConfig().patch_size
+    return stride * (spec.image_size // spec.patch_size) * MINI_GEMINI_REGION_SIDE * grid
 
 
 def image_grid_pinpoints(spec: TinySpec) -> list[list[int]]:
@@ -180,8 +196,9 @@ def _text_config(spec: TinySpec, tokenizer):
 
 
 def build_config(spec: TinySpec, tokenizer):
-    """The family's config (``LlavaConfig``, ``LlavaNextConfig``, ``VideoLlavaConfig`` or ``LlavaOnevisionConfig``)
-    around the shared tower and LLM configs, with the tokenizer's ``<image>`` / ``<video>`` / ``<pad>`` ids."""
+    """The family's config (``LlavaConfig``, ``LlavaNextConfig``, ``VideoLlavaConfig``, ``LlavaOnevisionConfig`` or
+    ``MiniGeminiConfig``) around the shared tower and LLM configs, with the tokenizer's ``<image>`` / ``<video>`` /
+    ``<pad>`` ids."""
     vision, strategy, layer, _ = _tower_config(spec)
     patches = (spec.image_size // spec.patch_size) ** 2
     common = dict(
@@ -194,6 +211,8 @@ def build_config(spec: TinySpec, tokenizer):
     )
     if spec.family == "llava":
         return LlavaConfig(image_seq_length=patches, **common)
+    if spec.family == "mini_gemini":
+        return _mini_gemini_config(spec, common)
     if spec.family == "llava_next":
         return LlavaNextConfig(image_grid_pinpoints=image_grid_pinpoints(spec), image_seq_length=patches, **common)
     video_token_index = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
@@ -211,11 +230,29 @@ def build_config(spec: TinySpec, tokenizer):
             vision_aspect_ratio=ONEVISION_ASPECT_RATIO,
             **common,
         )
-    raise ValueError(f"unknown family {spec.family!r}; expected one of llava, llava_next, video_llava, llava_onevision")
+    raise ValueError(f"unknown family {spec.family!r}; expected one of {', '.join(FAMILIES)}")
+
+
+def _mini_gemini_config(spec: TinySpec, common: dict) -> MiniGeminiConfig:
+    """MGM's layout (or MGM-HD's, ``spec.hd``) around the shared CLIP tower and LLM, with a tiny ConvNeXt."""
+    if tower_name(spec) != "clip":
+        raise UserError(
+            f"model.tiny.tower={spec.tower!r}: a tiny mini_gemini needs a CLIP tower (Mini-Gemini mines CLIP patch "
+            "tokens, CLS first); set model.tiny.tower=clip or null"
+        )
+    return MiniGeminiConfig(
+        aux_vision_config=ConvNextConfig(**MINI_GEMINI_AUX),
+        image_size_aux=mini_gemini_image_size_aux(spec),
+        image_grid=2 if spec.hd else 1,
+        image_global=spec.hd,
+        **common,
+    )
 
 
 def build_image_processor(spec: TinySpec):
     """The family's PIL image processor at the spec's geometry (no torchvision needed)."""
+    if spec.family == "mini_gemini":
+        return mini_gemini_image_processor(mini_gemini_image_size_aux(spec))
     size = spec.image_size
     square = {"height": size, "width": size}
     if spec.family == "llava_next":

@@ -2,7 +2,7 @@
 / ``<video>`` tokens an image or video becomes, and VisionZip's instance-level overrides of the inner model's
 feature methods.
 
-One module per family (``llava``, ``llava_next``, ``video_llava``, ``llava_onevision``), each defining a
+One module per family (``llava``, ``llava_next``, ``video_llava``, ``llava_onevision``, ``mini_gemini``), each defining a
 :class:`~visionzip_tune.families.base.Family` named ``FAMILY``; adding a family means one new module and one line
 in :data:`FAMILIES`. VisionZip runs on every unit the tower sees independently: an image, an anyres crop, a video
 frame. The overrides are bound with ``types.MethodType`` to the *inner* model instance (``model.model``): both
@@ -20,11 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from visionzip_tune import compress, encoders, processing
-from visionzip_tune.families import llava, llava_next, llava_onevision, video_llava
+from visionzip_tune.families import llava, llava_next, llava_onevision, mini_gemini, video_llava
 from visionzip_tune.families.base import Family, ImageSize, tiled_flags
 
+# mini_gemini's import registers its native model with transformers' Auto classes (on import of visionzip_tune).
 FAMILIES: dict[str, Family] = {
-    family.name: family for family in (llava.FAMILY, llava_next.FAMILY, video_llava.FAMILY, llava_onevision.FAMILY)
+    family.name: family
+    for family in (llava.FAMILY, llava_next.FAMILY, video_llava.FAMILY, llava_onevision.FAMILY, mini_gemini.FAMILY)
 }
 
 IMAGE_INPUTS = ("pixel_values", "image_sizes", "batch_num_images")  # what the image processors emit, by family
@@ -135,10 +137,12 @@ def processor_counts(config) -> tuple[Callable[[dict, int], int], Callable[[dict
 
 
 def blank_image_inputs(config) -> dict[str, Tensor]:
-    """Image inputs of one all-zero image of the tower's input size, laid out as the family's image processor lays
-    out a real one (anyres: every crop of that image, and its ``image_sizes``). fp32, on the CPU."""
-    size = config.vision_config.image_size
-    if not family_of(config).anyres:
+    """Image inputs of one all-zero image of the family's input size (``Family.image_side``), laid out as the
+    family's image processor lays out a real one (anyres: every crop of that image, and its ``image_sizes``). fp32,
+    on the CPU."""
+    family = family_of(config)
+    size = family.image_side(config)
+    if not family.anyres:
         return {"pixel_values": torch.zeros(1, 3, size, size)}
     crops = llava_next.crop_count(config, (size, size))
     return {"pixel_values": torch.zeros(1, crops, 3, size, size), "image_sizes": torch.tensor([[size, size]])}

@@ -19,9 +19,17 @@ from visionzip_tune import compress, encoders
 
 ImageSize = tuple[int, int]  # (height, width) of an image as its image processor saw it
 
-# The LLaVA projector's parameter names in the original LLaVA code (``mm_projector.bin``), by their prefix in
-# ``multi_modal_projector``: linear_1 and linear_2 are entries 0 and 2 of LLaVA's Sequential(Linear, GELU, Linear).
-LLAVA_PROJECTOR_NAMES = {"linear_1.": "model.mm_projector.0.", "linear_2.": "model.mm_projector.2."}
+# The LLaVA projector's parameter names in the original LLaVA code (``mm_projector.bin``), by their HF name prefix
+# (relative to the inner model): linear_1 and linear_2 are entries 0 and 2 of LLaVA's Sequential(Linear, GELU, Linear).
+LLAVA_PROJECTOR_NAMES = {
+    "multi_modal_projector.linear_1.": "model.mm_projector.0.",
+    "multi_modal_projector.linear_2.": "model.mm_projector.2.",
+}
+
+
+def tower_image_side(config) -> int:
+    """The side of the square images (or crops, or frames) in ``pixel_values``: the tower's input size."""
+    return config.vision_config.image_size
 
 
 @dataclass(frozen=True)
@@ -44,9 +52,13 @@ class Family:
     # without its DeepStack mergers): subset name -> module paths. "all" (the whole projector) is always there.
     projector_subsets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     language_model: str = "language_model"
-    # Projector parameter names in the family's original (non-HF) code, by HF name prefix within the projector
-    # module: what ``mm_projector.bin`` is written with. None: the export has no such file for this family.
+    # Projector parameter names in the family's original (non-HF) code, by HF name prefix relative to the inner
+    # model (``multi_modal_projector.linear_1.``): what ``mm_projector.bin`` is written with. None: the export has no
+    # such file for this family.
     original_projector_names: dict[str, str] | None = field(default_factory=lambda: dict(LLAVA_PROJECTOR_NAMES))
+    # Whether the export also writes those names as a safetensors checkpoint with its index: the original loader
+    # of Mini-Gemini reads its mining modules through ``model.safetensors.index.json``, not ``mm_projector.bin``.
+    original_projector_index: bool = False
     # Orders the zipped tokens of one image can be fed in; the first is the default. Only a family with a choice
     # records "token_order" in config.visionzip.
     token_orders: tuple[str, ...] = ("flat",)
@@ -56,6 +68,9 @@ class Family:
     anyres: bool = False
     # Whether the images of a sample holding several are tiled like a lone image (OneVision feeds them untiled).
     tiles_every_image: bool = True
+    # The side of the square images in ``pixel_values`` (blank inputs for text-only batches are that size): the
+    # tower's input size, or Mini-Gemini's high-resolution image, from which its model derives the tower's input.
+    image_side: Callable[[object], int] = tower_image_side
 
     @property
     def has_video(self) -> bool:

@@ -1,0 +1,98 @@
+"""Mini-Gemini (``MiniGeminiForConditionalGeneration``, the native model of :mod:`visionzip_tune.modeling_mini_gemini`):
+VisionZip as "mine, then zip".
+
+MGM refines every CLIP patch token with its own high-resolution region before the projector (patch info mining).
+VisionZip on MGM mines all patch tokens of a view first, then selects and merges ``[CLS, mined patches]`` with
+VisionZip's own signals from CLIP layer L (the CLS row of its attention, the head-mean keys): CLS stays dominant token
+#0, unmined, as for LLaVA-1.5. Mining is local per token, so the dominant tokens are exactly MGM's own tokens at those
+positions; only the contextual tokens depend on the order (merged mined tokens rather than mined merged tokens).
+HD zips each of its 5 views with the same budget, in MGM's ``[global, crops]`` order. Budgets are the paper's
+Table 8 (54+10, 108+20, 162+30; per view for HD). The paper's own MGM integration is unpublished (the obvious
+drop-in of the LLaVA patch crashes MGM's resampler at 128 and 192 tokens), so its Table 14 is a target, not
+something this reproduces bit for bit.
+
+Projector mode trains MGM's own stage-1 set: the MLP (``multi_modal_projector``, MGM's ``mm_projector``) and the
+three mining projections; ``train.projector_modules=mlp_only`` trains the MLP alone. Both towers stay frozen, and
+the ConvNeXt runs in full whatever the budget: the saving is in the LLM and CLIP's last layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from visionzip_tune import compress
+from visionzip_tune.families.base import Family, zip_layer
+from visionzip_tune.modeling_mini_gemini import (
+    MINING_MODULES,
+    MinedViews,
+    mine_views,
+    per_image,
+    stock_tokens_per_image,
+    views_per_image,
+)
+
+# The projector parameters' names in MGM's checkpoints and its stage-1 ``mm_projector.bin``, by HF name prefix
+# (relative to the inner model): the MLP is LLaVA's Sequential(Linear, GELU, Linear); the mining modules keep MGM's
+# names (mgm/model/mgm_arch.py:149-154).
+MGM_PROJECTOR_NAMES = {
+    "multi_modal_projector.linear_1.": "model.mm_projector.0.",
+    "multi_modal_projector.linear_2.": "model.mm_projector.2.",
+    **{f"{name}.": f"model.{name}." for name in MINING_MODULES},
+}
+
+
+def zipped_tokens_per_image(config, budget: dict, image_size: tuple[int, int] | None = None) -> int:
+    """Placeholder tokens of one image under a VisionZip ``budget``: every view keeps dominant + contextual tokens
+    (64 / 128 / 192; HD 320 / 640 / 960)."""
+    return views_per_image(config) * (budget["dominant"] + budget["contextual"])
+
+
+def zip_mined_views(mined: MinedViews, dominant: int, contextual: int) -> compress.ZipResult:
+    """VisionZip on every view's ``[CLS, mined patches]``, selected by the CLS row of the captured CLIP layer and
+    merged by its head-mean keys. Returns tokens (B * V, dominant + contextual, D) with autograd through the mined
+    tokens, and positions counting CLS as 0, patch j as j + 1."""
+    hidden = torch.cat([mined.capture.hidden[:, :1], mined.tokens], dim=1)
+    return zip_layer(mined.capture._replace(hidden=hidden), dominant, contextual)
+
+
+def get_image_features(
+    self,
+    pixel_values: Tensor,
+    vision_feature_layer: int | None = None,
+    vision_feature_select_strategy: str | None = None,
+    **kwargs,
+) -> BaseModelOutputWithPooling:
+    """VisionZip replacement for ``MiniGeminiModel.get_image_features`` (same parameter names: ``generate()``
+    filters the kwargs it passes by them): "mine, then zip" at the budget of ``self.config.visionzip``.
+
+    pixel_values: (B, 3, S_aux, S_aux). Returns ``last_hidden_state`` = (B, V * K, D) zipped tokens and
+    ``pooler_output`` = list of B tensors (V * K, text hidden), projected with autograd on.
+    """
+    budget = self.config.visionzip
+    mined = mine_views(self, pixel_values, vision_feature_layer, eager=budget["eager"])
+    zipped = zip_mined_views(mined, budget["dominant"], budget["contextual"])
+    tokens = per_image(zipped.tokens, pixel_values.shape[0])
+    return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=list(self.multi_modal_projector(tokens)))
+
+
+def high_resolution_side(config) -> int:
+    """MGM's ``pixel_values`` are the HR image, ``image_size_aux`` px square; the model derives the LR views."""
+    return config.image_size_aux
+
+
+FAMILY = Family(
+    name="mini_gemini",
+    model_class="MiniGeminiForConditionalGeneration",
+    model_type="mini_gemini",
+    overrides={"get_image_features": get_image_features},
+    stock_tokens=stock_tokens_per_image,
+    zipped_tokens=zipped_tokens_per_image,
+    towers=("vision_tower", "vision_tower_aux"),
+    projector=("multi_modal_projector", *MINING_MODULES),
+    projector_subsets={"mlp_only": ("multi_modal_projector",)},
+    original_projector_names=MGM_PROJECTOR_NAMES,
+    original_projector_index=True,
+    image_side=high_resolution_side,
+)
