@@ -168,6 +168,16 @@ def oracle_tokens(views) -> torch.Tensor:
     return torch.stack([torch.cat([mined for _, mined, _ in per_view]) for per_view in views])
 
 
+@torch.no_grad()
+def oracle_logits(model, ids, pixels) -> torch.Tensor:
+    """Straightforward MGM logits: the token embeddings, the image positions overwritten with the projected
+    :func:`oracle` tokens, through the LLM and its head (MGM splices its image features in the same way)."""
+    embeds = model.model.language_model.embed_tokens(ids).clone()
+    features = model.model.multi_modal_projector(oracle_tokens(oracle(model, pixels)))
+    embeds[ids == model.config.image_token_id] = features.flatten(0, 1)
+    return model.lm_head(model.model.language_model(inputs_embeds=embeds).last_hidden_state)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Stock MGM
 
