@@ -9,7 +9,8 @@ import pytest
 from visionzip_tune.compress import validate_budget
 from visionzip_tune.config import load_config
 from visionzip_tune.encoders import tokens_per_tower_output
-from visionzip_tune.families import tokens_per_image, tokens_per_video
+from visionzip_tune.families import resolve_budget, tokens_per_image, tokens_per_video
+from visionzip_tune.modeling_mini_gemini import MiniGeminiConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -17,6 +18,7 @@ LLAVA = [r for r in RECIPES if r.parent.name.startswith("llava-1.5-")]
 NEXT = [r for r in RECIPES if r.parent.name.startswith("llava-next-")]
 VIDEO_LLAVA = [r for r in RECIPES if r.parent.name.startswith("video-llava-")]
 ONEVISION = [r for r in RECIPES if r.parent.name.startswith("llava-onevision-")]
+MINI_GEMINI = [r for r in RECIPES if r.parent.name.startswith("mini-gemini-")]
 GPU_RECIPES = LLAVA + NEXT + VIDEO_LLAVA + ONEVISION
 GPUS = 8  # the recipes' global batch is stated for one 8-GPU node
 # LLaVA-NeXT, paper Table 9: total tokens over 5 crops -> (dominant, contextual) per crop.
@@ -89,6 +91,10 @@ def test_the_expected_recipes_exist():
         "video-llava-7b/projector.yaml",
         "llava-onevision-0.5b/projector.yaml",
         "llava-onevision-7b/projector.yaml",
+        "mini-gemini-7b/projector.yaml",
+        "mini-gemini-7b/full.yaml",
+        "mini-gemini-13b/projector.yaml",
+        "mini-gemini-7b-hd/projector.yaml",
     } <= names
 
 
@@ -194,6 +200,31 @@ def test_onevision_recipes_zip_every_crop_and_frame(recipe):
     assert video < tokens_per_video(released_config(recipe), cfg.data.video_frames)
     text = " ".join(header(recipe).split())
     assert "No official VisionZip recipe exists" in text and "no CLS" in text, "say the budget is a choice, and why"
+
+
+@pytest.mark.parametrize("recipe", MINI_GEMINI, ids=lambda r: str(r.relative_to(ROOT / "recipes")))
+def test_mini_gemini_recipes_zip_every_view_with_a_table_8_budget(recipe):
+    """MGM-7B/13B: 54+10 of 576 tokens per image (paper Table 8); HD: the same per view, 5 x 64 of 2,880. The model
+    is the directory `convert mini-gemini` writes; the training setup is the LLaVA-1.5 recipes' (MGM's stage 2
+    agrees)."""
+    cfg = load_config(recipe)
+    hd = recipe.parent.name.endswith("-hd")
+    config = MiniGeminiConfig(image_size_aux=1536, image_grid=2, image_global=True) if hd else MiniGeminiConfig()
+    assert tokens_per_image(config) == (2880 if hd else 576)
+    config.visionzip = resolve_budget(config, cfg.visionzip.dominant, cfg.visionzip.contextual)
+    assert tokens_per_image(config) == (320 if hd else 64)
+    assert cfg.model.name_or_path == f"models/{recipe.parent.name}"
+    text = header(recipe)
+    assert "convert mini-gemini --checkpoint" in text and f"--output models/{recipe.parent.name}" in text
+    assert cfg.train.mode == recipe.stem and cfg.train.projector_modules == "all"
+    assert cfg.train.micro_batch_size * cfg.train.grad_accum * GPUS == 128
+    assert (cfg.train.lr, cfg.train.warmup_ratio, cfg.train.weight_decay, cfg.train.epochs) == (2e-5, 0.03, 0.0, 1)
+    assert cfg.deepspeed.zero_stage == {"projector": 2, "full": 3}[cfg.train.mode]
+    assert (cfg.data.template, cfg.data.image_aspect) == ("vicuna_v1", "pad")
+    if cfg.train.mode == "projector":
+        assert cfg.data.path == "data/llava_v1_5_mix665k_10pct.json"
+    assert cfg.output.dir == f"runs/{recipe.parent.name}-{recipe.stem}"
+    assert all(budget in recipe.read_text() for budget in ("108+20", "162+30")), "document the budgets"
 
 
 def test_every_budget_override_is_valid():
