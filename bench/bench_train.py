@@ -42,7 +42,13 @@ import torch
 
 from timing import DTYPES, is_cuda, time_ms
 
-from visionzip_tune.families import apply_visionzip, projector_parameters, remove_visionzip, tokens_per_image
+from visionzip_tune.families import (
+    apply_visionzip,
+    family_of,
+    projector_parameters,
+    remove_visionzip,
+    tokens_per_image,
+)
 from visionzip_tune.tiny import TinySpec, build_tiny
 
 GEOMETRIES = {
@@ -147,9 +153,10 @@ def make_batch(model, setup: Setup, batch: int, text: int) -> dict[str, torch.Te
     input_ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), image, words], dim=1)
     labels = torch.full_like(input_ids, -100)
     labels[:, -SUPERVISED:] = input_ids[:, -SUPERVISED:]
-    size = config.vision_config.image_size
+    family = family_of(config)
+    size = family.image_side(config)  # the tower's input; Mini-Gemini's high-resolution image
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
-    if setup.spec.family == "llava":
+    if not family.anyres:
         inputs["pixel_values"] = torch.randn(batch, 3, size, size, generator=generator)
     else:
         crops = crops_per_image(setup)

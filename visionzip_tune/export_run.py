@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m visionzip_tune export",
         description="Export the trained projector of a run directory: projector.safetensors (HF names), "
-        "mm_projector.bin (original LLaVA names) and visionzip.json (budget, base model fingerprint, recipe).",
+        "mm_projector.bin (original LLaVA / Mini-Gemini names; Mini-Gemini adds the same in mm_projector.safetensors "
+        "with model.safetensors.index.json) and visionzip.json (budget, base model fingerprint, recipe).",
     )
     parser.add_argument("--run", required=True, help="run directory (the output.dir of a training run)")
     parser.add_argument("--checkpoint", help="checkpoint name under RUN/checkpoints (default: the latest)")

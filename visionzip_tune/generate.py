@@ -1,5 +1,5 @@
 """``python -m visionzip_tune generate``: answer prompts about an image and/or a video with a tuned projector and its
-budget, for every supported family (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision).
+budget, for every supported family (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision, Mini-Gemini).
 
     python -m visionzip_tune generate --projector runs/x/export --image cat.jpg --prompt "What is this?"
     python -m visionzip_tune generate --projector runs/v/export --video clip.mp4 --prompt "What happens?"
