@@ -1,12 +1,12 @@
 """Mini-Gemini: image-feature time and projector-mode step time, stock (576 tokens) against VisionZip (192, 64),
 next to a FLOP count.
 
-    python bench/bench_mini_gemini.py [--rounds 5] [--batch 2] [--text 100] [--threads 2]
+    python bench/bench_mini_gemini.py [--rounds 5] [--batch 2] [--text 100] [--threads 2] [--device cpu|cuda]
 
 Model: a random tiny-but-deep Mini-Gemini at MGM-7B's token geometry, built from configs (no download): CLIP 336 px /
 patch 14 (576 patches, hidden 128, 6 layers), a ConvNeXt of 4 stages (widths 32-256, depths 2/2/6/2: C = 480
 channels) on the 768 px HR image (a 192 x 192 map: 8 x 8 HR vectors per LR token, as MGM-7B), and the Llama LLM of
-bench_train.py (hidden 512, 8 layers). Budgets: stock, 162 + 30, 54 + 10 (paper Table 8).
+bench_train.py's ``small`` geometry (hidden 512, 8 layers), fp32. Budgets: stock, 162 + 30, 54 + 10 (paper Table 8).
 
 Measured, interleaved round-robin on one model after a warm-up round (medians, ratios to stock from this one run):
 ``features`` = ``get_image_features`` under no_grad (both towers, mining, selection, projector); ``step`` = forward
@@ -23,11 +23,12 @@ key/value projections of 36,864 HR vectors per image stay as a floor under the s
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
-import time
 
 import torch
-from bench_train import GEOMETRY, Setup, make_batch, set_budget, step_flops, train_step
+from bench_train import GEOMETRIES, Setup, make_batch, set_budget, step_flops, train_step
+from timing import time_ms
 from transformers import ConvNextConfig, LlamaConfig
 
 from visionzip_tune.families import projector_parameters, tokens_per_image
@@ -41,10 +42,11 @@ from visionzip_tune.tiny import TinySpec, build_config, build_tokenizer
 BUDGETS = (None, (162, 30), (54, 10))  # (dominant, contextual) per image; None = stock
 CONVNEXT = {"hidden_sizes": [32, 64, 128, 256], "depths": [2, 2, 6, 2], "layer_scale_init_value": 1.0}
 IMAGE_SIZE_AUX = 768  # MGM-7B's HR side: 4 x 24 x 8
+GEOMETRY = GEOMETRIES["small"]
 
 
-def build_model() -> MiniGeminiForConditionalGeneration:
-    """The bench model (fp32, random, seed 0) with only MGM's projector set trainable."""
+def build_model(device: str) -> MiniGeminiForConditionalGeneration:
+    """The bench model (fp32, random, seed 0) on ``device``, with only MGM's projector set trainable."""
     spec = TinySpec(family="mini_gemini", **GEOMETRY)
     tiny = build_config(spec, build_tokenizer())
     config = MiniGeminiConfig(
@@ -57,7 +59,7 @@ def build_model() -> MiniGeminiForConditionalGeneration:
         pad_token_id=tiny.pad_token_id,
     )
     torch.manual_seed(0)
-    model = MiniGeminiForConditionalGeneration(config)
+    model = MiniGeminiForConditionalGeneration(config).to(device)
     model.requires_grad_(False)
     for param in projector_parameters(model).values():
         param.requires_grad_(True)
@@ -130,6 +132,11 @@ def mgm_7b_config() -> MiniGeminiConfig:
     return MiniGeminiConfig(text_config=llm)
 
 
+@torch.no_grad()
+def image_features(model, pixel_values: torch.Tensor) -> None:
+    model.model.get_image_features(pixel_values=pixel_values)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -139,10 +146,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="samples (one image each) per step")
     parser.add_argument("--text", type=int, default=100, help="text tokens per sample (BOS included)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (timed with CUDA events)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = build_model()
+    model = build_model(args.device)
     optimizer = torch.optim.AdamW(list(projector_parameters(model).values()), lr=1e-5)
     setup = Setup(TinySpec(family="mini_gemini", **GEOMETRY), BUDGETS, (IMAGE_SIZE_AUX, IMAGE_SIZE_AUX))
     batches, tokens = [], []
@@ -155,14 +163,11 @@ def main() -> None:
     for round_index in range(args.rounds + 1):
         for k, (budget, data) in enumerate(zip(BUDGETS, batches)):
             set_budget(model, budget)
-            start = time.perf_counter()
-            with torch.no_grad():
-                model.model.get_image_features(pixel_values=data["pixel_values"])
-            middle = time.perf_counter()
-            train_step(model, optimizer, data)
+            feature_ms = time_ms(functools.partial(image_features, model, data["pixel_values"]), args.device)
+            step_ms = time_ms(functools.partial(train_step, model, optimizer, data), args.device)
             if round_index > 0:  # round 0 warms up allocator and kernels
-                features[k].append(middle - start)
-                steps[k].append(time.perf_counter() - middle)
+                features[k].append(feature_ms)
+                steps[k].append(step_ms)
 
     config = model.config
     print(
@@ -184,8 +189,8 @@ def main() -> None:
         label = "stock" if budget is None else f"{budget[0]}+{budget[1]}"
         feature_ms, step_ms = statistics.median(features[k]), statistics.median(steps[k])
         print(
-            f"{label:>10} {tokens[k]:>6} {feature_ms * 1e3:>11.0f} {feature_ms / feature_base:>6.3f} "
-            f"{feature_flops(config, tokens[k]) / flops_feature_base:>10.3f} {step_ms * 1e3:>8.0f} "
+            f"{label:>10} {tokens[k]:>6} {feature_ms:>11.0f} {feature_ms / feature_base:>6.3f} "
+            f"{feature_flops(config, tokens[k]) / flops_feature_base:>10.3f} {step_ms:>8.0f} "
             f"{step_ms / step_base:>6.3f} "
             f"{step_total_flops(config, tokens[k], args.batch, args.text) / flops_step_base:>10.3f}"
         )

@@ -180,9 +180,11 @@ def test_export_in_mgm_names_loads_as_mgm_loads_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_train_mgm_projector_set_and_export(tmp_path):
-    """ZeRO-3 under torchrun (weights sharded at load by zero.Init): MGM's projector set trains while a rank's
-    micro-batch may hold only text (blank HR image through both towers) and the export gathers whole tensors."""
+@pytest.mark.parametrize("mode, port", [("projector", 29461), ("full", 29462)])
+def test_zero3_two_processes_train_and_export(tmp_path, mode, port):
+    """ZeRO-3 under torchrun (weights sharded at load by zero.Init): MGM's projector set (and in full mode the LLM)
+    trains while a rank's micro-batch may hold only text (blank HR image through both towers), and the export
+    gathers whole tensors (full mode: the whole model, towers untouched)."""
     demo = make_demo_dataset(tmp_path / "demo", n=24, seed=0, n_eval=4)
     samples = json.loads(demo.train.read_text())
     images = [s for s in samples if "image" in s][:3]
@@ -199,10 +201,11 @@ def test_zero3_two_processes_train_mgm_projector_set_and_export(tmp_path):
         "data.group_by_modality=false",
         "train.micro_batch_size=1",
         "train.save_every=3",
+        f"train.mode={mode}",
     )
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = str(ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29461"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port)]
     cmd += ["-m", "visionzip_tune", "train", str(DEMO), *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -212,7 +215,8 @@ def test_zero3_two_processes_train_mgm_projector_set_and_export(tmp_path):
     assert sum(r["images"] for r in steps) == 3
     saved = load_file(out / "checkpoints" / "step-000003" / "trainable.safetensors")
     base = AutoModelForImageTextToText.from_pretrained(tmp_path / "mgm")
-    assert set(saved) == {f"model.{name}" for name in projector_parameters(base)}
+    projector = {f"model.{name}" for name in projector_parameters(base)}
+    assert projector <= set(saved) and any(".language_model." in name for name in saved) == (mode == "full")
     exported = load_file(out / "export" / "projector.safetensors")
     mgm_named = torch.load(out / "export" / "mm_projector.bin", weights_only=True)
     assert set(mgm_named) == MGM_NAMES
@@ -221,6 +225,9 @@ def test_zero3_two_processes_train_mgm_projector_set_and_export(tmp_path):
         assert tensor.shape == projector_parameters(base)[name].shape  # whole, gathered
     assert torch.equal(mgm_named["model.vlm_uni_val_projector.1.weight"], exported["vlm_uni_val_projector.1.weight"])
     assert not torch.equal(exported["vlm_uni_val_projector.1.weight"], base.model.vlm_uni_val_projector[1].weight)
+    if mode == "full":
+        whole = AutoModelForImageTextToText.from_pretrained(out / "export" / "model")
+        assert changed(whole, base) == {"multi_modal_projector", *MINING_MODULES, "language_model", "lm_head"}
 
 
 # ----------------------------------------------------------------------------------------------------------------

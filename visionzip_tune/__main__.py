@@ -1,4 +1,4 @@
-"""``python -m visionzip_tune {train,data,export,generate,launch,convert} ...``: dispatch to each command's ``main(argv)``."""
+"""``python -m visionzip_tune {train,data,export,generate,launch,convert} ...``: each command's ``main(argv)``."""
 
 from __future__ import annotations
 
