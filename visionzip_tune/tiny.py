@@ -137,7 +137,7 @@ def mini_gemini_image_size_aux(spec: TinySpec) -> int:
     """The HR image side of a tiny Mini-Gemini: ConvNeXt's stride 4 x one region per LR patch per side x the grid
     (2 for HD), so that every LR token mines MINI_GEMINI_REGION_SIDE² HR vectors."""
     grid = 2 if spec.hd else 1
-    stride = ConvNextConfig().patch_size
+    stride = ConvNextConfig(**MINI_GEMINI_AUX).patch_size  # the stem's stride: stage 0 of the HR map
     return stride * (spec.image_size // spec.patch_size) * MINI_GEMINI_REGION_SIDE * grid
 
 
