@@ -36,41 +36,22 @@ from visionzip_tune.data.config import (
     IMAGE_ASPECTS,
     TEMPLATES,
 )
-from visionzip_tune.data.images import MediaTransform, open_image
-from visionzip_tune.data.template import IGNORE_INDEX, Templater, Turn
+from visionzip_tune.data.images import open_image
 from visionzip_tune.data.validate import BadSample
-from visionzip_tune.data.video import read_video
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import MODEL_DIR, load_projector, read_export
-from visionzip_tune.families import apply_visionzip, sample_image_tokens, tokens_per_video
+from visionzip_tune.families import apply_visionzip, tokens_per_video
 from visionzip_tune.processing import Processing
+from visionzip_tune.prompts import Prompter, recipe_data_setting, video_frames_of
 
 NO_MEDIA = "give an image (--image FILE) and/or a video (--video FILE_OR_DIR) to ask about."
-
-
-def video_frames_of(path: str | Path, frames: int) -> list[Image.Image]:
-    """``frames`` frames sampled uniformly from ``path``: a video file (decoded with PyAV) or a directory of frame
-    images (every file with an image extension, in name order). :class:`UserError` naming the path otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        extensions = Image.registered_extensions()
-        names = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
-        if not names:
-            raise UserError(f"--video {path}: the directory holds no frame images (files like 000.png, 001.png).")
-        video, folder = names, path
-    else:
-        video, folder = path.name, path.parent
-    try:
-        return read_video(video, folder, frames)
-    except BadSample as err:
-        raise UserError(f"--video {path}: {err.reason}") from None
 
 
 class Chat:
     """A multi-turn conversation about one image and/or one video, templated as in training; greedy decoding.
 
-    ``processing`` is ``(tokenizer, image_processor, chat_template)``. The media go into the first user turn, the
-    video's ``<video>`` before the image's ``<image>`` as the training templater renders them.
+    ``processing`` is ``(tokenizer, image_processor, chat_template)``. Prompts come from a
+    :class:`~visionzip_tune.prompts.Prompter` with the recipe's ``template``, ``image_aspect`` and ``video_frames``.
     """
 
     def __init__(
@@ -86,27 +67,21 @@ class Chat:
         max_new_tokens: int = 128,
     ):
         self.model = model
-        self.tokenizer, image_processor, chat_template = processing
-        config = model.config
-        self.image_token_id = config.image_token_id
-        self.video_token_id = getattr(config, "video_token_id", None)
-        self.templater = Templater(
-            self.tokenizer, template, self.image_token_id, chat_template, video_token_id=self.video_token_id
+        self.prompter = Prompter(
+            model, processing, template=template, image_aspect=image_aspect, video_frames=video_frames
         )
-        self.transform = MediaTransform(image_processor, image_aspect, video_frames)
+        self.tokenizer = self.prompter.tokenizer
         self.video_frames = video_frames
         self.max_new_tokens = max_new_tokens
-        self.image: dict[str, torch.Tensor] = {}  # model inputs of the image ({} without one)
-        self.video: dict[str, torch.Tensor] = {}  # ... of the video
-        self.image_tokens: list[int] = []  # placeholders of the image (0 or 1 entry)
-        self.video_tokens: list[int] = []  # ... of the video
+        self.pictures: list[Image.Image] = []  # the image (0 or 1)
+        self.frames: list[Image.Image] | None = None  # the video's frames
         self.set_media(image, video)
 
     def set_media(self, image: str | Path | None = None, video: str | Path | None = None) -> None:
         """Start a new conversation about ``image`` and/or ``video`` (at least one)."""
         if image is None and video is None:
             raise UserError(NO_MEDIA)
-        self.image, self.image_tokens, self.video, self.video_tokens = {}, [], {}, []
+        self.pictures, self.frames = [], None
         if video is not None:
             self.set_video(video)
         if image is not None:
@@ -115,54 +90,39 @@ class Chat:
     def set_image(self, image: str | Path) -> None:
         """Ask about ``image`` from now on (a video already given stays); starts a new conversation."""
         try:
-            picture = open_image(image)
+            self.pictures = [open_image(image)]
         except BadSample as err:
             raise UserError(f"--image: {err.reason}") from None
-        inputs, sizes = self.transform.images([picture])
-        self.image = self._to_model(inputs)
-        self.image_tokens = sample_image_tokens(self.model.config, sizes)
         self._new_conversation()
 
     def set_video(self, video: str | Path) -> None:
         """Ask about ``video`` (a file, or a directory of frame images) from now on (an image already given stays);
         starts a new conversation. :class:`UserError` for a family without video input."""
         try:
-            count = tokens_per_video(self.model.config, self.video_frames)
+            tokens_per_video(self.model.config, self.video_frames)
         except ValueError as err:
             raise UserError(f"--video {video}: {err}. Ask about an image (--image) instead.") from None
-        frames = video_frames_of(video, self.video_frames)
-        self.video = self._to_model({"pixel_values_videos": self.transform.video(frames)})
-        self.video_tokens = [count]
+        self.frames = video_frames_of(video, self.video_frames)
         self._new_conversation()
 
     def _new_conversation(self) -> None:
+        self.media = self.prompter.media(self.pictures, self.frames)
         self.history: list[tuple[str, str]] = []
         self.prompt_ids: list[int] = []
 
-    def _to_model(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tensors on the model's device; pixels in its dtype (sizes and counts stay integers)."""
-        dtype = self.model.dtype
-        return {
-            key: value.to(self.model.device, dtype if value.is_floating_point() else value.dtype)
-            for key, value in inputs.items()
-        }
+    @property
+    def image_tokens(self) -> list[int]:
+        """Placeholders of the image (0 or 1 entry)."""
+        return self.media.image_tokens
+
+    @property
+    def video_tokens(self) -> list[int]:
+        """Placeholders of the video (0 or 1 entry)."""
+        return self.media.video_tokens
 
     def prompt(self, question: str) -> list[int]:
         """Token ids the model is given to answer ``question`` after the conversation so far."""
-        turns = []
-        for k, (asked, answered) in enumerate([*self.history, (question, "")]):
-            first = k == 0
-            turns += [
-                Turn("human", len(self.image_tokens) * first, asked.strip(), videos=len(self.video_tokens) * first),
-                Turn("gpt", 0, answered),
-            ]
-        ids, labels = self.templater(turns, self.image_tokens, self.video_tokens)
-        answer_start = len(labels)
-        while answer_start > 0 and labels[answer_start - 1] != IGNORE_INDEX:
-            answer_start -= 1
-        if answer_start == len(labels):  # the empty answer left no supervised end marker to cut at
-            raise UserError(f"template {self.templater.template}: cannot find where the answer starts")
-        return ids[:answer_start]
+        return self.prompter.prompt(self.history, question, self.media)
 
     @torch.no_grad()
     def ask(self, question: str) -> str:
@@ -172,8 +132,7 @@ class Chat:
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            **self.image,
-            **self.video,
+            **self.media.inputs,
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -184,7 +143,8 @@ class Chat:
 
     def show_prompt(self) -> str:
         """The last prompt as text, each run of image / video placeholders shown once as ``<image>xN``."""
-        placeholders = {token for token in (self.image_token_id, self.video_token_id) if token is not None}
+        prompter = self.prompter
+        placeholders = {token for token in (prompter.image_token_id, prompter.video_token_id) if token is not None}
         pieces = []
         for token, run in itertools.groupby(self.prompt_ids, key=lambda t: t if t in placeholders else None):
             run = list(run)
@@ -251,13 +211,6 @@ def load_model(
         except ValueError as err:
             raise UserError(f"dominant={dominant}, contextual={contextual}: {err}") from None
     return model, processing, record
-
-
-def _recipe_value(record: dict | None, section: str, key: str, default):
-    """A data setting of the recipe the projector was trained with, when the export records it."""
-    recipe = (record or {}).get("recipe") or {}
-    value = ((recipe.get("config") or {}).get(section) or {}).get(key)
-    return default if value is None else value
 
 
 def _answer(chat: Chat, question: str, show_prompt: bool) -> None:
@@ -356,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         processing,
         image=args.image,
         video=args.video,
-        template=args.template or _recipe_value(record, "data", "template", DEFAULT_TEMPLATE),
-        image_aspect=args.image_aspect or _recipe_value(record, "data", "image_aspect", DEFAULT_IMAGE_ASPECT),
-        video_frames=args.video_frames or _recipe_value(record, "data", "video_frames", DEFAULT_VIDEO_FRAMES),
+        template=args.template or recipe_data_setting(record, "template", DEFAULT_TEMPLATE),
+        image_aspect=args.image_aspect or recipe_data_setting(record, "image_aspect", DEFAULT_IMAGE_ASPECT),
+        video_frames=args.video_frames or recipe_data_setting(record, "video_frames", DEFAULT_VIDEO_FRAMES),
         max_new_tokens=args.max_new_tokens,
     )
     print(chat.describe(), file=sys.stderr)
