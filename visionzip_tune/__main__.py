@@ -1,4 +1,5 @@
-"""``python -m visionzip_tune {train,data,export,generate} ...``: dispatch to each command's ``main(argv)``."""
+"""``python -m visionzip_tune {train,data,export,generate,eval,bench-infer,show} ...``: dispatch to each command's
+``main(argv)``."""
 
 from __future__ import annotations
 
@@ -13,12 +14,18 @@ COMMANDS = {
     "data": ("visionzip_tune.data.cli", "subset, check, preview LLaVA data; build the demo dataset"),
     "export": ("visionzip_tune.export_run", "export the projector of a run directory"),
     "generate": ("visionzip_tune.generate", "answer a prompt about an image or a video with a tuned projector"),
+    "eval": ("visionzip_tune.benchmarks", "lmms-eval benchmarks per budget, as a percentage of the stock model"),
+    "bench-infer": (
+        "visionzip_tune.bench_infer",
+        "time inference per stage (tower, VisionZip, projector, prefill, ...)",
+    ),
+    "show": ("visionzip_tune.show", "draw which patches VisionZip keeps and merges, with the attention heat map"),
 }
 
 
 def usage() -> str:
     lines = ["usage: python -m visionzip_tune COMMAND [--help] ...", "", "commands:"]
-    lines += [f"  {name:<10}{doc}" for name, (_, doc) in COMMANDS.items()]
+    lines += [f"  {name:<12}{doc}" for name, (_, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -44,6 +44,7 @@ from visionzip_tune.families import apply_visionzip, tokens_per_video
 from visionzip_tune.processing import Processing
 from visionzip_tune.prompts import Prompter, recipe_data_setting, video_frames_of
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 NO_MEDIA = "give an image (--image FILE) and/or a video (--video FILE_OR_DIR) to ask about."
 
 
@@ -176,7 +177,8 @@ def load_model(
     """``(model, processing, record)``: the base model with the exported projector and budget (``record`` = its
     visionzip.json), or stock with an optional training-free budget (``dominant`` + ``contextual``) when
     ``projector`` is None. A ``full`` run's export holds the whole trained model with its tokenizer and image
-    processor: it is loaded and re-zipped with its recorded budget."""
+    processor: it is loaded and re-zipped with its recorded budget. ``dtype`` is one of :data:`DTYPES` (``auto``:
+    bfloat16 on a GPU that supports it, else float32); ``device`` defaults to cuda when available, else cpu."""
     if projector is not None and (dominant is not None or contextual is not None):
         raise UserError(
             "dominant/contextual set a training-free budget; with a projector export the export's budget is used "
@@ -197,7 +199,7 @@ def load_model(
         source = model_dir or (record["base_model"] if record else None)
     if source is None:
         raise UserError("give a model (a save_pretrained directory or hub id) or a projector export.")
-    model = build.load_vlm(source, key="--model / the export's base model", dtype=getattr(torch, dtype))
+    model = build.load_vlm(source, key="--model / the export's base model", dtype=getattr(torch, resolve_dtype(dtype)))
     processing = build.load_model_processing(source, key="model")
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     if whole:
@@ -211,6 +213,15 @@ def load_model(
         except ValueError as err:
             raise UserError(f"dominant={dominant}, contextual={contextual}: {err}") from None
     return model, processing, record
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``auto`` -> bfloat16 on a GPU that supports it, else float32; other names of :data:`DTYPES` as given."""
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
 def _answer(chat: Chat, question: str, show_prompt: bool) -> None:
@@ -270,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dominant", type=int, help="without --projector: training-free VisionZip dominant tokens")
     parser.add_argument("--contextual", type=int, help="without --projector: training-free VisionZip contextual tokens")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="auto: bfloat16 on a GPU that has it (default float32)"
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--no-check-fingerprint",

@@ -36,33 +36,15 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from tqdm import tqdm
 
-from visionzip_tune.data.config import DEFAULT_IMAGE_ASPECT, DEFAULT_TEMPLATE, DEFAULT_VIDEO_FRAMES, TEMPLATES
+from visionzip_tune.data.config import DEFAULT_IMAGE_ASPECT, DEFAULT_VIDEO_FRAMES, TEMPLATES
 from visionzip_tune.errors import UserError
 from visionzip_tune.evaluate import answer_mask
 from visionzip_tune.families import apply_visionzip
 from visionzip_tune.generate import load_model
-from visionzip_tune.processing import Processing
-from visionzip_tune.prompts import Media, Prompter, recipe_data_setting, video_frames_of
+from visionzip_tune.prompts import Media, Prompter, default_template, recipe_data_setting, video_frames_of
 
 MODEL_ID = "visionzip"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_MAX_NEW_TOKENS = 128
-
-
-def default_template(processing: Processing, record: dict | None) -> str:
-    """The template prompts use unless told: the export's recipe's; else the model's chat template when it has one
-    (what a stock model was trained with); else LLaVA-1.5's ``vicuna_v1``."""
-    fallback = "chat_template" if processing.chat_template else DEFAULT_TEMPLATE
-    return recipe_data_setting(record, "template", fallback)
-
-
-def resolve_dtype(dtype: str) -> str:
-    """``auto`` -> bfloat16 on a GPU that supports it, else float32; other names as given (checked)."""
-    if dtype not in DTYPES:
-        raise UserError(f"dtype={dtype}: choose one of {', '.join(DTYPES)}")
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
 class ZippedModel(lmms):
@@ -177,7 +159,7 @@ class VisionZipModel(ZippedModel):
             dominant,
             contextual,
             check_fingerprint=bool(check_fingerprint),
-            dtype=resolve_dtype(str(dtype)),
+            dtype=str(dtype),
             device=device,
         )
         if budget:

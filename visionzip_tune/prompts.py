@@ -42,6 +42,13 @@ def recipe_data_setting(record: dict | None, key: str, default):
     return default if value is None else value
 
 
+def default_template(processing: Processing, record: dict | None) -> str:
+    """The template prompts use unless told: the export's recipe's; else the model's chat template when it has one
+    (what a stock model was trained with); else LLaVA-1.5's ``vicuna_v1``."""
+    fallback = "chat_template" if processing.chat_template else DEFAULT_TEMPLATE
+    return recipe_data_setting(record, "template", fallback)
+
+
 def video_frames_of(path: str | Path, frames: int) -> list[Image.Image]:
     """``frames`` frames sampled uniformly from ``path``: a video file (decoded with PyAV) or a directory of frame
     images (every file with an image extension, in name order). :class:`UserError` naming the path otherwise."""
