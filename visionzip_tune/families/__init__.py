@@ -182,6 +182,12 @@ def vision_tower(model: nn.Module) -> nn.Module:
     return getattr(inner, family.towers[0])
 
 
+def vision_towers(model: nn.Module) -> list[nn.Module]:
+    """Every vision tower, the image tower first (Video-LLaVA: ``image_tower``, then ``video_tower``)."""
+    family, inner = _inner(model)
+    return [getattr(inner, name) for name in family.towers]
+
+
 def language_model(model: nn.Module) -> nn.Module:
     """The decoder stack (``model.model.language_model``); the LM head is ``model.lm_head``."""
     family, inner = _inner(model)
