@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from visionzip_tune import build, checkpoint, families, metrics
+from visionzip_tune import build, checkpoint, families, metrics, plots
 from visionzip_tune.config import Config, help_table, load_config, to_dict, to_yaml
 from visionzip_tune.data import Collator, LengthGroupedSampler, SupervisedDataset
 from visionzip_tune.distributed import (
@@ -111,6 +111,8 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
             log.print(f"[train] exported the {'model' if cfg.train.mode == 'full' else 'projector'} to {out}")
         if run.train_set.read_skipped():
             log.print(f"[train] {run.train_set.skip_summary()}")
+    if is_main():
+        print0(f"[train] curves: {plots.plot_metrics(run.dir)}")
     print0(f"[train] done: {run.dir}")
     return run.engine.module
 
