@@ -58,7 +58,7 @@ class Run:
     label: str
     tuned: bool
     budget: dict | None  # the model's config.visionzip while it ran; None: stock tokens
-    tokens: int | None = None  # vision tokens per (untiled) image fed to the LLM
+    vision_tokens: int | None = None  # per (untiled) image, fed to the LLM
     seconds: float | None = None
     scores: dict[str, float] = field(default_factory=dict)  # task -> the table's metric
     lmms_eval: dict[str, Any] = field(default_factory=dict)  # task -> lmms-eval's result entry
@@ -106,7 +106,7 @@ def percent_table(runs: list[Run], tasks: list[str]) -> tuple[str, list[dict[str
             for t in tasks
         ]
         average_cell = f"{average:.1f}%" if average is not None else "n/a"
-        lines.append("| " + " | ".join([run.label, str(run.tokens), *cells, average_cell]) + " |")
+        lines.append("| " + " | ".join([run.label, str(run.vision_tokens), *cells, average_cell]) + " |")
         rows.append({"label": run.label, "percent_of_stock": percents, "average_percent": average})
     return "\n".join(lines), rows
 
@@ -227,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for k, (variant, model, prompter) in enumerate(prepared(variants, args, record)):
         run = Run(variant.label, variant.tuned, dict(getattr(model.config, "visionzip", None) or {}) or None)
-        run.tokens = tokens_per_image(model.config)
+        run.vision_tokens = tokens_per_image(model.config)
         template = prompter.templater.template
-        print(f"[eval] run {k + 1}/{len(variants)}: {run.label} ({run.tokens} vision tokens per image)", flush=True)
+        print(
+            f"[eval] run {k + 1}/{len(variants)}: {run.label} ({run.vision_tokens} vision tokens per image)", flush=True
+        )
         _evaluate(run, ZippedModel(model, prompter), tasks, manager, args, out_dir)
         runs.append(run)
         left = len(variants) - k - 1
