@@ -30,14 +30,14 @@ def plot_metrics(run_dir: str | Path) -> Path:
     lr.set(title="learning rate", xlabel="step")
     lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     kinds = sorted({key for r in evals for key in r if key.startswith("accuracy_")})
-    for key in ["accuracy", *kinds]:
-        points = [(r["step"], r[key]) for r in evals if key in r]
-        label = "all" if key == "accuracy" else key.removeprefix("accuracy_")
-        accuracy.plot(*zip(*points), marker="o", linewidth=2 if key == "accuracy" else 1, label=label)
     accuracy.set(title="held-out accuracy", xlabel="step", ylim=(0, 1))
     if evals:
+        for key in ["accuracy", *kinds]:
+            points = [(r["step"], r[key]) for r in evals if key in r]
+            label = "all" if key == "accuracy" else key.removeprefix("accuracy_")
+            accuracy.plot(*zip(*points), marker="o", linewidth=2 if key == "accuracy" else 1, label=label)
         accuracy.legend(loc="lower right")
-    else:
+    else:  # an empty plot() would collapse the constrained layout
         accuracy.text(0.5, 0.5, "no held-out set (data.eval_path)", ha="center", va="center")
     path = run_dir / PLOT_FILE
     figure.savefig(path, dpi=100)
