@@ -12,6 +12,7 @@ import sys
 
 import pytest
 from conftest import ROOT, lmms_eval_or_skip
+from PIL import Image
 
 from visionzip_tune.errors import UserError
 from visionzip_tune.lmms_tasks import write_choice_tasks
@@ -40,15 +41,16 @@ def evaluate(lm, tasks_dir) -> dict:
 
 
 def count_vision_tokens(model) -> list[int]:
-    """Image placeholders in the input ids of every forward call that reads a whole prompt (a scored answer, or
-    generate's prefill: its decode steps read one token each). The model itself refuses a call whose image
+    """Image and video placeholders in the input ids of every forward call that reads a whole prompt (a scored
+    answer, or generate's prefill: its decode steps read one token each). The model itself refuses a call whose
     features do not fill its placeholders exactly (get_placeholder_mask)."""
     seen = []
+    placeholders = [model.config.image_token_id, getattr(model.config, "video_token_id", None)]
 
     def hook(module, args, kwargs):
         ids = kwargs.get("input_ids")
         if ids is not None and ids.shape[1] > 1:
-            seen.append(int((ids == module.config.image_token_id).sum()))
+            seen.append(sum(int((ids == token).sum()) for token in placeholders if token is not None))
 
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return seen
@@ -137,3 +139,42 @@ def test_lmms_eval_command_line_runs_both_tasks(eval_assets, tasks_dir, tmp_path
     assert set(written["results"]) == set(TASKS)
     assert 0 <= written["results"]["heldout_mc"]["acc,none"] <= 1
     assert written["config"]["model"] == "visionzip"
+
+
+@pytest.mark.parametrize("family", ["llava_next", "video_llava", "llava_onevision"])
+def test_every_family_answers_and_scores_images_and_videos(family, tmp_path):
+    """One image request and (video families) one video request, outside lmms-eval's evaluator: each reaches the
+    model with the family's zipped count (crops x K per image, frames x K per video)."""
+    from lmms_eval.api.instance import Instance
+
+    from visionzip_tune.families import tokens_per_video
+    from visionzip_tune.families.llava_next import crop_count
+    from visionzip_tune.tiny import TinySpec, save_tiny
+
+    spec = TinySpec(family=family, image_size=56, patch_size=14, vision_hidden=32, vision_layers=2, text_hidden=32)
+    model_dir = save_tiny(tmp_path / family, spec)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for t in range(4):
+        Image.new("RGB", (64, 64), (40 * t, 20, 120)).save(frames / f"{t:03d}.png")
+    picture = Image.new("RGB", (112, 56), (200, 30, 30))
+    lm = VisionZipModel(pretrained=str(model_dir), dominant=5, contextual=2, video_frames=4)
+    seen = count_vision_tokens(lm.model)
+    docs = [{"visual": [picture]}]
+    if getattr(lm.model.config, "video_token_id", None) is not None:
+        docs.append({"visual": [str(frames)]})  # a directory of frames, as a task's video path
+    lm.task_dict = {"t": {"test": docs}}
+
+    def request(kind, k, second):
+        args = ("What is it?", second, lambda doc: doc["visual"], k, "t", "test")
+        return Instance(kind, args, idx=0, metadata={"task": "t", "doc_id": k, "repeats": 1})
+
+    answers = lm.generate_until([request("generate_until", k, {"max_new_tokens": 2}) for k in range(len(docs))])
+    scored = lm.loglikelihood([request("loglikelihood", k, " red") for k in range(len(docs))])
+    assert all(isinstance(a, str) for a in answers) and all(r.text[0] > 0 for r in scored)
+    config = lm.model.config
+    tiled = family != "video_llava"  # the pad transform makes the image square: a 2 x 2 grid + the base crop
+    expected = [(crop_count(config, (112, 112)) if tiled else 1) * 7] + [4 * 7] * (len(docs) - 1)
+    if len(docs) > 1:
+        assert expected[1] == tokens_per_video(config, 4)
+    assert seen == expected * 2  # generate's prefills, then the scored answers
