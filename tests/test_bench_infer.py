@@ -12,8 +12,10 @@ from PIL import Image
 
 from visionzip_tune.__main__ import main as cli
 from visionzip_tune.bench_infer import STAGES, kv_cache_bytes, prefill_flops
-from visionzip_tune.families import apply_visionzip
+from visionzip_tune.export import read_export
+from visionzip_tune.families import apply_visionzip, projector_parameters
 from visionzip_tune.stage_timer import Clock, instrumented
+from visionzip_tune.variants import Switcher, Variant
 
 
 @pytest.fixture
@@ -91,3 +93,20 @@ def test_instrumentation_marks_each_stage_and_restores_the_model(eval_assets):
 )
 def test_bad_input_exits_2_with_a_message(eval_assets, capsys, args, message):
     assert message in cli_error(["bench-infer", "--model", str(eval_assets[0]), *args], capsys)
+
+
+def test_switcher_moves_one_model_between_stock_budgets_and_the_tuned_projector(eval_assets):
+    model_dir, export, _ = eval_assets
+    model, _ = load_tiny(model_dir)
+    stock = {name: p.detach().clone() for name, p in projector_parameters(model).items()}
+    switch = Switcher(model, str(export), read_export(export))
+
+    def same_projector() -> bool:
+        return all(torch.equal(p, stock[name]) for name, p in projector_parameters(model).items())
+
+    switch.to(Variant("tuned", None, tuned=True))
+    assert model.config.visionzip["dominant"] == 6 and not same_projector()
+    switch.to(Variant("3+1", (3, 1)))
+    assert (model.config.visionzip["dominant"], model.config.visionzip["contextual"]) == (3, 1) and same_projector()
+    switch.to(Variant("stock", None))
+    assert getattr(model.config, "visionzip", None) is None and same_projector()

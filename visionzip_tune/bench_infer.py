@@ -4,8 +4,9 @@ budgets and a tuned projector, on one image (and/or video) and one prompt.
     python -m visionzip_tune bench-infer --model llava-hf/llava-1.5-7b-hf --image cat.jpg --budgets 64,128,192
     python -m visionzip_tune bench-infer --projector runs/x/export --image cat.jpg --json bench.json
 
-For each run, ``--warmup`` untimed generations, then ``--repeats`` timed ones of exactly ``--new-tokens`` tokens
-(greedy), medians reported. Stages come from hooks in the model's own forward (``stage_timer``): vision tower,
+``--warmup`` untimed rounds, then ``--repeats`` timed rounds; a round runs every configuration once (one base model
+switched between them in place, the order rotating from round to round, so load on the machine hits them alike),
+each a greedy generation of exactly ``--new-tokens`` tokens; medians reported. Stages come from hooks in the model's own forward (``stage_timer``): vision tower,
 VisionZip step (the vision features' time minus tower and projector; for stock, the stock feature selection),
 projector, LLM prefill, time to first token (from the ``generate`` call to the first token's logits: preprocessing
 excluded, vision included, as the paper's "prefilling time"), decode tokens/s, plus CPU preprocessing (media
@@ -30,9 +31,18 @@ import torch
 from visionzip_tune.data.images import open_image
 from visionzip_tune.data.validate import BadSample
 from visionzip_tune.errors import UserError
+from visionzip_tune.generate import load_model
 from visionzip_tune.prompts import Prompter, video_frames_of
 from visionzip_tune.stage_timer import Clock, instrumented
-from visionzip_tune.variants import Variant, add_model_arguments, check_model_arguments, parse_budgets, plan, prepared
+from visionzip_tune.variants import (
+    Switcher,
+    Variant,
+    add_model_arguments,
+    check_model_arguments,
+    parse_budgets,
+    plan,
+    prompter_for,
+)
 
 STAGES = ("preprocess", "vision_tower", "visionzip", "projector", "llm_prefill", "ttft", "decode", "generate")
 
@@ -88,14 +98,37 @@ def measure(model, prompter: Prompter, images, frames, question: str, new_tokens
     }
 
 
-def bench(variant: Variant, model, prompter: Prompter, images, frames, args) -> dict:
-    """Warm-up, then the medians of ``args.repeats`` measured generations, token counts and memory."""
+def timed_rounds(variants: list[Variant], switch: Switcher, prompter: Prompter, images, frames, args):
+    """Each variant's measurements: ``args.warmup`` untimed rounds, then ``args.repeats`` rounds that run every
+    variant once, in an order rotating from round to round, so that load on the machine hits them alike."""
+    model = switch.model
     cuda = model.device.type == "cuda"
+
+    def one(variant: Variant) -> dict:
+        switch.to(variant)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(model.device)
+        sample = measure(model, prompter, images, frames, args.prompt, args.new_tokens)
+        sample["peak"] = torch.cuda.max_memory_allocated(model.device) if cuda else None
+        return sample
+
     for _ in range(args.warmup):
-        measure(model, prompter, images, frames, args.prompt, args.new_tokens)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(model.device)
-    samples = [measure(model, prompter, images, frames, args.prompt, args.new_tokens) for _ in range(args.repeats)]
+        for variant in variants:
+            one(variant)
+    samples: dict[Variant, list[dict]] = {variant: [] for variant in variants}
+    started = time.perf_counter()
+    for round_ in range(args.repeats):
+        shift = round_ % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            samples[variant].append(one(variant))
+        left = args.repeats - round_ - 1
+        eta = f"; ETA {(time.perf_counter() - started) / (round_ + 1) * left:.0f} s" if left else ""
+        print(f"[bench-infer] round {round_ + 1}/{args.repeats}{eta}", file=sys.stderr, flush=True)
+    return samples
+
+
+def summary(variant: Variant, model, prompter: Prompter, images, frames, samples: list[dict], peak, args) -> dict:
+    """A run's medians over its measured generations, token counts and memory (model set to the variant)."""
     media = prompter.media(images, frames)
     ids = prompter.prompt([], args.prompt, media)
     placeholders = {prompter.image_token_id, prompter.video_token_id} - {None}
@@ -113,7 +146,7 @@ def bench(variant: Variant, model, prompter: Prompter, images, frames, args) -> 
         "total_tokens": len(ids),
         "ms": {stage: value for stage, value in medians.items() if stage != "decode"},
         "decode_tokens_per_s": medians["decode"],
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(model.device) if cuda else None,
+        "peak_memory_bytes": peak,
         "kv_cache_bytes": kv_cache_bytes(model.config, len(ids) + args.new_tokens, model.dtype),
         "prefill_flops": prefill_flops(model.config, len(ids)),
     }
@@ -202,18 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         images = [open_image(args.image)] if args.image else []
     except BadSample as err:
         raise UserError(f"--image: {err.reason}") from None
-    rows, started = [], time.perf_counter()
-    for k, (variant, model, prompter) in enumerate(prepared(variants, args, record)):
-        frames = video_frames_of(args.video, prompter.video_frames) if args.video else None
-        rows.append(bench(variant, model, prompter, images, frames, args))
-        left = len(variants) - k - 1
-        eta = (time.perf_counter() - started) / (k + 1) * left
-        print(
-            f"[bench-infer] {k + 1}/{len(variants)} {variant.label}: TTFT {rows[-1]['ms']['ttft']:.1f} ms"
-            + (f"; ETA {eta:.0f} s" if left else ""),
-            file=sys.stderr,
-            flush=True,
-        )
+    model, processing, _ = load_model(args.model or record["base_model"], None, dtype=args.dtype, device=args.device)
+    prompter = prompter_for(model, processing, record, args)
+    switch = Switcher(model, args.projector, record)
+    frames = video_frames_of(args.video, prompter.video_frames) if args.video else None
+    samples = timed_rounds(variants, switch, prompter, images, frames, args)
+    rows = []
+    for variant in variants:
+        switch.to(variant)
+        peak = max(s["peak"] for s in samples[variant]) if model.device.type == "cuda" else None
+        rows.append(summary(variant, model, prompter, images, frames, samples[variant], peak, args))
     add_ratios(rows)
     device = str(model.device)
     report = {

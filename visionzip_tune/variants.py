@@ -1,8 +1,9 @@
 """The configurations ``eval`` and ``bench-infer`` compare, each ready to run: the stock model, VisionZip at
 training-free budgets, and a tuned projector at its export's budget.
 
-The base model is loaded once for stock and the training-free budgets (the budget is switched in place); the tuned
-run gets a fresh base with the export's projector (or a ``full`` export's whole model). Every run of one command
+``prepared`` (eval) loads the base model once for stock and the training-free budgets (the budget is switched in
+place) and gives the tuned run a fresh base with the export's projector (or a ``full`` export's whole model);
+:class:`Switcher` (bench-infer) moves one base model between all of them, back and forth. Every run of one command
 builds its prompts with the same :class:`~visionzip_tune.prompts.Prompter` settings (the export's recipe, else the
 model's chat template), so the runs differ only in budget and projector.
 """
@@ -13,10 +14,12 @@ import argparse
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
+
 from visionzip_tune.data.config import DEFAULT_IMAGE_ASPECT, DEFAULT_VIDEO_FRAMES, IMAGE_ASPECTS, TEMPLATES
 from visionzip_tune.errors import UserError
-from visionzip_tune.export import read_export
-from visionzip_tune.families import apply_visionzip, remove_visionzip
+from visionzip_tune.export import load_projector, read_export
+from visionzip_tune.families import apply_visionzip, projector_parameters, remove_visionzip
 from visionzip_tune.generate import DTYPES, load_model
 from visionzip_tune.prompts import Prompter, default_template, recipe_data_setting
 
@@ -103,6 +106,38 @@ def prompter_for(model, processing, record: dict | None, args) -> Prompter:
         image_aspect=args.image_aspect or recipe_data_setting(record, "image_aspect", DEFAULT_IMAGE_ASPECT),
         video_frames=args.video_frames or recipe_data_setting(record, "video_frames", DEFAULT_VIDEO_FRAMES),
     )
+
+
+class Switcher:
+    """Moves one loaded base model between variants in place, so runs can take turns (``bench-infer`` interleaves
+    them, and load on the machine then hits every run alike): the budget is applied or removed, and the projector
+    is the stock one or the export's (it is small: its two versions are swapped by copying weights). A ``full``
+    export holds a whole trained model and cannot be switched to (:class:`UserError`)."""
+
+    def __init__(self, model, projector: str | None, record: dict | None):
+        if record is not None and record.get("mode") == "full":
+            raise UserError(
+                f"{projector} is a 'full' export (a whole trained model), which cannot share the base model with the "
+                f"other runs; time it with --model {projector}/model instead."
+            )
+        self.model = model
+        self.projector = projector
+        self.stock = {name: p.detach().clone() for name, p in projector_parameters(model).items()}
+
+    def to(self, variant: Variant) -> None:
+        if variant.tuned:
+            load_projector(self.model, self.projector)  # its weights and its budget
+            return
+        with torch.no_grad():
+            for name, param in projector_parameters(self.model).items():
+                param.copy_(self.stock[name])
+        if variant.budget is None:
+            remove_visionzip(self.model)
+        else:
+            try:
+                apply_visionzip(self.model, *variant.budget)
+            except ValueError as err:
+                raise UserError(f"budget {variant.budget[0]}+{variant.budget[1]}: {err}") from None
 
 
 def prepared(variants: list[Variant], args, record: dict | None) -> Iterator[tuple[Variant, object, Prompter]]:
