@@ -10,9 +10,9 @@ loads the tuned projector and applies the VisionZip budget it was tuned for (a `
 whole trained model, which is loaded instead). Without ``--projector`` this is stock inference, optionally with
 training-free VisionZip (``--dominant/--contextual``).
 
-Prompts are built exactly as training builds samples (``visionzip_tune.data``'s templater, media transform, video
-reader and the models' token-count functions, with the template, image aspect and video frames of the export's
-recipe unless given): the prompt is the training sample of the conversation with an empty final answer, cut where
+Prompts are built exactly as training builds samples (``prompts.Prompter``: ``visionzip_tune.data``'s templater,
+media transform, video reader and the models' token-count functions, with the template, image aspect and video
+frames of the export's recipe unless given): the prompt is the training sample of the conversation with an empty final answer, cut where
 that answer's supervised tokens begin. The tokenizer and image processor are loaded with ``load_processing`` (the
 multimodal processor classes of Video-LLaVA and OneVision need torchvision, which the data path never uses).
 """
