@@ -92,3 +92,11 @@ def test_bad_input_exits_2_with_a_message(eval_assets, tmp_path, capsys, args, m
 
 def test_a_model_or_an_export_is_required(capsys):
     assert "give a model (--model) or a projector export" in cli_error(["eval", "--tasks", "gqa"], capsys)
+
+
+def test_without_lmms_eval_the_command_says_how_to_install_it(monkeypatch, capsys):
+    from visionzip_tune import benchmarks
+
+    monkeypatch.setattr(benchmarks, "LMMS_EVAL_MISSING", ModuleNotFoundError("No module named 'lmms_eval'"))
+    message = cli_error(["eval", "--model", "m", "--tasks", "gqa"], capsys)
+    assert "needs lmms-eval" in message and "bash tools/install_eval.sh" in message

@@ -45,7 +45,7 @@ def test_outlined_cells_are_the_dominant_patches(eval_assets, tmp_path):
     picture.save(tmp_path / "noise.png")
     image = show(model_dir, tmp_path / "noise.png", tmp_path / "kept.png", "--dominant", "6", "--contextual", "2")
     size = SIDE * CELL
-    assert image.size == (2 * size + GAP, HEADER + size)  # the image and its heat map beside it
+    assert image.height == HEADER + size and image.width >= 2 * size + GAP  # the image, its heat map beside it
     found = outlined(image, Layout(SIDE, CELL), 1)
     assert found == expected_patches(model_dir, picture, 6, 2) and len(found[0]) == 5  # CLS + 5 patches
 
@@ -82,6 +82,28 @@ def test_anyres_draws_every_crop(tmp_path):
     expected = expected_patches(model_dir, picture, 5, 2)
     assert len(expected) == 3  # the base crop and the two grid crops
     assert outlined(image, Layout(SIDE, CELL), len(expected)) == expected
+
+
+def test_video_frames_are_drawn_one_per_row_after_the_image(tmp_path):
+    spec = TinySpec(
+        family="video_llava", image_size=56, patch_size=14, vision_hidden=32, vision_layers=2, text_hidden=32
+    )
+    model_dir = save_tiny(tmp_path / "tiny-video", spec)
+    rng = np.random.default_rng(2)
+    (tmp_path / "frames").mkdir()
+    frames = [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)) for _ in range(3)]
+    for t, frame in enumerate(frames):
+        frame.save(tmp_path / "frames" / f"{t:03d}.png")
+    picture = Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))
+    picture.save(tmp_path / "picture.png")
+    argv = ["--video", str(tmp_path / "frames"), "--video-frames", "3", "--dominant", "5", "--contextual", "2"]
+    image = show(model_dir, tmp_path / "picture.png", tmp_path / "kept.png", *argv)
+    model = load_vlm(str(model_dir))
+    transform = MediaTransform(load_model_processing(str(model_dir)).image_processor, video_frames=3)
+    video = transform.video(frames)[0]  # (3, 3, S, S): the frames as the video tower sees them
+    by_frame = reference_visionzip(model.model.video_tower, video, -2, 5, 2).dominant
+    expected = expected_patches(model_dir, picture, 5, 2) + [[p - 1 for p in kept if p > 0] for kept in by_frame]
+    assert outlined(image, Layout(SIDE, CELL), 4) == expected
 
 
 def test_show_needs_a_budget(eval_assets, tmp_path, capsys):

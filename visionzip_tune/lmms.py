@@ -36,12 +36,12 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from tqdm import tqdm
 
-from visionzip_tune.data.config import DEFAULT_IMAGE_ASPECT, DEFAULT_VIDEO_FRAMES, TEMPLATES
+from visionzip_tune.data.config import TEMPLATES
 from visionzip_tune.errors import UserError
 from visionzip_tune.evaluate import answer_mask
 from visionzip_tune.families import apply_visionzip
 from visionzip_tune.generate import load_model
-from visionzip_tune.prompts import Media, Prompter, default_template, recipe_data_setting, video_frames_of
+from visionzip_tune.prompts import Media, Prompter, video_frames_of
 
 MODEL_ID = "visionzip"
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -167,12 +167,8 @@ class VisionZipModel(ZippedModel):
                 apply_visionzip(model, **budget)
             except (TypeError, ValueError) as err:
                 raise UserError(f"--model_args {budget}: {err}") from None
-        prompter = Prompter(
-            model,
-            processing,
-            template=template or default_template(processing, record),
-            image_aspect=image_aspect or recipe_data_setting(record, "image_aspect", DEFAULT_IMAGE_ASPECT),
-            video_frames=int(video_frames or recipe_data_setting(record, "video_frames", DEFAULT_VIDEO_FRAMES)),
+        prompter = Prompter.for_recipe(
+            model, processing, record, template=template, image_aspect=image_aspect, video_frames=video_frames
         )
         super().__init__(model, prompter)
 

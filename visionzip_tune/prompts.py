@@ -95,6 +95,27 @@ class Prompter:
         self.transform = MediaTransform(image_processor, image_aspect, video_frames)
         self.video_frames = video_frames
 
+    @classmethod
+    def for_recipe(
+        cls,
+        model,
+        processing: Processing,
+        record: dict | None,
+        *,
+        template: str | None = None,
+        image_aspect: str | None = None,
+        video_frames: int | None = None,
+    ) -> Prompter:
+        """The prompter of the settings given, each defaulting to the recipe of the export ``record`` (its
+        visionzip.json; None without an export), then to :func:`default_template`, ``pad`` and 8 frames."""
+        return cls(
+            model,
+            processing,
+            template=template or default_template(processing, record),
+            image_aspect=image_aspect or recipe_data_setting(record, "image_aspect", DEFAULT_IMAGE_ASPECT),
+            video_frames=int(video_frames or recipe_data_setting(record, "video_frames", DEFAULT_VIDEO_FRAMES)),
+        )
+
     def media(self, images: Sequence[Image.Image] = (), video: Sequence[Image.Image] | None = None) -> Media:
         """Model inputs of ``images`` (RGB, any number) and a ``video`` of exactly ``video_frames`` frames.
         :class:`UserError` for a video given to a family without video input."""

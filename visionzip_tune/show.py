@@ -39,6 +39,7 @@ FILL_ALPHA = 0.45  # opacity of a contextual group's colour over the image
 HEADER = 18  # pixels of caption above each unit
 GAP = 8  # pixels between units and between the image row and the heat map row
 UNIT_PIXELS = 336  # a unit is drawn about this wide
+CHAR_PIXELS = 6  # width of a caption character in PIL's default font
 
 
 class Unit(NamedTuple):
@@ -100,7 +101,8 @@ def render(units: list[Unit], cell: int | None = None) -> tuple[Image.Image, Lay
     cell = cell or max(4, UNIT_PIXELS // side)
     layout = Layout(side, cell)
     size = layout.size
-    canvas = Image.new("RGB", (2 * size + GAP, layout.row_top(len(units)) - GAP), (255, 255, 255))
+    width = max(2 * size + GAP, CHAR_PIXELS * max(len(unit.caption) for unit in units) + 4)  # captions fit
+    canvas = Image.new("RGB", (width, layout.row_top(len(units)) - GAP), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     palette = colormaps["tab20"]
     heat = colormaps["inferno"]

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from visionzip_tune.data.config import DEFAULT_IMAGE_ASPECT, DEFAULT_VIDEO_FRAMES, IMAGE_ASPECTS, TEMPLATES
+from visionzip_tune.data.config import IMAGE_ASPECTS, TEMPLATES
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import load_projector, read_export
 from visionzip_tune.families import apply_visionzip, projector_parameters, remove_visionzip
 from visionzip_tune.generate import DTYPES, load_model
-from visionzip_tune.prompts import Prompter, default_template, recipe_data_setting
+from visionzip_tune.prompts import Prompter
 
 # The paper's LLaVA-1.5 budgets keep dominant : contextual at 54 : 10 (64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30).
 PAPER_CONTEXTUAL_SHARE = 10 / 64
@@ -99,12 +99,13 @@ def check_model_arguments(args) -> dict | None:
 
 def prompter_for(model, processing, record: dict | None, args) -> Prompter:
     """The prompter of ``args``' prompt flags, defaulting to the export's recipe (then the model's own template)."""
-    return Prompter(
+    return Prompter.for_recipe(
         model,
         processing,
-        template=args.template or default_template(processing, record),
-        image_aspect=args.image_aspect or recipe_data_setting(record, "image_aspect", DEFAULT_IMAGE_ASPECT),
-        video_frames=args.video_frames or recipe_data_setting(record, "video_frames", DEFAULT_VIDEO_FRAMES),
+        record,
+        template=args.template,
+        image_aspect=args.image_aspect,
+        video_frames=args.video_frames,
     )
 
 
