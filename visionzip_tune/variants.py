@@ -113,7 +113,8 @@ class Switcher:
     """Moves one loaded base model between variants in place, so runs can take turns (``bench-infer`` interleaves
     them, and load on the machine then hits every run alike): the budget is applied or removed, and the projector
     is the stock one or the export's (it is small: its two versions are swapped by copying weights). A ``full``
-    export holds a whole trained model and cannot be switched to (:class:`UserError`)."""
+    export holds a whole trained model and cannot be switched to (:class:`UserError`). Without ``projector`` it
+    switches between stock and training-free budgets only."""
 
     def __init__(self, model, projector: str | None, record: dict | None):
         if record is not None and record.get("mode") == "full":
@@ -146,16 +147,12 @@ def prepared(variants: list[Variant], args, record: dict | None) -> Iterator[tup
     (the same model object from one variant to the next, until the tuned run loads its own)."""
     model, processing, _ = load_model(args.model or record["base_model"], None, dtype=args.dtype, device=args.device)
     prompter = prompter_for(model, processing, record, args)
+    switch = Switcher(model, None, None)  # stock and the training-free budgets
     for variant in variants:
         if variant.tuned:
-            del model, prompter  # free the base before loading the tuned one
+            del model, prompter, switch  # free the base before loading the tuned one
             model, processing, _ = load_model(args.model, args.projector, dtype=args.dtype, device=args.device)
             prompter = prompter_for(model, processing, record, args)
-        elif variant.budget is None:
-            remove_visionzip(model)
         else:
-            try:
-                apply_visionzip(model, *variant.budget)
-            except ValueError as err:
-                raise UserError(f"budget {variant.budget[0]}+{variant.budget[1]}: {err}") from None
+            switch.to(variant)
         yield variant, model, prompter
