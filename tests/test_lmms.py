@@ -24,6 +24,7 @@ from lmms_eval.tasks import TaskManager  # noqa: E402
 from visionzip_tune.lmms import VisionZipModel, cut_at, generation_settings  # noqa: E402
 
 TASKS = ["heldout_gen", "heldout_mc"]
+DISTRIBUTED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,10 @@ def test_lmms_eval_command_line_runs_both_tasks(eval_assets, tasks_dir, tmp_path
     model_args = f"pretrained={model_dir},projector={export}"
     command = [sys.executable, "-m", "lmms_eval", "--model", "visionzip", "--model_args", model_args]
     command += ["--tasks", ",".join(TASKS), "--include_path", str(tasks_dir), "--output_path", str(out)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=os.environ, timeout=600)
+    # A process group set up by an earlier in-process training test leaves RANK, WORLD_SIZE, ... in the environment,
+    # which would make lmms-eval's accelerate start a distributed run.
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (path,) = out.rglob("*_results.json")
     written = json.loads(path.read_text())
