@@ -202,3 +202,37 @@ def cli_error(argv: list[str], capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("error: ") == 1 and "Traceback" not in err
     return " ".join(err.split())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference tools (tests/test_lmms.py, test_benchmarks.py, test_bench_infer.py, test_show.py).
+
+
+def lmms_eval_or_skip():
+    """lmms-eval, or a skip where it is not installed (bash tools/install_eval.sh); CI sets VZT_REQUIRE_LMMS_EVAL=1
+    so that a broken install fails instead of skipping."""
+    if os.environ.get("VZT_REQUIRE_LMMS_EVAL"):
+        import lmms_eval
+
+        return lmms_eval
+    return pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (bash tools/install_eval.sh)")
+
+
+EVAL_SPEC = TinySpec(tower="clip", image_size=56, patch_size=14, vision_layers=2)  # 4 x 4 patches + CLS
+
+
+@pytest.fixture(scope="session")
+def eval_assets(tmp_path_factory):
+    """``(model_dir, export_dir, demo_paths)``: a tiny CLIP LLaVA at 56 px, an export of it zipped to 6 + 2 with a
+    projector changed as training would, and a demo dataset with 12 held-out samples (choices)."""
+    from visionzip_tune.data import make_demo_dataset
+    from visionzip_tune.export import export_projector
+    from visionzip_tune.families import apply_visionzip
+
+    root = tmp_path_factory.mktemp("eval-assets")
+    model_dir = save_tiny(root / "tiny-llava", EVAL_SPEC)
+    model, _ = load_tiny(model_dir)
+    apply_visionzip(model, 6, 2)
+    perturb_projector(model, seed=3)
+    export = export_projector(model, root / "export", metadata={"base_model": str(model_dir)})
+    return model_dir, export, make_demo_dataset(root / "demo", n=8, seed=0, n_eval=12)

@@ -90,8 +90,9 @@ def test_merge_by_hand():
     # R=4, C=2 -> step 2, targets at 0 and 2; token 1 leans to target 0, token 3 to target 2.
     metric = torch.tensor([[[1.0, 0.0], [2.0, 0.1], [0.0, 1.0], [0.1, 3.0]]])
     hidden = torch.tensor([[[1.0], [10.0], [100.0], [1000.0]]])
-    merged, targets = compress.merge_contextual(hidden, metric, contextual=2)
+    merged, targets, groups = compress.merge_contextual(hidden, metric, contextual=2)
     assert targets.tolist() == [0, 2]
+    assert groups.tolist() == [[0, 0, 1, 1]]  # each target in its own group
     assert merged.tolist() == [[[11.0], [1100.0]]]  # target + mean of assigned, target not in the mean
 
 
@@ -100,7 +101,7 @@ def test_merge_mean_empty_target_and_tie():
     # token 3 and 4 also go to target 0, so target 2 gets nobody and stays as it is.
     metric = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [5.0, 0.0], [2.0, 0.1]]])
     hidden = torch.tensor([[[1.0], [10.0], [100.0], [20.0], [30.0]]])
-    merged, _ = compress.merge_contextual(hidden, metric, contextual=2)
+    merged, _, _ = compress.merge_contextual(hidden, metric, contextual=2)
     assert merged.tolist() == [[[1.0 + 20.0], [100.0]]]  # mean(10, 20, 30) = 20
 
 
@@ -111,6 +112,8 @@ def test_contextual_zero_and_full_budget():
     only_dominant = compress.visionzip(hidden, queries, keys, dominant=4, contextual=0, **args)
     assert only_dominant.tokens.shape == (2, 4, 8)
     assert only_dominant.contextual_indices.shape == (2, 0)
+    dropped = only_dominant.groups == compress.DROPPED
+    assert (only_dominant.groups[~dropped] == compress.DOMINANT).all() and dropped.sum(1).tolist() == [5, 5]
     kept = only_dominant.dominant_indices[..., None].expand(-1, -1, 8)
     assert torch.equal(only_dominant.tokens, hidden.gather(1, kept))
     # D + C == N: nothing is merged, so every token survives unchanged (dominant ones first).
@@ -150,6 +153,26 @@ def test_matches_reference_batched(has_cls, dominant, contextual):
         assert result.dominant_indices[b].tolist() == kept
         assert result.contextual_indices[b].tolist() == targets
         torch.testing.assert_close(result.tokens[b], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("has_cls", [True, False])
+def test_groups_and_scores_say_what_became_of_every_position(has_cls):
+    torch.manual_seed(3)
+    hidden, queries, keys = torch.randn(3, 2, 17, 8).unbind(0)
+    result = compress.visionzip(
+        hidden, queries, keys, num_heads=2, scale=0.5, dominant=5, contextual=3, has_cls=has_cls
+    )
+    assert result.scores.shape == (2, 16 if has_cls else 17)
+    for b in range(2):
+        groups = result.groups[b]
+        assert (groups == compress.DOMINANT).nonzero().flatten().tolist() == result.dominant_indices[b].tolist()
+        for c, target in enumerate(result.contextual_indices[b].tolist()):
+            assert groups[target] == c
+            others = [p for p in (groups == c).nonzero().flatten().tolist() if p != target]
+            expected = hidden[b, target] + (hidden[b, others].mean(0) if others else 0)
+            torch.testing.assert_close(result.tokens[b, 5 + c], expected)
+        picked = result.dominant_indices[b, int(has_cls) :] - int(has_cls)  # the patches chosen by score
+        assert result.scores[b, picked].min() >= result.scores[b].sort(descending=True).values[len(picked) - 1]
 
 
 def test_low_precision_hidden_keeps_dtype():

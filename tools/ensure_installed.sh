@@ -13,10 +13,13 @@ if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     "$PYTHON" -m pip install --progress-bar on "torch==2.13.0"
 fi
 
-_probe="import visionzip_tune, transformers, deepspeed, peft, datasets"
+_probe="import visionzip_tune, transformers, deepspeed, peft, datasets, matplotlib"
 [ "$_extras" = "test" ] && _probe="$_probe, pytest, pytest_timeout, wandb, av"
+# Reinstall when an import fails, when another checkout is installed, or when the install predates the lmms-eval
+# entry point (setup.cfg), which only an install registers.
 if ! (cd /tmp && "$PYTHON" -c "$_probe" >/dev/null 2>&1) \
-   || ! "$PYTHON" -c "import visionzip_tune, sys, os; sys.exit(0 if os.path.realpath(visionzip_tune.__path__[0]).startswith(os.path.realpath('$_root')) else 1)" >/dev/null 2>&1; then
+   || ! "$PYTHON" -c "import visionzip_tune, sys, os; sys.exit(0 if os.path.realpath(visionzip_tune.__path__[0]).startswith(os.path.realpath('$_root')) else 1)" >/dev/null 2>&1 \
+   || ! "$PYTHON" -c "import importlib.metadata as m, sys; sys.exit(0 if m.entry_points(group='lmms_eval.models', name='visionzip') else 1)" >/dev/null 2>&1; then
     _spec="$_root"
     [ -n "$_extras" ] && _spec="$_root[$_extras]"
     echo "[visionzip_tune] installing $_spec and what it needs (a few minutes the first time)" >&2

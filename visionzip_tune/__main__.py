@@ -1,4 +1,4 @@
-"""``python -m visionzip_tune {train,data,export,generate,launch,convert} ...``: each command's ``main(argv)``."""
+"""``python -m visionzip_tune COMMAND ...``: dispatch to each command's ``main(argv)`` (``--help`` lists them)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,18 @@ COMMANDS = {
     "generate": ("visionzip_tune.generate", "answer a prompt about an image or a video with a tuned projector"),
     "launch": ("visionzip_tune.launch", "check a recipe, then train it under torchrun (what train.sh runs)"),
     "convert": ("visionzip_tune.convert", "convert an original Mini-Gemini checkpoint to a transformers model"),
+    "eval": ("visionzip_tune.benchmarks", "lmms-eval benchmarks per budget, as a percentage of the stock model"),
+    "bench-infer": (
+        "visionzip_tune.bench_infer",
+        "time inference per stage (tower, VisionZip, projector, prefill, ...)",
+    ),
+    "show": ("visionzip_tune.show", "draw which patches VisionZip keeps and merges, with the attention heat map"),
 }
 
 
 def usage() -> str:
     lines = ["usage: python -m visionzip_tune COMMAND [--help] ...", "", "commands:"]
-    lines += [f"  {name:<10}{doc}" for name, (_, doc) in COMMANDS.items()]
+    lines += [f"  {name:<12}{doc}" for name, (_, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
 

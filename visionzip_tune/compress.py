@@ -31,11 +31,22 @@ class ZipResult(NamedTuple):
         order.
     dominant_indices: (B, dominant) int64 — sequence positions of the dominant tokens, ascending (CLS = 0 first).
     contextual_indices: (B, contextual) int64 — sequence positions of the contextual targets, ascending.
+    groups: (B, N) int64 — what became of each sequence position: :data:`DOMINANT`, the index ``c`` of the
+        contextual token it was merged into (its target included), or :data:`DROPPED` (``contextual == 0``).
+    scores: the selection scores, fp32: (B, N - 1) for the patches 1..N-1 of an encoder with CLS (CLS is kept
+        unscored), else (B, N).
     """
 
     tokens: Tensor
     dominant_indices: Tensor
     contextual_indices: Tensor
+    groups: Tensor
+    scores: Tensor
+
+
+# Values of ``ZipResult.groups`` for positions that are not in a contextual group.
+DOMINANT = -1
+DROPPED = -2
 
 
 def validate_budget(dominant: int, contextual: int, num_tokens: int) -> None:
@@ -156,18 +167,19 @@ def _target_split(remaining: int, contextual: int, device: torch.device) -> tupl
     )
 
 
-def merge_contextual(hidden: Tensor, metric: Tensor, contextual: int) -> tuple[Tensor, Tensor]:
+def merge_contextual(hidden: Tensor, metric: Tensor, contextual: int) -> tuple[Tensor, Tensor, Tensor]:
     """Merge the non-dominant tokens into ``contextual`` tokens.
 
     hidden: (B, R, D) and metric: (B, R, d) of the R remaining tokens in positional order. Each non-target token is
     assigned to the target whose unit-normalised metric has the largest dot product with its own (first target on
     ties); a contextual token is the target's hidden state plus the mean of the hidden states assigned to it (the
     target itself is not in the mean, and a target nobody chose stays as it is — the reference behaviour).
-    Returns ((B, contextual, D), (contextual,) target positions within the remaining list).
+    Returns ((B, contextual, D), (contextual,) target positions within the remaining list, (B, R) the contextual
+    token each remaining position went into: its group, :data:`DROPPED` for every position when ``contextual == 0``).
     """
     target_index, merged_index = _target_split(hidden.shape[1], contextual, hidden.device)
     if contextual == 0:
-        return hidden[:, :0], target_index
+        return hidden[:, :0], target_index, torch.full(hidden.shape[:2], DROPPED, device=hidden.device)
     unit = F.normalize(metric, dim=-1)
     similarity = torch.bmm(unit.index_select(1, merged_index), unit.index_select(1, target_index).transpose(1, 2))
     assignment = similarity.argmax(dim=-1)  # (B, R - C); argmax returns the first maximum
@@ -176,7 +188,10 @@ def merge_contextual(hidden: Tensor, metric: Tensor, contextual: int) -> tuple[T
     one_hot.scatter_(2, assignment.unsqueeze(-1), 1)
     counts = one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)  # (B, C, 1)
     mean_assigned = torch.bmm(one_hot.transpose(1, 2), hidden.index_select(1, merged_index)) / counts
-    return hidden.index_select(1, target_index) + mean_assigned, target_index
+    groups = torch.empty(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+    groups[:, target_index] = torch.arange(contextual, device=hidden.device)  # a target is in its own group
+    groups[:, merged_index] = assignment
+    return hidden.index_select(1, target_index) + mean_assigned, target_index, groups
 
 
 def select_and_merge(
@@ -192,9 +207,14 @@ def select_and_merge(
     dominant_indices = select_dominant(scores, dominant, has_cls)
     rest = remaining_positions(dominant_indices, tokens)
     dominant_tokens = take_tokens(hidden, dominant_indices)
-    contextual_tokens, targets = merge_contextual(take_tokens(hidden, rest), take_tokens(metric, rest), contextual)
+    contextual_tokens, targets, rest_groups = merge_contextual(
+        take_tokens(hidden, rest), take_tokens(metric, rest), contextual
+    )
     contextual_indices = rest.index_select(1, targets)
-    return ZipResult(torch.cat([dominant_tokens, contextual_tokens], dim=1), dominant_indices, contextual_indices)
+    groups = torch.full(hidden.shape[:2], DOMINANT, device=hidden.device).scatter_(1, rest, rest_groups)
+    return ZipResult(
+        torch.cat([dominant_tokens, contextual_tokens], dim=1), dominant_indices, contextual_indices, groups, scores
+    )
 
 
 def visionzip(

@@ -10,9 +10,9 @@ loads the tuned projector and applies the VisionZip budget it was tuned for (a `
 whole trained model, which is loaded instead). Without ``--projector`` this is stock inference, optionally with
 training-free VisionZip (``--dominant/--contextual``).
 
-Prompts are built exactly as training builds samples (``visionzip_tune.data``'s templater, media transform, video
-reader and the models' token-count functions, with the template, image aspect and video frames of the export's
-recipe unless given): the prompt is the training sample of the conversation with an empty final answer, cut where
+Prompts are built exactly as training builds samples (``prompts.Prompter``: ``visionzip_tune.data``'s templater,
+media transform, video reader and the models' token-count functions, with the template, image aspect and video
+frames of the export's recipe unless given): the prompt is the training sample of the conversation with an empty final answer, cut where
 that answer's supervised tokens begin. The tokenizer and image processor are loaded with ``load_processing`` (the
 multimodal processor classes of Video-LLaVA and OneVision need torchvision, which the data path never uses).
 """
@@ -36,41 +36,23 @@ from visionzip_tune.data.config import (
     IMAGE_ASPECTS,
     TEMPLATES,
 )
-from visionzip_tune.data.images import MediaTransform, open_image
-from visionzip_tune.data.template import IGNORE_INDEX, Templater, Turn
+from visionzip_tune.data.images import open_image
 from visionzip_tune.data.validate import BadSample
-from visionzip_tune.data.video import read_video
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import MODEL_DIR, load_projector, read_export
-from visionzip_tune.families import apply_visionzip, sample_image_tokens, tokens_per_video
+from visionzip_tune.families import apply_visionzip, tokens_per_video
 from visionzip_tune.processing import Processing
+from visionzip_tune.prompts import Prompter, recipe_data_setting, video_frames_of
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 NO_MEDIA = "give an image (--image FILE) and/or a video (--video FILE_OR_DIR) to ask about."
-
-
-def video_frames_of(path: str | Path, frames: int) -> list[Image.Image]:
-    """``frames`` frames sampled uniformly from ``path``: a video file (decoded with PyAV) or a directory of frame
-    images (every file with an image extension, in name order). :class:`UserError` naming the path otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        extensions = Image.registered_extensions()
-        names = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
-        if not names:
-            raise UserError(f"--video {path}: the directory holds no frame images (files like 000.png, 001.png).")
-        video, folder = names, path
-    else:
-        video, folder = path.name, path.parent
-    try:
-        return read_video(video, folder, frames)
-    except BadSample as err:
-        raise UserError(f"--video {path}: {err.reason}") from None
 
 
 class Chat:
     """A multi-turn conversation about one image and/or one video, templated as in training; greedy decoding.
 
-    ``processing`` is ``(tokenizer, image_processor, chat_template)``. The media go into the first user turn, the
-    video's ``<video>`` before the image's ``<image>`` as the training templater renders them.
+    ``processing`` is ``(tokenizer, image_processor, chat_template)``. Prompts come from a
+    :class:`~visionzip_tune.prompts.Prompter` with the recipe's ``template``, ``image_aspect`` and ``video_frames``.
     """
 
     def __init__(
@@ -86,27 +68,21 @@ class Chat:
         max_new_tokens: int = 128,
     ):
         self.model = model
-        self.tokenizer, image_processor, chat_template = processing
-        config = model.config
-        self.image_token_id = config.image_token_id
-        self.video_token_id = getattr(config, "video_token_id", None)
-        self.templater = Templater(
-            self.tokenizer, template, self.image_token_id, chat_template, video_token_id=self.video_token_id
+        self.prompter = Prompter(
+            model, processing, template=template, image_aspect=image_aspect, video_frames=video_frames
         )
-        self.transform = MediaTransform(image_processor, image_aspect, video_frames)
+        self.tokenizer = self.prompter.tokenizer
         self.video_frames = video_frames
         self.max_new_tokens = max_new_tokens
-        self.image: dict[str, torch.Tensor] = {}  # model inputs of the image ({} without one)
-        self.video: dict[str, torch.Tensor] = {}  # ... of the video
-        self.image_tokens: list[int] = []  # placeholders of the image (0 or 1 entry)
-        self.video_tokens: list[int] = []  # ... of the video
+        self.pictures: list[Image.Image] = []  # the image (0 or 1)
+        self.frames: list[Image.Image] | None = None  # the video's frames
         self.set_media(image, video)
 
     def set_media(self, image: str | Path | None = None, video: str | Path | None = None) -> None:
         """Start a new conversation about ``image`` and/or ``video`` (at least one)."""
         if image is None and video is None:
             raise UserError(NO_MEDIA)
-        self.image, self.image_tokens, self.video, self.video_tokens = {}, [], {}, []
+        self.pictures, self.frames = [], None
         if video is not None:
             self.set_video(video)
         if image is not None:
@@ -115,54 +91,39 @@ class Chat:
     def set_image(self, image: str | Path) -> None:
         """Ask about ``image`` from now on (a video already given stays); starts a new conversation."""
         try:
-            picture = open_image(image)
+            self.pictures = [open_image(image)]
         except BadSample as err:
             raise UserError(f"--image: {err.reason}") from None
-        inputs, sizes = self.transform.images([picture])
-        self.image = self._to_model(inputs)
-        self.image_tokens = sample_image_tokens(self.model.config, sizes)
         self._new_conversation()
 
     def set_video(self, video: str | Path) -> None:
         """Ask about ``video`` (a file, or a directory of frame images) from now on (an image already given stays);
         starts a new conversation. :class:`UserError` for a family without video input."""
         try:
-            count = tokens_per_video(self.model.config, self.video_frames)
+            tokens_per_video(self.model.config, self.video_frames)
         except ValueError as err:
             raise UserError(f"--video {video}: {err}. Ask about an image (--image) instead.") from None
-        frames = video_frames_of(video, self.video_frames)
-        self.video = self._to_model({"pixel_values_videos": self.transform.video(frames)})
-        self.video_tokens = [count]
+        self.frames = video_frames_of(video, self.video_frames)
         self._new_conversation()
 
     def _new_conversation(self) -> None:
+        self.media = self.prompter.media(self.pictures, self.frames)
         self.history: list[tuple[str, str]] = []
         self.prompt_ids: list[int] = []
 
-    def _to_model(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tensors on the model's device; pixels in its dtype (sizes and counts stay integers)."""
-        dtype = self.model.dtype
-        return {
-            key: value.to(self.model.device, dtype if value.is_floating_point() else value.dtype)
-            for key, value in inputs.items()
-        }
+    @property
+    def image_tokens(self) -> list[int]:
+        """Placeholders of the image (0 or 1 entry)."""
+        return self.media.image_tokens
+
+    @property
+    def video_tokens(self) -> list[int]:
+        """Placeholders of the video (0 or 1 entry)."""
+        return self.media.video_tokens
 
     def prompt(self, question: str) -> list[int]:
         """Token ids the model is given to answer ``question`` after the conversation so far."""
-        turns = []
-        for k, (asked, answered) in enumerate([*self.history, (question, "")]):
-            first = k == 0
-            turns += [
-                Turn("human", len(self.image_tokens) * first, asked.strip(), videos=len(self.video_tokens) * first),
-                Turn("gpt", 0, answered),
-            ]
-        ids, labels = self.templater(turns, self.image_tokens, self.video_tokens)
-        answer_start = len(labels)
-        while answer_start > 0 and labels[answer_start - 1] != IGNORE_INDEX:
-            answer_start -= 1
-        if answer_start == len(labels):  # the empty answer left no supervised end marker to cut at
-            raise UserError(f"template {self.templater.template}: cannot find where the answer starts")
-        return ids[:answer_start]
+        return self.prompter.prompt(self.history, question, self.media)
 
     @torch.no_grad()
     def ask(self, question: str) -> str:
@@ -172,8 +133,7 @@ class Chat:
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            **self.image,
-            **self.video,
+            **self.media.inputs,
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -184,7 +144,8 @@ class Chat:
 
     def show_prompt(self) -> str:
         """The last prompt as text, each run of image / video placeholders shown once as ``<image>xN``."""
-        placeholders = {token for token in (self.image_token_id, self.video_token_id) if token is not None}
+        prompter = self.prompter
+        placeholders = {token for token in (prompter.image_token_id, prompter.video_token_id) if token is not None}
         pieces = []
         for token, run in itertools.groupby(self.prompt_ids, key=lambda t: t if t in placeholders else None):
             run = list(run)
@@ -216,7 +177,8 @@ def load_model(
     """``(model, processing, record)``: the base model with the exported projector and budget (``record`` = its
     visionzip.json), or stock with an optional training-free budget (``dominant`` + ``contextual``) when
     ``projector`` is None. A ``full`` run's export holds the whole trained model with its tokenizer and image
-    processor: it is loaded and re-zipped with its recorded budget."""
+    processor: it is loaded and re-zipped with its recorded budget. ``dtype`` is one of :data:`DTYPES` (``auto``:
+    bfloat16 on a GPU that supports it, else float32); ``device`` defaults to cuda when available, else cpu."""
     if projector is not None and (dominant is not None or contextual is not None):
         raise UserError(
             "dominant/contextual set a training-free budget; with a projector export the export's budget is used "
@@ -237,7 +199,7 @@ def load_model(
         source = model_dir or (record["base_model"] if record else None)
     if source is None:
         raise UserError("give a model (a save_pretrained directory or hub id) or a projector export.")
-    model = build.load_vlm(source, key="--model / the export's base model", dtype=getattr(torch, dtype))
+    model = build.load_vlm(source, key="--model / the export's base model", dtype=getattr(torch, resolve_dtype(dtype)))
     processing = build.load_model_processing(source, key="model")
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     if whole:
@@ -253,11 +215,13 @@ def load_model(
     return model, processing, record
 
 
-def _recipe_value(record: dict | None, section: str, key: str, default):
-    """A data setting of the recipe the projector was trained with, when the export records it."""
-    recipe = (record or {}).get("recipe") or {}
-    value = ((recipe.get("config") or {}).get(section) or {}).get(key)
-    return default if value is None else value
+def resolve_dtype(dtype: str) -> str:
+    """``auto`` -> bfloat16 on a GPU that supports it, else float32; other names of :data:`DTYPES` as given."""
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
 def _answer(chat: Chat, question: str, show_prompt: bool) -> None:
@@ -317,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dominant", type=int, help="without --projector: training-free VisionZip dominant tokens")
     parser.add_argument("--contextual", type=int, help="without --projector: training-free VisionZip contextual tokens")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="auto: bfloat16 on a GPU that has it (default float32)"
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
         "--no-check-fingerprint",
@@ -356,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         processing,
         image=args.image,
         video=args.video,
-        template=args.template or _recipe_value(record, "data", "template", DEFAULT_TEMPLATE),
-        image_aspect=args.image_aspect or _recipe_value(record, "data", "image_aspect", DEFAULT_IMAGE_ASPECT),
-        video_frames=args.video_frames or _recipe_value(record, "data", "video_frames", DEFAULT_VIDEO_FRAMES),
+        template=args.template or recipe_data_setting(record, "template", DEFAULT_TEMPLATE),
+        image_aspect=args.image_aspect or recipe_data_setting(record, "image_aspect", DEFAULT_IMAGE_ASPECT),
+        video_frames=args.video_frames or recipe_data_setting(record, "video_frames", DEFAULT_VIDEO_FRAMES),
         max_new_tokens=args.max_new_tokens,
     )
     print(chat.describe(), file=sys.stderr)

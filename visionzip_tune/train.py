@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from visionzip_tune import build, checkpoint, families, metrics, preemption
+from visionzip_tune import build, checkpoint, families, metrics, plots, preemption
 from visionzip_tune.config import Config, help_table, load_config, to_dict, to_yaml
 from visionzip_tune.data import Collator, LengthGroupedSampler, SupervisedDataset
 from visionzip_tune.distributed import (
@@ -129,6 +129,8 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None, stop: preemption.S
                 log.print(f"[train] exported the {'model' if cfg.train.mode == 'full' else 'projector'} to {out}")
             if run.train_set.read_skipped():
                 log.print(f"[train] {run.train_set.skip_summary()}")
+            if is_main():
+                log.print(f"[train] curves: {plots.plot_metrics(run.dir)}")
     finally:
         lock.release()
     print0(f"[train] done: {run.dir}")

@@ -13,15 +13,16 @@ overrides, the token-count functions and the processor read from.
 
 from __future__ import annotations
 
+import contextlib
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from visionzip_tune import compress, encoders, processing
 from visionzip_tune.families import llava, llava_next, llava_onevision, mini_gemini, video_llava
-from visionzip_tune.families.base import Family, ImageSize, tiled_flags
+from visionzip_tune.families.base import RECORDER, Family, ImageSize, ZippedUnits, tiled_flags
 
 # mini_gemini's import registers its native model with transformers' Auto classes (on import of visionzip_tune).
 FAMILIES: dict[str, Family] = {
@@ -186,6 +187,12 @@ def vision_tower(model: nn.Module) -> nn.Module:
     return getattr(inner, family.towers[0])
 
 
+def vision_towers(model: nn.Module) -> list[nn.Module]:
+    """Every vision tower, the image tower first (Video-LLaVA: ``image_tower``, then ``video_tower``)."""
+    family, inner = _inner(model)
+    return [getattr(inner, name) for name in family.towers]
+
+
 def language_model(model: nn.Module) -> nn.Module:
     """The decoder stack (``model.model.language_model``); the LM head is ``model.lm_head``."""
     family, inner = _inner(model)
@@ -281,3 +288,17 @@ def remove_visionzip(model: nn.Module, processor=None) -> nn.Module:
     if processor is not None:
         processing.unpatch_processor(processor)
     return model
+
+
+@contextlib.contextmanager
+def recorded_zips(model: nn.Module) -> Iterator[list[ZippedUnits]]:
+    """Within the block, every zip the model's VisionZip overrides compute (one per call on a batch of images,
+    crops or frames) is appended to the yielded list, in call order, with the pixel units the tower saw: what
+    ``show`` draws and ``bench-infer`` counts, read from the model's own code path."""
+    _, inner = _inner(model)
+    recorded: list[ZippedUnits] = []
+    inner.__dict__[RECORDER] = recorded
+    try:
+        yield recorded
+    finally:
+        inner.__dict__.pop(RECORDER, None)

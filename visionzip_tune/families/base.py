@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -117,17 +118,34 @@ def zip_tower(
     return zip_layer(encoders.run_until(tower, pixel_values, layer, eager=eager), dominant, contextual)
 
 
+class ZippedUnits(NamedTuple):
+    """One call of :func:`zip_units`: the units the tower saw, (B, 3, S, S) as given, and what VisionZip made of
+    them."""
+
+    pixel_values: Tensor
+    result: compress.ZipResult
+
+
+# Attribute of the inner model holding a list while families.recorded_zips is active: zip_units appends to it.
+RECORDER = "_visionzip_recorded"
+
+
 def zip_units(inner: nn.Module, tower: nn.Module, pixel_values: Tensor, vision_feature_layer: int | None):
     """:func:`zip_tower` at the inner model's feature layer and budget, read from its config at every call, without
-    autograd (frozen tower). B counts whatever the family zips independently (images, crops, frames)."""
+    autograd (frozen tower). B counts whatever the family zips independently (images, crops, frames). The call is
+    recorded as :class:`ZippedUnits` while ``families.recorded_zips`` is active."""
     budget = inner.config.visionzip
     layer = inner.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
     layer_index = encoders.resolve_layer(len(tower.encoder.layers), layer)
     # no_grad also stops enable_input_require_grads() (activation checkpointing) from building a tower graph.
     with torch.no_grad():
-        return zip_tower(
+        result = zip_tower(
             tower, pixel_values, layer_index, budget["dominant"], budget["contextual"], eager=budget["eager"]
         )
+    recorded = inner.__dict__.get(RECORDER)
+    if recorded is not None:
+        recorded.append(ZippedUnits(pixel_values, result))
+    return result
 
 
 def per_frame_video_features(tower: str) -> Callable[..., BaseModelOutputWithPooling]:

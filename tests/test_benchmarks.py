@@ -1,0 +1,102 @@
+"""`python -m visionzip_tune eval`: stock, training-free budgets and the tuned export through lmms-eval, the
+paper's percentage table, and lmms-eval failures as one-paragraph errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import cli_error, lmms_eval_or_skip
+
+from visionzip_tune.__main__ import main as cli
+from visionzip_tune.benchmarks import Run, percent_table
+from visionzip_tune.variants import parse_budgets
+
+lmms_eval_or_skip()
+
+
+def test_percent_table_is_each_score_and_the_average_as_a_share_of_stock():
+    runs = [
+        Run("stock", False, None, 576, scores={"gqa": 0.6, "mme": 1800.0, "pope": 0.0}),
+        Run("VisionZip 54+10", False, {"dominant": 54}, 64, scores={"gqa": 0.45, "mme": 1620.0, "pope": 0.1}),
+    ]
+    table, rows = percent_table(runs, ["gqa", "mme", "pope"])
+    assert rows[0]["percent_of_stock"] == {"gqa": 100.0, "mme": 100.0}  # a zero stock score has no percentage
+    assert rows[1]["percent_of_stock"] == pytest.approx({"gqa": 75.0, "mme": 90.0})
+    assert rows[1]["average_percent"] == pytest.approx(82.5)
+    lines = table.splitlines()
+    assert lines[0] == "| run | vision tokens | gqa | mme | pope | Avg. |"
+    assert lines[3] == "| VisionZip 54+10 | 64 | 0.45 (75.0%) | 1620 (90.0%) | 0.1 (n/a) | 82.5% |"
+
+
+def test_budgets_are_d_plus_c_or_totals_split_as_in_the_paper():
+    assert parse_budgets("54+10, 128,192") == [(54, 10), (108, 20), (162, 30)]
+
+
+def test_eval_runs_stock_budgets_and_the_tuned_export(eval_assets, tmp_path, capsys):
+    model_dir, export, demo = eval_assets
+    out = tmp_path / "eval"
+    argv = ["eval", "--projector", str(export), "--budgets", "6+2,3+1", "--held-out", str(demo.eval), "--limit", "6"]
+    assert cli([*argv, "--image-folder", str(demo.images), "--output-dir", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())
+    runs = report["runs"]
+    assert [r["label"] for r in runs] == ["stock", "VisionZip 6+2", "VisionZip 3+1", "VisionZip‡ 6+2 (tuned)"]
+    assert [r["vision_tokens"] for r in runs] == [16, 8, 4, 8]
+    assert [r["tuned"] for r in runs] == [False, False, False, True]
+    assert runs[0]["budget"] is None and runs[3]["budget"]["dominant"] == 6
+    assert report["model"] == str(model_dir) and report["metrics"] == {
+        "heldout_gen": "exact_match,none",
+        "heldout_mc": "acc,none",
+    }
+    for run in runs:
+        for task, score in run["scores"].items():
+            assert score == run["lmms_eval"][task][report["metrics"][task]]
+            stock = runs[0]["scores"][task]
+            if stock:
+                assert run["percent_of_stock"][task] == pytest.approx(100 * score / stock)
+    table = (out / "table.md").read_text()
+    assert table.strip() == report["table"] and table.count("\n") == 2 + len(runs)
+    assert "| VisionZip‡ 6+2 (tuned) | 8 |" in table and table in capsys.readouterr().out + "\n"
+
+
+def test_a_failure_inside_lmms_eval_is_a_user_error_with_its_traceback_logged(eval_assets, tmp_path, capsys):
+    model_dir, _, demo = eval_assets
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "broken.yaml").write_text(
+        "task: broken\ndataset_path: parquet\ndataset_kwargs:\n  data_files:\n    test: /nonexistent/test.parquet\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: answer\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    argv = ["eval", "--model", str(model_dir), "--tasks", "broken", "--include-path", str(tasks)]
+    message = cli_error([*argv, "--output-dir", str(tmp_path / "out")], capsys)
+    assert "lmms-eval failed while evaluating stock on broken" in message
+    assert "/nonexistent/test.parquet" in (tmp_path / "out" / "error.log").read_text()
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tasks", "gqa_typo"], "lmms-eval knows no task gqa_typo (close: gqa"),
+        (["--tasks", "gqa", "--budgets", "54-10"], "'54-10' is neither DOMINANT+CONTEXTUAL nor a token total"),
+        (["--held-out", "x.json"], "--held-out needs --image-folder"),
+        ([], "give lmms-eval tasks (--tasks gqa,pope,...) and/or a held-out JSON"),
+        (["--tasks", "gqa", "--metric", "pope"], "--metric 'pope': give TASK=METRIC"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(eval_assets, tmp_path, capsys, args, message):
+    model_dir, _, _ = eval_assets
+    assert message in cli_error(["eval", "--model", str(model_dir), "--output-dir", str(tmp_path), *args], capsys)
+
+
+def test_a_model_or_an_export_is_required(capsys):
+    assert "give a model (--model) or a projector export" in cli_error(["eval", "--tasks", "gqa"], capsys)
+
+
+def test_without_lmms_eval_the_command_says_how_to_install_it(monkeypatch, capsys):
+    from visionzip_tune import benchmarks
+
+    monkeypatch.setattr(benchmarks, "LMMS_EVAL_MISSING", ModuleNotFoundError("No module named 'lmms_eval'"))
+    message = cli_error(["eval", "--model", "m", "--tasks", "gqa"], capsys)
+    assert "needs lmms-eval" in message and "bash tools/install_eval.sh" in message
