@@ -77,6 +77,23 @@ def test_projector_mode_changes_only_the_projector_and_lowers_the_loss(train_ass
     assert all(e["total"] == held_out and e["accuracy"] == e["correct"] / held_out for e in evals)
 
 
+def test_the_end_of_a_run_says_what_it_achieved_and_commands_that_work(train_assets, tmp_path, capsys, monkeypatch):
+    import shlex
+
+    out = tmp_path / "run"
+    run(train_assets, out, "train.max_steps=2")
+    printed = capsys.readouterr().out
+    evals = records(out, "eval")
+    assert f"held-out accuracy {evals[0]['accuracy']:.3f} (step 0) -> {evals[-1]['accuracy']:.3f} (step 2)" in printed
+    commands = [line.strip() for line in printed.splitlines() if line.strip().startswith("python -m visionzip_tune")]
+    assert [c.split()[3] for c in commands] == ["generate", "show", "eval", "eval"]
+    monkeypatch.chdir(tmp_path)
+    for command in commands[:2]:  # generate and show, exactly as printed (--max-new-tokens to keep it short)
+        argv = shlex.split(command)[3:] + (["--max-new-tokens", "2"] if command.split()[3] == "generate" else [])
+        assert cli(argv) == 0, command
+    assert (tmp_path / "kept.png").is_file()
+
+
 def test_text_only_micro_batches_keep_the_projector_in_the_graph(train_assets, tmp_path):
     """A micro-batch without images has no path to the projector; the run must still step (no DeepSpeed assert)."""
     samples = json.loads(train_assets[1].train.read_text())

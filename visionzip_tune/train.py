@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,8 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None, stop: preemption.S
                 log.print(f"[train] {run.train_set.skip_summary()}")
             if is_main():
                 log.print(f"[train] curves: {plots.plot_metrics(run.dir)}")
+                for line in summary(run, run.dir / "export" if cfg.output.export else None):
+                    log.print(line)
     finally:
         lock.release()
     print0(f"[train] done: {run.dir}")
@@ -235,6 +237,7 @@ class Run:
     data_state: dict | None = None
     resumed: bool = False
     stop_signal: str | None = None  # set when any rank got a stop signal: stop after this step
+    evaluations: list[dict] = field(default_factory=list)  # this process's held-out results, in order
 
     def eval_due(self, step: int) -> bool:
         """Evaluate before training and every ``train.eval_every`` steps; the final evaluation runs after the loop."""
@@ -253,7 +256,9 @@ class Run:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-        return {"kind": "eval", "step": self.step, **result}
+        record = {"kind": "eval", "step": self.step, **result}
+        self.evaluations.append(record)
+        return record
 
     def save_due(self) -> bool:
         every = self.cfg.train.save_every
@@ -417,6 +422,48 @@ def setup(cfg: Config, dist: Dist, stop: preemption.StopRequest | None = None) -
         sampler.load_state_dict(run.data_state)
         print0(f"[train] resumed from {resume_from} at step {run.step} (epoch {sampler.epoch}, sample {sampler.start})")
     return run
+
+
+def summary(run: Run, export: Path | None) -> list[str]:
+    """What a newcomer wants at the end of a run: what it achieved, where it is, and what to try next with it."""
+    lines = []
+    if run.evaluations:
+        first, last = run.evaluations[0], run.evaluations[-1]
+        lines.append(
+            f"[train] held-out accuracy {first['accuracy']:.3f} (step {first['step']}) -> {last['accuracy']:.3f} "
+            f"(step {last['step']}) on {last['total']} samples"
+        )
+    if export is None:
+        return lines
+    lines.append(f"[train] try the export {export}:")
+    example = _example_image(run)
+    if example is not None:
+        image, question = example
+        lines += [
+            f'  python -m visionzip_tune generate --projector {export} --image {image} --prompt "{question}"',
+            f"  python -m visionzip_tune show --projector {export} --image {image} --output kept.png",
+        ]
+    held_out = run.cfg.data.eval_path
+    if held_out is not None:
+        folder = run.cfg.data.eval_image_folder or run.cfg.data.image_folder
+        lines.append(
+            f"  python -m visionzip_tune eval --projector {export} --held-out {held_out} --image-folder {folder}"
+        )
+    lines.append(
+        f"  python -m visionzip_tune eval --projector {export} --tasks gqa,pope,mme   (lmms-eval benchmarks; README)"
+    )
+    return lines
+
+
+def _example_image(run: Run) -> tuple[Path, str] | None:
+    """An image of the held-out (else training) data and its first question, for the commands to try next."""
+    dataset = run.eval_set if run.eval_set is not None else run.train_set
+    for row in dataset.rows[:50]:
+        sample = dataset.samples[row]
+        if sample["images"] and dataset.image_folder is not None:
+            question = sample["conversations"][0]["value"].replace("<image>", "").strip().replace('"', "'")
+            return dataset.image_folder / sample["images"][0], question
+    return None
 
 
 def _seed_everything(seed: int) -> None:
