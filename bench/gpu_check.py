@@ -327,8 +327,8 @@ def part_parity(plan: Plan) -> dict:
             captured = capture(candidate_tower, pixels.to(plan.device))
             zips = {budget: zip_captured(captured, *budget) for budget in BUDGETS}
         for (dominant, contextual), zipped in zips.items():
-            candidate = compress.ZipResult(
-                zipped.tokens.cpu().float(), zipped.dominant_indices.cpu(), zipped.contextual_indices.cpu()
+            candidate = compress.ZipResult(*(field.cpu() for field in zipped))._replace(
+                tokens=zipped.tokens.cpu().float()
             )
             measured = compare_zips(references[dominant, contextual], candidate, scores, PARITY_CRITERIA[dtype_name])
             rows.append({"device": plan.device, "dtype": dtype_name, "budget": f"{dominant}+{contextual}", **measured})
