@@ -1,5 +1,5 @@
 """``python -m visionzip_tune generate``: answer prompts about an image and/or a video with a tuned projector and its
-budget, for every supported family (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision).
+budget, for every supported family (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL).
 
     python -m visionzip_tune generate --projector runs/x/export --image cat.jpg --prompt "What is this?"
     python -m visionzip_tune generate --projector runs/v/export --video clip.mp4 --prompt "What happens?"
@@ -8,7 +8,7 @@ budget, for every supported family (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA, LLaVA-On
 The base model comes from ``--model`` or, by default, the export's ``base_model``; ``load_projector`` checks it,
 loads the tuned projector and applies the VisionZip budget it was tuned for (a ``full`` run's export holds the
 whole trained model, which is loaded instead). Without ``--projector`` this is stock inference, optionally with
-training-free VisionZip (``--dominant/--contextual``).
+training-free VisionZip (``--dominant/--contextual``; Qwen: ``--dominant-ratio/--contextual-ratio``).
 
 Prompts are built exactly as training builds samples (``visionzip_tune.data``'s templater, media transform, video
 reader and the models' token-count functions, with the template, image aspect and video frames of the export's
@@ -39,18 +39,26 @@ from visionzip_tune.data.config import (
 from visionzip_tune.data.images import MediaTransform, open_image
 from visionzip_tune.data.template import IGNORE_INDEX, Templater, Turn
 from visionzip_tune.data.validate import BadSample
-from visionzip_tune.data.video import read_video
+from visionzip_tune.data.video import VideoClip, read_video_clip
 from visionzip_tune.errors import UserError
-from visionzip_tune.export import MODEL_DIR, load_projector, read_export
-from visionzip_tune.families import apply_visionzip, sample_image_tokens, tokens_per_video
+from visionzip_tune.export import MODEL_DIR, load_projector, read_export, recorded_budget
+from visionzip_tune.families import (
+    apply_visionzip,
+    id_inputs,
+    sample_image_tokens,
+    video_family,
+    video_layout,
+    video_timing,
+)
 from visionzip_tune.processing import Processing
 
 NO_MEDIA = "give an image (--image FILE) and/or a video (--video FILE_OR_DIR) to ask about."
 
 
-def video_frames_of(path: str | Path, frames: int) -> list[Image.Image]:
-    """``frames`` frames sampled uniformly from ``path``: a video file (decoded with PyAV) or a directory of frame
-    images (every file with an image extension, in name order). :class:`UserError` naming the path otherwise."""
+def video_frames_of(path: str | Path, frames: int) -> VideoClip:
+    """``frames`` frames sampled uniformly from ``path`` and their times: a video file (decoded with PyAV) or a
+    directory of frame images (every file with an image extension, in name order). :class:`UserError` naming the
+    path otherwise."""
     path = Path(path)
     if path.is_dir():
         extensions = Image.registered_extensions()
@@ -61,7 +69,7 @@ def video_frames_of(path: str | Path, frames: int) -> list[Image.Image]:
     else:
         video, folder = path.name, path.parent
     try:
-        return read_video(video, folder, frames)
+        return read_video_clip(video, folder, frames)
     except BadSample as err:
         raise UserError(f"--video {path}: {err.reason}") from None
 
@@ -99,7 +107,7 @@ class Chat:
         self.image: dict[str, torch.Tensor] = {}  # model inputs of the image ({} without one)
         self.video: dict[str, torch.Tensor] = {}  # ... of the video
         self.image_tokens: list[int] = []  # placeholders of the image (0 or 1 entry)
-        self.video_tokens: list[int] = []  # ... of the video
+        self.video_tokens: list[int | list[str | int]] = []  # ... of the video: a count or a layout (0 or 1 entry)
         self.set_media(image, video)
 
     def set_media(self, image: str | Path | None = None, video: str | Path | None = None) -> None:
@@ -126,13 +134,15 @@ class Chat:
     def set_video(self, video: str | Path) -> None:
         """Ask about ``video`` (a file, or a directory of frame images) from now on (an image already given stays);
         starts a new conversation. :class:`UserError` for a family without video input."""
+        config = self.model.config
         try:
-            count = tokens_per_video(self.model.config, self.video_frames)
+            video_family(config)
         except ValueError as err:
             raise UserError(f"--video {video}: {err}. Ask about an image (--image) instead.") from None
-        frames = video_frames_of(video, self.video_frames)
-        self.video = self._to_model({"pixel_values_videos": self.transform.video(frames)})
-        self.video_tokens = [count]
+        clip = video_frames_of(video, self.video_frames)
+        inputs, size = self.transform.video_inputs(clip.frames)
+        self.video = self._to_model({**inputs, **video_timing(config, size, clip.times)})
+        self.video_tokens = [video_layout(config, size, clip.times)]
         self._new_conversation()
 
     def _new_conversation(self) -> None:
@@ -140,10 +150,9 @@ class Chat:
         self.prompt_ids: list[int] = []
 
     def _to_model(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tensors on the model's device; pixels in its dtype (sizes and counts stay integers)."""
-        dtype = self.model.dtype
+        """Tensors on the model's device; pixels in its dtype (sizes, counts and timings as they are)."""
         return {
-            key: value.to(self.model.device, dtype if value.is_floating_point() else value.dtype)
+            key: value.to(self.model.device, self.model.dtype if key.startswith("pixel_values") else value.dtype)
             for key, value in inputs.items()
         }
 
@@ -174,6 +183,7 @@ class Chat:
             attention_mask=torch.ones_like(input_ids),
             **self.image,
             **self.video,
+            **id_inputs(self.model.config, input_ids),
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -197,9 +207,18 @@ class Chat:
     def describe(self) -> str:
         """One line: the budget and the placeholder tokens of the current media."""
         budget = getattr(self.model.config, "visionzip", None)
-        zipped = f"VisionZip {budget['dominant']} + {budget['contextual']}" if budget else "stock"
+        if not budget:
+            zipped = "stock"
+        elif "dominant" in budget:
+            zipped = f"VisionZip {budget['dominant']} + {budget['contextual']}"
+        else:
+            zipped = f"VisionZip {budget['dominant_ratio']} + {budget['contextual_ratio']} of each image's tokens"
         counts = [f"{n} tokens per image" for n in self.image_tokens]
-        counts += [f"{n} tokens per video of {self.video_frames} frames" for n in self.video_tokens]
+        counts += [
+            f"{n if isinstance(n, int) else sum(p for p in n if isinstance(p, int))} tokens per video of "
+            f"{self.video_frames} frames"
+            for n in self.video_tokens
+        ]
         return f"({zipped}: {', '.join(counts)})"
 
 
@@ -212,14 +231,17 @@ def load_model(
     check_fingerprint: bool = True,
     dtype: str = "float32",
     device: str | None = None,
+    **ratios: float | None,
 ) -> tuple[Any, Processing, dict | None]:
     """``(model, processing, record)``: the base model with the exported projector and budget (``record`` = its
-    visionzip.json), or stock with an optional training-free budget (``dominant`` + ``contextual``) when
-    ``projector`` is None. A ``full`` run's export holds the whole trained model with its tokenizer and image
-    processor: it is loaded and re-zipped with its recorded budget."""
-    if projector is not None and (dominant is not None or contextual is not None):
+    visionzip.json), or stock with an optional training-free budget (``dominant`` + ``contextual``; Qwen: the
+    ``dominant_ratio`` / ``contextual_ratio`` keywords) when ``projector`` is None. A ``full`` run's export holds
+    the whole trained model with its tokenizer and image processor: it is loaded and re-zipped with its recorded
+    budget."""
+    free = {k: v for k, v in {"dominant": dominant, "contextual": contextual, **ratios}.items() if v is not None}
+    if projector is not None and free:
         raise UserError(
-            "dominant/contextual set a training-free budget; with a projector export the export's budget is used "
+            f"{', '.join(free)} set a training-free budget; with a projector export the export's budget is used "
             "(the projector was tuned for it). Give one or the other."
         )
     if (dominant is None) != (contextual is None):
@@ -241,15 +263,17 @@ def load_model(
     processing = build.load_model_processing(source, key="model")
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     if whole:
-        if record["dominant"] is not None:  # a run without VisionZip saved a stock model
+        if recorded_budget(record) is not None:  # a run without VisionZip saved a stock model
             apply_visionzip(model)  # the budget recorded in its config.json
     elif projector is not None:
-        load_projector(model, projector, check_fingerprint=check_fingerprint)
-    elif dominant is not None:
+        load_projector(
+            model, projector, check_fingerprint=check_fingerprint, image_processor=processing.image_processor
+        )
+    elif free:
         try:
-            apply_visionzip(model, dominant, contextual)
+            apply_visionzip(model, **free)
         except ValueError as err:
-            raise UserError(f"dominant={dominant}, contextual={contextual}: {err}") from None
+            raise UserError(f"{', '.join(f'{k}={v}' for k, v in free.items())}: {err}") from None
     return model, processing, record
 
 
@@ -301,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "--video",
         metavar="FILE_OR_DIR",
         help="video: a video file (decoded with PyAV: pip install av) or a directory of frame images, taken in name "
-        "order; for families with a video input (Video-LLaVA, OneVision); may be given together with --image",
+        "order; for families with a video input (Video-LLaVA, OneVision, Qwen); may be given together with --image",
     )
     parser.add_argument(
         "--video-frames", type=int, help="frames sampled uniformly from --video (default: the export's recipe, else 8)"
@@ -317,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dominant", type=int, help="without --projector: training-free VisionZip dominant tokens")
     parser.add_argument("--contextual", type=int, help="without --projector: training-free VisionZip contextual tokens")
+    parser.add_argument(
+        "--dominant-ratio", type=float, help="Qwen, without --projector: dominant tokens as a fraction of each image's"
+    )
+    parser.add_argument(
+        "--contextual-ratio", type=float, help="Qwen, without --projector: contextual tokens as a fraction of them"
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -336,10 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(NO_MEDIA)
     if (args.dominant is None) != (args.contextual is None):
         raise UserError("give both --dominant and --contextual (e.g. 54 and 10 for 64 tokens per image), or neither.")
-    if args.projector is not None and args.dominant is not None:
+    if args.projector is not None and (
+        args.dominant is not None or args.dominant_ratio is not None or args.contextual_ratio is not None
+    ):
         raise UserError(
-            "--dominant/--contextual set a training-free budget; with --projector the export's budget is used (the "
-            "projector was tuned for it). Give one or the other."
+            "--dominant/--contextual (--dominant-ratio/--contextual-ratio) set a training-free budget; with "
+            "--projector the export's budget is used (the projector was tuned for it). Give one or the other."
         )
 
     model, processing, record = load_model(
@@ -347,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         args.projector,
         args.dominant,
         args.contextual,
+        dominant_ratio=args.dominant_ratio,
+        contextual_ratio=args.contextual_ratio,
         check_fingerprint=not args.no_check_fingerprint,
         dtype=args.dtype,
         device=args.device,

@@ -106,7 +106,11 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None) -> nn.Module:
             log.eval(run.evaluate())
         if cfg.output.export:
             out = export_projector(
-                run.engine, run.dir / "export", metadata=run.export_metadata(recipe), processing=run.processing[:2]
+                run.engine,
+                run.dir / "export",
+                metadata=run.export_metadata(recipe),
+                processing=run.processing[:2],
+                image_processor=run.processing.image_processor,
             )
             log.print(f"[train] exported the {'model' if cfg.train.mode == 'full' else 'projector'} to {out}")
         if run.train_set.read_skipped():
@@ -289,7 +293,7 @@ def setup(cfg: Config, dist: Dist) -> Run:
         model.activation_checkpointing_enable()
     model.config.use_cache = False
     model, trainable = build.prepare_trainable(model, train_cfg)
-    print0(f"[train] {build.describe_trainable(model, train_cfg.mode)}")
+    print0(f"[train] {build.describe_trainable(model, train_cfg)}")
 
     # -- data ------------------------------------------------------------------------------------------------------
     skip_log = run_dir / "skipped.jsonl" if is_main() else None  # one writer: every rank skips the same ids
