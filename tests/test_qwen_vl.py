@@ -176,12 +176,12 @@ def test_features_equal_a_per_image_reference(family, merge_space):
     expected = reference_zip(model, packed["pixel_values"], packed["image_grid_thw"], merge_space)
     widths = 1 + len(getattr(model.model.visual, "deepstack_merger_list", []))
     assert [len(t) for t in out.pooler_output] == [len(unit.kept) for unit in expected] == [4 + 2, 2 + 1, 2 + 1]
-    for index, (tokens, kept, _) in enumerate(expected):
-        columns = tokens.chunk(widths, dim=-1)
+    for index, unit in enumerate(expected):
+        columns = unit.tokens.chunk(widths, dim=-1)
         torch.testing.assert_close(out.pooler_output[index], columns[0], rtol=0, atol=1e-5)
         for layer in range(1, widths):  # DeepStack: the same rows, order and merge as the main features
             torch.testing.assert_close(out.deepstack_features[layer - 1][index], columns[layer], rtol=0, atol=1e-5)
-        assert model.model._visionzip_encoded["image"].kept[index].tolist() == kept
+        assert model.model._visionzip_encoded["image"].kept[index].tolist() == unit.kept
     if family == "qwen3_vl":
         assert widths == 3 and len(out.deepstack_features) == 2
 

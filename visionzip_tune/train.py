@@ -143,8 +143,8 @@ def train_step(run: Run) -> dict[str, Any]:
         on_device[0] += inputs["attention_mask"].sum()
         on_device[1] += torch.isin(inputs["input_ids"], run.vision_token_ids).sum()
         samples += inputs["input_ids"].shape[0]
-        images += batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
-        videos += batch["pixel_values_videos"].shape[0] if "pixel_values_videos" in batch else 0
+        batch_images, batch_videos = families.media_count(run.model.config, batch)
+        images, videos = images + batch_images, videos + batch_videos
     counts = torch.tensor([samples, images, videos], dtype=torch.float64, device=engine.device)
     tokens, vision, samples, images, videos = all_reduce_sum_(torch.cat([on_device, counts])).tolist()
     elapsed = time.perf_counter() - started

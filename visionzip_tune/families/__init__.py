@@ -167,6 +167,12 @@ def media_inputs(config) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, .
     return family.image_inputs, family.video_inputs, family.position_inputs
 
 
+def media_count(config, batch: dict) -> tuple[int, int]:
+    """``(images, videos)`` in a collated batch."""
+    image_key, video_key = family_of(config).media_rows
+    return tuple(len(batch[key]) if key in batch else 0 for key in (image_key, video_key))
+
+
 def id_inputs(config, input_ids: Tensor) -> dict[str, Tensor]:
     """Inputs the model needs that follow from the token ids alone (Qwen: ``mm_token_type_ids``); {} if none."""
     family = family_of(config)

@@ -94,6 +94,8 @@ class Family:
     image_inputs: tuple[str, ...] = ("pixel_values", "image_sizes", "batch_num_images")
     video_inputs: tuple[str, ...] = ("pixel_values_videos",)
     position_inputs: tuple[str, ...] = ()
+    # The batch keys with one row per image and per video (Qwen packs patches: its grids have one).
+    media_rows: tuple[str, str] = ("pixel_values", "pixel_values_videos")
     # The MediaSize of each image of an image processor's output (for a whole call), and of video ``index`` of a
     # video processor's output: the keys the count functions take.
     image_sizes: Callable[[Family, dict], list[MediaSize]] = field(default_factory=lambda: processor_image_sizes)

@@ -57,6 +57,7 @@ FAMILY = Family(
     image_inputs=("pixel_values", "image_grid_thw"),
     video_inputs=("pixel_values_videos", "video_grid_thw"),
     position_inputs=("image_grid_thw", "video_grid_thw"),
+    media_rows=("image_grid_thw", "video_grid_thw"),
     image_sizes=qwen_vl.image_grids,
     video_size=qwen_vl.video_grid,
     blank_image=qwen_vl.blank_image,
