@@ -677,3 +677,79 @@ def test_qwen3_processor_video_text_matches_the_data_path():
     ]
     rendered = "".join(piece if isinstance(piece, str) else "<|video_pad|>" * piece for piece in layout)
     assert text == rendered
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The generate command
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_command_image_video_and_multi_turn(family, tmp_path, capsys, monkeypatch):
+    """The CLI on an export builds the prompt and vision inputs the training data path builds (chat template,
+    frames through the image processor, timestamps / timings) and answers as greedy decoding on those does."""
+    import io
+    import json
+
+    from conftest import greedy_answer
+    from transformers import AutoModelForImageTextToText
+
+    from visionzip_tune.__main__ import main as cli
+    from visionzip_tune.data import DataConfig, SupervisedDataset, load_samples
+    from visionzip_tune.export import export_projector
+    from visionzip_tune.processing import load_processing
+    from visionzip_tune.tiny import save_tiny
+
+    base = save_tiny(tmp_path / "base", TinySpec(family=family, **GEOMETRY))
+    processing = load_processing(base)
+    model = AutoModelForImageTextToText.from_pretrained(base).eval()
+    vzt.apply_visionzip(model, dominant_ratio=0.3, contextual_ratio=0.1)
+    with torch.no_grad():
+        for param in families.projector_parameters(model).values():
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(5)))
+    data = {"template": "chat_template", "image_aspect": "processor", "video_frames": FRAMES}
+    export = export_projector(
+        model,
+        tmp_path / "export",
+        metadata={"base_model": str(base), "recipe": {"config": {"data": data}}},
+        image_processor=processing.image_processor,
+    )
+    _write_media(tmp_path)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k in range(6):
+        (tmp_path / f"frame{k}.png").rename(frames / f"{k:03d}.png")
+
+    def reference(turns):
+        """Greedy answer to the last question of ``turns``, the prompt built by the training dataset."""
+        conversations = [{"from": role, "value": text} for role, text in turns]
+        sample = {"id": "q", "image": "image1.png", "video": [f"frames/{k:03d}.png" for k in range(6)]}
+        (tmp_path / "sample.json").write_text(json.dumps([{**sample, "conversations": conversations}]))
+        dataset = SupervisedDataset(
+            load_samples(tmp_path / "sample.json", cache_dir=tmp_path / f"cache{len(turns)}"),
+            DataConfig(image_folder=str(tmp_path), **data),
+            processing,
+            build.placeholders(model.config),
+        )
+        return greedy_answer(model, processing.tokenizer, dataset[0], 4)
+
+    media = ["--image", str(tmp_path / "image1.png"), "--video", str(frames)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("What moves?\nAnd then?\n\n"))
+    capsys.readouterr()
+    assert (
+        cli(["generate", "--projector", str(export), *media, "--interactive", "--max-new-tokens", "4", "--show-prompt"])
+        == 0
+    )
+    captured = capsys.readouterr()
+    first, second = captured.out.strip().splitlines()
+    expected, prompt = reference([("human", "<video>\n<image>\nWhat moves?"), ("gpt", "x")])
+    assert first == expected
+    image_tokens = families.tokens_per_image(model.config, (1, 4, 8))
+    video_tokens = families.tokens_per_video(model.config, (2, 4, 6))
+    assert prompt.count(model.config.image_token_id) == image_tokens == 2 + 1  # N = 8: floor(2.4), max(1, 0)
+    assert prompt.count(model.config.video_token_id) == video_tokens == 2 * (1 + 1)
+    assert f"{image_tokens} tokens per image, {video_tokens} tokens per video of {FRAMES} frames" in captured.err
+    assert f"<|image_pad|>x{image_tokens}" in captured.err
+    runs = [f"<|video_pad|>x{video_tokens // 2}"] * 2 if family == "qwen3_vl" else [f"<|video_pad|>x{video_tokens}"]
+    assert captured.err.count(runs[0]) == 2 * len(runs)  # both prompts; Qwen3-VL: a run per frame
+    turns = [("human", "<video>\n<image>\nWhat moves?"), ("gpt", first), ("human", "And then?"), ("gpt", "x")]
+    assert second == reference(turns)[0]

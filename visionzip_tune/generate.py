@@ -187,6 +187,8 @@ class Chat:
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
+            # A placeholder in the answer would be taken for media by the next step: never generate one.
+            suppress_tokens=[t for t in (self.image_token_id, self.video_token_id) if t is not None],
         )
         answer = self.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
         self.history.append((question, answer))
