@@ -39,7 +39,8 @@ TOKEN_TYPES = {"image": 1, "video": 2}  # mm_token_type_ids values (0 = text)
 
 @dataclass(frozen=True)
 class Variant:
-    """How one Qwen generation differs: its tower's token order, DeepStack, video placeholder runs, output type."""
+    """How one Qwen generation differs: its tower's token order, its video placeholder runs, its output type (the
+    DeepStack mergers, where a tower has them, are found on the tower)."""
 
     # Permutation from the tower's merge-group order to raster order for a grid_thw, or None when already raster
     # (Qwen2.5-VL runs its blocks in window order).
