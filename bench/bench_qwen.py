@@ -1,7 +1,7 @@
 """VisionZip on Qwen2.5-VL: the vision side is not faster (the merger needs the tower's last block); the saving is
 in the LLM, which sees fewer tokens.
 
-    python bench/bench_qwen.py [--part tower|train|both] [--rounds 7] [--threads 2] [--device cpu|cuda]
+    python bench/bench_qwen.py [--part tower|train|both] [--rounds 7] [--threads 2] [--device cpu|cuda] [--size 7b]
 
 ``tower``: ``model.model.get_image_features`` stock against zipped, on a Qwen2.5-VL tower of moderate size (16
 blocks of hidden 256, 4 heads, windows of 112 px with full attention at blocks 3, 7, 11 and 15 -- the 7B layout on
@@ -16,8 +16,13 @@ MLP 2048; tower 8 blocks of 128): two samples of one 448 x 448 image (256 merged
 stock, 50 % and 25 %, next to a FLOP count (``step_flops``). Peak memory: on CUDA the peak allocated above the
 step's start; on CPU each budget in a fresh process, peak resident size above the start (as bench_train.py).
 
-Variants run interleaved round-robin after a warm-up round; tables show medians and ratios to stock from this one
-run. Nothing is downloaded.
+``--size 7b`` (for a GPU; bf16): the released Qwen2.5-VL-7B widths instead -- tower 32 blocks of 1280, 16 heads,
+MLP 3420, full attention at 7, 15, 23, 31; LLM 28 layers of 3584, 28 heads (4 key/value), MLP 18944 -- with random
+weights and the tiny tokenizer's vocabulary (so the LM head is small).
+
+Variants run interleaved round-robin after a warm-up round, in reverse order every other round (so a periodic
+load on a shared machine does not favour one); tables show medians and ratios to stock from this one run. Nothing
+is downloaded.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from visionzip_tune.tiny import TinySpec, build_family_tokenizer, build_qwen_con
 TOWER = dict(vision_hidden=256, vision_layers=16, vision_heads=4, text_hidden=64, text_layers=1, text_heads=4)
 TRAIN = dict(vision_hidden=128, vision_layers=8, vision_heads=4, text_hidden=512, text_layers=8, text_heads=8)
 FULL_ATTENTION = (3, 7, 11, 15)  # Qwen2.5-VL-7B: every 8th of 32 blocks; here every 4th of 16
+SIZE_7B = dict(vision_hidden=1280, vision_layers=32, vision_heads=16, text_hidden=3584, text_layers=28, text_heads=28)
 BUDGETS = {
     "stock": None,
     "50% post": (0.45, 0.05, "post"),
@@ -52,16 +58,24 @@ BUDGETS = {
 SUPERVISED = 30
 
 
-def qwen(spec: dict, device: str, full_attention=None):
+def qwen(spec: dict, args, full_attention=None):
     """A random Qwen2.5-VL with the released windows of 112 px (and full attention at ``full_attention``, default
-    the last block) on ``device``."""
-    tiny = TinySpec(family="qwen2_5_vl", image_size=896, **spec)
+    the last block) on ``args.device``; with ``args.size == "7b"`` at the released 7B widths, in bf16."""
+    released = args.size == "7b"
+    tiny = TinySpec(family="qwen2_5_vl", image_size=896, **(SIZE_7B if released else spec))
     config = build_qwen_config(tiny, build_family_tokenizer(tiny.family))
     config.vision_config.window_size = 112
-    if full_attention is not None:
+    if released:
+        config.vision_config.intermediate_size = 3420
+        config.vision_config.fullatt_block_indexes = [7, 15, 23, 31]
+        config.text_config.intermediate_size = 18944
+        config.text_config.num_key_value_heads = 4
+    elif full_attention is not None:
         config.vision_config.fullatt_block_indexes = list(full_attention)
     torch.manual_seed(0)
-    return AutoModelForImageTextToText.from_config(config).eval().to(device)
+    with torch.device(args.device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16 if released else torch.float32)
+    return model.eval()
 
 
 def set_budget(model, budget) -> None:
@@ -71,19 +85,21 @@ def set_budget(model, budget) -> None:
         apply_visionzip(model, dominant_ratio=budget[0], contextual_ratio=budget[1], merge_space=budget[2])
 
 
-def image_inputs(side: int, count: int, device: str) -> dict[str, torch.Tensor]:
+def image_inputs(model, side: int, count: int) -> dict[str, torch.Tensor]:
     """``count`` random images of ``side`` x ``side`` px as Qwen's image processor packs them."""
     patches = (side // 14) ** 2
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(count * patches, 3 * 2 * 14 * 14, generator=generator)
-    return {"pixel_values": pixels.to(device), "image_grid_thw": torch.tensor([[1, side // 14, side // 14]] * count)}
+    grid = torch.tensor([[1, side // 14, side // 14]] * count, device=model.device)
+    return {"pixel_values": pixels.to(model.device, model.dtype), "image_grid_thw": grid}
 
 
 def interleaved(variants: dict, rounds: int, sync) -> dict[str, list[float]]:
     """Seconds of each variant's call, round-robin, after one warm-up round."""
     times = {name: [] for name in variants}
     for round_index in range(rounds + 1):
-        for name, call in variants.items():
+        order = list(variants.items())
+        for name, call in order if round_index % 2 else order[::-1]:
             sync()
             start = time.perf_counter()
             call()
@@ -98,15 +114,16 @@ def interleaved(variants: dict, rounds: int, sync) -> dict[str, list[float]]:
 
 
 def bench_tower(args, sync) -> None:
-    model = qwen(TOWER, args.device, FULL_ATTENTION)
+    model = qwen(TOWER, args, FULL_ATTENTION)
+    vision = model.config.vision_config
     print(
-        f"tower: Qwen2.5-VL vision {TOWER['vision_layers']} blocks x {TOWER['vision_hidden']} ({TOWER['vision_heads']} "
-        f"heads, windows of 112 px, full attention at {list(FULL_ATTENTION)}), {args.device}, {args.threads} threads, "
-        f"{args.rounds} interleaved rounds (medians)"
+        f"tower: Qwen2.5-VL vision {vision.depth} blocks x {vision.hidden_size} ({vision.num_heads} heads, windows of "
+        f"112 px, full attention at {list(vision.fullatt_block_indexes)}), {args.device} {model.dtype}, "
+        f"{args.threads} threads, {args.rounds} interleaved rounds (medians)"
     )
     print(f"{'image':>9} {'variant':>9} {'tokens':>7} {'ms':>8} {'ratio':>6}")
     for side in (448, 896):
-        inputs = image_inputs(side, 1, args.device)
+        inputs = image_inputs(model, side, 1)
 
         def call(budget):
             def run():
@@ -129,11 +146,11 @@ def bench_tower(args, sync) -> None:
 # A projector-mode step
 
 
-def train_batch(model, batch: int, text: int, device: str) -> dict[str, torch.Tensor]:
+def train_batch(model, batch: int, text: int) -> dict[str, torch.Tensor]:
     """``batch`` samples: vision start, the 448 px image's placeholders under the current budget, vision end, then
     ``text`` text tokens, the last 30 supervised."""
     config = model.config
-    inputs = image_inputs(448, batch, device)
+    inputs = image_inputs(model, 448, batch)
     tokens = tokens_per_image(config, tuple(inputs["image_grid_thw"][0].tolist()))
     generator = torch.Generator().manual_seed(1)
     words = torch.randint(3, 500, (batch, text), generator=generator)
@@ -145,7 +162,7 @@ def train_batch(model, batch: int, text: int, device: str) -> dict[str, torch.Te
     labels[:, -SUPERVISED:] = input_ids[:, -SUPERVISED:]
     batch_inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
     batch_inputs.update(id_inputs(config, input_ids))
-    return {**{k: v.to(device) for k, v in batch_inputs.items()}, **inputs}
+    return {**{k: v.to(model.device) for k, v in batch_inputs.items()}, **inputs}
 
 
 def train_step(model, optimizer, batch) -> None:
@@ -154,8 +171,8 @@ def train_step(model, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def build_train(device: str):
-    model = qwen(TRAIN, device)
+def build_train(args):
+    model = qwen(TRAIN, args)
     model.requires_grad_(False)
     params = list(projector_parameters(model).values())
     for param in params:
@@ -188,11 +205,11 @@ def step_flops(config, tokens: int, batch: int, text: int, budget) -> float:
     return llm_flops(config.text_config, tokens + text + 2, batch) + batch * (tower + merger + scoring)
 
 
-def memory_child(name: str, batch: int, text: int) -> float:
+def memory_child(name: str, args) -> float:
     """Peak resident MiB one step adds (CPU), in this fresh process."""
-    model, optimizer = build_train("cpu")
+    model, optimizer = build_train(args)
     set_budget(model, BUDGETS[name])
-    data = train_batch(model, batch, text, "cpu")
+    data = train_batch(model, args.batch, args.text)
     base = _status_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as refs:  # "5" resets the peak RSS (VmHWM) to the current RSS
         refs.write("5")
@@ -211,16 +228,17 @@ def peak_memory(model, optimizer, data, name: str, args) -> float:
         train_step(model, optimizer, data)
         return (torch.cuda.max_memory_allocated() - start) / 2**20
     command = [sys.executable, __file__, "--memory-child", name, "--batch", str(args.batch), "--text", str(args.text)]
+    command += ["--size", args.size, "--threads", str(args.threads)]
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
 
 def bench_train(args, sync) -> None:
-    model, optimizer = build_train(args.device)
+    model, optimizer = build_train(args)
     budgets = {name: BUDGETS[name] for name in ("stock", "50% post", "50% pre", "25% post")}
     batches, tokens = {}, {}
     for name, budget in budgets.items():
         set_budget(model, budget)
-        batches[name] = train_batch(model, args.batch, args.text, args.device)
+        batches[name] = train_batch(model, args.batch, args.text)
         tokens[name] = int((batches[name]["input_ids"][0] == model.config.image_token_id).sum())
 
     def call(name):
@@ -236,10 +254,11 @@ def bench_train(args, sync) -> None:
         set_budget(model, budget)
         memory[name] = peak_memory(model, optimizer, batches[name], name, args)
     flops = {name: step_flops(model.config, tokens[name], args.batch, args.text, b) for name, b in budgets.items()}
+    text, vision = model.config.text_config, model.config.vision_config
     print(
         f"train: projector-mode step, batch {args.batch} x (one 448^2 image + {args.text} text tokens), LLM "
-        f"{TRAIN['text_layers']}x{TRAIN['text_hidden']}, tower {TRAIN['vision_layers']}x{TRAIN['vision_hidden']}, "
-        f"{args.device}, {args.threads} threads, {args.rounds} interleaved rounds (medians)"
+        f"{text.num_hidden_layers}x{text.hidden_size}, tower {vision.depth}x{vision.hidden_size}, {args.device} "
+        f"{model.dtype}, {args.threads} threads, {args.rounds} interleaved rounds (medians)"
     )
     print(
         f"{'budget':>9} {'tokens/img':>10} {'step ms':>8} {'time ratio':>10} {'FLOP ratio':>10} {'GFLOP':>7} "
@@ -263,11 +282,12 @@ def main() -> None:
     parser.add_argument("--text", type=int, default=100, help="text tokens per sample")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--size", choices=("moderate", "7b"), default="moderate", help="model widths (see above)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child is not None:
-        print(json.dumps(memory_child(args.memory_child, args.batch, args.text)))
+        print(json.dumps(memory_child(args.memory_child, args)))
         return
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     if args.part in ("tower", "both"):

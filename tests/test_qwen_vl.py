@@ -23,7 +23,7 @@ from visionzip_tune import build, families
 from visionzip_tune.config import TrainConfig, VisionZipConfig
 from visionzip_tune.errors import UserError
 from visionzip_tune.families.forward import forward_with_vision
-from visionzip_tune.families.qwen_vl import token_types
+from visionzip_tune.families.qwen_positions import token_types
 from visionzip_tune.tiny import TinySpec, build_tiny
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
-from visionzip_tune.families import qwen_vl
+from visionzip_tune.families import qwen_positions, qwen_vl
 from visionzip_tune.families.base import Family
 
 
@@ -40,7 +40,7 @@ FAMILY = Family(
     name="qwen2_5_vl",
     model_class="Qwen2_5_VLForConditionalGeneration",
     model_type="qwen2_5_vl",
-    overrides={**qwen_vl.features_methods(VARIANT), "get_rope_index": qwen_vl.rope_index_method(VARIANT)},
+    overrides={**qwen_vl.features_methods(VARIANT), "get_rope_index": qwen_positions.rope_index_method(VARIANT)},
     stock_tokens=qwen_vl.stock_tokens,
     zipped_tokens=qwen_vl.zipped_tokens,
     budget=qwen_vl.RATIO_BUDGET,
@@ -58,5 +58,5 @@ FAMILY = Family(
     video_timing=seconds_per_patch,
     blank_image=qwen_vl.blank_image,
     blank_video=qwen_vl.blank_video,
-    id_inputs=qwen_vl.id_inputs,
+    id_inputs=qwen_positions.id_inputs,
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-from visionzip_tune.families import qwen_vl
+from visionzip_tune.families import qwen_positions, qwen_vl
 from visionzip_tune.families.base import Family, VideoLayout
 
 VARIANT = qwen_vl.Variant(
@@ -43,7 +43,7 @@ FAMILY = Family(
     name="qwen3_vl",
     model_class="Qwen3VLForConditionalGeneration",
     model_type="qwen3_vl",
-    overrides={**qwen_vl.features_methods(VARIANT), "get_rope_index": qwen_vl.rope_index_method(VARIANT)},
+    overrides={**qwen_vl.features_methods(VARIANT), "get_rope_index": qwen_positions.rope_index_method(VARIANT)},
     stock_tokens=qwen_vl.stock_tokens,
     zipped_tokens=qwen_vl.zipped_tokens,
     budget=qwen_vl.RATIO_BUDGET,
@@ -62,5 +62,5 @@ FAMILY = Family(
     video_size=qwen_vl.video_grid,
     blank_image=qwen_vl.blank_image,
     blank_video=qwen_vl.blank_video,
-    id_inputs=qwen_vl.id_inputs,
+    id_inputs=qwen_positions.id_inputs,
 )

@@ -9,11 +9,9 @@ block's q/k after its own rotary embedding, captured by hooks for one call (SDPA
 attention maps). Scores and keys are averaged over the 4 patches of each merge group. The budget is a pair of ratios
 of each unit's N merged tokens (``compress.ratio_budget``), so the count is a function of the processor's grid.
 
-Kept tokens keep their stock positions: ``get_rope_index`` is replaced by one that expands every zipped placeholder
-run back to its stock length, calls the model's own method, and gathers the kept tokens' positions (contextual
-tokens sit at their target's). The kept positions depend on the image, and ``generate()`` computes positions before
-features, so each modality's latest encoding is remembered on the inner model (:class:`Encoded`): positions are
-computed from the encoding of the very grid tensor given, and a ``generate()`` call encodes its pixels once.
+Kept tokens keep their stock positions (``qwen_positions.py``), which depend on the image: each modality's latest
+encoding is remembered on the inner model (:class:`Encoded`), so positions are computed from the encoding of the
+very grid tensor given, and ``generate()``, which computes positions before features, encodes its pixels once.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ from visionzip_tune.families.base import Budget, Family
 BUDGET_DEFAULTS = {"dominant_ratio": 0.45, "contextual_ratio": 0.05, "merge_space": "post"}  # upstream's 50%
 MERGE_SPACES = ("post", "pre")  # contextual merge after the merger (upstream) or on its inputs
 ENCODED = "_visionzip_encoded"  # attribute of the inner model: {"image" | "video": Encoded}
-TOKEN_TYPES = {"image": 1, "video": 2}  # mm_token_type_ids values (0 = text)
 
 
 @dataclass(frozen=True)
@@ -245,7 +242,7 @@ def features_output(zipped: Zipped, grid_thw: Tensor, variant: Variant, widths: 
     """The ``get_*_features`` output: ``pooler_output`` = per image (video) its units' tokens, (sum K_u, out);
     with DeepStack, ``deepstack_features`` = per layer the same per-image split of that layer's columns."""
     slices = [int(t) for t in grid_thw[:, 0].tolist()]
-    items = [torch.cat(units) for units in _split(zipped.per_unit, slices)]
+    items = [torch.cat(units) for units in split_counts(zipped.per_unit, slices)]
     columns = [item.chunk(widths, dim=-1) for item in items]
     output = variant.output(pooler_output=tuple(cols[0] for cols in columns))
     if widths > 1:
@@ -253,7 +250,8 @@ def features_output(zipped: Zipped, grid_thw: Tensor, variant: Variant, widths: 
     return output
 
 
-def _split(values: list, counts: list[int]) -> list[list]:
+def split_counts(values: list, counts: list[int]) -> list[list]:
+    """``values`` cut into consecutive lists of ``counts[i]`` items."""
     it = iter(values)
     return [list(itertools.islice(it, n)) for n in counts]
 
@@ -310,144 +308,6 @@ def encoded_for(inner: nn.Module, modality: str, grid: Tensor) -> Encoded:
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Positions
-
-
-class Expansion(NamedTuple):
-    """Zipped rows expanded back to their stock lengths (attended tokens only, right-padded).
-
-    input_ids, mm_token_type_ids, attention_mask: (B, L_stock); index: (B, L) the expanded column of every token
-    of the zipped rows, -1 for tokens outside the attention mask."""
-
-    input_ids: Tensor
-    mm_token_type_ids: Tensor
-    attention_mask: Tensor
-    index: Tensor
-
-
-Run = list[tuple[Tensor, int]]  # the units of one placeholder run: (kept indices, N) each
-
-
-def expand_runs(
-    input_ids: Tensor, mm_token_type_ids: Tensor, attention_mask: Tensor | None, runs: dict[int, list[Run]]
-) -> Expansion:
-    """Expand every placeholder run of the zipped rows to the stock run of its units (sum N_u tokens, unit after
-    unit) and record where each zipped token lands: kept index k of a unit at its own stock slot.
-
-    input_ids, mm_token_type_ids: (B, L); attention_mask: (B, L) or None; runs: per token type (1 image, 2 video)
-    the placeholder runs in the order the rows hold them, across the batch. ``ValueError`` when a run's length is
-    not its units' zipped size (a text built with other counts) or the runs do not match the media."""
-    batch, length = input_ids.shape
-    attended = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    pending = {kind: iter(kind_runs) for kind, kind_runs in runs.items()}
-    rows, index = [], torch.full((batch, length), -1, dtype=torch.long)
-    for b in range(batch):
-        columns = attended[b].nonzero()[:, 0].tolist()
-        ids, types = input_ids[b, columns].tolist(), mm_token_type_ids[b, columns].tolist()
-        out_ids, out_types, where, start = [], [], [], 0
-        for kind, group in itertools.groupby(types):
-            count = len(list(group))
-            if kind == 0:
-                where += range(len(out_ids), len(out_ids) + count)
-                out_ids += ids[start : start + count]
-                out_types += [0] * count
-            else:
-                units = next(pending[kind], None) if kind in pending else None
-                if units is None or count != sum(len(kept) for kept, _ in units):
-                    expected = "none" if units is None else sum(len(kept) for kept, _ in units)
-                    raise ValueError(
-                        f"a run of {count} placeholders of token type {kind} in row {b}, but the zipped media give "
-                        f"{expected} tokens there: build the text with the model's own counts (apply_visionzip with "
-                        "the processor, or the project's data path)"
-                    )
-                offset = len(out_ids)
-                for kept, size in units:
-                    where += (kept + offset).tolist()
-                    offset += size
-                out_ids += [ids[start]] * (offset - len(out_ids))
-                out_types += [kind] * (offset - len(out_types))
-            start += count
-        index[b, columns] = torch.tensor(where, dtype=torch.long)
-        rows.append((out_ids, out_types))
-    for kind, rest in pending.items():
-        if next(rest, None) is not None:
-            raise ValueError(f"the rows hold fewer placeholder runs of token type {kind} than the media given")
-    width = max(len(ids) for ids, _ in rows)
-    expanded = torch.zeros(3, batch, width, dtype=torch.long)
-    for b, (ids, types) in enumerate(rows):
-        expanded[0, b, : len(ids)] = torch.tensor(ids)
-        expanded[1, b, : len(ids)] = torch.tensor(types)
-        expanded[2, b, : len(ids)] = 1
-    device = input_ids.device
-    return Expansion(
-        expanded[0].to(device), expanded[1].to(device, mm_token_type_ids.dtype), expanded[2].to(device), index
-    )
-
-
-def gather_positions(positions: Tensor, expansion: Expansion) -> tuple[Tensor, Tensor]:
-    """The zipped rows' positions from the expanded rows' (3, B, L_stock): (3, B, L), 0 outside the attention mask
-    as in the stock method, and ``rope_deltas`` (B, 1) = max position + 1 - attended tokens, per row."""
-    index = expansion.index.to(positions.device)
-    attended = index >= 0
-    gathered = positions.gather(2, index.clamp(min=0)[None].expand(3, -1, -1)) * attended
-    deltas = (gathered.amax(dim=(0, 2)) + 1 - attended.sum(dim=1)).unsqueeze(1)
-    return gathered, deltas
-
-
-def placeholder_runs(encoded: Encoded, grid: Tensor, frame_runs: bool) -> list[Run]:
-    """The placeholder runs of the encoded images (videos): one per image or video, its slices one after the
-    other; one per temporal slice when ``frame_runs`` (Qwen3-VL videos)."""
-    units = list(zip(encoded.kept, encoded.sizes))
-    if frame_runs:
-        return [[unit] for unit in units]
-    return _split(units, [int(t) for t in grid[:, 0].tolist()])
-
-
-def rope_index_method(variant: Variant) -> Callable:
-    """The ``get_rope_index`` replacement: stock positions of the kept tokens (see the module docstring)."""
-
-    def get_rope_index(
-        self,
-        input_ids: Tensor,
-        mm_token_type_ids: Tensor | None = None,
-        image_grid_thw: Tensor | None = None,
-        video_grid_thw: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        **kwargs,
-    ) -> tuple[Tensor, Tensor]:
-        """Stock parameter names (``generate()`` passes everything by name). With ``pixel_values`` /
-        ``pixel_values_videos`` (``generate()`` computes positions first) the media are encoded here, once."""
-        stock = type(self).get_rope_index
-        pixels = {"image": kwargs.pop("pixel_values", None), "video": kwargs.pop("pixel_values_videos", None)}
-        grids = {"image": image_grid_thw, "video": video_grid_thw}
-        if all(grid is None for grid in grids.values()):
-            return stock(self, input_ids, mm_token_type_ids, attention_mask=attention_mask, **kwargs)
-        if mm_token_type_ids is None:
-            raise ValueError("VisionZip positions need mm_token_type_ids (0 text, 1 image, 2 video) with the grids")
-        runs = {}
-        for modality, grid in grids.items():
-            if grid is None:
-                continue
-            if pixels[modality] is not None:
-                encode(self, modality, pixels[modality], grid, variant, keep=True)
-            frame_runs = variant.frame_runs and modality == "video"
-            runs[TOKEN_TYPES[modality]] = placeholder_runs(encoded_for(self, modality, grid), grid, frame_runs)
-        expansion = expand_runs(input_ids, mm_token_type_ids, attention_mask, runs)
-        positions, _ = stock(
-            self,
-            expansion.input_ids,
-            expansion.mm_token_type_ids,
-            image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw,
-            attention_mask=expansion.attention_mask,
-            **kwargs,
-        )
-        return gather_positions(positions, expansion)
-
-    return get_rope_index
-
-
 def features_methods(variant: Variant) -> dict[str, Callable[..., BaseModelOutputWithPooling]]:
     """The ``get_image_features`` / ``get_video_features`` replacements (stock parameter names: ``generate()``
     filters its kwargs by them). Both zip; Qwen3-VL's stock video method would call the image one."""
@@ -466,15 +326,6 @@ def features_methods(variant: Variant) -> dict[str, Callable[..., BaseModelOutpu
         return encode(self, "video", pixel_values_videos, video_grid_thw, variant, keep=False)
 
     return {"get_image_features": get_image_features, "get_video_features": get_video_features}
-
-
-def token_types(config, input_ids: Tensor) -> Tensor:
-    """``mm_token_type_ids`` of ``input_ids`` (B, L): 1 at image placeholders, 2 at video ones, else 0 -- what the
-    processors derive from the ids, which the model's positions need."""
-    types = torch.zeros_like(input_ids, dtype=torch.int32)
-    types[input_ids == config.image_token_id] = TOKEN_TYPES["image"]
-    types[input_ids == config.video_token_id] = TOKEN_TYPES["video"]
-    return types
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -509,10 +360,6 @@ def blank_image(config) -> dict[str, Tensor]:
 
 def blank_video(config) -> dict[str, Tensor]:
     return _blank(config, "pixel_values_videos", "video_grid_thw")
-
-
-def id_inputs(config, input_ids: Tensor) -> dict[str, Tensor]:
-    return {"mm_token_type_ids": token_types(config, input_ids)}
 
 
 def _pixel_bounds(image_processor) -> tuple[int | None, int | None]:
