@@ -1,7 +1,7 @@
 """VisionZip on Qwen2.5-VL: the vision side is not faster (the merger needs the tower's last block); the saving is
 in the LLM, which sees fewer tokens.
 
-    python bench/bench_qwen.py [--part tower|train|both] [--rounds 7] [--threads 2] [--device cpu|cuda] [--size 7b]
+    python bench/bench_qwen.py [--part tower|train|both] [--rounds 7] [--threads 2] [--device cpu|cuda]
 
 ``tower``: ``model.model.get_image_features`` stock against zipped, on a Qwen2.5-VL tower of moderate size (16
 blocks of hidden 256, 4 heads, windows of 112 px with full attention at blocks 3, 7, 11 and 15 -- the 7B layout on
@@ -15,10 +15,6 @@ tower and LLM frozen) on a random Qwen2.5-VL whose LLM dominates the cost like a
 MLP 2048; tower 8 blocks of 128): two samples of one 448 x 448 image (256 merged tokens) and 100 text tokens, at
 stock, 50 % and 25 %, next to a FLOP count (``step_flops``). Peak memory: on CUDA the peak allocated above the
 step's start; on CPU each budget in a fresh process, peak resident size above the start (as bench_train.py).
-
-``--size 7b`` (for a GPU; bf16): the released Qwen2.5-VL-7B widths instead -- tower 32 blocks of 1280, 16 heads,
-MLP 3420, full attention at 7, 15, 23, 31; LLM 28 layers of 3584, 28 heads (4 key/value), MLP 18944 -- with random
-weights and the tiny tokenizer's vocabulary (so the LM head is small).
 
 Variants run interleaved round-robin after a warm-up round, in reverse order every other round (so a periodic
 load on a shared machine does not favour one); tables show medians and ratios to stock from this one run. Nothing
@@ -48,7 +44,6 @@ from visionzip_tune.tiny import TinySpec, build_family_tokenizer, build_qwen_con
 TOWER = dict(vision_hidden=256, vision_layers=16, vision_heads=4, text_hidden=64, text_layers=1, text_heads=4)
 TRAIN = dict(vision_hidden=128, vision_layers=8, vision_heads=4, text_hidden=512, text_layers=8, text_heads=8)
 FULL_ATTENTION = (3, 7, 11, 15)  # Qwen2.5-VL-7B: every 8th of 32 blocks; here every 4th of 16
-SIZE_7B = dict(vision_hidden=1280, vision_layers=32, vision_heads=16, text_hidden=3584, text_layers=28, text_heads=28)
 BUDGETS = {
     "stock": None,
     "50% post": (0.45, 0.05, "post"),
@@ -58,24 +53,16 @@ BUDGETS = {
 SUPERVISED = 30
 
 
-def qwen(spec: dict, args, full_attention=None):
+def qwen(spec: dict, device: str, full_attention=None):
     """A random Qwen2.5-VL with the released windows of 112 px (and full attention at ``full_attention``, default
-    the last block) on ``args.device``; with ``args.size == "7b"`` at the released 7B widths, in bf16."""
-    released = args.size == "7b"
-    tiny = TinySpec(family="qwen2_5_vl", image_size=896, **(SIZE_7B if released else spec))
+    the last block) on ``device``."""
+    tiny = TinySpec(family="qwen2_5_vl", image_size=896, **spec)
     config = build_qwen_config(tiny, build_family_tokenizer(tiny.family))
     config.vision_config.window_size = 112
-    if released:
-        config.vision_config.intermediate_size = 3420
-        config.vision_config.fullatt_block_indexes = [7, 15, 23, 31]
-        config.text_config.intermediate_size = 18944
-        config.text_config.num_key_value_heads = 4
-    elif full_attention is not None:
+    if full_attention is not None:
         config.vision_config.fullatt_block_indexes = list(full_attention)
     torch.manual_seed(0)
-    with torch.device(args.device):
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16 if released else torch.float32)
-    return model.eval()
+    return AutoModelForImageTextToText.from_config(config).eval().to(device)
 
 
 def set_budget(model, budget) -> None:
@@ -114,7 +101,7 @@ def interleaved(variants: dict, rounds: int, sync) -> dict[str, list[float]]:
 
 
 def bench_tower(args, sync) -> None:
-    model = qwen(TOWER, args, FULL_ATTENTION)
+    model = qwen(TOWER, args.device, FULL_ATTENTION)
     vision = model.config.vision_config
     print(
         f"tower: Qwen2.5-VL vision {vision.depth} blocks x {vision.hidden_size} ({vision.num_heads} heads, windows of "
@@ -171,8 +158,8 @@ def train_step(model, optimizer, batch) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def build_train(args):
-    model = qwen(TRAIN, args)
+def build_train(device: str):
+    model = qwen(TRAIN, device)
     model.requires_grad_(False)
     params = list(projector_parameters(model).values())
     for param in params:
@@ -207,7 +194,7 @@ def step_flops(config, tokens: int, batch: int, text: int, budget) -> float:
 
 def memory_child(name: str, args) -> float:
     """Peak resident MiB one step adds (CPU), in this fresh process."""
-    model, optimizer = build_train(args)
+    model, optimizer = build_train(args.device)
     set_budget(model, BUDGETS[name])
     data = train_batch(model, args.batch, args.text)
     base = _status_mib("VmRSS")
@@ -228,12 +215,12 @@ def peak_memory(model, optimizer, data, name: str, args) -> float:
         train_step(model, optimizer, data)
         return (torch.cuda.max_memory_allocated() - start) / 2**20
     command = [sys.executable, __file__, "--memory-child", name, "--batch", str(args.batch), "--text", str(args.text)]
-    command += ["--size", args.size, "--threads", str(args.threads)]
+    command += ["--threads", str(args.threads)]
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
 
 
 def bench_train(args, sync) -> None:
-    model, optimizer = build_train(args)
+    model, optimizer = build_train(args.device)
     budgets = {name: BUDGETS[name] for name in ("stock", "50% post", "50% pre", "25% post")}
     batches, tokens = {}, {}
     for name, budget in budgets.items():
@@ -282,7 +269,6 @@ def main() -> None:
     parser.add_argument("--text", type=int, default=100, help="text tokens per sample")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--size", choices=("moderate", "7b"), default="moderate", help="model widths (see above)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
