@@ -659,7 +659,12 @@ def test_processor_counts_follow_the_model_and_remove_restores_stock(family):
         assert torch.equal(model(**again).logits, stock_logits)
 
 
-def test_qwen3_processor_video_text_matches_the_data_path():
+def test_processor_video_text_matches_the_data_path():
+    model, tokenizer, image_processor = tiny("qwen2_5_vl")
+    processor = _processor("qwen2_5_vl", image_processor, tokenizer)
+    vzt.apply_visionzip(model, processor=processor)
+    text = processor.replace_video_token({"video_grid_thw": torch.tensor([[2, 4, 6]])}, 0)
+    assert text == "<|video_pad|>" * 2 * 3 and families.video_layout(model.config, (2, 4, 6), FRAME_TIMES) == [6]
     model, tokenizer, image_processor = tiny("qwen3_vl")
     processor = _processor("qwen3_vl", image_processor, tokenizer)
     vzt.apply_visionzip(model, processor=processor)

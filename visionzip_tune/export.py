@@ -4,8 +4,9 @@ An export directory holds three files (DESIGN §7):
 
 * ``projector.safetensors`` -- the projector in HF checkpoint names (``multi_modal_projector.linear_1.weight``, ...;
   Qwen: ``visual.merger.*`` and Qwen3-VL's ``visual.deepstack_merger_list.*``), float32;
-* ``mm_projector.bin`` (LLaVA families) -- the same tensors in the original LLaVA names (``model.mm_projector.0.weight``, ...), a
-  plain ``torch.save`` dict that LLaVA's ``--pretrain_mm_mlp_adapter`` / ``load_state_dict(strict=False)`` reads;
+* ``mm_projector.bin`` (LLaVA families) -- the same tensors in the original LLaVA names
+  (``model.mm_projector.0.weight``, ...), a plain ``torch.save`` dict that LLaVA's ``--pretrain_mm_mlp_adapter`` /
+  ``load_state_dict(strict=False)`` reads;
 * ``visionzip.json`` -- what the projector was tuned for: base model and a fingerprint of its weights, family,
   budget (dominant, contextual, eager, vision layer, token order; Qwen: dominant_ratio, contextual_ratio,
   merge_space, score_layer and the image processor's min/max pixels), tensor shapes, recipe, step, data fingerprint.

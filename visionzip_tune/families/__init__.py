@@ -152,7 +152,7 @@ def processor_counts(config) -> tuple[Callable[[dict, int], int], Callable[[dict
     family = family_of(config)
 
     def image_count(image_inputs: dict, index: int) -> int:
-        return tokens_per_image(config, family.image_sizes(family, image_inputs)[index])
+        return tokens_per_image(config, family.image_size(family, image_inputs, index))
 
     def video_count(video_inputs: dict, index: int) -> int:
         return tokens_per_video(config, family.video_size(video_inputs, index))

@@ -35,11 +35,11 @@ class Budget:
     an export's ``visionzip.json``.
 
     ``keys``: the keyword arguments of ``apply_visionzip`` (re-applied from an export's record; the first is None
-    there for an export without VisionZip); ``resolve(family,
-    inner, recorded, given)``: the new ``config.visionzip`` from the recorded one and the keywords given (None left
-    out), ``ValueError`` naming what is wrong; ``record(family, config, image_processor)``: the export's entries on
-    the budget and on what the token counts depend on (None values without a budget); ``check(record,
-    image_processor)``: problems loading that record for inputs made by ``image_processor`` (None: not known)."""
+    there for an export without VisionZip). ``resolve(family, inner, recorded, given)``: the new
+    ``config.visionzip`` from the recorded one and the keywords given (None left out), ``ValueError`` naming what
+    is wrong. ``record(family, config, image_processor)``: the export's entries on the budget and on what the token
+    counts depend on (None values without a budget). ``check(record, image_processor)``: problems loading that
+    record for inputs made by ``image_processor`` (None: not known)."""
 
     keys: tuple[str, ...]
     resolve: Callable[[Family, nn.Module, dict, dict], dict]
@@ -96,9 +96,9 @@ class Family:
     position_inputs: tuple[str, ...] = ()
     # The batch keys with one row per image and per video (Qwen packs patches: its grids have one).
     media_rows: tuple[str, str] = ("pixel_values", "pixel_values_videos")
-    # The MediaSize of each image of an image processor's output (for a whole call), and of video ``index`` of a
-    # video processor's output: the keys the count functions take.
-    image_sizes: Callable[[Family, dict], list[MediaSize]] = field(default_factory=lambda: processor_image_sizes)
+    # The MediaSize of image (video) ``index`` of an image (video) processor's output for a whole call: the keys
+    # the count functions take.
+    image_size: Callable[[Family, dict, int], MediaSize] = field(default_factory=lambda: processor_image_size)
     video_size: Callable[[dict, int], MediaSize] = lambda video_inputs, index: len(
         video_inputs["pixel_values_videos"][index]
     )
@@ -198,14 +198,14 @@ def zipped_per_unit(config, budget: dict, image_size: ImageSize | None = None) -
     return budget["dominant"] + budget["contextual"]
 
 
-def processor_image_sizes(family: Family, image_inputs: dict) -> list[MediaSize]:
-    """Each image's MediaSize from an image processor's output: its ``image_sizes`` entry (anyres), None for an
-    untiled crop (OneVision's multi-image samples, ``batch_num_images``) or for a processor that reports none."""
+def processor_image_size(family: Family, image_inputs: dict, index: int) -> MediaSize:
+    """Image ``index``'s MediaSize from an image processor's output: its ``image_sizes`` entry (anyres), None for
+    an untiled crop (OneVision's multi-image samples, ``batch_num_images``) or for a processor that reports none."""
     sizes = image_inputs.get("image_sizes")
     if sizes is None:
-        return [None] * len(image_inputs["pixel_values"])
-    tiled = tiled_flags(family, image_inputs.get("batch_num_images"), len(sizes))
-    return [tuple(int(v) for v in size) if tile else None for size, tile in zip(sizes, tiled)]
+        return None
+    tiled = tiled_flags(family, image_inputs.get("batch_num_images"), len(sizes))[index]
+    return tuple(int(v) for v in sizes[index]) if tiled else None
 
 
 def blank_square_image(config) -> dict[str, Tensor]:

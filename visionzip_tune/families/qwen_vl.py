@@ -337,9 +337,9 @@ def grid_of(inputs: dict, key: str, index: int) -> tuple[int, int, int]:
     return tuple(int(v) for v in inputs[key][index])
 
 
-def image_grids(family, image_inputs: dict) -> list[tuple[int, int, int]]:
-    """Each image's count key: its patch grid, as the image processor reports it."""
-    return [grid_of(image_inputs, "image_grid_thw", i) for i in range(len(image_inputs["image_grid_thw"]))]
+def image_grid(family, image_inputs: dict, index: int) -> tuple[int, int, int]:
+    """Image ``index``'s count key: its patch grid, as the image processor reports it."""
+    return grid_of(image_inputs, "image_grid_thw", index)
 
 
 def video_grid(video_inputs: dict, index: int) -> tuple[int, int, int]:
