@@ -10,8 +10,10 @@ once, then it is cached).
 
 Then the same per family, measured interleaved on one demo set whose fifth of samples are 8-frame videos (frame
 lists): samples/s of LLaVA-1.5 (336 px; its video samples are skipped), LLaVA-NeXT (336 px crops, every image
-tiled into a 2x2 grid + base crop), Video-LLaVA (224 px, images and videos) and LLaVA-OneVision (384 px crops and
-frames), and each one's time per sample relative to LLaVA-1.5 on the image samples they share.
+tiled into a 2x2 grid + base crop), Video-LLaVA (224 px, images and videos), LLaVA-OneVision (384 px crops and
+frames) and Qwen2.5-VL / Qwen3-VL (images and frames resized to at most 448 x 448 px and packed as patches; frames
+paired into temporal patches), and each one's time per sample relative to LLaVA-1.5 on the image samples they
+share.
 """
 
 from __future__ import annotations
@@ -89,7 +91,15 @@ def load_rows_per_second(rows: int, folder: Path) -> float:
     return rows / (time.perf_counter() - start)
 
 
-FAMILY_GEOMETRY = {"llava": 336, "llava_next": 336, "video_llava": 224, "llava_onevision": 384}  # tower input px
+# Tower input px (Qwen: the largest image side its image processor keeps, max_pixels = side^2: 1,024 patches)
+FAMILY_GEOMETRY = {
+    "llava": 336,
+    "llava_next": 336,
+    "video_llava": 224,
+    "llava_onevision": 384,
+    "qwen2_5_vl": 448,
+    "qwen3_vl": 448,
+}
 VIDEO_FRAMES = 8
 
 
@@ -104,7 +114,7 @@ def family_datasets(paths, samples) -> tuple[dict[str, SupervisedDataset], Colla
         placeholders = Placeholders(
             image_tokens=lambda sizes: [TOKENS_PER_IMAGE] * len(sizes),
             image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-            video_tokens=(lambda frames: TOKENS_PER_IMAGE * frames) if video else None,
+            video_tokens=(lambda size, times: TOKENS_PER_IMAGE * VIDEO_FRAMES) if video else None,  # fixed, as images
             video_token_id=video_token_id if video else None,
         )
         datasets[family] = SupervisedDataset(
@@ -179,7 +189,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for family, dataset in family_sets.items():
                 ms[family]["image"] = min(ms[family]["image"], per_sample_ms(dataset, image_rows[family]))
-                if dataset.video_tokens is not None:
+                if dataset.placeholders.video_tokens is not None:
                     ms[family]["video"] = min(ms[family]["video"], per_sample_ms(dataset, kinds["video"]))
 
     print(

@@ -189,6 +189,18 @@ class Flops:
         return self.llm + self.tower + self.projector
 
 
+def llm_flops(text_cfg, seq: int, batch: int) -> float:
+    """FLOPs of the frozen LLM in one projector-mode step on ``batch`` sequences of ``seq`` tokens (see
+    :func:`step_flops`)."""
+    d, ffn = text_cfg.hidden_size, text_cfg.intermediate_size
+    kv = d * text_cfg.num_key_value_heads // text_cfg.num_attention_heads
+    linear = 2 * (2 * d * d + 2 * d * kv + 3 * d * ffn) * seq
+    attention = 2 * seq * seq * d
+    per_layer = 2 * linear + 3 * attention  # forward + backward (1x linear, 2x attention core)
+    lm_head = 2 * (2 * d * text_cfg.vocab_size * seq)
+    return batch * (text_cfg.num_hidden_layers * per_layer + lm_head)
+
+
 def step_flops(config, tokens: int, batch: int, text: int, crops: int, zipped: bool) -> Flops:
     """Multiply-adds x 2 of one projector-mode step; norms, activations, softmax and the optimizer ignored.
 
@@ -201,15 +213,8 @@ def step_flops(config, tokens: int, batch: int, text: int, crops: int, zipped: b
     ``vision_feature_layer`` with VisionZip (it stops there); full (non-causal) attention over N patches + CLS.
     """
     text_cfg, vision = config.text_config, config.vision_config
-    seq = tokens + text
-    d, ffn = text_cfg.hidden_size, text_cfg.intermediate_size
-    kv = d * text_cfg.num_key_value_heads // text_cfg.num_attention_heads
-    linear = 2 * (2 * d * d + 2 * d * kv + 3 * d * ffn) * seq
-    attention = 2 * seq * seq * d
-    per_layer = 2 * linear + 3 * attention  # forward + backward (1x linear, 2x attention core)
-    lm_head = 2 * (2 * d * text_cfg.vocab_size * seq)
-    llm = batch * (text_cfg.num_hidden_layers * per_layer + lm_head)
-
+    d = text_cfg.hidden_size
+    llm = llm_flops(text_cfg, tokens + text, batch)
     proj = 2 * (2 * vision.hidden_size * d + 3 * d * d) * tokens  # fwd; bwd: both weight grads + linear_2's input
     patches = (vision.image_size // vision.patch_size) ** 2 + 1
     dv, vffn = vision.hidden_size, vision.intermediate_size

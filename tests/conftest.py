@@ -180,15 +180,22 @@ def greedy_answer(model, tokenizer, item: dict, max_new_tokens: int) -> tuple[st
     start = len(labels)
     while labels[start - 1] != IGNORE_INDEX:
         start -= 1
+    from visionzip_tune.families import id_inputs
+
     prompt = item["input_ids"][:start]
+    config = model.config
     with torch.no_grad():
         out = model.generate(
             input_ids=prompt[None],
             attention_mask=torch.ones_like(prompt[None]),
             **item["vision"],
+            **id_inputs(config, prompt[None]),  # Qwen: mm_token_type_ids
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
+            suppress_tokens=[
+                t for t in (config.image_token_id, getattr(config, "video_token_id", None)) if t is not None
+            ],
         )
     return tokenizer.decode(out[0, len(prompt) :], skip_special_tokens=True).strip(), prompt.tolist()
 

@@ -26,13 +26,21 @@ class Reference:
 
 def zip_one(hidden: Tensor, attention: Tensor, metric: Tensor, dominant: int, contextual: int, has_cls: bool):
     """One image. hidden (N, D), attention (H, N, N) probabilities, metric (N, d) head-mean keys."""
-    n = hidden.shape[0]
     if has_cls:
         scores = attention[:, 0, :].sum(dim=0).tolist()  # CLS row, summed over heads
+    else:
+        scores = attention.mean(dim=0).mean(dim=0).tolist()  # attention received, mean over heads then queries
+    return zip_scored(hidden, scores, metric, dominant, contextual, has_cls)
+
+
+def zip_scored(hidden: Tensor, scores: list[float], metric: Tensor, dominant: int, contextual: int, has_cls: bool):
+    """One image from its token scores (a list of N floats; with CLS, entry 0 is ignored): (tokens [dominant
+    in positional order, then contextual], dominant positions, contextual target positions)."""
+    n = hidden.shape[0]
+    if has_cls:
         patches = sorted(range(1, n), key=lambda j: (-scores[j], j))  # best first, lower position on ties
         kept = sorted([0] + patches[: dominant - 1])
     else:
-        scores = attention.mean(dim=0).mean(dim=0).tolist()  # attention received, mean over heads then queries
         kept = sorted(sorted(range(n), key=lambda j: (-scores[j], j))[:dominant])
     rest = [j for j in range(n) if j not in kept]
     parts = [hidden[j] for j in kept]

@@ -101,7 +101,7 @@ def test_model_args_errors_name_the_problem(eval_assets):
     model_dir, export, _ = eval_assets
     with pytest.raises(UserError, match="with a projector export the export's budget is used"):
         VisionZipModel(projector=str(export), dominant=6, contextual=2)
-    with pytest.raises(UserError, match="unexpected keyword argument 'eagre'"):
+    with pytest.raises(UserError, match="takes a VisionZip budget in tokens per image .*, not eagre"):
         VisionZipModel(pretrained=str(model_dir), dominant=6, contextual=2, eagre=True)
     with pytest.raises(UserError, match="template=vicuna: choose one of vicuna_v1, chat_template"):
         VisionZipModel(pretrained=str(model_dir), template="vicuna")

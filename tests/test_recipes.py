@@ -19,6 +19,7 @@ NEXT = [r for r in RECIPES if r.parent.name.startswith("llava-next-")]
 VIDEO_LLAVA = [r for r in RECIPES if r.parent.name.startswith("video-llava-")]
 ONEVISION = [r for r in RECIPES if r.parent.name.startswith("llava-onevision-")]
 MINI_GEMINI = [r for r in RECIPES if r.parent.name.startswith("mini-gemini-")]
+QWEN = [r for r in RECIPES if r.parent.name.startswith("qwen")]
 GPU_RECIPES = LLAVA + NEXT + VIDEO_LLAVA + ONEVISION
 GPUS = 8  # the recipes' global batch is stated for one 8-GPU node
 # LLaVA-NeXT, paper Table 9: total tokens over 5 crops -> (dominant, contextual) per crop.
@@ -95,6 +96,9 @@ def test_the_expected_recipes_exist():
         "mini-gemini-7b/full.yaml",
         "mini-gemini-13b/projector.yaml",
         "mini-gemini-7b-hd/projector.yaml",
+        "qwen2.5-vl-7b/projector.yaml",
+        "qwen2.5-vl-7b/full.yaml",
+        "qwen3-vl-8b/projector.yaml",
     } <= names
 
 
@@ -238,3 +242,42 @@ def test_demo_recipe_is_self_contained():
     assert cfg.model.build_tiny_if_missing and cfg.data.build_demo_if_missing
     assert cfg.data.eval_path and cfg.train.mode == "projector" and cfg.visionzip.enabled
     assert cfg.deepspeed.bf16 is False  # CPU
+
+
+def _qwen_config(recipe: Path, cfg):
+    """The released Qwen config's token geometry (patch 14 for Qwen2.5-VL, 16 for Qwen3-VL; 2 x 2 merge) with the
+    recipe's budget recorded as apply_visionzip records it."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    patch = 14 if recipe.parent.name.startswith("qwen2.5") else 16
+    config_class = Qwen2_5_VLConfig if patch == 14 else Qwen3VLConfig
+    config = config_class(vision_config={"patch_size": patch, "spatial_merge_size": 2})
+    config.visionzip = {
+        "dominant_ratio": cfg.visionzip.dominant_ratio,
+        "contextual_ratio": cfg.visionzip.contextual_ratio,
+        "merge_space": cfg.visionzip.merge_space,
+    }
+    return config
+
+
+@pytest.mark.parametrize("recipe", QWEN, ids=lambda r: str(r.relative_to(ROOT / "recipes")))
+def test_qwen_recipes_zip_half_of_each_image_with_the_models_chat_template(recipe):
+    cfg = load_config(recipe)
+    model = {"qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct", "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct"}
+    assert cfg.model.name_or_path == model[recipe.parent.name] and cfg.train.mode == recipe.stem
+    assert (cfg.visionzip.dominant_ratio, cfg.visionzip.contextual_ratio, cfg.visionzip.merge_space) == (
+        0.45,
+        0.05,
+        "post",
+    )
+    assert (cfg.data.template, cfg.data.image_aspect) == ("chat_template", "processor")
+    assert cfg.train.micro_batch_size * cfg.train.grad_accum * GPUS == 128 and cfg.train.lr == 2e-5
+    assert cfg.deepspeed.zero_stage == {"projector": 2, "full": 3}[cfg.train.mode]
+    assert cfg.output.dir == f"runs/{recipe.parent.name}-{recipe.stem}"
+    # An image the processor resizes to 32 x 32 patches (448 px for patch 14): 256 merged tokens -> 115 + 12.
+    config = _qwen_config(recipe, cfg)
+    assert tokens_per_image(config, (1, 32, 32)) == 127 and tokens_per_video(config, (4, 32, 32)) == 4 * 127
+    text = " ".join(header(recipe).split())
+    assert "Where upstream and the paper are silent" in text and "min/max pixels" in text
+    if recipe.parent.name == "qwen3-vl-8b":
+        assert cfg.train.projector_modules == "all" and "train.projector_modules=merger" in text

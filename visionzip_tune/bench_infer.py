@@ -76,11 +76,12 @@ def measure(model, prompter: Prompter, images, frames, question: str, new_tokens
         model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            **media.inputs,
+            **prompter.model_inputs(media, input_ids),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=prompter.tokenizer.pad_token_id,
+            suppress_tokens=prompter.placeholder_ids,
         )
         end = clock.mark()
         clock.sync()

@@ -73,16 +73,10 @@ def preflight(cfg: Config) -> None:
                     f"model.name_or_path={cfg.model.name_or_path!r}: cannot read its config: {err}"
                 ) from None
             try:
-                families.family_of(model_config)
-                families.resolve_budget(
-                    model_config,
-                    cfg.visionzip.dominant,
-                    cfg.visionzip.contextual,
-                    eager=cfg.visionzip.eager,
-                    token_order=cfg.visionzip.token_order,
-                )
+                family = families.family_of(model_config)
             except ValueError as err:
-                raise _budget_error(cfg.visionzip, err) from None
+                raise UserError(f"model.name_or_path={cfg.model.name_or_path!r}: {err}") from None
+            _checked_budget(cfg.visionzip, family, functools.partial(families.resolve_budget, model_config))
     if cfg.data.on_bad_sample == "error":
         for key, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
             if path is not None and key not in ignore:
@@ -120,11 +114,29 @@ def check_model_source(name_or_path: str, key: str = "model.name_or_path") -> No
         ) from None
 
 
-def _budget_error(visionzip: VisionZipConfig, err: ValueError) -> UserError:
-    return UserError(
-        f"visionzip.dominant={visionzip.dominant}, visionzip.contextual={visionzip.contextual}, "
-        f"visionzip.token_order={visionzip.token_order}: {err}"
-    )
+def recipe_budget(visionzip: VisionZipConfig, family: families.Family) -> dict:
+    """The recipe's budget as the family takes it (``Family.budget.keys``: counts for the LLaVA families, ratios for
+    Qwen); :class:`UserError` when the family's first key is not set."""
+    keys = family.budget.keys
+    if getattr(visionzip, keys[0]) is None:
+        raise UserError(
+            f"visionzip.{keys[0]} is not set: {family.model_class} takes its VisionZip budget as "
+            f"{', '.join('visionzip.' + key for key in keys)} (e.g. visionzip.dominant_ratio=0.45 "
+            "visionzip.contextual_ratio=0.05 for 50% of each image's merged tokens); visionzip.dominant and "
+            f"visionzip.contextual ({visionzip.dominant} and {visionzip.contextual} here) are the LLaVA families' "
+            "tokens per image"
+        )
+    return {key: getattr(visionzip, key) for key in keys if getattr(visionzip, key) is not None}
+
+
+def _checked_budget(visionzip: VisionZipConfig, family: families.Family, check) -> None:
+    """``check(**budget)`` on the recipe's budget; its ``ValueError`` as a :class:`UserError` naming the keys."""
+    budget = recipe_budget(visionzip, family)
+    try:
+        check(**budget)
+    except ValueError as err:
+        given = ", ".join(f"visionzip.{key}={value}" for key, value in budget.items())
+        raise UserError(f"{given}: {err}") from None
 
 
 def build_demo_assets(cfg: Config) -> None:
@@ -195,33 +207,34 @@ def load_model_processing(name_or_path: str, key: str = "model.name_or_path") ->
 
 
 def apply_recipe_visionzip(model: nn.Module, visionzip: VisionZipConfig) -> None:
-    """The recipe's VisionZip: its budget when enabled; otherwise stock, also for a base saved zipped (a full-mode
-    export records a budget in its config)."""
+    """The recipe's VisionZip: the family's budget keys when enabled (``Family.budget``; unset ones take the family's
+    defaults); otherwise stock, also for a base saved zipped (a full-mode export records a budget in its config)."""
     if not visionzip.enabled:
         families.remove_visionzip(model)
         return
-    try:
-        families.apply_visionzip(
-            model, visionzip.dominant, visionzip.contextual, eager=visionzip.eager, token_order=visionzip.token_order
-        )
-    except ValueError as err:
-        raise _budget_error(visionzip, err) from None
+    _checked_budget(visionzip, families.family_of(model), functools.partial(families.apply_visionzip, model))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # What trains
 
 
-def trainable_parts(model: nn.Module, mode: str, projector: str = "all") -> dict[str, set[str]]:
-    """The parameters that train in ``mode``, by part, named as ``model.named_parameters()`` names them:
-    the projector (or its subset ``projector``) always; the language model and LM head in ``full`` mode; the LoRA
-    adapters in ``lora`` mode (``model`` already wrapped by peft)."""
-    name_of = {id(p): name for name, p in model.named_parameters()}  # tied weights: their first name
+def projector_subset(model: nn.Module, train: TrainConfig) -> dict[str, nn.Parameter]:
+    """The projector parameters ``train.projector_modules`` names (see :func:`families.projector_parameters`);
+    :class:`UserError` listing the family's choices for one it does not have."""
     try:
-        projector_params = list(families.projector_parameters(model, projector).values())
+        return families.projector_parameters(model, train.projector_modules)
     except ValueError as err:
-        raise UserError(f"train.projector_modules={projector!r}: {err}") from None
-    parts: dict[str, list[nn.Parameter]] = {"projector": projector_params}
+        raise UserError(f"train.projector_modules={train.projector_modules!r}: {err}") from None
+
+
+def trainable_parts(model: nn.Module, train: TrainConfig) -> dict[str, set[str]]:
+    """The parameters that train, by part, named as ``model.named_parameters()`` names them: the projector (the
+    modules ``train.projector_modules`` names) always; the language model and LM head in ``full`` mode; the LoRA
+    adapters in ``lora`` mode (``model`` already wrapped by peft)."""
+    mode = train.mode
+    name_of = {id(p): name for name, p in model.named_parameters()}  # tied weights: their first name
+    parts: dict[str, list[nn.Parameter]] = {"projector": list(projector_subset(model, train).values())}
     if mode == "full":
         parts["language model"] = list(families.language_model(model).parameters())
         parts["lm_head"] = list(families.unwrap_peft(model).get_output_embeddings().parameters())
@@ -238,7 +251,7 @@ def prepare_trainable(model: nn.Module, train: TrainConfig) -> tuple[nn.Module, 
     model.requires_grad_(False)
     if train.mode == "lora":
         model = _wrap_lora(model, train)
-    parts = trainable_parts(model, train.mode, train.projector_modules)
+    parts = trainable_parts(model, train)
     wanted = set().union(*parts.values())
     for name, param in model.named_parameters():
         param.requires_grad_(name in wanted)
@@ -251,10 +264,10 @@ def prepare_trainable(model: nn.Module, train: TrainConfig) -> tuple[nn.Module, 
 
 
 def describe_trainable(model: nn.Module, train: TrainConfig) -> str:
-    """One line: how many parameters train, of how many, by part (also under ZeRO-3 sharding)."""
-    size = {name: full_numel(p) for name, p in model.named_parameters()}
+    """One line: how many parameters train in ``train.mode``, of how many, by part (also under ZeRO-3 sharding)."""
     mode = train.mode
-    parts = trainable_parts(model, mode, train.projector_modules)
+    size = {name: full_numel(p) for name, p in model.named_parameters()}
+    parts = trainable_parts(model, train)
     trained, total = sum(size[name] for names in parts.values() for name in names), sum(size.values())
     by_part = "; ".join(
         f"{part} {sum(size[n] for n in names):,} in {len(names)} tensors" for part, names in parts.items()
@@ -311,8 +324,9 @@ def placeholders(model_config) -> Placeholders:
     return Placeholders(
         image_tokens=functools.partial(families.sample_image_tokens, model_config),
         image_token_id=model_config.image_token_id,
-        video_tokens=functools.partial(families.tokens_per_video, model_config) if video else None,
+        video_tokens=functools.partial(families.video_layout, model_config) if video else None,
         video_token_id=model_config.video_token_id if video else None,
+        video_timing=functools.partial(families.video_timing, model_config) if video else None,
     )
 
 

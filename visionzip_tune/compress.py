@@ -14,6 +14,7 @@ the host), and every index set that depends only on the budget is built from Pyt
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -59,6 +60,44 @@ def validate_budget(dominant: int, contextual: int, num_tokens: int) -> None:
             f"invalid VisionZip budget dominant={dominant}, contextual={contextual} for N={num_tokens} tokens per "
             f"image: need dominant >= 1, contextual >= 0 and dominant + contextual <= N"
         )
+
+
+def validate_ratios(dominant_ratio: float, contextual_ratio: float) -> None:
+    """Raise ``ValueError`` naming the numbers unless both ratios are numbers with ``0 < dominant_ratio``,
+    ``0 <= contextual_ratio`` and ``dominant_ratio + contextual_ratio <= 1`` (ratio budgets, :func:`ratio_budget`)."""
+    for name, value in (("dominant_ratio", dominant_ratio), ("contextual_ratio", contextual_ratio)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"VisionZip {name} must be a number, got {value!r} ({type(value).__name__})")
+    if not (0 < dominant_ratio and 0 <= contextual_ratio and dominant_ratio + contextual_ratio <= 1):
+        raise ValueError(
+            f"invalid VisionZip ratios dominant_ratio={dominant_ratio}, contextual_ratio={contextual_ratio}: need "
+            "dominant_ratio > 0, contextual_ratio >= 0 and dominant_ratio + contextual_ratio <= 1 (fractions of each "
+            "image's merged tokens, e.g. 0.45 and 0.05 for 50%)"
+        )
+
+
+def ratio_budget(num_tokens: int, dominant_ratio: float, contextual_ratio: float) -> tuple[int, int]:
+    """``(dominant, contextual)`` of a unit of N tokens under a ratio budget: ``D = max(1, floor(dominant_ratio * N))``
+    and ``C = max(1, floor(contextual_ratio * N))`` (upstream VisionZip's rule for Qwen2.5-VL, float products as it
+    computes them). ``ValueError`` naming the numbers when ``D + C > N`` (a unit too small for the budget)."""
+    dominant = max(1, math.floor(dominant_ratio * num_tokens))
+    contextual = max(1, math.floor(contextual_ratio * num_tokens))
+    if dominant + contextual > num_tokens:
+        raise ValueError(
+            f"VisionZip ratios dominant_ratio={dominant_ratio}, contextual_ratio={contextual_ratio} give "
+            f"dominant={dominant} + contextual={contextual} tokens for a unit of N={num_tokens} merged tokens: need "
+            "dominant + contextual <= N (each is at least 1); give the images (frames) more pixels"
+        )
+    return dominant, contextual
+
+
+def group_mean(x: Tensor, group: int) -> Tensor:
+    """Mean over consecutive groups of ``group`` rows: x (..., S, F) -> (..., S // group, F), in x's dtype.
+
+    A Qwen merge group's patches (its 2 x 2 patches, fused by the merger into one token) are consecutive rows of
+    the vision tower, so this turns per-patch scores and keys into per-merged-token ones."""
+    *lead, rows, width = x.shape
+    return x.reshape(*lead, rows // group, group, width).mean(dim=-2)
 
 
 def key_metric(keys: Tensor, num_heads: int) -> Tensor:
@@ -215,6 +254,16 @@ def select_and_merge(
     return ZipResult(
         torch.cat([dominant_tokens, contextual_tokens], dim=1), dominant_indices, contextual_indices, groups, scores
     )
+
+
+def in_position_order(result: ZipResult) -> tuple[Tensor, Tensor]:
+    """The tokens of ``result`` in ascending position order, each contextual token in its target's slot (upstream
+    VisionZip's Qwen layout, so that the kept tokens' positions stay monotone in the sequence).
+
+    Returns tokens (B, K, D) and their positions (B, K) int64, ascending."""
+    positions = torch.cat([result.dominant_indices, result.contextual_indices], dim=1)
+    order = positions.argsort(dim=1)
+    return take_tokens(result.tokens, order), positions.gather(1, order)
 
 
 def visionzip(

@@ -22,7 +22,7 @@ from visionzip_tune.docfields import bound_problems, documented
 from visionzip_tune.errors import UserError
 from visionzip_tune.preemption import parse_signals
 
-TinyFamily = Literal["llava", "llava_next", "video_llava", "llava_onevision", "mini_gemini"]
+TinyFamily = Literal["llava", "llava_next", "video_llava", "llava_onevision", "qwen2_5_vl", "qwen3_vl", "mini_gemini"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class TinySpec:
 
     family: TinyFamily = "llava"
     tower: Literal["clip", "siglip"] | None = None  # None: the family's own (SigLIP for OneVision, else CLIP)
-    image_size: int = 224  # the tower's input side: the whole image (LLaVA), one crop (anyres) or one frame
+    # the tower's input side: the whole image (LLaVA), one crop (anyres) or one frame; Qwen: the largest image side
+    # the image processor keeps (max_pixels = image_size squared)
+    image_size: int = 224
     patch_size: int = 14
     vision_hidden: int = 64
     vision_layers: int = 4
@@ -70,6 +72,10 @@ class ModelConfig:
 
 @dataclass
 class VisionZipConfig:
+    """The budget: tokens per image for the LLaVA families (dominant, contextual, ...), ratios of each image's
+    merged tokens for the Qwen families (dominant_ratio, contextual_ratio, merge_space). Each family reads its own
+    keys, so one recipe may carry both (the tiny demo); a Qwen model refuses a recipe without its ratios."""
+
     enabled: bool = documented(True, "feed the LLM only VisionZip's dominant + contextual tokens per image")
     dominant: int = documented(
         54, "dominant tokens per image, CLS included (paper: 54 / 108 / 162 for 64 / 128 / 192)", ge=1
@@ -78,6 +84,18 @@ class VisionZipConfig:
     eager: bool = documented(False, "run the vision tower with eager attention (bit-exact reproduction; slower)")
     token_order: Literal["flat", "grid"] | None = documented(
         None, "LLaVA-NeXT crop token layout: 'flat' (crop after crop) or 'grid' (official VisionZip); null = flat"
+    )
+    dominant_ratio: float | None = documented(
+        None,
+        "Qwen: dominant tokens per image / frame as a fraction of its N merged tokens, max(1, floor(ratio x N)) "
+        "(upstream: 0.45 with contextual_ratio 0.05 = 50%)",
+        gt=0,
+    )
+    contextual_ratio: float | None = documented(
+        None, "Qwen: contextual (merged) tokens as a fraction of N, max(1, floor(ratio x N))", ge=0
+    )
+    merge_space: Literal["post", "pre"] | None = documented(
+        None, "Qwen: merge contextual tokens after the merger ('post', upstream) or on its inputs ('pre'); null = post"
     )
 
 
@@ -95,6 +113,11 @@ class TrainConfig:
     max_steps: int | None = documented(None, "optimizer steps; null = epochs x steps per epoch", gt=0)
     micro_batch_size: int = documented(16, "samples per forward pass per rank", gt=0)
     grad_accum: int = documented(1, "micro-batches per optimizer step (global batch = micro x accum x ranks)", gt=0)
+    projector_modules: str = documented(
+        "all",
+        "which of the family's projector modules train: 'all', or a family's subset (Qwen3-VL 'merger': the main "
+        "merger without the DeepStack mergers)",
+    )
     lr: float = documented(2e-5, "peak learning rate (LoRA parameters in lora mode)", gt=0)
     projector_lr: float | None = documented(None, "peak learning rate of the projector; null = lr", gt=0)
     weight_decay: float = documented(0.0, "AdamW weight decay (matrices only; biases and norms never decay)", ge=0)

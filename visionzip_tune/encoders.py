@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
@@ -106,6 +106,36 @@ def capture_qk(attention: nn.Module) -> Iterator[dict[str, Tensor]]:
             lambda module, args, output, name=name: store.__setitem__(name, output)
         )
         for name in ("q", "k")
+    ]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Call(NamedTuple):
+    """One module call as a forward hook sees it: positional args, keyword args, output."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    output: Any
+
+
+@contextlib.contextmanager
+def record_calls(modules: dict[str, nn.Module]) -> Iterator[dict[str, Call]]:
+    """Record the last call of each module into the yielded dict, by the name given (towers whose layers take their
+    attention segments and rotary embeddings as keyword arguments, such as Qwen's, need the keywords).
+
+    The hooks live on these module instances only and are removed on exit, whatever happens inside.
+    """
+    store: dict[str, Call] = {}
+    handles = [
+        module.register_forward_hook(
+            lambda _, args, kwargs, output, name=name: store.__setitem__(name, Call(args, kwargs, output)),
+            with_kwargs=True,
+        )
+        for name, module in modules.items()
     ]
     try:
         yield store

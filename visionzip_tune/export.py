@@ -2,12 +2,14 @@
 
 An export directory holds three files (DESIGN §7; two more for Mini-Gemini, below):
 
-* ``projector.safetensors`` -- the projector in HF checkpoint names (``multi_modal_projector.linear_1.weight``, ...),
-  float32;
-* ``mm_projector.bin`` -- the same tensors in the original LLaVA names (``model.mm_projector.0.weight``, ...), a
-  plain ``torch.save`` dict that LLaVA's ``--pretrain_mm_mlp_adapter`` / ``load_state_dict(strict=False)`` reads;
+* ``projector.safetensors`` -- the projector in HF checkpoint names (``multi_modal_projector.linear_1.weight``, ...;
+  Qwen: ``visual.merger.*`` and Qwen3-VL's ``visual.deepstack_merger_list.*``), float32;
+* ``mm_projector.bin`` (LLaVA families) -- the same tensors in the original LLaVA names
+  (``model.mm_projector.0.weight``, ...), a plain ``torch.save`` dict that LLaVA's ``--pretrain_mm_mlp_adapter`` /
+  ``load_state_dict(strict=False)`` reads;
 * ``visionzip.json`` -- what the projector was tuned for: base model and a fingerprint of its weights, family,
-  budget (dominant, contextual, eager), vision layer, token order, tensor shapes, recipe, step, data fingerprint.
+  budget (dominant, contextual, eager, vision layer, token order; Qwen: dominant_ratio, contextual_ratio,
+  merge_space, score_layer and the image processor's min/max pixels), tensor shapes, recipe, step, data fingerprint.
 
 LoRA runs add ``adapter/`` (peft format), which ``load_projector`` merges into the language model. ``full`` runs
 (language model trained too) add ``model/``: the whole trained model in HF ``save_pretrained`` format, its
@@ -65,7 +67,7 @@ MODEL_DIR = "model"  # full runs: the whole trained model, in HF's save_pretrain
 
 # Elements sampled per fingerprinted tensor; enough to catch any re-initialisation or fine-tune of that tensor.
 _SAMPLES_PER_TENSOR = 1024
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blocks)\.(\d+)\.")  # a stack of repeated blocks (Qwen towers: blocks)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -104,9 +106,10 @@ def weights_fingerprint(model: nn.Module) -> str:
     model). Under ZeRO-3 only the sampled tensors are gathered (collectively: call it on all ranks).
     """
     named: list[tuple[str, nn.Parameter]] = []
+    projector = {id(p) for p in families.projector_parameters(_base_model(model)).values()}  # in Qwen's tower
     for part, module in families.frozen_parts(_base_model(model)).items():
         for name, param in module.named_parameters():
-            if ".lora_" in name:
+            if ".lora_" in name or id(param) in projector:
                 continue
             named.append((f"{part}.{name.replace('.base_layer.', '.')}", param))
 
@@ -139,9 +142,11 @@ def weights_fingerprint(model: nn.Module) -> str:
 # Export
 
 
-def export_record(model: nn.Module, metadata: dict[str, Any]) -> dict[str, Any]:
+def export_record(model: nn.Module, metadata: dict[str, Any], image_processor=None) -> dict[str, Any]:
     """The ``visionzip.json`` record of exporting ``model`` (any wrapper) with ``metadata``: family, budget, layer
-    and projector shapes come from the model; ``metadata`` must hold ``base_model`` and may not contradict them.
+    and projector shapes come from the model (and, for families whose token counts depend on it, from the
+    ``image_processor`` the run used: Qwen's min/max pixels); ``metadata`` must hold ``base_model`` and may not
+    contradict them.
 
     Usual metadata keys: ``base_fingerprint`` (computed from the model when absent -- pass the value computed before
     training when the base weights themselves are trained), ``recipe``, ``step``, ``data_fingerprint``, ``mode``;
@@ -151,16 +156,7 @@ def export_record(model: nn.Module, metadata: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("export_projector: metadata needs 'base_model' (hub id or absolute path of the base model)")
     base = _base_model(model)
     family = families.family_of(base)
-    budget = getattr(base.config, "visionzip", None) or {}
-    derived = {
-        "family": family.name,
-        "dominant": budget.get("dominant"),
-        "contextual": budget.get("contextual"),
-        "eager": bool(budget.get("eager", False)),
-        "layer": base.config.vision_feature_layer,
-        "tokens_per_image": families.tokens_per_image(base.config),
-        "token_order": budget.get("token_order", "flat"),
-    }
+    derived = {"family": family.name, **family.budget.record(family, base.config, image_processor)}
     clashes = {key: value for key, value in metadata.items() if key in derived and value != derived[key]}
     if clashes:
         raise ValueError(f"export_projector: metadata {clashes} contradicts the model ({derived})")
@@ -185,10 +181,15 @@ def export_record(model: nn.Module, metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_projector(
-    model: nn.Module, out_dir: str | Path, *, metadata: dict[str, Any], processing: tuple[Any, ...] | None = None
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    metadata: dict[str, Any],
+    processing: tuple[Any, ...] | None = None,
+    image_processor=None,
 ) -> Path:
     """Write the projector of ``model`` and its VisionZip budget to ``out_dir`` (see :func:`export_record` for
-    ``metadata``); returns ``out_dir``.
+    ``metadata`` and ``image_processor``); returns ``out_dir``.
 
     ``model``: an HF model, a peft-wrapped one or a DeepSpeed engine (or its ``.module``). Call on ALL ranks: under
     ZeRO-3 the projector is gathered collectively; rank 0 writes into a temporary directory next to ``out_dir`` and
@@ -202,7 +203,7 @@ def export_projector(
     """
     wrapped = unwrap_engine(model)
     base = _base_model(model)
-    record = export_record(model, metadata)
+    record = export_record(model, metadata, image_processor)
     tensors = _gathered_copy(families.projector_parameters(base))
     adapter = (
         _gathered_copy({n: p for n, p in wrapped.named_parameters() if ".lora_" in n}) if "adapter" in record else None
@@ -270,16 +271,7 @@ def _gathered_copy(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
 # Load
 
 
-_REQUIRED_KEYS = (
-    "base_model",
-    "base_fingerprint",
-    "family",
-    "dominant",
-    "contextual",
-    "projector",
-    "files",
-    "checksum",
-)
+_REQUIRED_KEYS = ("base_model", "base_fingerprint", "family", "projector", "files", "checksum")  # + the budget keys
 
 
 def read_export(export_dir: str | Path) -> dict[str, Any]:
@@ -304,7 +296,14 @@ def read_export(export_dir: str | Path) -> dict[str, Any]:
             f"{path} has format_version {found!r}, this visionzip_tune reads format_version {FORMAT_VERSION}; "
             "export the run again with this version."
         )
-    missing = [key for key in _REQUIRED_KEYS if key not in record]
+    family = families.FAMILIES.get(record.get("family"))
+    if family is None and "family" in record:
+        raise UserError(
+            f"{path} names the family {record['family']!r}, which this visionzip_tune does not know (families: "
+            f"{', '.join(families.FAMILIES)}); the export is corrupt or from another version."
+        )
+    budget_keys = [key for key in family.budget.keys if key not in family.budget.optional] if family else []
+    missing = [key for key in (*_REQUIRED_KEYS, *budget_keys) if key not in record]
     if missing:
         raise UserError(f"{path} lacks the keys {missing}; the export is corrupt, export the run again.")
     if record["checksum"] != _digest(record):
@@ -343,16 +342,32 @@ def shape_problems(
     return problems
 
 
-def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, check_fingerprint: bool = True):
+def recorded_budget(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``apply_visionzip`` keywords of the budget an export records (the family's budget keys), None for an
+    export tuned without VisionZip."""
+    keys = families.FAMILIES[record["family"]].budget.keys
+    return None if record[keys[0]] is None else {key: record.get(key) for key in keys}
+
+
+def load_projector(
+    model: nn.Module,
+    export_dir: str | Path,
+    processor=None,
+    *,
+    check_fingerprint: bool = True,
+    image_processor=None,
+):
     """Load an exported projector into ``model`` and apply the VisionZip budget it was tuned for. In place.
 
     Checks, before touching the model: the export is complete and readable, the family matches, the base weights'
     fingerprint matches the one recorded at export (``check_fingerprint=False`` skips this, e.g. for a base model
     re-saved in another dtype that changes the sampled values), and every tensor fits the model's projector.
-    Then merges the LoRA adapter of a ``lora`` run into the language model, copies the projector weights (dtype
-    and device of the model kept) and calls ``apply_visionzip(model, dominant, contextual, processor=processor)``
-    -- or ``remove_visionzip`` for an export tuned without VisionZip. Returns ``model``. Under ZeRO-3, call on all
-    ranks (LoRA exports: not under ZeRO-3).
+    For families whose token counts depend on the image processor (Qwen: its min/max pixels decide each image's
+    patch grid), an image processor that differs from the export's is refused: ``image_processor``, or the one of
+    ``processor``. Then merges the LoRA adapter of a ``lora`` run into the language model, copies the projector
+    weights (dtype and device of the model kept) and calls ``apply_visionzip`` with the recorded budget (and
+    ``processor``) -- or ``remove_visionzip`` for an export tuned without VisionZip. Returns ``model``. Under
+    ZeRO-3, call on all ranks (LoRA exports: not under ZeRO-3).
     """
     export_dir = Path(export_dir)
     record = read_export(export_dir)
@@ -379,6 +394,10 @@ def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, 
             f"`model = AutoModelForImageTextToText.from_pretrained('{export_dir / record.get('model', MODEL_DIR)}')` "
             "then `vzt.apply_visionzip(model)` (the budget is in its config)."
         )
+    image_processor = image_processor or getattr(processor, "image_processor", None)
+    mismatched = families.FAMILIES[record["family"]].budget.check(record, image_processor)
+    if mismatched:
+        raise UserError(f"the projector in {export_dir} does not fit these inputs: {'; '.join(mismatched)}.")
     adapter = export_dir / record["adapter"] if record.get("adapter") else None
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter} (the LoRA adapter of this lora run) is missing; export the run again.")
@@ -391,14 +410,8 @@ def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, 
             f"the projector in {export_dir / PROJECTOR_FILE} does not fit this model: {'; '.join(problems)}. "
             f"Was it exported from {record['base_model']}?"
         )
-    budget = {}
-    if record["dominant"] is not None:
-        budget = {
-            "dominant": record["dominant"],
-            "contextual": record["contextual"],
-            "eager": bool(record.get("eager")),
-            "token_order": record.get("token_order"),
-        }
+    budget = recorded_budget(record)
+    if budget is not None:
         try:
             families.resolve_budget(base.config, **budget)
         except ValueError as err:
@@ -411,7 +424,7 @@ def load_projector(model: nn.Module, export_dir: str | Path, processor=None, *, 
     with torch.no_grad(), gathered(list(params.values()), modifier_rank=0):
         for name, param in params.items():
             param.copy_(tensors[name])
-    if record["dominant"] is None:
+    if budget is None:
         families.remove_visionzip(base, processor)
     else:
         families.apply_visionzip(base, processor=processor, **budget)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from visionzip_tune import build, checkpoint
+from visionzip_tune import build, checkpoint, families
 from visionzip_tune.config import load_config, to_dict
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import export_projector, shape_problems, weights_fingerprint
@@ -55,7 +55,11 @@ def export_run(run: str | Path, checkpoint_name: str | None = None, output: str 
     base_model = build.base_model_id(cfg.model.name_or_path)
     key = f"model.name_or_path of run {run}"
     model = build.load_vlm(base_model, key=key, what="base model")
-    processing = build.load_model_processing(base_model, key=key)[:2] if cfg.train.mode == "full" else None
+    family = families.family_of(model)
+    full = cfg.train.mode == "full"
+    processing = (
+        build.load_model_processing(base_model, key=key) if full or family.budget.uses_image_processor else None
+    )
     fingerprint = weights_fingerprint(model)
     build.apply_recipe_visionzip(model, cfg.visionzip)
     model, trainable = build.prepare_trainable(model, cfg.train)
@@ -83,7 +87,13 @@ def export_run(run: str | Path, checkpoint_name: str | None = None, output: str 
         "mode": cfg.train.mode,
         "checkpoint": str(ckpt.resolve()),
     }
-    return export_projector(model, Path(output) if output else run / "export", metadata=metadata, processing=processing)
+    return export_projector(
+        model,
+        Path(output) if output else run / "export",
+        metadata=metadata,
+        processing=processing[:2] if full else None,
+        image_processor=processing.image_processor if processing else None,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """``python -m visionzip_tune generate``: answer prompts about an image and/or a video with a tuned projector and its
-budget, for every supported family (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision, Mini-Gemini).
+budget, for every supported family (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL,
+Mini-Gemini).
 
     python -m visionzip_tune generate --projector runs/x/export --image cat.jpg --prompt "What is this?"
     python -m visionzip_tune generate --projector runs/v/export --video clip.mp4 --prompt "What happens?"
@@ -8,7 +9,7 @@ budget, for every supported family (LLaVA-1.5, LLaVA-NeXT, Video-LLaVA, LLaVA-On
 The base model comes from ``--model`` or, by default, the export's ``base_model``; ``load_projector`` checks it,
 loads the tuned projector and applies the VisionZip budget it was tuned for (a ``full`` run's export holds the
 whole trained model, which is loaded instead). Without ``--projector`` this is stock inference, optionally with
-training-free VisionZip (``--dominant/--contextual``).
+training-free VisionZip (``--dominant/--contextual``; Qwen: ``--dominant-ratio/--contextual-ratio``).
 
 Prompts are built exactly as training builds samples (``prompts.Prompter``: ``visionzip_tune.data``'s templater,
 media transform, video reader and the models' token-count functions, with the template, image aspect and video
@@ -38,9 +39,10 @@ from visionzip_tune.data.config import (
 )
 from visionzip_tune.data.images import open_image
 from visionzip_tune.data.validate import BadSample
+from visionzip_tune.data.video import VideoClip
 from visionzip_tune.errors import UserError
-from visionzip_tune.export import MODEL_DIR, load_projector, read_export
-from visionzip_tune.families import apply_visionzip, tokens_per_video
+from visionzip_tune.export import MODEL_DIR, load_projector, read_export, recorded_budget
+from visionzip_tune.families import apply_visionzip, video_family
 from visionzip_tune.processing import Processing
 from visionzip_tune.prompts import Prompter, recipe_data_setting, video_frames_of
 
@@ -75,14 +77,14 @@ class Chat:
         self.video_frames = video_frames
         self.max_new_tokens = max_new_tokens
         self.pictures: list[Image.Image] = []  # the image (0 or 1)
-        self.frames: list[Image.Image] | None = None  # the video's frames
+        self.clip: VideoClip | None = None  # the video's frames and their times
         self.set_media(image, video)
 
     def set_media(self, image: str | Path | None = None, video: str | Path | None = None) -> None:
         """Start a new conversation about ``image`` and/or ``video`` (at least one)."""
         if image is None and video is None:
             raise UserError(NO_MEDIA)
-        self.pictures, self.frames = [], None
+        self.pictures, self.clip = [], None
         if video is not None:
             self.set_video(video)
         if image is not None:
@@ -100,14 +102,14 @@ class Chat:
         """Ask about ``video`` (a file, or a directory of frame images) from now on (an image already given stays);
         starts a new conversation. :class:`UserError` for a family without video input."""
         try:
-            tokens_per_video(self.model.config, self.video_frames)
+            video_family(self.model.config)
         except ValueError as err:
             raise UserError(f"--video {video}: {err}. Ask about an image (--image) instead.") from None
-        self.frames = video_frames_of(video, self.video_frames)
+        self.clip = video_frames_of(video, self.video_frames)
         self._new_conversation()
 
     def _new_conversation(self) -> None:
-        self.media = self.prompter.media(self.pictures, self.frames)
+        self.media = self.prompter.media(self.pictures, self.clip)
         self.history: list[tuple[str, str]] = []
         self.prompt_ids: list[int] = []
 
@@ -117,8 +119,8 @@ class Chat:
         return self.media.image_tokens
 
     @property
-    def video_tokens(self) -> list[int]:
-        """Placeholders of the video (0 or 1 entry)."""
+    def video_tokens(self) -> list[int | list[str | int]]:
+        """Placeholders of the video (0 or 1 entry): a count, or a layout of text and counts (Qwen3-VL)."""
         return self.media.video_tokens
 
     def prompt(self, question: str) -> list[int]:
@@ -133,10 +135,11 @@ class Chat:
         output = self.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            **self.media.inputs,
+            **self.prompter.model_inputs(self.media, input_ids),
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
+            suppress_tokens=self.prompter.placeholder_ids,
         )
         answer = self.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
         self.history.append((question, answer))
@@ -158,9 +161,18 @@ class Chat:
     def describe(self) -> str:
         """One line: the budget and the placeholder tokens of the current media."""
         budget = getattr(self.model.config, "visionzip", None)
-        zipped = f"VisionZip {budget['dominant']} + {budget['contextual']}" if budget else "stock"
+        if not budget:
+            zipped = "stock"
+        elif "dominant" in budget:
+            zipped = f"VisionZip {budget['dominant']} + {budget['contextual']}"
+        else:
+            zipped = f"VisionZip {budget['dominant_ratio']} + {budget['contextual_ratio']} of each image's tokens"
         counts = [f"{n} tokens per image" for n in self.image_tokens]
-        counts += [f"{n} tokens per video of {self.video_frames} frames" for n in self.video_tokens]
+        counts += [
+            f"{n if isinstance(n, int) else sum(p for p in n if isinstance(p, int))} tokens per video of "
+            f"{self.video_frames} frames"
+            for n in self.video_tokens
+        ]
         return f"({zipped}: {', '.join(counts)})"
 
 
@@ -173,15 +185,18 @@ def load_model(
     check_fingerprint: bool = True,
     dtype: str = "float32",
     device: str | None = None,
+    **ratios: float | None,
 ) -> tuple[Any, Processing, dict | None]:
     """``(model, processing, record)``: the base model with the exported projector and budget (``record`` = its
-    visionzip.json), or stock with an optional training-free budget (``dominant`` + ``contextual``) when
-    ``projector`` is None. A ``full`` run's export holds the whole trained model with its tokenizer and image
-    processor: it is loaded and re-zipped with its recorded budget. ``dtype`` is one of :data:`DTYPES` (``auto``:
-    bfloat16 on a GPU that supports it, else float32); ``device`` defaults to cuda when available, else cpu."""
-    if projector is not None and (dominant is not None or contextual is not None):
+    visionzip.json), or stock with an optional training-free budget (``dominant`` + ``contextual``; Qwen: the
+    ``dominant_ratio`` / ``contextual_ratio`` keywords) when ``projector`` is None. A ``full`` run's export holds
+    the whole trained model with its tokenizer and image processor: it is loaded and re-zipped with its recorded
+    budget. ``dtype`` is one of :data:`DTYPES` (``auto``: bfloat16 on a GPU that supports it, else
+    float32); ``device`` defaults to cuda when available, else cpu."""
+    free = {k: v for k, v in {"dominant": dominant, "contextual": contextual, **ratios}.items() if v is not None}
+    if projector is not None and free:
         raise UserError(
-            "dominant/contextual set a training-free budget; with a projector export the export's budget is used "
+            f"{', '.join(free)} set a training-free budget; with a projector export the export's budget is used "
             "(the projector was tuned for it). Give one or the other."
         )
     if (dominant is None) != (contextual is None):
@@ -203,15 +218,17 @@ def load_model(
     processing = build.load_model_processing(source, key="model")
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
     if whole:
-        if record["dominant"] is not None:  # a run without VisionZip saved a stock model
+        if recorded_budget(record) is not None:  # a run without VisionZip saved a stock model
             apply_visionzip(model)  # the budget recorded in its config.json
     elif projector is not None:
-        load_projector(model, projector, check_fingerprint=check_fingerprint)
-    elif dominant is not None:
+        load_projector(
+            model, projector, check_fingerprint=check_fingerprint, image_processor=processing.image_processor
+        )
+    elif free:
         try:
-            apply_visionzip(model, dominant, contextual)
+            apply_visionzip(model, **free)
         except ValueError as err:
-            raise UserError(f"dominant={dominant}, contextual={contextual}: {err}") from None
+            raise UserError(f"{', '.join(f'{k}={v}' for k, v in free.items())}: {err}") from None
     return model, processing, record
 
 
@@ -265,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "--video",
         metavar="FILE_OR_DIR",
         help="video: a video file (decoded with PyAV: pip install av) or a directory of frame images, taken in name "
-        "order; for families with a video input (Video-LLaVA, OneVision); may be given together with --image",
+        "order; for families with a video input (Video-LLaVA, OneVision, Qwen); may be given together with --image",
     )
     parser.add_argument(
         "--video-frames", type=int, help="frames sampled uniformly from --video (default: the export's recipe, else 8)"
@@ -283,6 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contextual", type=int, help="without --projector: training-free VisionZip contextual tokens")
     parser.add_argument(
         "--dtype", choices=DTYPES, default="float32", help="auto: bfloat16 on a GPU that has it (default float32)"
+    )
+    parser.add_argument(
+        "--dominant-ratio", type=float, help="Qwen, without --projector: dominant tokens as a fraction of each image's"
+    )
+    parser.add_argument(
+        "--contextual-ratio", type=float, help="Qwen, without --projector: contextual tokens as a fraction of them"
     )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -302,10 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(NO_MEDIA)
     if (args.dominant is None) != (args.contextual is None):
         raise UserError("give both --dominant and --contextual (e.g. 54 and 10 for 64 tokens per image), or neither.")
-    if args.projector is not None and args.dominant is not None:
+    if args.projector is not None and (
+        args.dominant is not None or args.dominant_ratio is not None or args.contextual_ratio is not None
+    ):
         raise UserError(
-            "--dominant/--contextual set a training-free budget; with --projector the export's budget is used (the "
-            "projector was tuned for it). Give one or the other."
+            "--dominant/--contextual (--dominant-ratio/--contextual-ratio) set a training-free budget; with "
+            "--projector the export's budget is used (the projector was tuned for it). Give one or the other."
         )
 
     model, processing, record = load_model(
@@ -313,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         args.projector,
         args.dominant,
         args.contextual,
+        dominant_ratio=args.dominant_ratio,
+        contextual_ratio=args.contextual_ratio,
         check_fingerprint=not args.no_check_fingerprint,
         dtype=args.dtype,
         device=args.device,

@@ -100,9 +100,10 @@ class ZippedModel(lmms):
             output = self.model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                **media.inputs,
+                **self.prompter.model_inputs(media, ids),
                 **generation_settings(gen_kwargs),
                 pad_token_id=self.tokenizer.pad_token_id,
+                suppress_tokens=self.prompter.placeholder_ids,
             )
             text = self.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
             answers.append(cut_at(text, gen_kwargs.get("until")).strip())
@@ -117,7 +118,8 @@ class ZippedModel(lmms):
             ids, labels = self.prompter.sample([(context, continuation)], media)
             ids = torch.tensor([ids], device=self.model.device)
             labels = torch.tensor([labels], device=self.model.device)
-            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **media.inputs).logits
+            inputs = self.prompter.model_inputs(media, ids)
+            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits
             scored = answer_mask(labels, self.tokenizer.eos_token_id)[:, 1:]  # token t is predicted at t - 1
             logprobs = logits[:, :-1][scored].float().log_softmax(-1)
             targets = labels[:, 1:][scored]

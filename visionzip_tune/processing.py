@@ -9,6 +9,7 @@ expansion.
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -41,7 +42,8 @@ def load_processing(name_or_path: str) -> Processing:
 
 def patch_processor(processor, image_count: MediaCount, video_count: MediaCount | None = None):
     """Make ``processor`` expand ``<image>`` number i to ``image_count(image_inputs, i)`` tokens and, with
-    ``video_count``, ``<video>`` number i to ``video_count(video_inputs, i)`` tokens. In place; returns it.
+    ``video_count``, ``<video>`` number i to ``video_count(video_inputs, i)`` tokens (in the processor's own video
+    text, whose placeholder runs are resized: :func:`resize_runs`). In place; returns it.
 
     Calling it again replaces the previous count functions.
     """
@@ -58,10 +60,20 @@ def patch_processor(processor, image_count: MediaCount, video_count: MediaCount 
     if video_count is not None:
 
         def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
-            return self.video_token * video_count(video_inputs, video_idx)
+            stock = type(self).replace_video_token(self, video_inputs, video_idx, **kwargs)
+            return resize_runs(stock, self.video_token, video_count(video_inputs, video_idx))
 
         processor.replace_video_token = types.MethodType(replace_video_token, processor)
     return processor
+
+
+def resize_runs(text: str, token: str, total: int) -> str:
+    """``text`` (a processor's own video placeholder text) with its runs of ``token`` resized to ``total`` tokens
+    in all, shared equally: one run for most families, one run per frame between timestamps for Qwen3-VL."""
+    runs = re.findall(f"(?:{re.escape(token)})+", text)
+    if not runs or total % len(runs):
+        raise ValueError(f"cannot share {total} video tokens over the {len(runs)} placeholder runs of {text[:80]!r}")
+    return re.sub(f"(?:{re.escape(token)})+", lambda _: token * (total // len(runs)), text)
 
 
 def unpatch_processor(processor):

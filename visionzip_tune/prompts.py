@@ -21,9 +21,9 @@ from visionzip_tune.data.config import DEFAULT_IMAGE_ASPECT, DEFAULT_TEMPLATE, D
 from visionzip_tune.data.images import MediaTransform
 from visionzip_tune.data.template import IGNORE_INDEX, Templater, Turn
 from visionzip_tune.data.validate import IMAGE_TAG, VIDEO_TAG, BadSample
-from visionzip_tune.data.video import read_video
+from visionzip_tune.data.video import VideoClip, read_video_clip
 from visionzip_tune.errors import UserError
-from visionzip_tune.families import sample_image_tokens, tokens_per_video
+from visionzip_tune.families import id_inputs, sample_image_tokens, video_family, video_layout, video_timing
 from visionzip_tune.processing import Processing
 
 
@@ -32,7 +32,7 @@ class Media(NamedTuple):
 
     inputs: dict[str, torch.Tensor]
     image_tokens: list[int]  # placeholders of each image
-    video_tokens: list[int]  # placeholders of the video (0 or 1 entry)
+    video_tokens: list[int | list[str | int]]  # placeholders of the video (0 or 1 entry): a count, or a layout
 
 
 def recipe_data_setting(record: dict | None, key: str, default):
@@ -49,9 +49,10 @@ def default_template(processing: Processing, record: dict | None) -> str:
     return recipe_data_setting(record, "template", fallback)
 
 
-def video_frames_of(path: str | Path, frames: int) -> list[Image.Image]:
-    """``frames`` frames sampled uniformly from ``path``: a video file (decoded with PyAV) or a directory of frame
-    images (every file with an image extension, in name order). :class:`UserError` naming the path otherwise."""
+def video_frames_of(path: str | Path, frames: int) -> VideoClip:
+    """``frames`` frames sampled uniformly from ``path`` and their times: a video file (decoded with PyAV) or a
+    directory of frame images (every file with an image extension, in name order). :class:`UserError` naming the
+    path otherwise."""
     path = Path(path)
     if path.is_dir():
         extensions = Image.registered_extensions()
@@ -62,7 +63,7 @@ def video_frames_of(path: str | Path, frames: int) -> list[Image.Image]:
     else:
         video, folder = path.name, path.parent
     try:
-        return read_video(video, folder, frames)
+        return read_video_clip(video, folder, frames)
     except BadSample as err:
         raise UserError(f"--video {path}: {err.reason}") from None
 
@@ -116,18 +117,21 @@ class Prompter:
             video_frames=int(video_frames or recipe_data_setting(record, "video_frames", DEFAULT_VIDEO_FRAMES)),
         )
 
-    def media(self, images: Sequence[Image.Image] = (), video: Sequence[Image.Image] | None = None) -> Media:
-        """Model inputs of ``images`` (RGB, any number) and a ``video`` of exactly ``video_frames`` frames.
-        :class:`UserError` for a video given to a family without video input."""
+    def media(self, images: Sequence[Image.Image] = (), video: VideoClip | None = None) -> Media:
+        """Model inputs of ``images`` (RGB, any number) and a ``video`` (its frames, exactly ``video_frames``, and
+        their times). :class:`UserError` for a video given to a family without video input."""
+        config = self.model.config
         inputs: dict[str, torch.Tensor] = {}
         image_tokens: list[int] = []
-        video_tokens: list[int] = []
+        video_tokens: list[int | list[str | int]] = []
         if video is not None:
             try:
-                video_tokens = [tokens_per_video(self.model.config, len(video))]
+                video_family(config)
             except ValueError as err:
                 raise UserError(f"a video: {err}. Ask about images instead.") from None
-            inputs["pixel_values_videos"] = self.transform.video(list(video))
+            video_inputs, size = self.transform.video_inputs(list(video.frames))
+            inputs.update(video_inputs, **video_timing(config, size, video.times))
+            video_tokens = [video_layout(config, size, video.times)]
         if images:
             image_inputs, sizes = self.transform.images(list(images))
             inputs.update(image_inputs)
@@ -135,12 +139,21 @@ class Prompter:
         return Media(self._to_model(inputs), image_tokens, video_tokens)
 
     def _to_model(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tensors on the model's device; pixels in its dtype (sizes and counts stay integers)."""
-        dtype = self.model.dtype
+        """Tensors on the model's device; pixels in its dtype (sizes, counts and timings as they are)."""
         return {
-            key: value.to(self.model.device, dtype if value.is_floating_point() else value.dtype)
+            key: value.to(self.model.device, self.model.dtype if key.startswith("pixel_values") else value.dtype)
             for key, value in inputs.items()
         }
+
+    def model_inputs(self, media: Media, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the model takes besides the ids for a batch of ``input_ids`` about ``media``: the media's inputs
+        and what follows from the ids alone (Qwen: ``mm_token_type_ids``)."""
+        return {**media.inputs, **id_inputs(self.model.config, input_ids)}
+
+    @property
+    def placeholder_ids(self) -> list[int]:
+        """The image and video placeholder ids: never to be generated (the next step would take one for media)."""
+        return [t for t in (self.image_token_id, self.video_token_id) if t is not None]
 
     def sample(self, turns: Sequence[tuple[str, str]], media: Media) -> tuple[list[int], list[int]]:
         """``(input_ids, labels)`` of the training sample of ``turns`` (question, answer) about ``media``: labels

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     media = prompter.media(images, frames)
     ids = torch.tensor([prompter.prompt([], "Describe it.", media)], device=model.device)
     with recorded_zips(model) as recorded, torch.no_grad():
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), **media.inputs)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), **prompter.model_inputs(media, ids))
     units = units_of(recorded, prompter.transform.image_processor)
     picture, _ = render(units, args.cell)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -4,9 +4,12 @@ Nothing here downloads anything. The tokenizer is a byte-fallback BPE trained in
 vicuna_v1 system prompt, the demo data's vocabulary), shaped like Llama's: ``<unk>``=0, ``<s>``=1, ``</s>``=2, a
 ``<s>`` prepended to every encoded text, ``<pad>``, ``<image>`` (and ``<video>`` for families with a video input) as
 added special tokens. The model is a real transformers model of the family :attr:`TinySpec.family` names (LLaVA,
-LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision, and this package's native Mini-Gemini), randomly initialised from a seed;
-every family shares one tower config (CLIP or SigLIP) and one Llama LLM config, so the families differ only where
-their architectures do (Mini-Gemini adds a tiny ConvNeXt as its high-resolution tower).
+LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, and this package's native Mini-Gemini), randomly
+initialised from a seed; the LLaVA families share one tower config (CLIP or SigLIP) and one Llama LLM config, so
+they differ only where their architectures do (Mini-Gemini adds a tiny ConvNeXt as its high-resolution tower). The
+Qwen families are their own towers and LLMs at the spec's widths, with Qwen's special tokens (``<|image_pad|>``,
+``<|video_pad|>``, ``<|vision_start|>``, ``<|vision_end|>``, ``<|im_start|>``, ``<|im_end|>``) and a Qwen-style
+chat template.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from transformers import (
     LlavaOnevisionImageProcessorPil,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
     SiglipImageProcessorPil,
     SiglipVisionConfig,
     VideoLlavaConfig,
@@ -63,6 +69,10 @@ IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
 PAD_TOKEN = "<pad>"
 
+QWEN_MEDIA_TOKENS = ("<|image_pad|>", "<|video_pad|>")
+QWEN_SPECIAL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>")
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}"
     "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}"
@@ -80,11 +90,32 @@ CHAT_TEMPLATE = (
 )
 
 
+# Qwen's chat layout (<|im_start|>role\n...<|im_end|>\n, media between vision start / end tokens), written for the
+# tiny models; no system turn is added.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
 def build_tokenizer(
-    extra_corpus: list[str] | None = None, vocab_size: int = 600, media_tokens: tuple[str, ...] = (IMAGE_TOKEN,)
+    extra_corpus: list[str] | None = None,
+    vocab_size: int = 600,
+    media_tokens: tuple[str, ...] = (IMAGE_TOKEN,),
+    *,
+    special_tokens: tuple[str, ...] = (),
+    chat_template: str = CHAT_TEMPLATE,
+    eos_token: str = "</s>",
 ):
     """A Llama-shaped fast tokenizer trained locally; deterministic for the same corpus. ``media_tokens`` become
-    added special tokens after ``<pad>``, in that order (``<image>``, then ``<video>`` for video families)."""
+    added special tokens after ``<pad>``, in that order (``<image>``, then ``<video>`` for video families), then
+    ``special_tokens``; ``eos_token`` ends an answer (Qwen: ``<|im_end|>``)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
@@ -109,9 +140,25 @@ def build_tokenizer(
         padding_side="right",
         model_max_length=2048,
     )
-    fast.add_special_tokens({"pad_token": PAD_TOKEN, "additional_special_tokens": list(media_tokens)})
-    fast.chat_template = CHAT_TEMPLATE
+    fast.add_special_tokens({"pad_token": PAD_TOKEN, "additional_special_tokens": [*media_tokens, *special_tokens]})
+    fast.eos_token = eos_token
+    fast.chat_template = chat_template
     return fast
+
+
+def build_family_tokenizer(family: str, extra_corpus: list[str] | None = None):
+    """The tokenizer of a tiny ``family`` model: Qwen's special tokens and chat layout for the Qwen families, else
+    ``<image>`` (and ``<video>`` for video families) with the vicuna-style :data:`CHAT_TEMPLATE`."""
+    if family in QWEN_FAMILIES:
+        return build_tokenizer(
+            extra_corpus,
+            media_tokens=QWEN_MEDIA_TOKENS,
+            special_tokens=QWEN_SPECIAL_TOKENS,
+            chat_template=QWEN_CHAT_TEMPLATE,
+            eos_token="<|im_end|>",
+        )
+    media = (IMAGE_TOKEN, VIDEO_TOKEN) if FAMILIES[family].has_video else (IMAGE_TOKEN,)
+    return build_tokenizer(extra_corpus, media_tokens=media)
 
 
 # Families whose multimodal processor class can be built here (Video-LLaVA's and OneVision's build a video processor
@@ -195,10 +242,71 @@ def _text_config(spec: TinySpec, tokenizer):
     )
 
 
+def _mrope_section(head_dim: int) -> list[int]:
+    """(t, h, w) rotary frequency counts over a head's head_dim / 2 frequencies, split as Qwen2.5-VL-7B splits
+    its 64 (16, 24, 24)."""
+    half = head_dim // 2
+    spatial = 3 * half // 8
+    return [half - 2 * spatial, spatial, spatial]
+
+
+def build_qwen_config(spec: TinySpec, tokenizer):
+    """A ``Qwen2_5_VLConfig`` or ``Qwen3VLConfig`` at the spec's widths: patches of ``patch_size`` merged 2 x 2,
+    images up to ``image_size`` px square. Qwen2.5-VL: windows of 2 x 2 merged tokens in every block but the last
+    (full attention, where VisionZip scores). Qwen3-VL: DeepStack after the first blocks, one per LLM layer at most
+    (the LLM adds DeepStack feature i after its layer i)."""
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = spec.text_hidden // spec.text_heads
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_hidden * 4,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_heads,
+        max_position_embeddings=2048,
+        initializer_range=spec.text_init_std,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,  # Qwen prepends no BOS
+        eos_token_id=tokenizer.eos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)},
+    )
+    vision = dict(
+        depth=spec.vision_layers,
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 4,
+        num_heads=spec.vision_heads,
+        patch_size=spec.patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=spec.text_hidden,
+        initializer_range=spec.text_init_std,
+    )
+    common = dict(
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    if spec.family == "qwen2_5_vl":
+        vision.update(
+            window_size=2 * 2 * spec.patch_size, fullatt_block_indexes=[spec.vision_layers - 1], tokens_per_second=2
+        )
+        return Qwen2_5_VLConfig(vision_config=vision, text_config=text, **common)
+    text.update(head_dim=head_dim)
+    text["rope_parameters"]["mrope_interleaved"] = True
+    deepstack = list(range(min(spec.vision_layers - 1, spec.text_layers)))
+    vision.update(num_position_embeddings=(spec.image_size // spec.patch_size) ** 2, deepstack_visual_indexes=deepstack)
+    return Qwen3VLConfig(vision_config=vision, text_config=text, **common)
+
+
 def build_config(spec: TinySpec, tokenizer):
-    """The family's config (``LlavaConfig``, ``LlavaNextConfig``, ``VideoLlavaConfig``, ``LlavaOnevisionConfig`` or
-    ``MiniGeminiConfig``) around the shared tower and LLM configs, with the tokenizer's ``<image>`` / ``<video>`` /
-    ``<pad>`` ids."""
+    """The family's config (``LlavaConfig``, ``LlavaNextConfig``, ``VideoLlavaConfig``, ``LlavaOnevisionConfig``,
+    ``MiniGeminiConfig``, or a Qwen one: :func:`build_qwen_config`) around the shared tower and LLM configs, with the
+    tokenizer's ``<image>`` / ``<video>`` / ``<pad>`` ids."""
+    if spec.family in QWEN_FAMILIES:
+        return build_qwen_config(spec, tokenizer)
     vision, strategy, layer, _ = _tower_config(spec)
     patches = (spec.image_size // spec.patch_size) ** 2
     common = dict(
@@ -250,10 +358,20 @@ def _mini_gemini_config(spec: TinySpec, common: dict) -> MiniGeminiConfig:
 
 
 def build_image_processor(spec: TinySpec):
-    """The family's PIL image processor at the spec's geometry (no torchvision needed)."""
+    """The family's PIL image processor at the spec's geometry (no torchvision needed). Qwen: images resized to
+    whole merged tokens, at least 2 x 2 of them and at most ``image_size`` px squared."""
     if spec.family == "mini_gemini":
         return mini_gemini_image_processor(mini_gemini_image_size_aux(spec))
     size = spec.image_size
+    if spec.family in QWEN_FAMILIES:
+        merged = 2 * spec.patch_size
+        return Qwen2VLImageProcessorPil(
+            patch_size=spec.patch_size,
+            merge_size=2,
+            temporal_patch_size=2,
+            min_pixels=(2 * merged) ** 2,
+            max_pixels=size * size,
+        )
     square = {"height": size, "width": size}
     if spec.family == "llava_next":
         return LlavaNextImageProcessorPil(
@@ -291,8 +409,7 @@ def build_processor(spec: TinySpec, tokenizer):
 
 def _model_and_tokenizer(spec: TinySpec, extra_corpus: list[str] | None):
     """The random model (fp32, eval mode, weights a function of ``spec.seed``) and its tokenizer."""
-    media = (IMAGE_TOKEN, VIDEO_TOKEN) if FAMILIES[spec.family].has_video else (IMAGE_TOKEN,)
-    tokenizer = build_tokenizer(extra_corpus, media_tokens=media)
+    tokenizer = build_family_tokenizer(spec.family, extra_corpus)
     config = build_config(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)

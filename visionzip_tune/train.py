@@ -124,7 +124,11 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None, stop: preemption.S
                 log.eval(run.evaluate())
             if cfg.output.export:
                 out = export_projector(
-                    run.engine, run.dir / "export", metadata=run.export_metadata(recipe), processing=run.processing[:2]
+                    run.engine,
+                    run.dir / "export",
+                    metadata=run.export_metadata(recipe),
+                    processing=run.processing[:2],
+                    image_processor=run.processing.image_processor,
                 )
                 log.print(f"[train] exported the {'model' if cfg.train.mode == 'full' else 'projector'} to {out}")
             if run.train_set.read_skipped():
@@ -163,8 +167,8 @@ def train_step(run: Run) -> dict[str, Any]:
         on_device[0] += inputs["attention_mask"].sum()
         on_device[1] += torch.isin(inputs["input_ids"], run.vision_token_ids).sum()
         samples += inputs["input_ids"].shape[0]
-        images += batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
-        videos += batch["pixel_values_videos"].shape[0] if "pixel_values_videos" in batch else 0
+        batch_images, batch_videos = families.media_count(run.model.config, batch)
+        images, videos = images + batch_images, videos + batch_videos
     # The step's one reduce also tells every rank whether any rank got a stop signal, so all stop after this step.
     stop = float(run.stop is not None and run.stop.requested)
     counts = torch.tensor([samples, images, videos, stop], dtype=torch.float64, device=engine.device)

@@ -8,7 +8,7 @@ import sys
 
 from transformers import AutoConfig
 
-from visionzip_tune import build
+from visionzip_tune import build, families
 from visionzip_tune.data.check import check_data
 from visionzip_tune.data.config import (
     DEFAULT_IMAGE_ASPECT,
@@ -73,16 +73,32 @@ def _render(tokenizer, ids: list[int], labels: list[int], image_token_id: int, v
     return "".join(out)
 
 
+def _preview_budget(args: argparse.Namespace) -> dict:
+    """The budget the preview counts with: tokens per image, or (Qwen) ratios, whichever pair is given; {} for
+    none."""
+    for pair in (("dominant", "contextual"), ("dominant_ratio", "contextual_ratio")):
+        values = [getattr(args, key) for key in pair]
+        if None not in values:
+            return dict(zip(pair, values))
+        if values != [None, None]:
+            flags = [f"--{key.replace('_', '-')}" for key in pair]
+            raise UserError(f"give both {flags[0]} and {flags[1]} (the VisionZip budget), or neither")
+    return {}
+
+
 def _preview(args: argparse.Namespace) -> int:
-    if (args.dominant is None) != (args.contextual is None):
-        raise UserError("give both --dominant and --contextual (the VisionZip budget), or neither")
+    budget = _preview_budget(args)
     try:
         config = AutoConfig.from_pretrained(args.model)
         processing = load_processing(args.model)
     except (OSError, ValueError) as err:
         raise UserError(f"--model {args.model}: cannot load a saved model config and processor ({err})") from None
-    if args.dominant is not None:
-        config.visionzip = {"dominant": args.dominant, "contextual": args.contextual, "eager": False}
+    if budget:
+        family = families.family_of(config)
+        if not set(budget) <= set(family.budget.keys):
+            flags = " and ".join(f"--{key.replace('_', '-')}" for key in family.budget.keys[:2])
+            raise UserError(f"--model {args.model} is a {family.model_class}: give its VisionZip budget as {flags}")
+        config.visionzip = budget
     data = DataConfig(
         image_folder=args.image_folder,
         video_folder=args.video_folder,
@@ -169,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=DEFAULT_TEMPLATE, choices=TEMPLATES)
     p.add_argument("--dominant", type=int, help="VisionZip dominant tokens per image (with --contextual)")
     p.add_argument("--contextual", type=int, help="VisionZip contextual tokens per image (with --dominant)")
+    p.add_argument("--dominant-ratio", type=float, help="Qwen: VisionZip dominant tokens as a fraction of each image's")
+    p.add_argument("--contextual-ratio", type=float, help="Qwen: VisionZip contextual tokens as a fraction of them")
     p.add_argument("--n", type=int, default=3, help="number of samples to show (default 3)")
     p.add_argument("--max-length", type=int, default=2048, help="token budget per sample (default 2048)")
     p.add_argument("--image-aspect", default=DEFAULT_IMAGE_ASPECT, choices=IMAGE_ASPECTS)

@@ -17,6 +17,7 @@ BAD_SAMPLE_POLICIES = ("error", "skip")
 DEFAULT_TEMPLATE = "vicuna_v1"
 DEFAULT_IMAGE_ASPECT = "pad"
 DEFAULT_VIDEO_FRAMES = 8  # Video-LLaVA's frames per video
+DEFAULT_VIDEO_FPS = 24.0  # frame files carry no rate; transformers' video processors assume 24 fps without one
 
 Template = Literal[TEMPLATES]
 ImageAspect = Literal[IMAGE_ASPECTS]

@@ -22,7 +22,7 @@ from visionzip_tune.data.images import MediaTransform, open_image
 from visionzip_tune.data.source import column, data_path
 from visionzip_tune.data.template import Templater, TooLong, fit_to_length, llava_turns
 from visionzip_tune.data.validate import BadSample, row_video
-from visionzip_tune.data.video import read_video
+from visionzip_tune.data.video import read_video_clip
 from visionzip_tune.errors import UserError
 from visionzip_tune.processing import Processing
 
@@ -66,23 +66,29 @@ class Placeholders(NamedTuple):
     """A model's placeholder ids and token-count functions -- the model's own (``build.placeholders(config)``), so
     data and model cannot disagree.
 
-    ``image_tokens(sizes)`` gives the placeholder count of each image of one sample from the (height, width) its
-    image processor saw; ``video_tokens(frames)`` the count of a video of that many frames (None for a model
-    without video input, whose video samples are then bad samples).
+    ``image_tokens(sizes)`` gives the placeholder count of each image of one sample from the sizes
+    ``MediaTransform.images`` reports ((height, width) as the image processor saw it; Qwen: its patch grid);
+    ``video_tokens(size, times)`` what a video becomes in the text, from the size ``MediaTransform.video_inputs``
+    reports and its frames' times in seconds: its placeholder count, or runs of placeholders (ints) between texts
+    (Qwen3-VL: a run per frame after its timestamp) -- None for a model without video input, whose video samples
+    are then bad samples; ``video_timing(size, times)`` the inputs the model takes about a video besides its
+    pixels (Qwen2.5-VL: ``second_per_grid_ts``), None for none.
     """
 
-    image_tokens: Callable[[list[tuple[int, int]]], list[int]]
+    image_tokens: Callable[[list[tuple[int, ...]]], list[int]]
     image_token_id: int
-    video_tokens: Callable[[int], int] | None = None
+    video_tokens: Callable[[int | tuple[int, ...], list[float]], int | list[str | int]] | None = None
     video_token_id: int | None = None
+    video_timing: Callable[[int | tuple[int, ...], list[float]], dict[str, torch.Tensor]] | None = None
 
 
 class SupervisedDataset(torch.utils.data.Dataset):
     """Map-style dataset of ``{"id", "input_ids", "labels", "vision"}``.
 
     ``vision``: the model inputs of the sample's images (:meth:`MediaTransform.images`: ``pixel_values`` and, from
-    anyres processors, ``image_sizes`` / ``batch_num_images``) and, for a video sample, ``pixel_values_videos``
-    (1, T, 3, S, S); ``{}`` for a text-only sample. Each image becomes exactly as many placeholder ids as the
+    anyres processors, ``image_sizes`` / ``batch_num_images``, from grid processors ``image_grid_thw``) and, for a
+    video sample, its :meth:`MediaTransform.video_inputs` (``pixel_values_videos`` (1, T, 3, S, S), or Qwen's
+    patches and ``video_grid_thw``) with its timing inputs; ``{}`` for a text-only sample. Each image becomes exactly as many placeholder ids as the
     model's count function says (``placeholders``), each video likewise.
 
     ``data`` gives the template, image aspect, frames per video, token limit, bad-sample policy and folders
@@ -165,9 +171,12 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if video is not None:
             if self.placeholders.video_tokens is None:
                 raise BadSample("video, but the model takes no video input")
-            frames = read_video(video, self._folder(self.video_folder, "videos"), self.transform.video_frames)
-            vision["pixel_values_videos"] = self.transform.video(frames)
-            video_counts.append(self.placeholders.video_tokens(len(frames)))
+            clip = read_video_clip(video, self._folder(self.video_folder, "videos"), self.transform.video_frames)
+            video_inputs, size = self.transform.video_inputs(clip.frames)
+            vision.update(video_inputs)
+            if self.placeholders.video_timing is not None:
+                vision.update(self.placeholders.video_timing(size, clip.times))
+            video_counts.append(self.placeholders.video_tokens(size, clip.times))
         if sample["images"]:
             folder = self._folder(self.image_folder, "images")
             images = [open_image(folder / rel) for rel in sample["images"]]

@@ -62,23 +62,59 @@ class MediaTransform:
         self.video_frames = video_frames
         self.fill = tuple(int(m * 255) for m in image_processor.image_mean)
         self.anyres_side = _anyres_crop_side(image_processor)  # None for a processor that does not tile
+        # A processor that resizes images to a patch grid of its choosing and packs the patches (Qwen).
+        self.patch_grid = "image_grid_thw" in getattr(image_processor, "model_input_names", ())
 
     def _process(self, images: list[Image.Image] | list[list[Image.Image]]) -> dict[str, torch.Tensor]:
         out = self.image_processor(images=images, return_tensors="pt")
         return {_RENAMED.get(key, key): value for key, value in out.items() if key in _MODEL_KEYS}
 
-    def images(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
-        """``({"pixel_values", ["image_sizes", "batch_num_images"]}, sizes)`` for one sample's n >= 1 images.
+    def images(self, images: list[Image.Image]) -> tuple[dict[str, torch.Tensor], list[tuple[int, ...]]]:
+        """``({"pixel_values", ["image_sizes", "batch_num_images" | "image_grid_thw"]}, sizes)`` for one sample's
+        n >= 1 images.
 
         pixel_values: (n, 3, H, W), or (n, crops, 3, S, S) from an anyres processor (crops padded to the most of
-        the sample's images); image_sizes: (n, 2) and batch_num_images: (1,) when the processor returns them.
-        ``sizes``: each image's (height, width) as the processor saw it (after padding), for
-        ``models.sample_image_tokens``.
+        the sample's images), or (patches, C * T * P * P) packed from a processor that resizes to a patch grid
+        (Qwen); image_sizes: (n, 2), batch_num_images: (1,) and image_grid_thw: (n, 3) when the processor returns
+        them. ``sizes``: what each image's token count depends on (``families.sample_image_tokens``): its patch
+        grid (t, h, w) from a grid processor, which chooses the size itself; else its (height, width) as the
+        processor saw it (after padding).
         """
         if self.image_aspect == "pad":
             images = [expand_to_square(img, self.fill) for img in images]
         # Nested: the images are ONE sample (OneVision then feeds a multi-image sample untiled).
-        return self._process([images]), [(img.height, img.width) for img in images]
+        inputs = self._process([images])
+        if "image_grid_thw" in inputs:
+            return inputs, [tuple(int(v) for v in grid) for grid in inputs["image_grid_thw"]]
+        return inputs, [(img.height, img.width) for img in images]
+
+    def video_inputs(self, frames: list[Image.Image]) -> tuple[dict[str, torch.Tensor], int | tuple[int, ...]]:
+        """``(inputs, size)`` of one video of ``video_frames`` frames: ``{"pixel_values_videos"}`` (1, T, 3, S, S)
+        and its frame count T (:meth:`video`); from a grid processor (Qwen) the frames as its video patches,
+        ``{"pixel_values_videos", "video_grid_thw"}``, and that grid (t, h, w).
+
+        Grid processors: each frame goes through the image processor (its resize bounds, not a video processor's),
+        and every ``temporal_patch_size`` consecutive frames (the last repeated to fill the last) form one temporal
+        patch, laid out as the model's video processor lays them out: per temporal slice, the frame's merge-group
+        order, each row (C, T, P, P)."""
+        if not self.patch_grid:
+            return {"pixel_values_videos": self.video(frames)}, len(frames)
+        temporal, patch = self.image_processor.temporal_patch_size, self.image_processor.patch_size
+        frames = frames + frames[-1:] * (-len(frames) % temporal)
+        processed = self._process(frames)
+        grids = processed["image_grid_thw"]
+        if not (grids == grids[0]).all():
+            raise ValueError(f"the frames of a video resize to different patch grids: {grids.tolist()}")
+        patches = int(grids[0].prod())
+        channels = processed["pixel_values"].shape[1] // (temporal * patch * patch)
+        rows = processed["pixel_values"].view(len(frames), patches, channels, temporal, -1)[:, :, :, 0]
+        # (frames, patches, C, P*P) -> (slices, patches, C, T, P*P): each slice's frames side by side per row
+        video = rows.view(len(frames) // temporal, temporal, patches, channels, -1).permute(0, 2, 3, 1, 4)
+        grid = (len(frames) // temporal, int(grids[0, 1]), int(grids[0, 2]))
+        return {
+            "pixel_values_videos": video.reshape(grid[0] * patches, -1),
+            "video_grid_thw": torch.tensor([grid]),
+        }, grid
 
     def video(self, frames: list[Image.Image]) -> torch.Tensor:
         """``pixel_values_videos`` (1, T, 3, S, S) of one video's T = ``video_frames`` frames.
@@ -109,4 +145,4 @@ def _anyres_crop_side(image_processor) -> int | None:
 
 # What image processors return that the models' forward takes, and the legacy names of those keys.
 _RENAMED = {"pixel_values_images": "pixel_values"}  # VideoLlavaImageProcessor
-_MODEL_KEYS = ("pixel_values", "pixel_values_images", "image_sizes", "batch_num_images")
+_MODEL_KEYS = ("pixel_values", "pixel_values_images", "image_sizes", "batch_num_images", "image_grid_thw")

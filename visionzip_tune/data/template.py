@@ -144,7 +144,9 @@ def _merge(segments: Sequence[Segment]) -> list[Segment]:
 
 class Templater:
     """Turns a validated conversation into ``(input_ids, labels)``: the k-th image becomes ``image_counts[k]`` ids of
-    ``image_token_id`` and the k-th video ``video_counts[k]`` ids of ``video_token_id`` (None: no video input)."""
+    ``image_token_id`` and the k-th video ``video_counts[k]`` ids of ``video_token_id`` (None: no video input). A
+    count may also be a layout: runs of placeholder ids (ints) between texts (strs), all unsupervised (Qwen3-VL
+    writes a timestamp before each frame's run)."""
 
     def __init__(
         self,
@@ -191,7 +193,10 @@ class Templater:
         return _merge(chat_template_segments(turns, self._render))
 
     def __call__(
-        self, turns: Sequence[Turn], image_counts: Sequence[int], video_counts: Sequence[int] = ()
+        self,
+        turns: Sequence[Turn],
+        image_counts: Sequence[int | Sequence[str | int]],
+        video_counts: Sequence[int | Sequence[str | int]] = (),
     ) -> tuple[list[int], list[int]]:
         if video_counts and self.video_token is None:
             raise UserError("the sample has a video but the templater was given no video token id")
@@ -209,8 +214,9 @@ class Templater:
                     token_id, counts, kind = runs[part]
                     if done[part] == len(counts):
                         raise UserError(f"the {self.template} template rendered more {kind} than the sample has")
-                    ids += [token_id] * counts[done[part]]
-                    labels += [IGNORE_INDEX] * counts[done[part]]
+                    run = self._expand(token_id, counts[done[part]])
+                    ids += run
+                    labels += [IGNORE_INDEX] * len(run)
                     done[part] += 1
                 elif part:
                     piece = self._encode_text(part)
@@ -222,6 +228,15 @@ class Templater:
                     f"the {self.template} template rendered {done[token]} of the sample's {len(counts)} {kind}"
                 )
         return ids, labels
+
+    def _expand(self, token_id: int, layout: int | Sequence[str | int]) -> list[int]:
+        """The ids of one image's (video's) placeholders: ``layout`` ids of ``token_id``, or a layout's runs of
+        them between its texts."""
+        if isinstance(layout, int):
+            return [token_id] * layout
+        return [
+            i for piece in layout for i in ([token_id] * piece if isinstance(piece, int) else self._encode_text(piece))
+        ]
 
 
 def fit_to_length(

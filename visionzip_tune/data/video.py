@@ -2,16 +2,19 @@
 
 A video file is demuxed once to count its frames when the container does not record the count, then decoded up to
 the last sampled frame, keeping only the sampled ones; frame files are opened only when sampled. PyAV (``av``) is
-optional: only samples with a video file need it.
+optional: only samples with a video file need it. :func:`read_video_clip` also gives each sampled frame's time, for
+models that are told when their frames were taken (Qwen).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
+from visionzip_tune.data.config import DEFAULT_VIDEO_FPS
 from visionzip_tune.data.images import open_image
 from visionzip_tune.data.validate import BadSample
 from visionzip_tune.errors import UserError
@@ -23,6 +26,13 @@ def sample_indices(total: int, frames: int) -> list[int]:
     return np.round(np.linspace(0, total - 1, frames)).astype(int).tolist()
 
 
+class VideoClip(NamedTuple):
+    """Sampled frames of a video and the time of each in seconds (frame index / frame rate)."""
+
+    frames: list[Image.Image]
+    times: list[float]
+
+
 def read_video(video: str | list[str], folder: Path, frames: int) -> list[Image.Image]:
     """``frames`` RGB frames of ``video`` in time order, sampled by :func:`sample_indices`.
 
@@ -30,9 +40,20 @@ def read_video(video: str | list[str], folder: Path, frames: int) -> list[Image.
     ``BadSample`` ("missing video ...", "unreadable video ...") names the file; ``UserError`` if a video file needs
     PyAV and it is not installed.
     """
+    return read_video_clip(video, folder, frames).frames
+
+
+def read_video_clip(video: str | list[str], folder: Path, frames: int) -> VideoClip:
+    """:func:`read_video` with the sampled frames' times: from the file's frame rate, or for frame files (which
+    carry none) at ``DEFAULT_VIDEO_FPS``."""
     if isinstance(video, str):
         return _decode_file(Path(folder) / video, frames)
-    return [_open_frame(Path(folder) / video[i]) for i in sample_indices(len(video), frames)]
+    indices = sample_indices(len(video), frames)
+    return VideoClip([_open_frame(Path(folder) / video[i]) for i in indices], _times(indices, None))
+
+
+def _times(indices: list[int], fps: float | None) -> list[float]:
+    return [i / (fps or DEFAULT_VIDEO_FPS) for i in indices]
 
 
 def check_video(video: str | list[str], folder: Path, frames: int) -> None:
@@ -63,7 +84,7 @@ def _import_av():
     return av
 
 
-def _decode_file(path: Path, frames: int) -> list[Image.Image]:
+def _decode_file(path: Path, frames: int) -> VideoClip:
     av = _import_av()
     if not path.is_file():
         raise BadSample(f"missing video {path}")
@@ -73,6 +94,7 @@ def _decode_file(path: Path, frames: int) -> list[Image.Image]:
                 raise BadSample(f"unreadable video {path}: no video stream")
             stream = container.streams.video[0]
             total = stream.frames or _count_frames(container, stream)
+            fps = float(stream.average_rate) if stream.average_rate else None
         if total == 0:
             raise BadSample(f"unreadable video {path}: no frames")
         wanted = sample_indices(total, frames)
@@ -83,7 +105,7 @@ def _decode_file(path: Path, frames: int) -> list[Image.Image]:
     missing = [i for i in wanted if i not in decoded]
     if missing:  # the recorded frame count promised frames the stream does not hold: a truncated file
         raise BadSample(f"unreadable video {path}: frame {missing[0]} of {total} could not be decoded")
-    return [decoded[i] for i in wanted]
+    return VideoClip([decoded[i] for i in wanted], _times(wanted, fps))
 
 
 def _count_frames(container, stream) -> int:

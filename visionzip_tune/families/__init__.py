@@ -2,10 +2,11 @@
 / ``<video>`` tokens an image or video becomes, and VisionZip's instance-level overrides of the inner model's
 feature methods.
 
-One module per family (``llava``, ``llava_next``, ``video_llava``, ``llava_onevision``, ``mini_gemini``), each defining a
-:class:`~visionzip_tune.families.base.Family` named ``FAMILY``; adding a family means one new module and one line
-in :data:`FAMILIES`. VisionZip runs on every unit the tower sees independently: an image, an anyres crop, a video
-frame. The overrides are bound with ``types.MethodType`` to the *inner* model instance (``model.model``): both
+One module per family (``llava``, ``llava_next``, ``video_llava``, ``llava_onevision``, ``qwen2_5_vl``,
+``qwen3_vl``, ``mini_gemini``), each defining a :class:`~visionzip_tune.families.base.Family` named ``FAMILY``;
+adding a family means one new module and one line in :data:`FAMILIES`. VisionZip runs on every unit the tower sees
+independently: an image, an anyres crop, a video frame (Qwen: a temporal slice, in merged tokens). The overrides are
+bound with ``types.MethodType`` to the *inner* model instance (``model.model``): both
 ``forward()`` and ``generate()`` call them there, and the class and every other instance stay stock. The budget
 lives in ``model.config.visionzip`` (serialised with ``save_pretrained``), which is the single source the
 overrides, the token-count functions and the processor read from.
@@ -17,21 +18,34 @@ import contextlib
 import types
 from collections.abc import Callable, Iterator
 
-import torch
 from torch import Tensor, nn
 
-from visionzip_tune import compress, encoders, processing
-from visionzip_tune.families import llava, llava_next, llava_onevision, mini_gemini, video_llava
-from visionzip_tune.families.base import RECORDER, Family, ImageSize, ZippedUnits, tiled_flags
+from visionzip_tune import processing
+from visionzip_tune.families import (
+    llava,
+    llava_next,
+    llava_onevision,
+    mini_gemini,
+    qwen2_5_vl,
+    qwen3_vl,
+    qwen_vl,
+    video_llava,
+)
+from visionzip_tune.families.base import RECORDER, Family, MediaSize, VideoLayout, ZippedUnits, tiled_flags
 
 # mini_gemini's import registers its native model with transformers' Auto classes (on import of visionzip_tune).
 FAMILIES: dict[str, Family] = {
     family.name: family
-    for family in (llava.FAMILY, llava_next.FAMILY, video_llava.FAMILY, llava_onevision.FAMILY, mini_gemini.FAMILY)
+    for family in (
+        llava.FAMILY,
+        llava_next.FAMILY,
+        video_llava.FAMILY,
+        llava_onevision.FAMILY,
+        qwen2_5_vl.FAMILY,
+        qwen3_vl.FAMILY,
+        mini_gemini.FAMILY,
+    )
 }
-
-IMAGE_INPUTS = ("pixel_values", "image_sizes", "batch_num_images")  # what the image processors emit, by family
-VIDEO_INPUT = "pixel_values_videos"
 
 
 def _supported() -> str:
@@ -69,13 +83,14 @@ def family_name(model_or_config) -> str:
 # Token counts: the one set of functions the processor, the data path and the model share
 
 
-def tokens_per_image(config, image_size: ImageSize | None = None) -> int:
-    """Number of ``<image>`` placeholder tokens the LLM receives for one image under ``config``.
+def tokens_per_image(config, image_size: MediaSize = None) -> int:
+    """Number of image placeholder tokens the LLM receives for one image under ``config``.
 
-    The VisionZip budget when ``config.visionzip`` is set, else the stock count. ``image_size`` is the original
-    (height, width), for families whose count depends on it; LLaVA-1.5 ignores it. For anyres families
-    (LLaVA-NeXT, OneVision) ``None`` means one untiled crop, which is also the per-crop budget when zipped. The
-    processor, the data path and the model all use this one function, so their counts cannot drift apart.
+    The VisionZip budget when ``config.visionzip`` is set, else the stock count. ``image_size`` is what the family's
+    count depends on: the original (height, width) for anyres families (LLaVA-NeXT, OneVision; ``None`` means one
+    untiled crop, which is also the per-crop budget when zipped), the processor's patch grid (t, h, w) for Qwen;
+    LLaVA-1.5 ignores it. The processor, the data path and the model all use this one function, so their counts
+    cannot drift apart.
     """
     family = family_of(config)
     budget = getattr(config, "visionzip", None)
@@ -85,33 +100,58 @@ def tokens_per_image(config, image_size: ImageSize | None = None) -> int:
 
 
 def tokens_per_unit(config) -> int | None:
-    """K, the tokens each zipped unit (an image, an anyres crop, a video frame) becomes; None without VisionZip."""
+    """K, the tokens each zipped unit (an image, an anyres crop, a video frame) becomes; None without VisionZip or
+    with a budget in ratios (Qwen: K follows each unit's size)."""
     budget = getattr(config, "visionzip", None)
-    return budget["dominant"] + budget["contextual"] if budget else None
+    return budget["dominant"] + budget["contextual"] if budget and "dominant" in budget else None
 
 
-def sample_image_tokens(config, image_sizes: list[ImageSize]) -> list[int]:
-    """Placeholder tokens of each image of one sample, from the (height, width) its image processor saw
-    (a family that feeds the images of a multi-image sample untiled counts each of them as one crop)."""
+def sample_image_tokens(config, image_sizes: list[MediaSize]) -> list[int]:
+    """Placeholder tokens of each image of one sample, from the sizes its image processor reported (see
+    ``MediaTransform.images``; a family that feeds the images of a multi-image sample untiled counts each of them
+    as one crop)."""
     tiled = tiled_flags(family_of(config), [len(image_sizes)], len(image_sizes))
     return [tokens_per_image(config, size if tile else None) for size, tile in zip(image_sizes, tiled)]
 
 
-def tokens_per_video(config, num_frames: int) -> int:
-    """Number of video placeholder tokens the LLM receives for a video of ``num_frames`` frames under ``config``:
-    frames x (dominant + contextual) when ``config.visionzip`` is set, else the stock count. Families without a
-    video path raise ``ValueError``.
-    """
+def video_family(config) -> Family:
+    """The family of ``config``; ``ValueError`` naming the families with a video input if it has none."""
     family = family_of(config)
     if not family.has_video:
         raise ValueError(
             f"{family.model_class} has no video input; families with one: "
             f"{', '.join(f.name for f in FAMILIES.values() if f.has_video)}"
         )
+    return family
+
+
+def tokens_per_video(config, num_frames: MediaSize) -> int:
+    """Number of video placeholder tokens the LLM receives for a video under ``config``: per frame (Qwen: per
+    temporal slice) the zipped unit's tokens when ``config.visionzip`` is set, else the stock count. The video's
+    size is its frame count (Qwen: the processor's patch grid (t, h, w)). Families without a video path raise
+    ``ValueError``.
+    """
+    family = video_family(config)
     budget = getattr(config, "visionzip", None)
     if budget:
-        return num_frames * tokens_per_unit(config)
+        return family.zipped_video_tokens(config, budget, num_frames)
     return family.stock_video_tokens(config, num_frames)
+
+
+def video_layout(config, video: MediaSize, times: list[float]) -> VideoLayout:
+    """What a video becomes in the text: runs of placeholders (ints) between texts (strs), from its size and its
+    frames' times in seconds; one run of :func:`tokens_per_video` tokens except for Qwen3-VL (a run per frame,
+    after its timestamp)."""
+    family = video_family(config)
+    if family.video_layout is None:
+        return [tokens_per_video(config, video)]
+    return family.video_layout(config, video, times)
+
+
+def video_timing(config, video: MediaSize, times: list[float]) -> dict[str, Tensor]:
+    """Inputs the model takes about a video besides its pixels (Qwen2.5-VL: ``second_per_grid_ts``); {} if none."""
+    family = video_family(config)
+    return {} if family.video_timing is None else family.video_timing(config, video, times)
 
 
 def has_video_input(config) -> bool:
@@ -121,38 +161,47 @@ def has_video_input(config) -> bool:
 
 def processor_counts(config) -> tuple[Callable[[dict, int], int], Callable[[dict, int], int] | None]:
     """``(image_count, video_count)`` for :func:`processing.patch_processor`: the placeholder count of image
-    ``i`` (or video ``i``) of a processor call, from what the image processor returned for the whole call."""
+    ``i`` (or video ``i``) of a processor call, from what the image (video) processor returned for the whole call."""
     family = family_of(config)
 
     def image_count(image_inputs: dict, index: int) -> int:
-        sizes = image_inputs.get("image_sizes")
-        if sizes is None:
-            return tokens_per_image(config)
-        tiled = tiled_flags(family, image_inputs.get("batch_num_images"), len(sizes))[index]
-        return tokens_per_image(config, tuple(int(v) for v in sizes[index]) if tiled else None)
+        return tokens_per_image(config, family.image_size(family, image_inputs, index))
 
     def video_count(video_inputs: dict, index: int) -> int:
-        return tokens_per_video(config, len(video_inputs[VIDEO_INPUT][index]))  # (T, 3, H, W) frames
+        return tokens_per_video(config, family.video_size(video_inputs, index))
 
     return image_count, (video_count if family.has_video else None)
 
 
-def blank_image_inputs(config) -> dict[str, Tensor]:
-    """Image inputs of one all-zero image of the family's input size (``Family.image_side``), laid out as the
-    family's image processor lays out a real one (anyres: every crop of that image, and its ``image_sizes``). fp32,
-    on the CPU."""
+def media_inputs(config) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Batch keys of ``(image features, video features, positions)``: what ``get_image_features`` and
+    ``get_video_features`` take, and the vision inputs the model's forward needs next to the features."""
     family = family_of(config)
-    size = family.image_side(config)
-    if not family.anyres:
-        return {"pixel_values": torch.zeros(1, 3, size, size)}
-    crops = llava_next.crop_count(config, (size, size))
-    return {"pixel_values": torch.zeros(1, crops, 3, size, size), "image_sizes": torch.tensor([[size, size]])}
+    return family.image_inputs, family.video_inputs, family.position_inputs
+
+
+def media_count(config, batch: dict) -> tuple[int, int]:
+    """``(images, videos)`` in a collated batch."""
+    image_key, video_key = family_of(config).media_rows
+    return tuple(len(batch[key]) if key in batch else 0 for key in (image_key, video_key))
+
+
+def id_inputs(config, input_ids: Tensor) -> dict[str, Tensor]:
+    """Inputs the model needs that follow from the token ids alone (Qwen: ``mm_token_type_ids``); {} if none."""
+    family = family_of(config)
+    return {} if family.id_inputs is None else family.id_inputs(config, input_ids)
+
+
+def blank_image_inputs(config) -> dict[str, Tensor]:
+    """Image inputs of one all-zero image, laid out as the family's image processor lays out a real one (anyres:
+    every crop of a tower-sized image, and its ``image_sizes``; Qwen: 2 x 2 merged tokens and their grid). fp32,
+    on the CPU."""
+    return family_of(config).blank_image(config)
 
 
 def blank_video_inputs(config) -> dict[str, Tensor]:
-    """Video inputs of one video of one all-zero frame of the tower's input size. fp32, on the CPU."""
-    size = config.vision_config.image_size
-    return {VIDEO_INPUT: torch.zeros(1, 1, 3, size, size)}
+    """Video inputs of one video of one all-zero frame (Qwen: one temporal patch). fp32, on the CPU."""
+    return family_of(config).blank_video(config)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,8 +214,9 @@ def _inner(model: nn.Module) -> tuple[Family, nn.Module]:
 
 
 def projector_modules(model: nn.Module, subset: str = "all") -> dict[str, nn.Module]:
-    """The modules projector mode trains (all of them, or the family's named ``subset``), by attribute path on the
-    inner model (``multi_modal_projector``)."""
+    """The modules projector mode trains, by attribute path on the inner model (``multi_modal_projector``; Qwen:
+    ``visual.merger`` and, Qwen3-VL, ``visual.deepstack_merger_list``). ``subset`` names a part of the family's
+    projector (``train.projector_modules``); ``ValueError`` listing the family's choices for an unknown one."""
     family, inner = _inner(model)
     return {path: inner.get_submodule(path) for path in family.projector_paths(subset)}
 
@@ -217,25 +267,22 @@ def frozen_parts(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def apply_visionzip(
-    model: nn.Module,
-    dominant: int | None = None,
-    contextual: int | None = None,
-    processor=None,
-    *,
-    eager: bool | None = None,
-    token_order: str | None = None,
-) -> nn.Module:
-    """Feed the LLM ``dominant + contextual`` VisionZip tokens per image instead of every patch. In place.
+    model: nn.Module, dominant: int | None = None, contextual: int | None = None, processor=None, **budget
+):
+    """Feed the LLM VisionZip's tokens per image instead of every patch. In place; returns ``model``.
 
-    Arguments left as ``None`` come from the budget recorded on ``model.config.visionzip`` (so a model saved after
-    zipping is re-zipped by ``apply_visionzip(model)`` alone); applying again changes the budget. ``eager=True``
-    runs the tower with eager attention for bit-exact reproduction (default: the configured SDPA). With
-    ``processor``, its ``<image>`` expands to the same count. ``token_order`` picks how a family that zips several
-    crops per image lays them out (LLaVA-NeXT: ``"flat"``, the default, or ``"grid"``, the official order); it is
-    recorded as ``config.visionzip["token_order"]`` for such families only. Returns ``model``.
+    The budget is the family's (``Family.budget``). LLaVA families: ``dominant + contextual`` tokens per image,
+    crop or frame, ``eager=True`` for a bit-exact eager-attention tower, and ``token_order`` where the family has a
+    choice (LLaVA-NeXT: ``"flat"``, the default, or ``"grid"``, the official order). Qwen families: ratios of each
+    image's (temporal slice's) merged tokens, ``dominant_ratio`` and ``contextual_ratio`` (default 0.45 + 0.05 =
+    50%), and ``merge_space`` ("post": merge after the merger, the default; "pre": on its inputs).
+
+    Arguments left out come from the budget recorded on ``model.config.visionzip`` (so a model saved after zipping
+    is re-zipped by ``apply_visionzip(model)`` alone); applying again changes the budget. With ``processor``, its
+    placeholders expand to the same counts. ``ValueError`` for a budget the family cannot take.
     """
     family, inner = _inner(model)
-    inner.config.visionzip = resolve_budget(inner.config, dominant, contextual, eager=eager, token_order=token_order)
+    inner.config.visionzip = resolve_budget(inner.config, dominant, contextual, **budget)
     for method, override in family.overrides.items():
         setattr(inner, method, types.MethodType(override, inner))
     if processor is not None:
@@ -243,39 +290,14 @@ def apply_visionzip(
     return model
 
 
-def resolve_budget(
-    config,
-    dominant: int | None = None,
-    contextual: int | None = None,
-    *,
-    eager: bool | None = None,
-    token_order: str | None = None,
-) -> dict:
-    """The budget ``config.visionzip`` holds under :func:`apply_visionzip` with these arguments (``None``: the
-    recorded one), checked against the model's tower from its config alone (``ValueError`` naming the numbers), so a
-    recipe's budget can be checked before any weight is loaded."""
+def resolve_budget(config, dominant: int | None = None, contextual: int | None = None, **budget) -> dict:
+    """The budget ``config.visionzip`` holds under :func:`apply_visionzip` with these arguments (``None``: as
+    recorded on ``config``), checked from the model's config alone (``ValueError`` naming what is wrong), so a
+    recipe's or an export's budget can be checked before any weight is loaded."""
     family = family_of(config)
     recorded = getattr(config, "visionzip", None) or {}
-    dominant = recorded.get("dominant") if dominant is None else dominant
-    contextual = recorded.get("contextual") if contextual is None else contextual
-    eager = bool(recorded.get("eager", False)) if eager is None else eager
-    token_order = recorded.get("token_order", family.token_orders[0]) if token_order is None else token_order
-    if token_order not in family.token_orders:
-        raise ValueError(
-            f"token_order={token_order!r} is not available for {family.model_class}; choose one of "
-            f"{', '.join(family.token_orders)}"
-        )
-    if dominant is None or contextual is None:
-        raise ValueError(
-            "apply_visionzip needs a budget: pass dominant and contextual (e.g. 54 and 10 for 64 tokens), or use a "
-            "model whose config records one (config.visionzip)"
-        )
-    encoders.resolve_layer(config.vision_config.num_hidden_layers, config.vision_feature_layer)
-    compress.validate_budget(dominant, contextual, encoders.tokens_per_tower_output(config.vision_config))
-    budget = {"dominant": dominant, "contextual": contextual, "eager": bool(eager)}
-    if len(family.token_orders) > 1:
-        budget["token_order"] = token_order
-    return budget
+    given = {"dominant": dominant, "contextual": contextual, **budget}
+    return family.budget.resolve(family, config, recorded, {k: v for k, v in given.items() if v is not None})
 
 
 def remove_visionzip(model: nn.Module, processor=None) -> nn.Module:
@@ -283,6 +305,7 @@ def remove_visionzip(model: nn.Module, processor=None) -> nn.Module:
     family, inner = _inner(model)
     for method in family.overrides:
         inner.__dict__.pop(method, None)
+    inner.__dict__.pop(qwen_vl.ENCODED, None)
     if hasattr(inner.config, "visionzip"):
         del inner.config.visionzip
     if processor is not None:

@@ -19,6 +19,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from visionzip_tune import compress, encoders
 
 ImageSize = tuple[int, int]  # (height, width) of an image as its image processor saw it
+# What a family's token count of one image (video) is a function of: LLaVA families an image's (height, width) (or
+# None for one untiled crop) and a video's frame count; Qwen families the processor's patch grid (t, h, w).
+MediaSize = tuple[int, ...] | int | None
+# A video's placeholder text in a prompt: runs of placeholder tokens (ints, their counts) between texts (str).
+VideoLayout = list[str | int]
 
 # The LLaVA projector's parameter names in the original LLaVA code (``mm_projector.bin``), by their HF name prefix
 # (relative to the inner model): linear_1 and linear_2 are entries 0 and 2 of LLaVA's Sequential(Linear, GELU, Linear).
@@ -34,6 +39,27 @@ def tower_image_side(config) -> int:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """How a family's VisionZip budget is given to ``apply_visionzip``, kept in ``config.visionzip`` and recorded in
+    an export's ``visionzip.json``.
+
+    ``keys``: the keyword arguments of ``apply_visionzip`` (re-applied from an export's record; the first is None
+    there for an export without VisionZip). ``resolve(family, config, recorded, given)``: the new
+    ``config.visionzip`` from the recorded one and the keywords given (None left out), ``ValueError`` naming what
+    is wrong. ``record(family, config, image_processor)``: the export's entries on the budget and on what the token
+    counts depend on (None values without a budget). ``check(record, image_processor)``: problems loading that
+    record for inputs made by ``image_processor`` (None: not known)."""
+
+    keys: tuple[str, ...]
+    resolve: Callable[[Family, object, dict, dict], dict]
+    record: Callable[[Family, object, object], dict]
+    check: Callable[[dict, object], list[str]] = lambda record, image_processor: []
+    optional: tuple[str, ...] = ()  # keys an export may lack: apply_visionzip then keeps its default
+    # Whether the token counts depend on the image processor's settings, which the record then holds (Qwen).
+    uses_image_processor: bool = False
+
+
+@dataclass(frozen=True)
 class Family:
     """How VisionZip plugs into one VLM family. Module paths are attributes of the inner model (``model.model``)."""
 
@@ -41,16 +67,15 @@ class Family:
     model_class: str  # outer class, e.g. LlavaForConditionalGeneration
     model_type: str  # config.model_type
     # Method name on the inner model -> its VisionZip replacement, bound to the instance by apply_visionzip
-    # (get_image_features; get_video_features for families with a video path).
-    overrides: dict[str, Callable[..., BaseModelOutputWithPooling]]
-    stock_tokens: Callable[[object, ImageSize | None], int]  # placeholder tokens per image without VisionZip
-    zipped_tokens: Callable[[object, dict, ImageSize | None], int]  # ... with the budget dict of config.visionzip
+    # (get_image_features; get_video_features for families with a video path; get_rope_index for Qwen positions).
+    overrides: dict[str, Callable[..., object]]
+    stock_tokens: Callable[[object, MediaSize], int]  # placeholder tokens per image without VisionZip
+    zipped_tokens: Callable[[object, dict, MediaSize], int]  # ... with the budget dict of config.visionzip
+    budget: Budget = field(default_factory=lambda: COUNT_BUDGET)
     towers: tuple[str, ...] = ("vision_tower",)  # every vision tower; the first one encodes images
-    projector: tuple[str, ...] = (
-        "multi_modal_projector",
-    )  # the modules projector mode trains (train.projector_modules=all)
-    # Named parts of the projector that train.projector_modules may choose to train alone (e.g. a main merger
-    # without its DeepStack mergers): subset name -> module paths. "all" (the whole projector) is always there.
+    projector: tuple[str, ...] = ("multi_modal_projector",)  # the modules projector mode trains
+    # Named subsets of the projector that projector mode may train instead (config key train.projector_modules);
+    # "all" always means every module of ``projector``.
     projector_subsets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     language_model: str = "language_model"
     # Projector parameter names in the family's original (non-HF) code, by HF name prefix relative to the inner
@@ -63,8 +88,16 @@ class Family:
     # Orders the zipped tokens of one image can be fed in; the first is the default. Only a family with a choice
     # records "token_order" in config.visionzip.
     token_orders: tuple[str, ...] = ("flat",)
-    # Families with a video path: the stock placeholder tokens of a video of T frames.
-    stock_video_tokens: Callable[[object, int], int] | None = None
+    # Families with a video path: the stock placeholder tokens of a video (of its MediaSize), and zipped.
+    stock_video_tokens: Callable[[object, MediaSize], int] | None = None
+    zipped_video_tokens: Callable[[object, dict, MediaSize], int] = lambda config, budget, frames: (
+        frames * (budget["dominant"] + budget["contextual"])
+    )
+    # A video's placeholder text from its size and frame times (seconds); None: one run of all its tokens.
+    video_layout: Callable[[object, MediaSize, list[float]], VideoLayout] | None = None
+    # Inputs the model takes about a video besides its pixels, from its size and frame times (Qwen2.5-VL: seconds
+    # per temporal patch, for positions); None: none.
+    video_timing: Callable[[object, MediaSize, list[float]], dict[str, Tensor]] | None = None
     # Anyres families take (images, crops, 3, S, S) pixel values with each image's (height, width) in image_sizes.
     anyres: bool = False
     # Whether the images of a sample holding several are tiled like a lone image (OneVision feeds them untiled).
@@ -72,13 +105,32 @@ class Family:
     # The side of the square images in ``pixel_values`` (blank inputs for text-only batches are that size): the
     # tower's input size, or Mini-Gemini's high-resolution image, from which its model derives the tower's input.
     image_side: Callable[[object], int] = tower_image_side
+    # Batch keys the image (video) features method takes, and the vision keys the model's forward needs next to
+    # the features it is given (Qwen: the grids and video timing, for positions).
+    image_inputs: tuple[str, ...] = ("pixel_values", "image_sizes", "batch_num_images")
+    video_inputs: tuple[str, ...] = ("pixel_values_videos",)
+    position_inputs: tuple[str, ...] = ()
+    # The batch keys with one row per image and per video (Qwen packs patches: its grids have one).
+    media_rows: tuple[str, str] = ("pixel_values", "pixel_values_videos")
+    # The MediaSize of image (video) ``index`` of an image (video) processor's output for a whole call: the keys
+    # the count functions take.
+    image_size: Callable[[Family, dict, int], MediaSize] = field(default_factory=lambda: processor_image_size)
+    video_size: Callable[[dict, int], MediaSize] = lambda video_inputs, index: len(
+        video_inputs["pixel_values_videos"][index]
+    )
+    # Inputs of one all-zero image (video) laid out as the processor lays out a real one (fp32, CPU), which a batch
+    # without images (videos) encodes so every rank runs the same modules.
+    blank_image: Callable[[object], dict[str, Tensor]] = field(default_factory=lambda: blank_square_image)
+    blank_video: Callable[[object], dict[str, Tensor]] = field(default_factory=lambda: blank_square_video)
+    # Inputs the model needs that follow from the token ids alone (Qwen: mm_token_type_ids), or None.
+    id_inputs: Callable[[object, Tensor], dict[str, Tensor]] | None = None
 
     @property
     def has_video(self) -> bool:
         return self.stock_video_tokens is not None
 
     def projector_paths(self, subset: str = "all") -> tuple[str, ...]:
-        """The module paths of projector subset ``subset``; ``ValueError`` naming the family's choices."""
+        """The projector modules of ``subset`` ("all": every one); ``ValueError`` listing the family's choices."""
         if subset == "all":
             return self.projector
         if subset not in self.projector_subsets:
@@ -177,3 +229,79 @@ def llava_stock_tokens(config, image_size: ImageSize | None = None) -> int:
 def zipped_per_unit(config, budget: dict, image_size: ImageSize | None = None) -> int:
     """K: the tokens every zipped unit (an image, crop or frame) becomes."""
     return budget["dominant"] + budget["contextual"]
+
+
+def processor_image_size(family: Family, image_inputs: dict, index: int) -> MediaSize:
+    """Image ``index``'s MediaSize from an image processor's output: its ``image_sizes`` entry (anyres), None for
+    an untiled crop (OneVision's multi-image samples, ``batch_num_images``) or for a processor that reports none."""
+    sizes = image_inputs.get("image_sizes")
+    if sizes is None:
+        return None
+    tiled = tiled_flags(family, image_inputs.get("batch_num_images"), len(sizes))[index]
+    return tuple(int(v) for v in sizes[index]) if tiled else None
+
+
+def blank_square_image(config) -> dict[str, Tensor]:
+    """One all-zero image of the tower's input size."""
+    size = config.vision_config.image_size
+    return {"pixel_values": torch.zeros(1, 3, size, size)}
+
+
+def blank_square_video(config) -> dict[str, Tensor]:
+    """One video of one all-zero frame of the tower's input size."""
+    size = config.vision_config.image_size
+    return {"pixel_values_videos": torch.zeros(1, 1, 3, size, size)}
+
+
+def resolve_count_budget(family: Family, config, recorded: dict, given: dict) -> dict:
+    """``config.visionzip`` of a budget in tokens per unit (LLaVA families): ``dominant`` + ``contextual`` (checked
+    against the tower's N, from the model's config alone), ``eager`` and, for families with a choice,
+    ``token_order``; unset ones as recorded."""
+    wrong = sorted(set(given) - set(COUNT_BUDGET.keys))
+    if wrong:
+        raise ValueError(
+            f"{family.model_class} takes a VisionZip budget in tokens per image (dominant, contextual; e.g. 54 and "
+            f"10 for 64), not {', '.join(wrong)}"
+        )
+    dominant = given.get("dominant", recorded.get("dominant"))
+    contextual = given.get("contextual", recorded.get("contextual"))
+    eager = bool(given.get("eager", recorded.get("eager", False)))
+    token_order = given.get("token_order", recorded.get("token_order", family.token_orders[0]))
+    if token_order not in family.token_orders:
+        raise ValueError(
+            f"token_order={token_order!r} is not available for {family.model_class}; choose one of "
+            f"{', '.join(family.token_orders)}"
+        )
+    if dominant is None or contextual is None:
+        raise ValueError(
+            "apply_visionzip needs a budget: pass dominant and contextual (e.g. 54 and 10 for 64 tokens), or use a "
+            "model whose config records one (config.visionzip)"
+        )
+    encoders.resolve_layer(config.vision_config.num_hidden_layers, config.vision_feature_layer)
+    compress.validate_budget(dominant, contextual, encoders.tokens_per_tower_output(config.vision_config))
+    budget = {"dominant": dominant, "contextual": contextual, "eager": eager}
+    if len(family.token_orders) > 1:
+        budget["token_order"] = token_order
+    return budget
+
+
+def count_budget_record(family: Family, config, image_processor=None) -> dict:
+    """``visionzip.json`` entries of a budget in tokens per unit (None where no budget is set) and the tokens one
+    untiled image becomes."""
+    budget = getattr(config, "visionzip", None) or {}
+    return {
+        "dominant": budget.get("dominant"),
+        "contextual": budget.get("contextual"),
+        "eager": bool(budget.get("eager", False)),
+        "layer": config.vision_feature_layer,
+        "tokens_per_image": family.zipped_tokens(config, budget, None) if budget else family.stock_tokens(config, None),
+        "token_order": budget.get("token_order", "flat"),
+    }
+
+
+COUNT_BUDGET = Budget(
+    ("dominant", "contextual", "eager", "token_order"),
+    resolve_count_budget,
+    count_budget_record,
+    optional=("eager", "token_order"),
+)

@@ -134,6 +134,13 @@ def anyres_stock_tokens(config, image_size: ImageSize | None = None, max_crops: 
     return llava_stock_tokens(config) + grid_h * grid_w + grid_h
 
 
+def blank_anyres_image(config) -> dict[str, Tensor]:
+    """One all-zero image of one crop's size, as an anyres processor lays it out: every crop, and its size."""
+    size = config.vision_config.image_size
+    crops = crop_count(config, (size, size))
+    return {"pixel_values": torch.zeros(1, crops, 3, size, size), "image_sizes": torch.tensor([[size, size]])}
+
+
 def anyres_zipped_tokens(config, budget: dict, image_size: ImageSize | None = None) -> int:
     """Every crop zipped to K tokens; ``image_size=None`` is an untiled image (one crop)."""
     crops = 1 if image_size is None else crop_count(config, image_size)
@@ -149,4 +156,5 @@ FAMILY = Family(
     zipped_tokens=anyres_zipped_tokens,
     token_orders=("flat", "grid"),
     anyres=True,
+    blank_image=blank_anyres_image,
 )

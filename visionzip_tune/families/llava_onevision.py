@@ -15,7 +15,13 @@ from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_tune.families.base import Family, ImageSize, per_frame_video_features, tiled_flags
-from visionzip_tune.families.llava_next import anyres_stock_tokens, anyres_zipped_tokens, crop_count, zip_crops
+from visionzip_tune.families.llava_next import (
+    anyres_stock_tokens,
+    anyres_zipped_tokens,
+    blank_anyres_image,
+    crop_count,
+    zip_crops,
+)
 
 
 def get_image_features(
@@ -63,4 +69,5 @@ FAMILY = Family(
     stock_video_tokens=stock_video_tokens,
     anyres=True,
     tiles_every_image=False,
+    blank_image=blank_anyres_image,
 )

@@ -82,6 +82,12 @@ def high_resolution_side(config) -> int:
     return config.image_size_aux
 
 
+def blank_high_resolution_image(config) -> dict[str, Tensor]:
+    """One all-zero high-resolution image: what a text-only batch encodes (the model derives the tower's views)."""
+    side = high_resolution_side(config)
+    return {"pixel_values": torch.zeros(1, 3, side, side)}
+
+
 FAMILY = Family(
     name="mini_gemini",
     model_class="MiniGeminiForConditionalGeneration",
@@ -95,4 +101,5 @@ FAMILY = Family(
     original_projector_names=MGM_PROJECTOR_NAMES,
     original_projector_index=True,
     image_side=high_resolution_side,
+    blank_image=blank_high_resolution_image,
 )
