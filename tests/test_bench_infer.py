@@ -87,7 +87,7 @@ def test_instrumentation_marks_each_stage_and_restores_the_model(eval_assets):
     "args, message",
     [
         ([], "give an image (--image FILE) and/or a video"),
-        (["--image", "x.png", "--budgets", "1+"], "'1+' is neither DOMINANT+CONTEXTUAL nor a token total"),
+        (["--image", "x.png", "--budgets", "1+"], "'1+' is neither DOMINANT+CONTEXTUAL, a token total"),
         (["--image", "missing.png"], "--image: missing image missing.png"),
     ],
 )
@@ -106,7 +106,7 @@ def test_switcher_moves_one_model_between_stock_budgets_and_the_tuned_projector(
 
     switch.to(Variant("tuned", None, tuned=True))
     assert model.config.visionzip["dominant"] == 6 and not same_projector()
-    switch.to(Variant("3+1", (3, 1)))
+    switch.to(Variant("3+1", {"dominant": 3, "contextual": 1}))
     assert (model.config.visionzip["dominant"], model.config.visionzip["contextual"]) == (3, 1) and same_projector()
     switch.to(Variant("stock", None))
     assert getattr(model.config, "visionzip", None) is None and same_projector()

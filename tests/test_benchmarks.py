@@ -10,6 +10,8 @@ from conftest import cli_error, lmms_eval_or_skip
 
 from visionzip_tune.__main__ import main as cli
 from visionzip_tune.benchmarks import Run, percent_table
+from visionzip_tune.config import TinySpec
+from visionzip_tune.tiny import save_tiny
 from visionzip_tune.variants import parse_budgets
 
 lmms_eval_or_skip()
@@ -30,7 +32,12 @@ def test_percent_table_is_each_score_and_the_average_as_a_share_of_stock():
 
 
 def test_budgets_are_d_plus_c_or_totals_split_as_in_the_paper():
-    assert parse_budgets("54+10, 128,192") == [(54, 10), (108, 20), (162, 30)]
+    assert parse_budgets("54+10, 128,192") == [
+        {"dominant": 54, "contextual": 10},
+        {"dominant": 108, "contextual": 20},
+        {"dominant": 162, "contextual": 30},
+    ]
+    assert parse_budgets("0.45+0.05") == [{"dominant_ratio": 0.45, "contextual_ratio": 0.05}]
 
 
 def test_eval_runs_stock_budgets_and_the_tuned_export(eval_assets, tmp_path, capsys):
@@ -59,6 +66,33 @@ def test_eval_runs_stock_budgets_and_the_tuned_export(eval_assets, tmp_path, cap
     assert "| VisionZip‡ 6+2 (tuned) | 8 |" in table and table in capsys.readouterr().out + "\n"
 
 
+def test_qwen_budgets_are_ratios_and_its_tokens_a_share_of_each_image(eval_assets, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from visionzip_tune.export import export_projector
+    from visionzip_tune.families import apply_visionzip
+    from visionzip_tune.processing import load_processing
+
+    demo = eval_assets[2]
+    spec = TinySpec(family="qwen2_5_vl", image_size=112, vision_hidden=32, vision_layers=3, text_hidden=32)
+    base = save_tiny(tmp_path / "qwen", spec)
+    model = apply_visionzip(AutoModelForImageTextToText.from_pretrained(base), dominant_ratio=0.3, contextual_ratio=0.1)
+    export = export_projector(
+        model,
+        tmp_path / "export",
+        metadata={"base_model": str(base)},
+        image_processor=load_processing(base).image_processor,
+    )
+    out = tmp_path / "eval"
+    argv = ["eval", "--projector", str(export), "--budgets", "0.2+0.05", "--held-out", str(demo.eval), "--limit", "3"]
+    assert cli([*argv, "--image-folder", str(demo.images), "--output-dir", str(out)]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["label"] for r in runs] == ["stock", "VisionZip 0.2+0.05", "VisionZip‡ 0.3+0.1 (tuned)"]
+    assert [r["vision_tokens"] for r in runs] == ["100%", "25%", "40%"]
+    assert [r["budget"] and r["budget"]["dominant_ratio"] for r in runs] == [None, 0.2, 0.3]
+    assert all(set(r["scores"]) == {"heldout_gen", "heldout_mc"} for r in runs)
+
+
 def test_a_failure_inside_lmms_eval_is_a_user_error_with_its_traceback_logged(eval_assets, tmp_path, capsys):
     model_dir, _, demo = eval_assets
     tasks = tmp_path / "tasks"
@@ -79,7 +113,7 @@ def test_a_failure_inside_lmms_eval_is_a_user_error_with_its_traceback_logged(ev
     "args, message",
     [
         (["--tasks", "gqa_typo"], "lmms-eval knows no task gqa_typo (close: gqa"),
-        (["--tasks", "gqa", "--budgets", "54-10"], "'54-10' is neither DOMINANT+CONTEXTUAL nor a token total"),
+        (["--tasks", "gqa", "--budgets", "54-10"], "'54-10' is neither DOMINANT+CONTEXTUAL, a token total"),
         (["--held-out", "x.json"], "--held-out needs --image-folder"),
         ([], "give lmms-eval tasks (--tasks gqa,pope,...) and/or a held-out JSON"),
         (["--tasks", "gqa", "--metric", "pope"], "--metric 'pope': give TASK=METRIC"),

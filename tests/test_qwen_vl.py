@@ -24,7 +24,9 @@ from visionzip_tune.config import TrainConfig, VisionZipConfig
 from visionzip_tune.errors import UserError
 from visionzip_tune.families.forward import forward_with_vision
 from visionzip_tune.families.qwen_positions import token_types
+from visionzip_tune.stage_timer import Clock, instrumented
 from visionzip_tune.tiny import TinySpec, build_tiny
+from visionzip_tune.variants import Switcher, Variant, parse_budgets, plan
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 GEOMETRY = dict(
@@ -397,6 +399,32 @@ def test_generate_equals_greedy_reforwarding_with_cache_and_beams(family):
     assert beams.shape == (3, ids.shape[1] + 3) and torch.equal(beams[:, : ids.shape[1]], ids)
 
 
+def test_stage_timer_counts_the_encoding_at_positions_time_as_vision():
+    """generate() computes positions, which encode the media, before the features calls: bench-infer's vision
+    stage must hold every tower and merger span, or its VisionZip time (vision - tower - projector) is wrong."""
+    model, tokenizer, media, rows = _media("qwen2_5_vl")
+    ids, mask = _left_pad([row.zipped for row in rows], tokenizer.pad_token_id)
+    with instrumented(model, Clock(torch.device("cpu"))) as marks, torch.no_grad():
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            mm_token_type_ids=token_types(model.config, ids),
+            **media,
+            max_new_tokens=2,
+            do_sample=False,
+            suppress_tokens=[model.config.image_token_id, model.config.video_token_id],
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    assert len(marks.spans["tower"]) == len(marks.spans["projector"]) == 2  # the images, then the video
+
+    def inside_vision(span) -> bool:
+        return any(start <= span[0] and span[1] <= end for start, end in marks.spans["vision"])
+
+    assert all(inside_vision(span) for span in marks.spans["tower"] + marks.spans["projector"])
+    assert "get_rope_index" in model.model.__dict__  # VisionZip's positions again, unwrapped
+    assert not hasattr(model.model.__dict__["get_rope_index"], "__wrapped__")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training: what trains, the data path
 
@@ -562,6 +590,26 @@ def test_export_round_trip_records_the_budget_and_refuses_other_pixel_bounds(fam
     other = type(image_processor)(**{**image_processor.to_dict(), "max_pixels": 84 * 84})
     with pytest.raises(UserError, match=r"max_pixels is 7056 in the image processor given but 12544 in the export"):
         load_projector(AutoModelForImageTextToText.from_pretrained(base), out, image_processor=other)
+
+    # eval / bench-infer compare stock, the recorded ratios training-free, and the tuned export on one model
+    variants = plan(None, record)
+    assert [v.label for v in variants] == ["stock", "VisionZip 0.3+0.1", "VisionZip‡ 0.3+0.1 (tuned)"]
+    shared = AutoModelForImageTextToText.from_pretrained(base).eval()
+    switch = Switcher(shared, str(out), record)
+    switch.to(variants[2])
+    assert shared.config.visionzip == model.config.visionzip
+    switch.to(Variant("0.45+0.05", parse_budgets("0.45+0.05")[0]))
+    assert shared.config.visionzip == {
+        "dominant_ratio": 0.45,
+        "contextual_ratio": 0.05,
+        "merge_space": "post",  # the default, not the tuned run's "pre"
+        "score_layer": GEOMETRY["vision_layers"] - 1,
+    }
+    switch.to(variants[1])
+    assert shared.config.visionzip == model.config.visionzip
+    assert all(
+        torch.equal(p, stock) for p, stock in zip(families.projector_parameters(shared).values(), switch.stock.values())
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

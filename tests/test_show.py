@@ -15,6 +15,7 @@ from visionzip_tune.data.images import MediaTransform
 from visionzip_tune.encoders import resolve_layer
 from visionzip_tune.families import vision_tower
 from visionzip_tune.families.base import zip_tower
+from visionzip_tune.modeling_mini_gemini import low_resolution_views
 from visionzip_tune.show import GAP, HEADER, Layout, outlined
 from visionzip_tune.tiny import TinySpec, save_tiny
 
@@ -104,6 +105,28 @@ def test_video_frames_are_drawn_one_per_row_after_the_image(tmp_path):
     by_frame = reference_visionzip(model.model.video_tower, video, -2, 5, 2).dominant
     expected = expected_patches(model_dir, picture, 5, 2) + [[p - 1 for p in kept if p > 0] for kept in by_frame]
     assert outlined(image, Layout(SIDE, CELL), 4) == expected
+
+
+def test_mini_gemini_draws_the_low_resolution_view_clip_saw(tmp_path):
+    model_dir = save_tiny(tmp_path / "tiny-mgm", TinySpec(family="mini_gemini", image_size=56, vision_layers=2))
+    rng = np.random.default_rng(3)
+    picture = Image.fromarray(rng.integers(0, 255, (60, 50, 3), dtype=np.uint8))
+    picture.save(tmp_path / "picture.png")
+    image = show(model_dir, tmp_path / "picture.png", tmp_path / "kept.png", "--dominant", "5", "--contextual", "2")
+    model = load_vlm(str(model_dir))
+    high = MediaTransform(load_model_processing(str(model_dir)).image_processor).images([picture])[0]["pixel_values"]
+    views = low_resolution_views(high, model.config)  # selection reads CLIP's CLS attention; mining comes after
+    kept = reference_visionzip(model.model.vision_tower, views, model.config.vision_feature_layer, 5, 2).dominant
+    assert outlined(image, Layout(SIDE, CELL), 1) == [[p - 1 for p in kept[0] if p > 0]]
+
+
+def test_qwen_is_refused_with_what_to_use_instead(tmp_path, capsys):
+    spec = TinySpec(family="qwen2_5_vl", image_size=112, vision_hidden=32, vision_layers=2, text_hidden=32)
+    model_dir = save_tiny(tmp_path / "tiny-qwen", spec)
+    Image.new("RGB", (56, 56)).save(tmp_path / "x.png")
+    argv = ["show", "--model", str(model_dir), "--image", str(tmp_path / "x.png"), "--output", str(tmp_path / "k.png")]
+    assert "does not draw yet. Time or score Qwen budgets with bench-infer or eval" in cli_error(argv, capsys)
+    assert not (tmp_path / "k.png").exists()
 
 
 def test_show_needs_a_budget(eval_assets, tmp_path, capsys):

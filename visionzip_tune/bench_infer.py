@@ -116,12 +116,12 @@ def timed_rounds(variants: list[Variant], switch: Switcher, prompter: Prompter, 
     for _ in range(args.warmup):
         for variant in variants:
             one(variant)
-    samples: dict[Variant, list[dict]] = {variant: [] for variant in variants}
+    samples: dict[str, list[dict]] = {variant.label: [] for variant in variants}  # labels are unique
     started = time.perf_counter()
     for round_ in range(args.repeats):
         shift = round_ % len(variants)
         for variant in variants[shift:] + variants[:shift]:
-            samples[variant].append(one(variant))
+            samples[variant.label].append(one(variant))
         left = args.repeats - round_ - 1
         eta = f"; ETA {(time.perf_counter() - started) / (round_ + 1) * left:.0f} s" if left else ""
         print(f"[bench-infer] round {round_ + 1}/{args.repeats}{eta}", file=sys.stderr, flush=True)
@@ -209,8 +209,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--video", metavar="FILE_OR_DIR", help="video file or directory of frames (video families)")
     parser.add_argument(
         "--budgets",
-        help="comma-separated budgets, DOMINANT+CONTEXTUAL or a token total split as the paper does, e.g. 64,128,192 "
-        "(default: the export's budget; none without --projector)",
+        help="comma-separated budgets, DOMINANT+CONTEXTUAL or a token total split as the paper does, e.g. 64,128,192; "
+        "Qwen: ratios of each image's tokens, e.g. 0.45+0.05 (default: the export's budget; none without --projector)",
     )
     parser.add_argument("--prompt", default="Describe the image in detail.", help="the question asked")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per measurement (default 16)")
@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for variant in variants:
         switch.to(variant)
-        peak = max(s["peak"] for s in samples[variant]) if model.device.type == "cuda" else None
-        rows.append(summary(variant, model, prompter, images, frames, samples[variant], peak, args))
+        peak = max(s["peak"] for s in samples[variant.label]) if model.device.type == "cuda" else None
+        rows.append(summary(variant, model, prompter, images, frames, samples[variant.label], peak, args))
     add_ratios(rows)
     device = str(model.device)
     report = {

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from visionzip_tune.errors import UserError
-from visionzip_tune.families import tokens_per_image
+from visionzip_tune.families import family_of, tokens_per_image
 from visionzip_tune.lmms_tasks import write_choice_tasks
 from visionzip_tune.variants import add_model_arguments, check_model_arguments, parse_budgets, plan, prepared
 
@@ -58,10 +58,19 @@ class Run:
     label: str
     tuned: bool
     budget: dict | None  # the model's config.visionzip while it ran; None: stock tokens
-    vision_tokens: int | None = None  # per (untiled) image, fed to the LLM
+    vision_tokens: int | str | None = None  # per (untiled) image, fed to the LLM (Qwen: a share, see vision_tokens)
     seconds: float | None = None
     scores: dict[str, float] = field(default_factory=dict)  # task -> the table's metric
     lmms_eval: dict[str, Any] = field(default_factory=dict)  # task -> lmms-eval's result entry
+
+
+def vision_tokens(config) -> int | str:
+    """The tokens the LLM gets per (untiled) image: a count; for Qwen, whose count follows each image's size, the
+    share of the image's merged tokens the budget keeps ("50%"; "100%" stock)."""
+    if "dominant_ratio" not in family_of(config).budget.keys:
+        return tokens_per_image(config)
+    budget = getattr(config, "visionzip", None)
+    return f"{budget['dominant_ratio'] + budget['contextual_ratio']:.0%}" if budget else "100%"
 
 
 def parse_metrics(items: list[str]) -> dict[str, str]:
@@ -166,7 +175,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--budgets",
         help="comma-separated training-free budgets, DOMINANT+CONTEXTUAL or a token total split as the paper does, "
-        "e.g. 54+10,108+20 or 64,128,192 (default: the export's budget; none without --projector)",
+        "e.g. 54+10,108+20 or 64,128,192; Qwen: ratios of each image's tokens, e.g. 0.45+0.05 (default: the export's "
+        "budget; none without --projector)",
     )
     parser.add_argument("--include-path", action="append", default=[], help="folder of extra task YAMLs (repeatable)")
     parser.add_argument(
@@ -227,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for k, (variant, model, prompter) in enumerate(prepared(variants, args, record)):
         run = Run(variant.label, variant.tuned, dict(getattr(model.config, "visionzip", None) or {}) or None)
-        run.vision_tokens = tokens_per_image(model.config)
+        run.vision_tokens = vision_tokens(model.config)
         template = prompter.templater.template
         print(
             f"[eval] run {k + 1}/{len(variants)}: {run.label} ({run.vision_tokens} vision tokens per image)", flush=True

@@ -27,7 +27,7 @@ from visionzip_tune.compress import DOMINANT, DROPPED
 from visionzip_tune.data.images import open_image
 from visionzip_tune.data.validate import BadSample
 from visionzip_tune.errors import UserError
-from visionzip_tune.families import recorded_zips
+from visionzip_tune.families import family_of, recorded_zips
 from visionzip_tune.generate import load_model
 from visionzip_tune.prompts import video_frames_of
 from visionzip_tune.variants import add_model_arguments, check_model_arguments, prompter_for
@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     model, processing, _ = load_model(
         args.model, args.projector, args.dominant, args.contextual, dtype=args.dtype, device=args.device
     )
+    if "dominant_ratio" in family_of(model.config).budget.keys:
+        raise UserError(
+            f"show draws square patch grids of CLIP / SigLIP towers; {type(model).__name__} zips merged 2 x 2 patch "
+            "groups on each image's own grid, which it does not draw yet. Time or score Qwen budgets with "
+            "bench-infer or eval."
+        )
     if getattr(model.config, "visionzip", None) is None:
         raise UserError(
             "no VisionZip budget to show: give --dominant and --contextual (e.g. 54 and 10), or a projector export "

@@ -4,9 +4,9 @@ on the device's timeline while ``model.generate`` runs, nothing is re-implemente
 Stages (each call's span; a stage called several times, e.g. image and video, is summed):
 
 * ``vision``: the inner model's ``get_image_features`` / ``get_video_features`` (stock or VisionZip override):
-  tower + VisionZip + projector;
-* ``tower``: each vision tower from its embeddings to the last encoder layer it runs (stock runs them all;
-  VisionZip stops at the feature layer);
+  tower + VisionZip + projector; with VisionZip on Qwen also ``get_rope_index``, which encodes the media first;
+* ``tower``: each vision tower from its embeddings to the last layer it runs (stock runs them all; VisionZip
+  stops at the feature layer; Qwen's merger is the projector's);
 * ``projector``: the projector modules;
 * ``llm``: every language-model call, the first being the prefill and the others one decode step each;
 * ``head``: the end of every LM-head call, i.e. the moment each new token's logits exist.
@@ -28,6 +28,9 @@ from torch import nn
 from visionzip_tune.families import language_model, projector_modules, unwrap_peft, vision_towers
 
 FEATURE_METHODS = ("get_image_features", "get_video_features")
+# VisionZip on Qwen encodes the media when generate() computes the positions, and the features calls then reuse
+# what it kept: where that override is installed, its call belongs to the vision stage (position bookkeeping too).
+ENCODING_METHODS = ("get_rope_index",)
 
 
 class Clock:
@@ -82,6 +85,16 @@ def _timed(method, marks: Marks):
     return timed
 
 
+def _tower_parts(tower: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
+    """The module a tower's pass starts with and the layers it runs: CLIP / SigLIP embeddings and encoder layers,
+    Qwen's patch embedding and blocks (its merger, the projector, is timed as such), ConvNeXt's (Mini-Gemini's
+    high-resolution tower) embeddings and stages."""
+    if hasattr(tower, "patch_embed"):
+        return tower.patch_embed, list(tower.blocks)
+    encoder = tower.encoder
+    return tower.embeddings, list(encoder.layers if hasattr(encoder, "layers") else encoder.stages)
+
+
 @contextlib.contextmanager
 def instrumented(model: nn.Module, clock: Clock) -> Iterator[Marks]:
     """Hooks on ``model``'s stages for the duration of the block, marking into the yielded :class:`Marks`; every
@@ -94,10 +107,11 @@ def instrumented(model: nn.Module, clock: Clock) -> Iterator[Marks]:
         handles.append(module.register_forward_hook(lambda *_: marks.close(stage)))
 
     for tower in vision_towers(model):
-        # The tower's own forward is bypassed by VisionZip's early stop, so its span runs from the embeddings to
-        # whichever encoder layer finishes last.
-        handles.append(tower.embeddings.register_forward_pre_hook(lambda *_: marks.open("tower")))
-        for layer in tower.encoder.layers:
+        # The tower's own forward is bypassed by VisionZip's early stop, so its span runs from its first module to
+        # whichever of its layers finishes last.
+        first, layers = _tower_parts(tower)
+        handles.append(first.register_forward_pre_hook(lambda *_: marks.open("tower")))
+        for layer in layers:
             handles.append(layer.register_forward_hook(lambda *_: marks.close("tower")))
     for module in projector_modules(model).values():
         span(module, "projector")
@@ -106,7 +120,9 @@ def instrumented(model: nn.Module, clock: Clock) -> Iterator[Marks]:
         unwrap_peft(model).get_output_embeddings().register_forward_hook(lambda *_: marks.head.append(clock.mark()))
     )
     inner = unwrap_peft(model).model
-    overridden = {name: inner.__dict__.get(name) for name in FEATURE_METHODS if hasattr(inner, name)}
+    names = [name for name in FEATURE_METHODS if hasattr(inner, name)]
+    names += [name for name in ENCODING_METHODS if name in inner.__dict__]
+    overridden = {name: inner.__dict__.get(name) for name in names}
     for name in overridden:
         inner.__dict__[name] = _timed(getattr(inner, name), marks)
     try:

@@ -18,7 +18,7 @@ import torch
 
 from visionzip_tune.data.config import IMAGE_ASPECTS, TEMPLATES
 from visionzip_tune.errors import UserError
-from visionzip_tune.export import load_projector, read_export
+from visionzip_tune.export import load_projector, read_export, recorded_budget
 from visionzip_tune.families import apply_visionzip, projector_parameters, remove_visionzip
 from visionzip_tune.generate import DTYPES, load_model
 from visionzip_tune.prompts import Prompter
@@ -30,42 +30,59 @@ PAPER_CONTEXTUAL_SHARE = 10 / 64
 @dataclass(frozen=True)
 class Variant:
     label: str
-    budget: tuple[int, int] | None  # (dominant, contextual) applied training-free; None: stock or tuned
+    budget: dict | None  # apply_visionzip's budget keywords, applied training-free; None: stock or tuned
     tuned: bool = False  # the export's projector and budget
 
 
-def parse_budgets(text: str | None, flag: str = "--budgets") -> list[tuple[int, int]]:
-    """``"54+10,128"`` -> ``[(54, 10), (108, 20)]``: ``DOMINANT+CONTEXTUAL``, or a total split as the paper splits
-    its budgets (``contextual = round(total * 10 / 64)``). :class:`UserError` naming a malformed entry."""
+def budget_label(budget: dict) -> str:
+    """``54+10`` for a budget in tokens, ``0.45+0.05`` for a Qwen budget in ratios of each image's tokens."""
+    if "dominant" in budget:
+        return f"{budget['dominant']}+{budget['contextual']}"
+    return f"{budget['dominant_ratio']}+{budget['contextual_ratio']}"
+
+
+def parse_budgets(text: str | None, flag: str = "--budgets") -> list[dict]:
+    """``"54+10,128"`` -> the budgets 54 + 10 and 108 + 20: ``DOMINANT+CONTEXTUAL``, or a total split as the paper
+    splits its budgets (``contextual = round(total * 10 / 64)``); ``"0.45+0.05"``: ratios of each image's merged
+    tokens (Qwen). :class:`UserError` naming a malformed entry."""
     budgets = []
     for item in (text or "").split(","):
         item = item.strip()
         if not item:
             continue
-        dominant, plus, contextual = item.partition("+")
-        if plus and dominant.strip().isdigit() and contextual.strip().isdigit():
-            budgets.append((int(dominant), int(contextual)))
+        dominant, plus, contextual = (part.strip() for part in item.partition("+"))
+        if plus and dominant.isdigit() and contextual.isdigit():
+            budgets.append({"dominant": int(dominant), "contextual": int(contextual)})
+        elif plus and _is_ratio(dominant) and _is_ratio(contextual):
+            budgets.append({"dominant_ratio": float(dominant), "contextual_ratio": float(contextual)})
         elif not plus and item.isdigit() and int(item) >= 2:
-            contextual = round(int(item) * PAPER_CONTEXTUAL_SHARE)
-            budgets.append((int(item) - contextual, contextual))
+            share = round(int(item) * PAPER_CONTEXTUAL_SHARE)
+            budgets.append({"dominant": int(item) - share, "contextual": share})
         else:
             raise UserError(
-                f"{flag}: {item!r} is neither DOMINANT+CONTEXTUAL nor a token total >= 2; give e.g. {flag} "
-                "54+10,108+20 or 64,128 (split 54+10, 108+20 as in the paper)"
+                f"{flag}: {item!r} is neither DOMINANT+CONTEXTUAL, a token total >= 2, nor two ratios (Qwen); give "
+                f"e.g. {flag} 54+10,108+20 or 64,128 (split 54+10, 108+20 as in the paper), or 0.45+0.05"
             )
     return budgets
 
 
-def plan(budgets: list[tuple[int, int]] | None, record: dict | None) -> list[Variant]:
+def _is_ratio(text: str) -> bool:
+    try:
+        return "." in text and 0 <= float(text) <= 1
+    except ValueError:
+        return False
+
+
+def plan(budgets: list[dict] | None, record: dict | None) -> list[Variant]:
     """Stock, each training-free budget (``None``: the export's budget, or none without an export), then the tuned
     projector when there is an export (``record``: its visionzip.json)."""
-    zipped = record is not None and record.get("dominant") is not None
+    recorded = recorded_budget(record) if record is not None else None
     if budgets is None:
-        budgets = [(record["dominant"], record["contextual"])] if zipped else []
-    variants = [Variant("stock", None)] + [Variant(f"VisionZip {d}+{c}", (d, c)) for d, c in budgets]
+        budgets = [recorded] if recorded is not None else []
+    variants = [Variant("stock", None)] + [Variant(f"VisionZip {budget_label(b)}", b) for b in budgets]
     if record is not None:
-        budget = f"VisionZip‡ {record['dominant']}+{record['contextual']}" if zipped else "stock tokens"
-        variants.append(Variant(f"{budget} (tuned)", None, tuned=True))
+        tuned = f"VisionZip‡ {budget_label(recorded)}" if recorded is not None else "stock tokens"
+        variants.append(Variant(f"{tuned} (tuned)", None, tuned=True))
     return variants
 
 
@@ -133,13 +150,12 @@ class Switcher:
         with torch.no_grad():
             for name, param in projector_parameters(self.model).items():
                 param.copy_(self.stock[name])
-        if variant.budget is None:
-            remove_visionzip(self.model)
-        else:
+        remove_visionzip(self.model)  # so the budget's left-out keys take their defaults, not the last run's
+        if variant.budget is not None:
             try:
-                apply_visionzip(self.model, *variant.budget)
+                apply_visionzip(self.model, **variant.budget)
             except ValueError as err:
-                raise UserError(f"budget {variant.budget[0]}+{variant.budget[1]}: {err}") from None
+                raise UserError(f"budget {budget_label(variant.budget)}: {err}") from None
 
 
 def prepared(variants: list[Variant], args, record: dict | None) -> Iterator[tuple[Variant, object, Prompter]]:

@@ -185,7 +185,7 @@ RECORDER = "_visionzip_recorded"
 def zip_units(inner: nn.Module, tower: nn.Module, pixel_values: Tensor, vision_feature_layer: int | None):
     """:func:`zip_tower` at the inner model's feature layer and budget, read from its config at every call, without
     autograd (frozen tower). B counts whatever the family zips independently (images, crops, frames). The call is
-    recorded as :class:`ZippedUnits` while ``families.recorded_zips`` is active."""
+    recorded while ``families.recorded_zips`` is active (:func:`record_zip`)."""
     budget = inner.config.visionzip
     layer = inner.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
     layer_index = encoders.resolve_layer(len(tower.encoder.layers), layer)
@@ -194,10 +194,16 @@ def zip_units(inner: nn.Module, tower: nn.Module, pixel_values: Tensor, vision_f
         result = zip_tower(
             tower, pixel_values, layer_index, budget["dominant"], budget["contextual"], eager=budget["eager"]
         )
+    record_zip(inner, result, lambda: pixel_values)
+    return result
+
+
+def record_zip(inner: nn.Module, result: compress.ZipResult, pixel_values: Callable[[], Tensor]) -> None:
+    """Append a zip to the inner model's recording while ``families.recorded_zips`` is active; ``pixel_values``
+    gives the units the tower saw, (B, 3, S, S), and is only called then."""
     recorded = inner.__dict__.get(RECORDER)
     if recorded is not None:
-        recorded.append(ZippedUnits(pixel_values, result))
-    return result
+        recorded.append(ZippedUnits(pixel_values(), result))
 
 
 def per_frame_video_features(tower: str) -> Callable[..., BaseModelOutputWithPooling]:

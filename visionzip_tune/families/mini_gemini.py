@@ -23,10 +23,11 @@ from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_tune import compress
-from visionzip_tune.families.base import Family, zip_layer
+from visionzip_tune.families.base import Family, record_zip, zip_layer
 from visionzip_tune.modeling_mini_gemini import (
     MINING_MODULES,
     MinedViews,
+    low_resolution_views,
     mine_views,
     per_image,
     stock_tokens_per_image,
@@ -73,6 +74,7 @@ def get_image_features(
     budget = self.config.visionzip
     mined = mine_views(self, pixel_values, vision_feature_layer, eager=budget["eager"])
     zipped = zip_mined_views(mined, budget["dominant"], budget["contextual"])
+    record_zip(self, zipped, lambda: low_resolution_views(pixel_values, self.config))  # the views CLIP saw
     tokens = per_image(zipped.tokens, pixel_values.shape[0])
     return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=list(self.multi_modal_projector(tokens)))
 
