@@ -182,7 +182,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(train_assets
     assert not (out / "export").exists()
 
 
-def test_resume_continues_the_same_run(train_assets, tmp_path):
+def test_resume_continues_the_same_run(train_assets, tmp_path, capsys):
     """A run stopped after its step-2 checkpoint and started again ends with the uninterrupted run's projector."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     args = ("train.max_steps=4", "train.save_every=2", "train.eval_every=2")
@@ -196,7 +196,10 @@ def test_resume_continues_the_same_run(train_assets, tmp_path):
     (cut / "checkpoints" / "latest").write_text("step-000002\n")
     with open(cut / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 5, "lo')  # a line cut short by the kill
+    capsys.readouterr()
     run(train_assets, cut, *args)
+    evals = records(cut, "eval")  # the summary spans the whole run, not only the resumed process
+    assert f"held-out accuracy {evals[0]['accuracy']:.3f} (step 0) -> " in capsys.readouterr().out
     a = load_file(whole / "checkpoints" / "step-000004" / "trainable.safetensors")
     b = load_file(cut / "checkpoints" / "step-000004" / "trainable.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

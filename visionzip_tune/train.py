@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,17 +82,26 @@ def main(argv: list[str] | None = None) -> int:
         preemption.die_with_parent()
     dist = init_distributed()
     try:
-        train(cfg, dist, recipe=args.recipe, stop=stop)
+        status = _train_until_done_or_stopped(cfg, dist, args.recipe, stop)
+        # Leave together, before the group goes: a rank that tears gloo down while a peer still works (rank 0 plots
+        # and prints the summary alone) can abort in the teardown. Not after an error: the other ranks may be inside
+        # another collective, where a barrier would hang them.
+        barrier()
+    finally:
+        cleanup_distributed()
+    return status
+
+
+def _train_until_done_or_stopped(cfg: Config, dist: Dist, recipe: str | None, stop: preemption.StopRequest) -> int:
+    """:func:`train`, and its exit status: 0 done, :data:`preemption.EXIT_INTERRUPTED` stopped by a signal."""
+    try:
+        train(cfg, dist, recipe=recipe, stop=stop)
     except preemption.Interrupted as interrupted:
         print0(
             f"[train] stopped by {interrupted.signal_name} after step {interrupted.step}; checkpoint "
             f"{interrupted.checkpoint}. Run the same command again to resume."
         )
-        barrier()
         return preemption.EXIT_INTERRUPTED
-    finally:
-        cleanup_distributed()  # after an error no barrier: the other ranks may be inside another collective
-    barrier()  # leave together: a rank exiting while a peer still talks to it can abort in gloo's teardown
     return 0
 
 
@@ -241,7 +250,6 @@ class Run:
     data_state: dict | None = None
     resumed: bool = False
     stop_signal: str | None = None  # set when any rank got a stop signal: stop after this step
-    evaluations: list[dict] = field(default_factory=list)  # this process's held-out results, in order
 
     def eval_due(self, step: int) -> bool:
         """Evaluate before training and every ``train.eval_every`` steps; the final evaluation runs after the loop."""
@@ -260,9 +268,7 @@ class Run:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-        record = {"kind": "eval", "step": self.step, **result}
-        self.evaluations.append(record)
-        return record
+        return {"kind": "eval", "step": self.step, **result}
 
     def save_due(self) -> bool:
         every = self.cfg.train.save_every
@@ -431,11 +437,13 @@ def setup(cfg: Config, dist: Dist, stop: preemption.StopRequest | None = None) -
 def summary(run: Run, export: Path | None) -> list[str]:
     """What a newcomer wants at the end of a run: what it achieved, where it is, and what to try next with it."""
     lines = []
-    if run.evaluations:
-        first, last = run.evaluations[0], run.evaluations[-1]
+    # From the file, not this process: a resumed run reports from the evaluation before its first step.
+    evaluations = [record for record in metrics.read_metrics(run.dir) if record["kind"] == "eval"]
+    if evaluations:
+        first, last = evaluations[0], evaluations[-1]
+        before = f"{first['accuracy']:.3f} (step {first['step']}) -> " if first is not last else ""
         lines.append(
-            f"[train] held-out accuracy {first['accuracy']:.3f} (step {first['step']}) -> {last['accuracy']:.3f} "
-            f"(step {last['step']}) on {last['total']} samples"
+            f"[train] held-out accuracy {before}{last['accuracy']:.3f} (step {last['step']}) on {last['total']} samples"
         )
     if export is None:
         return lines
