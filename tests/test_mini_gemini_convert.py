@@ -23,6 +23,7 @@ from visionzip_tune import __main__ as cli
 from visionzip_tune.convert import (
     clip_config_from_weights,
     convert_mini_gemini,
+    sentencepiece_problem,
     convnext_config_from_weights,
     to_hf_key,
     to_mgm_key,
@@ -388,9 +389,31 @@ def test_tokenizer_model_without_sentencepiece_names_the_extra(good_checkpoint, 
     assert not (tmp_path / "out").exists()
 
 
+def test_tokenizer_model_with_a_reader_protobuf_cannot_load_says_what_to_install(
+    good_checkpoint, tmp_path, monkeypatch
+):
+    checkpoint = write_checkpoint(tmp_path / "mgm", *good_checkpoint)
+    (checkpoint / "tokenizer.json").unlink()
+    (checkpoint / "tokenizer.model").write_bytes(b"never read")
+    import_module = importlib.import_module
+
+    def protobuf_too_old(name: str):  # what protobuf 6 raises on sentencepiece 0.2.3's reader (gencode 7.36.1)
+        if name == "sentencepiece.sentencepiece_model_pb2":
+            raise RuntimeError("Detected incompatible Protobuf Gencode/Runtime versions: gencode 7.36.1 runtime 6.33.6")
+        return import_module(name)
+
+    monkeypatch.setattr(importlib, "import_module", protobuf_too_old)
+    with pytest.raises(
+        UserError, match=r"gencode 7.36.1 runtime 6.33.6\): pip install -U protobuf.*sentencepiece<0.2.3"
+    ):
+        convert_mini_gemini(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_sentencepiece_tokenizer_model(good_checkpoint, tmp_path):
     """A checkpoint with only a sentencepiece tokenizer.model (Vicuna's case) converts to the same token ids."""
     sentencepiece = pytest.importorskip("sentencepiece")
+    assert sentencepiece_problem() is None  # CI installs a sentencepiece whose reader loads beside its protobuf
 
     checkpoint = write_checkpoint(tmp_path / "mgm", *good_checkpoint)
     (checkpoint / "tokenizer.json").unlink()

@@ -337,14 +337,31 @@ def load_tokenizer(checkpoint: Path, llm_config: LlamaConfig):
     if not (checkpoint / "tokenizer.json").is_file():
         if not (checkpoint / "tokenizer.model").is_file():
             raise UserError(f"{checkpoint} has no tokenizer: expected tokenizer.json or tokenizer.model")
-        # Without sentencepiece transformers falls back to reading the file as tiktoken's, with a misleading error.
-        if importlib.util.find_spec("sentencepiece") is None or importlib.util.find_spec("google.protobuf") is None:
+        problem = sentencepiece_problem()
+        if problem is not None:
             raise UserError(
-                f"{checkpoint} has a sentencepiece tokenizer.model and no tokenizer.json; converting it needs the "
-                "sentencepiece and protobuf packages: pip install 'visionzip-tune[sentencepiece]' (or put the "
+                f"{checkpoint} has a sentencepiece tokenizer.model and no tokenizer.json; {problem} (or put the "
                 "tokenizer.json of the same LLM, e.g. from its llava-hf release, next to it)"
             )
     return AutoTokenizer.from_pretrained(checkpoint, config=llm_config)
+
+
+def sentencepiece_problem() -> str | None:
+    """Why transformers cannot read a sentencepiece ``tokenizer.model`` in this environment, or None. Without a
+    working reader transformers falls back to reading the file as tiktoken's, with a misleading error."""
+    if importlib.util.find_spec("sentencepiece") is None or importlib.util.find_spec("google.protobuf") is None:
+        return (
+            "converting it needs the sentencepiece and protobuf packages: pip install 'visionzip-tune[sentencepiece]'"
+        )
+    try:
+        importlib.import_module("sentencepiece.sentencepiece_model_pb2")  # the reader transformers uses
+    except Exception as err:  # protobuf's version check: sentencepiece 0.2.3's reader needs protobuf >= 7.36
+        return (
+            f"sentencepiece's model reader does not load beside this protobuf ({' '.join(str(err).split())}): "
+            "pip install -U protobuf, or where protobuf must stay below 7 (wandb 0.25, which lmms-eval 0.7.3 pins) "
+            "pip install 'sentencepiece<0.2.3'"
+        )
+    return None
 
 
 def add_image_token(tokenizer) -> None:
