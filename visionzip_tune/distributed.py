@@ -7,10 +7,12 @@ Works the same under ``torchrun`` (any number of processes and nodes) and as a p
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -50,6 +52,19 @@ def cleanup_distributed() -> None:
     groups globally, so a later in-process run (tests, notebooks) must find the same group again."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.destroy_process_group()
+
+
+def exit_worker(status: int) -> NoReturn:
+    """End a torchrun worker with ``status`` now, once its output is flushed, skipping the interpreter's teardown.
+
+    The process group outlives :func:`cleanup_distributed` (DeepSpeed keeps references to it), so gloo's C++ side
+    is destroyed during that teardown, where it can abort a run that succeeded ("terminate called without an
+    active exception", exit status -6). Every file the run writes is complete and closed before this point.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def barrier() -> None:

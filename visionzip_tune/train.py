@@ -32,6 +32,7 @@ from visionzip_tune.distributed import (
     all_reduce_sum_,
     barrier,
     cleanup_distributed,
+    exit_worker,
     init_distributed,
     is_main,
     print0,
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.output.dir)
         return 0
     stop = preemption.install(cfg.train.save_on_signal)
-    if "LOCAL_RANK" in os.environ:  # under torchrun: stop (with a checkpoint) when the launcher dies
+    under_torchrun = "LOCAL_RANK" in os.environ  # (a world of one sets it too: ask before init_distributed)
+    if under_torchrun:  # stop (with a checkpoint) when the launcher dies
         preemption.die_with_parent()
     dist = init_distributed()
     try:
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         barrier()
     finally:
         cleanup_distributed()
+    if under_torchrun:
+        exit_worker(status)
     return status
 
 
