@@ -226,8 +226,9 @@ def _tower_config(spec: TinySpec):
     raise ValueError(f"unknown tower {tower!r}; expected 'clip' or 'siglip'")
 
 
-def _text_config(spec: TinySpec, tokenizer):
-    return LlamaConfig(
+def _text_widths(spec: TinySpec, tokenizer) -> dict:
+    """The LLM config keys every tiny family shares: the spec's widths over the tokenizer's vocabulary."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=spec.text_hidden,
         intermediate_size=spec.text_hidden * 4,
@@ -235,11 +236,13 @@ def _text_config(spec: TinySpec, tokenizer):
         num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.text_heads,
         max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=tokenizer.pad_token_id,
         initializer_range=spec.text_init_std,  # the projector's init reads it too (no top-level initializer_range)
+        pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def _text_config(spec: TinySpec, tokenizer):
+    return LlamaConfig(**_text_widths(spec, tokenizer), bos_token_id=1, eos_token_id=2)
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -258,15 +261,7 @@ def build_qwen_config(spec: TinySpec, tokenizer):
     ids = tokenizer.convert_tokens_to_ids
     head_dim = spec.text_hidden // spec.text_heads
     text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.text_hidden,
-        intermediate_size=spec.text_hidden * 4,
-        num_hidden_layers=spec.text_layers,
-        num_attention_heads=spec.text_heads,
-        num_key_value_heads=spec.text_heads,
-        max_position_embeddings=2048,
-        initializer_range=spec.text_init_std,
-        pad_token_id=tokenizer.pad_token_id,
+        **_text_widths(spec, tokenizer),
         bos_token_id=None,  # Qwen prepends no BOS
         eos_token_id=tokenizer.eos_token_id,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)},
