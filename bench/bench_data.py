@@ -39,16 +39,16 @@ from visionzip_tune.data import (  # noqa: E402
     make_demo_dataset,
 )
 from visionzip_tune.families import FAMILIES  # noqa: E402
-from visionzip_tune.processing import Processing  # noqa: E402
+from visionzip_tune.data.processing import Processing  # noqa: E402
 from visionzip_tune.data.template import llava_turns  # noqa: E402
-from visionzip_tune.tiny import (  # noqa: E402
+from visionzip_tune.demo.tiny import (
     IMAGE_TOKEN,
     VIDEO_TOKEN,
     TinySpec,
     build_image_processor,
     build_processor,
     build_tokenizer,
-)
+)  # noqa: E402
 
 TOKENS_PER_IMAGE = 64  # the paper's smallest LLaVA-1.5 budget, 54 + 10
 

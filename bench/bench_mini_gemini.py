@@ -33,12 +33,9 @@ from timing import time_ms
 from transformers import ConvNextConfig, LlamaConfig
 
 from visionzip_tune.families import projector_parameters, tokens_per_image
-from visionzip_tune.modeling_mini_gemini import (
-    MiniGeminiConfig,
-    MiniGeminiForConditionalGeneration,
-    patches_per_view,
-)
-from visionzip_tune.tiny import TinySpec, build_config, build_tokenizer
+from visionzip_tune.models.mini_gemini.configuration_mini_gemini import MiniGeminiConfig, patches_per_view
+from visionzip_tune.models.mini_gemini.modeling_mini_gemini import MiniGeminiForConditionalGeneration
+from visionzip_tune.demo.tiny import TinySpec, build_config, build_tokenizer
 
 BUDGETS = (None, (162, 30), (54, 10))  # (dominant, contextual) per image; None = stock
 CONVNEXT = {"hidden_sizes": [32, 64, 128, 256], "depths": [2, 2, 6, 2], "layer_scale_init_value": 1.0}

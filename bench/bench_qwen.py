@@ -39,7 +39,7 @@ from bench_train import _status_mib, llm_flops  # noqa: E402
 
 from visionzip_tune.families import apply_visionzip, id_inputs, projector_parameters, remove_visionzip  # noqa: E402
 from visionzip_tune.families import tokens_per_image  # noqa: E402
-from visionzip_tune.tiny import TinySpec, build_family_tokenizer, build_qwen_config  # noqa: E402
+from visionzip_tune.demo.tiny import TinySpec, build_family_tokenizer, build_qwen_config  # noqa: E402
 
 TOWER = dict(vision_hidden=256, vision_layers=16, vision_heads=4, text_hidden=64, text_layers=1, text_heads=4)
 TRAIN = dict(vision_hidden=128, vision_layers=8, vision_heads=4, text_hidden=512, text_layers=8, text_heads=8)

@@ -49,7 +49,7 @@ from visionzip_tune.families import (
     remove_visionzip,
     tokens_per_image,
 )
-from visionzip_tune.tiny import TinySpec, build_tiny
+from visionzip_tune.demo.tiny import TinySpec, build_tiny
 
 GEOMETRIES = {
     "small": dict(

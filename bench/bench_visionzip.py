@@ -39,7 +39,7 @@ import torch
 
 from timing import DTYPES, time_ms
 
-from visionzip_tune import compress, encoders
+from visionzip_tune.algorithm import capture, compress
 from visionzip_tune.families.base import zip_layer, zip_tower
 
 
@@ -68,10 +68,10 @@ def build_tower(
 def eager_route(eager_tower, hs_index: int, dominant: int, contextual: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The official approach on transformers 5: every layer eager, every attention map kept, then select."""
     attention = eager_tower.encoder.layers[hs_index - 1].self_attn
-    has_cls = encoders.tower_has_cls(eager_tower)
+    has_cls = capture.tower_has_cls(eager_tower)
 
     def run(pixels: torch.Tensor) -> torch.Tensor:
-        with encoders.capture_qk(attention) as store:  # keys for the merge metric (the official code patched this)
+        with capture.capture_qk(attention) as store:  # keys for the merge metric (the official code patched this)
             out = eager_tower(pixels, output_hidden_states=True, output_attentions=True)
         maps = out.attentions[hs_index - 1]  # (B, H, N, N)
         scores = maps[:, :, 0, 1:].sum(dim=1) if has_cls else maps.mean(dim=1).mean(dim=1)
@@ -90,10 +90,10 @@ def bench_tower(kind: str, image_size: int, layer: int, args) -> dict[str, list[
     eager = copy.deepcopy(tower)
     eager.set_attn_implementation("eager")
     hs_index = layer % (args.layers + 1)
-    layer_index = encoders.resolve_layer(args.layers, layer)
+    layer_index = capture.resolve_layer(args.layers, layer)
     pixels = torch.randn(args.batch, 3, image_size, image_size, device=args.device, dtype=dtype)
     with torch.no_grad():
-        captured = encoders.run_until(tower, pixels, layer_index)
+        captured = capture.run_until(tower, pixels, layer_index)
 
     def selection():
         return zip_layer(captured, args.dominant, args.contextual).tokens

@@ -248,11 +248,11 @@ def no_tf32() -> Iterator[None]:
 
 
 def capture(tower, pixels: torch.Tensor):
-    """Layer FEATURE_LAYER of the tower: hidden states and that layer's q/k (``encoders.run_until``)."""
-    from visionzip_tune import encoders
+    """Layer FEATURE_LAYER of the tower: hidden states and that layer's q/k (``capture.run_until``)."""
+    from visionzip_tune.algorithm import capture
 
     with torch.no_grad():
-        return encoders.run_until(tower, pixels, encoders.resolve_layer(len(tower.encoder.layers), FEATURE_LAYER))
+        return capture.run_until(tower, pixels, capture.resolve_layer(len(tower.encoder.layers), FEATURE_LAYER))
 
 
 def zip_captured(captured, dominant: int, contextual: int):
@@ -310,7 +310,7 @@ def compare_zips(reference, candidate, scores: torch.Tensor, criteria: dict) -> 
 def part_parity(plan: Plan) -> dict:
     from bench_visionzip import build_tower
 
-    from visionzip_tune import compress
+    from visionzip_tune.algorithm import compress
 
     hidden, layers, heads = plan.tower
     tower = build_tower("clip", IMAGE_SIZE, hidden, layers, heads, "cpu")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from visionzip_tune.tiny import TinySpec, build_tiny_with_processor, save_tiny
+from visionzip_tune.demo.tiny import TinySpec, build_tiny_with_processor, save_tiny
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -29,7 +29,7 @@ DEMO = ROOT / "recipes" / "tiny" / "demo.yaml"  # the demo recipe the training t
 
 def records(run_dir, kind: str) -> list[dict]:
     """The ``kind`` ("train" or "eval") records of a run's metrics.jsonl, in order."""
-    from visionzip_tune.metrics import read_metrics
+    from visionzip_tune.training.metrics import read_metrics
 
     return [r for r in read_metrics(run_dir) if r["kind"] == kind]
 
@@ -130,7 +130,7 @@ TRAIN_SPEC = TinySpec(tower="clip", image_size=56, patch_size=14, vision_layers=
 def train_assets(tmp_path_factory):
     """``(model_dir, demo_paths)``: a tiny CLIP LLaVA at 56 px (16 patches + CLS) saved with ``save_pretrained``,
     and a demo dataset of 24 training samples (a few text-only) and 8 held-out samples with choices."""
-    from visionzip_tune.data import make_demo_dataset
+    from visionzip_tune.demo.dataset import make_demo_dataset
 
     root = tmp_path_factory.mktemp("train-assets")
     model_dir = save_tiny(root / "tiny-llava", TRAIN_SPEC)
@@ -232,7 +232,7 @@ EVAL_SPEC = TinySpec(tower="clip", image_size=56, patch_size=14, vision_layers=2
 def eval_assets(tmp_path_factory):
     """``(model_dir, export_dir, demo_paths)``: a tiny CLIP LLaVA at 56 px, an export of it zipped to 6 + 2 with a
     projector changed as training would, and a demo dataset with 12 held-out samples (choices)."""
-    from visionzip_tune.data import make_demo_dataset
+    from visionzip_tune.demo.dataset import make_demo_dataset
     from visionzip_tune.export import export_projector
     from visionzip_tune.families import apply_visionzip
 

@@ -11,11 +11,11 @@ from conftest import EVAL_SPEC, cli_error, load_tiny
 from PIL import Image
 
 from visionzip_tune.__main__ import main as cli
-from visionzip_tune.bench_infer import STAGES, kv_cache_bytes, prefill_flops
+from visionzip_tune.inference.timing import STAGES, kv_cache_bytes, prefill_flops
 from visionzip_tune.export import read_export
 from visionzip_tune.families import apply_visionzip, projector_parameters
-from visionzip_tune.stage_timer import Clock, instrumented
-from visionzip_tune.variants import Switcher, Variant
+from visionzip_tune.inference.stage_timer import Clock, instrumented
+from visionzip_tune.inference.variants import Switcher, Setting
 
 
 @pytest.fixture
@@ -104,9 +104,9 @@ def test_switcher_moves_one_model_between_stock_budgets_and_the_tuned_projector(
     def same_projector() -> bool:
         return all(torch.equal(p, stock[name]) for name, p in projector_parameters(model).items())
 
-    switch.to(Variant("tuned", None, tuned=True))
+    switch.to(Setting("tuned", None, tuned=True))
     assert model.config.visionzip["dominant"] == 6 and not same_projector()
-    switch.to(Variant("3+1", {"dominant": 3, "contextual": 1}))
+    switch.to(Setting("3+1", {"dominant": 3, "contextual": 1}))
     assert (model.config.visionzip["dominant"], model.config.visionzip["contextual"]) == (3, 1) and same_projector()
-    switch.to(Variant("stock", None))
+    switch.to(Setting("stock", None))
     assert getattr(model.config, "visionzip", None) is None and same_projector()

@@ -9,18 +9,18 @@ import pytest
 from conftest import cli_error, lmms_eval_or_skip
 
 from visionzip_tune.__main__ import main as cli
-from visionzip_tune.benchmarks import Run, percent_table
-from visionzip_tune.config import TinySpec
-from visionzip_tune.tiny import save_tiny
-from visionzip_tune.variants import parse_budgets
+from visionzip_tune.evaluation.benchmarks import TableRow, percent_table
+from visionzip_tune.demo.tiny import TinySpec
+from visionzip_tune.demo.tiny import save_tiny
+from visionzip_tune.inference.variants import parse_budgets
 
 lmms_eval_or_skip()
 
 
 def test_percent_table_is_each_score_and_the_average_as_a_share_of_stock():
     runs = [
-        Run("stock", False, None, 576, scores={"gqa": 0.6, "mme": 1800.0, "pope": 0.0}),
-        Run("VisionZip 54+10", False, {"dominant": 54}, 64, scores={"gqa": 0.45, "mme": 1620.0, "pope": 0.1}),
+        TableRow("stock", False, None, 576, scores={"gqa": 0.6, "mme": 1800.0, "pope": 0.0}),
+        TableRow("VisionZip 54+10", False, {"dominant": 54}, 64, scores={"gqa": 0.45, "mme": 1620.0, "pope": 0.1}),
     ]
     table, rows = percent_table(runs, ["gqa", "mme", "pope"])
     assert rows[0]["percent_of_stock"] == {"gqa": 100.0, "mme": 100.0}  # a zero stock score has no percentage
@@ -71,17 +71,14 @@ def test_qwen_budgets_are_ratios_and_its_tokens_a_share_of_each_image(eval_asset
 
     from visionzip_tune.export import export_projector
     from visionzip_tune.families import apply_visionzip
-    from visionzip_tune.processing import load_processing
+    from visionzip_tune.data.processing import load_processing
 
     demo = eval_assets[2]
     spec = TinySpec(family="qwen2_5_vl", image_size=112, vision_hidden=32, vision_layers=3, text_hidden=32)
     base = save_tiny(tmp_path / "qwen", spec)
     model = apply_visionzip(AutoModelForImageTextToText.from_pretrained(base), dominant_ratio=0.3, contextual_ratio=0.1)
     export = export_projector(
-        model,
-        tmp_path / "export",
-        metadata={"base_model": str(base)},
-        image_processor=load_processing(base).image_processor,
+        model, tmp_path / "export", metadata={"base_model": str(base)}, processing=load_processing(base)
     )
     out = tmp_path / "eval"
     argv = ["eval", "--projector", str(export), "--budgets", "0.2+0.05", "--held-out", str(demo.eval), "--limit", "3"]
@@ -129,7 +126,7 @@ def test_a_model_or_an_export_is_required(capsys):
 
 
 def test_without_lmms_eval_the_command_says_how_to_install_it(monkeypatch, capsys):
-    from visionzip_tune import benchmarks
+    from visionzip_tune.evaluation import benchmarks
 
     monkeypatch.setattr(benchmarks, "LMMS_EVAL_MISSING", ModuleNotFoundError("No module named 'lmms_eval'"))
     message = cli_error(["eval", "--model", "m", "--tasks", "gqa"], capsys)

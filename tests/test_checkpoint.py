@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from visionzip_tune import checkpoint
-from visionzip_tune.config import load_config
-from visionzip_tune.build import deepspeed_config
+from visionzip_tune.training import checkpoint
+from visionzip_tune.training.config import load_config
+from visionzip_tune.training.build import deepspeed_config
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.errors import UserError
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reference_visionzip import zip_one
-from visionzip_tune import compress
+from visionzip_tune.algorithm import compress
 
 
 def test_budget_validation_names_the_numbers():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from visionzip_tune.config import describe, load_config, to_yaml
+from visionzip_tune.training.config import describe, load_config, to_yaml
 from visionzip_tune.errors import UserError
-from visionzip_tune.tiny import TinySpec
+from visionzip_tune.demo.tiny import TinySpec
 
 
 def write(tmp_path, text: str):

@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from visionzip_tune.__main__ import main as vzt_main
-from visionzip_tune.data import load_samples, make_demo_dataset
-from visionzip_tune.data.cli import main
-from visionzip_tune.data.demo import COLOURS, QUESTIONS
+from visionzip_tune.data import load_samples
+from visionzip_tune.demo.dataset import make_demo_dataset
+from visionzip_tune.cli.data import main
+from visionzip_tune.demo.dataset import COLOURS, QUESTIONS
 from visionzip_tune.errors import UserError
 
 
@@ -254,7 +255,7 @@ def test_check_opens_videos_and_names_bad_ones(tmp_path, capsys):
 
 
 def test_demo_videos_move_the_way_the_answer_says(tmp_path):
-    from visionzip_tune.data.demo import COLOURS, DIRECTIONS, MOTION_QUESTION, VIDEO_FRAMES
+    from visionzip_tune.demo.dataset import COLOURS, DIRECTIONS, MOTION_QUESTION, VIDEO_FRAMES
 
     paths = make_demo_dataset(tmp_path / "demo", n=20, seed=0, n_eval=8, videos=8)
     train, evaluation = json.loads(paths.train.read_text()), json.loads(paths.eval.read_text())
@@ -277,13 +278,13 @@ def test_demo_videos_move_the_way_the_answer_says(tmp_path):
 
 
 def test_demo_direction_answers_have_equal_token_length(tiny_tokenizer):
-    from visionzip_tune.data.demo import DIRECTIONS
+    from visionzip_tune.demo.dataset import DIRECTIONS
 
     assert len({len(tiny_tokenizer.encode(d, add_special_tokens=False)) for d in DIRECTIONS}) == 1
 
 
 def test_preview_shows_video_runs_of_a_video_model(tmp_path, capsys):
-    from visionzip_tune.tiny import TinySpec, save_tiny
+    from visionzip_tune.demo.tiny import TinySpec, save_tiny
 
     model_dir = save_tiny(tmp_path / "tiny-video-llava", TinySpec(family="video_llava", image_size=56, vision_layers=2))
     paths = make_demo_dataset(tmp_path / "demo", n=4, seed=0, n_eval=1, videos=1)

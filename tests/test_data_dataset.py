@@ -11,8 +11,8 @@ from PIL import Image
 
 from visionzip_tune.data import IGNORE_INDEX, Collator, DataConfig, Placeholders, SupervisedDataset, load_samples
 from visionzip_tune.errors import UserError
-from visionzip_tune.processing import Processing
-from visionzip_tune.tiny import TinySpec, build_processor
+from visionzip_tune.data.processing import Processing
+from visionzip_tune.demo.tiny import TinySpec, build_processor
 
 RED = (230, 20, 20)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from visionzip_tune.data.cli import main
+from visionzip_tune.cli.data import main
 from visionzip_tune.data.subset import allocate, manifest_path, write_subset
 from visionzip_tune.errors import UserError
 

@@ -204,7 +204,7 @@ def test_chat_template_that_rewrites_earlier_text_is_refused(tiny_tokenizer, ima
 
 
 def test_chat_template_missing_and_unknown_template(image_id):
-    from visionzip_tune.tiny import build_tokenizer
+    from visionzip_tune.demo.tiny import build_tokenizer
 
     bare = build_tokenizer()
     bare.chat_template = None
@@ -276,7 +276,7 @@ def test_fit_to_length_cuts_text_only():
 
 @pytest.fixture(scope="module")
 def video_tokenizer():
-    from visionzip_tune.tiny import build_tokenizer
+    from visionzip_tune.demo.tiny import build_tokenizer
 
     tok = build_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
@@ -325,7 +325,7 @@ def test_untagged_video_goes_to_the_first_human_turn(video_tokenizer):
 
 
 def test_chat_template_renders_video_items(video_tokenizer):
-    from visionzip_tune.tiny import CHAT_TEMPLATE
+    from visionzip_tune.demo.tiny import CHAT_TEMPLATE
 
     video_item = "{% elif item['type'] == 'video' %}{{ '<video>\n' }}"
     assert video_item in CHAT_TEMPLATE

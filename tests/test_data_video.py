@@ -14,14 +14,14 @@ from PIL import Image
 
 import visionzip_tune as vzt
 from test_families import CROP, build_tiny_next, build_tiny_onevision, build_tiny_video_llava
-from visionzip_tune import build
+from visionzip_tune.training import build
 from visionzip_tune.data import Collator, DataConfig, SupervisedDataset, load_samples
 from visionzip_tune.data.images import MediaTransform
 from visionzip_tune.data.validate import BadSample
 from visionzip_tune.data.video import read_video, sample_indices
 from visionzip_tune.errors import UserError
 from visionzip_tune.families import sample_image_tokens, tokens_per_video
-from visionzip_tune.processing import Processing
+from visionzip_tune.data.processing import Processing
 
 av = pytest.importorskip("av")
 

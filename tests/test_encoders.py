@@ -1,4 +1,4 @@
-"""encoders.py on real tiny CLIP and SigLIP towers: hooks see what eager attention sees, early stop is exact."""
+"""capture.py on real tiny CLIP and SigLIP towers: hooks see what eager attention sees, early stop is exact."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from visionzip_tune import compress, encoders
+from visionzip_tune.algorithm import capture, compress
 from visionzip_tune.families.base import zip_tower
 
 
@@ -17,7 +17,7 @@ def _eager_copy(tower):
     return eager
 
 
-def _attention_from(captured: encoders.LayerCapture) -> torch.Tensor:
+def _attention_from(captured: capture.LayerCapture) -> torch.Tensor:
     """(B, H, N, N) attention probabilities recomputed from hooked queries and keys."""
     b, n, _ = captured.queries.shape
     q = captured.queries.view(b, n, captured.num_heads, -1).transpose(1, 2)
@@ -37,25 +37,25 @@ def pixels():
 
 
 def test_resolve_layer():
-    assert encoders.resolve_layer(24, -2) == 22  # LLaVA-1.5: hidden_states[-2] = output of layers[22]
-    assert encoders.resolve_layer(24, -1) == 23
-    assert encoders.resolve_layer(24, 24) == 23
-    assert encoders.resolve_layer(24, 1) == 0
-    assert encoders.resolve_layer(24, -24) == 0
+    assert capture.resolve_layer(24, -2) == 22  # LLaVA-1.5: hidden_states[-2] = output of layers[22]
+    assert capture.resolve_layer(24, -1) == 23
+    assert capture.resolve_layer(24, 24) == 23
+    assert capture.resolve_layer(24, 1) == 0
+    assert capture.resolve_layer(24, -24) == 0
     with pytest.raises(ValueError, match="embeddings"):
-        encoders.resolve_layer(24, 0)
+        capture.resolve_layer(24, 0)
     with pytest.raises(ValueError, match="embeddings"):
-        encoders.resolve_layer(24, -25)
+        capture.resolve_layer(24, -25)
     with pytest.raises(ValueError, match="out of range"):
-        encoders.resolve_layer(24, 25)
+        capture.resolve_layer(24, 25)
     with pytest.raises(ValueError, match="single vision_feature_layer"):
-        encoders.resolve_layer(24, [-2, -1])
+        capture.resolve_layer(24, [-2, -1])
 
 
 def test_tokens_per_tower_output(towers):
-    assert encoders.tokens_per_tower_output(towers["clip"].config) == 257
-    assert encoders.tokens_per_tower_output(towers["siglip"].config) == 256
-    assert encoders.tower_has_cls(towers["clip"]) and not encoders.tower_has_cls(towers["siglip"])
+    assert capture.tokens_per_tower_output(towers["clip"].config) == 257
+    assert capture.tokens_per_tower_output(towers["siglip"].config) == 256
+    assert capture.tower_has_cls(towers["clip"]) and not capture.tower_has_cls(towers["siglip"])
 
 
 @pytest.mark.parametrize("name, layer", [("clip", 2), ("siglip", 3), ("siglip", 2)])
@@ -63,7 +63,7 @@ def test_hooked_qk_give_eager_attention(towers, pixels, name, layer):
     eager = _eager_copy(towers[name])
     with torch.no_grad():
         expected = eager(pixels, output_attentions=True).attentions[layer]  # (B, H, N, N)
-        captured = encoders.run_until(eager, pixels, layer)
+        captured = capture.run_until(eager, pixels, layer)
     torch.testing.assert_close(_attention_from(captured), expected, rtol=0, atol=1e-6)
     if captured.has_cls:  # only the CLS row is computed, summed over heads
         cls_query = captured.queries[:, 0]
@@ -82,7 +82,7 @@ def test_early_stop_equals_full_forward(towers, pixels, name, layer):
     late = tower.encoder.layers[layer + 1 :]
     handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in late]
     with torch.no_grad():
-        captured = encoders.run_until(tower, pixels, layer)
+        captured = capture.run_until(tower, pixels, layer)
     for h in handles:
         h.remove()
     assert calls == []  # layers after L never ran
@@ -97,8 +97,8 @@ def test_eager_option_is_bit_exact_with_eager_tower(towers, pixels, name):
     tower = towers[name]
     with torch.no_grad():
         expected = _eager_copy(tower)(pixels, output_hidden_states=True).hidden_states[3]
-        sdpa = encoders.run_until(tower, pixels, 2)
-        eager = encoders.run_until(tower, pixels, 2, eager=True)
+        sdpa = capture.run_until(tower, pixels, 2)
+        eager = capture.run_until(tower, pixels, 2, eager=True)
     assert torch.equal(eager.hidden, expected)
     assert tower.config._attn_implementation == "sdpa"  # switched for the call only
     torch.testing.assert_close(sdpa.hidden, expected, rtol=0, atol=1e-5)
@@ -113,10 +113,10 @@ def test_hooks_and_attention_restored_even_on_error(towers, eager):
     tower = towers["clip"]
     before = _hook_count(tower)
     with torch.no_grad():
-        encoders.run_until(tower, torch.randn(1, 3, 224, 224), 2, eager=eager)
+        capture.run_until(tower, torch.randn(1, 3, 224, 224), 2, eager=eager)
         assert _hook_count(tower) == before
         with pytest.raises(ValueError, match="doesn't match model"):  # wrong image size fails inside the tower
-            encoders.run_until(tower, torch.randn(1, 3, 112, 112), 2, eager=eager)
+            capture.run_until(tower, torch.randn(1, 3, 112, 112), 2, eager=eager)
     assert _hook_count(tower) == before
     assert tower.config._attn_implementation == "sdpa"
 
@@ -126,9 +126,9 @@ def test_unsupported_tower_is_named():
 
     vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     with pytest.raises(ValueError, match=r"ViTModel.*CLIPVisionModel, SiglipVisionModel"):
-        encoders.run_until(vit, torch.randn(1, 3, 224, 224), 0)
+        capture.run_until(vit, torch.randn(1, 3, 224, 224), 0)
     with pytest.raises(ValueError, match="type 'vit'.*clip_vision_model, siglip_vision_model"):
-        encoders.tokens_per_tower_output(vit.config)
+        capture.tokens_per_tower_output(vit.config)
 
 
 def test_visionzip_features_shapes(towers, pixels):

@@ -19,7 +19,7 @@ from visionzip_tune.__main__ import main as cli
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import export_projector, load_projector, read_export, seal, weights_fingerprint
 from visionzip_tune.files import file_sha256
-from visionzip_tune.tiny import TinySpec, build_tiny_with_processor, save_tiny
+from visionzip_tune.demo.tiny import TinySpec, build_tiny_with_processor, save_tiny
 
 from conftest import load_tiny, perturb_projector
 
@@ -341,7 +341,7 @@ def make_run(
 ) -> Path:
     """A run directory laid out as training writes it (config.yaml, checkpoints/latest, trainable.safetensors);
     ``overrides`` (``key=value``) come after the defaults here."""
-    from visionzip_tune.config import load_config, to_yaml
+    from visionzip_tune.training.config import load_config, to_yaml
 
     cfg = load_config(
         overrides=[
@@ -385,7 +385,7 @@ def test_export_cli_exports_the_latest_checkpoint(tiny_clip_dir, tmp_path, capsy
 def test_export_cli_keeps_the_runs_token_order(tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from visionzip_tune.tiny import TinySpec, save_tiny
+    from visionzip_tune.demo.tiny import TinySpec, save_tiny
 
     spec = TinySpec(family="llava_next", image_size=56, vision_hidden=32, vision_layers=2, text_hidden=32)
     base = save_tiny(tmp_path / "next", spec)
@@ -448,8 +448,8 @@ def test_export_cli_errors(tiny_clip_dir, tmp_path, capsys):
 def lora_model(model_dir: Path, seed: int = 5):
     """A zipped tiny model wrapped for ``train.mode=lora`` exactly as training wraps it, LoRA and projector
     perturbed as if trained; returns the peft model."""
-    from visionzip_tune.config import TrainConfig
-    from visionzip_tune.build import prepare_trainable
+    from visionzip_tune.training.config import TrainConfig
+    from visionzip_tune.training.build import prepare_trainable
 
     model, _ = load_tiny(model_dir)
     vzt.apply_visionzip(model, 54, 10)
@@ -499,10 +499,10 @@ def test_export_cli_exports_a_lora_run(tiny_clip_dir, tmp_path, capsys):
 def test_export_cli_exports_a_full_run_as_a_whole_model(tiny_clip_dir, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
-    from visionzip_tune.config import load_config
+    from visionzip_tune.training.config import load_config
     from visionzip_tune.families import language_model
-    from visionzip_tune.processing import load_processing
-    from visionzip_tune.build import prepare_trainable
+    from visionzip_tune.data.processing import load_processing
+    from visionzip_tune.training.build import prepare_trainable
 
     trained, processor = load_tiny(tiny_clip_dir)
     vzt.apply_visionzip(trained, 54, 10, processor=processor)
@@ -536,22 +536,23 @@ def test_full_export_saves_the_processing_next_to_the_model(tmp_path):
     from transformers import AutoModelForImageTextToText, VideoLlavaImageProcessor
 
     from test_families import build_tiny_video_llava
-    from visionzip_tune.processing import load_processing
-    from visionzip_tune.tiny import CHAT_TEMPLATE
+    from visionzip_tune.data.processing import Processing, load_processing
+    from visionzip_tune.demo.tiny import CHAT_TEMPLATE
 
     model, tokenizer = build_tiny_video_llava()
     tokenizer.chat_template = CHAT_TEMPLATE
     image_processor = VideoLlavaImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     vzt.apply_visionzip(model, 6, 3)
     metadata = {"base_model": "tiny-video-llava", "mode": "full"}
-    out = export_projector(model, tmp_path / "export", metadata=metadata, processing=(tokenizer, image_processor))
+    processing = Processing(tokenizer, image_processor, tokenizer.chat_template)
+    out = export_projector(model, tmp_path / "export", metadata=metadata, processing=processing)
     loaded_tokenizer, loaded_image_processor, chat_template = load_processing(str(out / "model"))
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab() and chat_template == CHAT_TEMPLATE
     assert loaded_image_processor.to_dict() == image_processor.to_dict()
     assert type(AutoModelForImageTextToText.from_pretrained(out / "model")) is type(model)
     # A projector-mode export has no model directory to put them in: the processing is not written.
     projector_only = export_projector(
-        model, tmp_path / "projector", metadata={"base_model": "tiny"}, processing=(tokenizer, image_processor)
+        model, tmp_path / "projector", metadata={"base_model": "tiny"}, processing=processing
     )
     assert not (projector_only / "model").exists()
 
@@ -565,7 +566,7 @@ ZERO3_SCRIPT = textwrap.dedent(
     import deepspeed, torch
     from visionzip_tune.export import export_projector, load_projector, weights_fingerprint
     from visionzip_tune.families import apply_visionzip
-    from visionzip_tune.tiny import TinySpec, build_tiny_with_processor
+    from visionzip_tune.demo.tiny import TinySpec, build_tiny_with_processor
 
     out = sys.argv[1]
     deepspeed.init_distributed(dist_backend="gloo")
@@ -642,7 +643,7 @@ ZERO3_FULL_SCRIPT = textwrap.dedent(
     import deepspeed, torch
     from visionzip_tune.export import export_projector
     from visionzip_tune.families import apply_visionzip
-    from visionzip_tune.tiny import TinySpec, build_tiny_with_processor
+    from visionzip_tune.demo.tiny import TinySpec, build_tiny_with_processor
 
     out = sys.argv[1]
     deepspeed.init_distributed(dist_backend="gloo")

@@ -13,7 +13,7 @@ from conftest import fed_to_llm
 from reference_visionzip import reference_visionzip
 from visionzip_tune.families import family_name, tokens_per_image
 from visionzip_tune.families.llava_next import grid_order
-from visionzip_tune.tiny import IMAGE_TOKEN, VIDEO_TOKEN, TinySpec, build_tiny, build_tiny_with_processor
+from visionzip_tune.demo.tiny import IMAGE_TOKEN, VIDEO_TOKEN, TinySpec, build_tiny, build_tiny_with_processor
 
 PROMPT = "USER: <image>\nWhat colour is the shape? ASSISTANT:"
 
@@ -177,8 +177,8 @@ def test_next_processor_count_equals_model_rows(tiny_next, token_order):
 def test_only_projector_gets_gradients(family, request):
     """Projector mode as training sets it up (build.prepare_trainable): the loss reaches every projector tensor and
     nothing else, through the zipped features."""
-    from visionzip_tune.build import prepare_trainable
-    from visionzip_tune.config import TrainConfig
+    from visionzip_tune.training.build import prepare_trainable
+    from visionzip_tune.training.config import TrainConfig
     from visionzip_tune.families import projector_parameters
 
     if family == "llava":

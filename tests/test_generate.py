@@ -10,11 +10,13 @@ from conftest import cli_error, greedy_answer
 from PIL import Image
 
 from visionzip_tune.__main__ import main as cli
-from visionzip_tune import build
+from visionzip_tune.training import build
 from visionzip_tune.data import DataConfig, SupervisedDataset, load_samples
-from visionzip_tune.processing import Processing
-from visionzip_tune.generate import Chat, load_model
-from visionzip_tune.tiny import TinySpec, save_tiny
+from visionzip_tune.data.processing import Processing
+from visionzip_tune.inference.chat import Chat
+from visionzip_tune.inference.prompts import Prompter
+from visionzip_tune.inference.load import load_model
+from visionzip_tune.demo.tiny import TinySpec, save_tiny
 
 MAX_NEW = 6
 
@@ -37,10 +39,12 @@ def reference_answer(model, processor, picture, questions: list[str], answers: l
         ]
     path = picture.parent / "sample.json"
     path.write_text(json.dumps([{"id": "q", "image": picture.name, "conversations": turns}]))
+    # The export records no recipe: prompts follow the model's own chat template (Prompter.for_recipe's rule).
+    tokenizer = processor.tokenizer
     dataset = SupervisedDataset(
         load_samples(path),
-        DataConfig(image_folder=picture.parent, template="vicuna_v1"),
-        Processing(processor.tokenizer, processor.image_processor, None),
+        DataConfig(image_folder=picture.parent, template="chat_template"),
+        Processing(tokenizer, processor.image_processor, tokenizer.chat_template),
         build.placeholders(model.config),
     )
     return greedy_answer(model, processor.tokenizer, dataset[0], MAX_NEW)
@@ -99,7 +103,7 @@ def test_interactive_mode_keeps_the_conversation(tiny_clip_export, picture, caps
 def test_image_command_starts_a_new_conversation(tiny_clip_export, picture, tmp_path):
     _, _, _, export = tiny_clip_export
     model, processing, _ = load_model(None, str(export))
-    chat = Chat(model, processing, image=picture, max_new_tokens=MAX_NEW)
+    chat = Chat(model, Prompter.for_recipe(model, processing, None), image=picture, max_new_tokens=MAX_NEW)
     chat.ask("What colour is it?")
     chat.ask("Is there a circle?")
     assert chat.show_prompt().count("USER:") == 2
@@ -156,7 +160,7 @@ def test_generate_errors(tiny_clip_export, tiny_clip_dir, picture, tmp_path, cap
     assert "Give one or the other" in cli_error(
         ["generate", "--projector", str(export), "--dominant", "54", "--contextual", "10", *common], capsys
     )
-    assert "give both --dominant and --contextual" in cli_error(
+    assert "give both dominant and contextual" in cli_error(
         ["generate", "--model", str(tiny_clip_dir), "--dominant", "54", *common], capsys
     )
     assert "dominant + contextual" in cli_error(

@@ -18,14 +18,16 @@ from conftest import cli_error, greedy_answer, perturb_projector
 from PIL import Image
 
 from visionzip_tune.__main__ import main as cli
-from visionzip_tune import build
+from visionzip_tune.training import build
 from visionzip_tune.data import DataConfig, SupervisedDataset, load_samples
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import export_projector
-from visionzip_tune.generate import Chat, load_model
+from visionzip_tune.inference.chat import Chat
+from visionzip_tune.inference.prompts import Prompter
+from visionzip_tune.inference.load import load_model
 from visionzip_tune.families import apply_visionzip
-from visionzip_tune.processing import load_processing
-from visionzip_tune.tiny import TinySpec, save_tiny
+from visionzip_tune.data.processing import load_processing
+from visionzip_tune.demo.tiny import TinySpec, save_tiny
 
 MAX_NEW = 4
 DOMINANT, CONTEXTUAL = 5, 2  # K = 7 tokens per crop / frame
@@ -218,23 +220,13 @@ def test_generate_media_errors(exports, media, capsys, tmp_path):
     assert "give an image (--image FILE) and/or a video" in cli_error(
         ["generate", "--projector", str(video_export), *common], capsys
     )
-    with pytest.raises(SystemExit):
-        cli(
-            [
-                "generate",
-                "--projector",
-                str(video_export),
-                "--video",
-                str(media / "frames"),
-                "--video-frames",
-                "0",
-                *common,
-            ]
-        )
-    assert "--video-frames must be >= 1" in capsys.readouterr().err
+    frames = ["--video", str(media / "frames"), "--video-frames", "0"]
+    assert "--video-frames 0: give at least 1 frame per video" in cli_error(
+        ["generate", "--projector", str(video_export), *frames, *common], capsys
+    )
     model, processing, _ = load_model(None, str(video_export))
     with pytest.raises(UserError, match=r"give an image \(--image FILE\) and/or a video"):
-        Chat(model, processing)
+        Chat(model, Prompter.for_recipe(model, processing, None))
 
 
 def test_full_run_export_generates_with_its_whole_model(exports, media, capsys, tmp_path):
@@ -248,10 +240,9 @@ def test_full_run_export_generates_with_its_whole_model(exports, media, capsys, 
     with torch.no_grad():
         for param in language_model(full).layers[0].parameters():
             param.add_(0.5 * torch.randn(param.shape, generator=torch.Generator().manual_seed(4)))
-    tokenizer, image_processor, _ = load_processing(str(base))
     recipe = json.loads((export / "visionzip.json").read_text())["recipe"]
     metadata = {"base_model": str(base), "mode": "full", "recipe": recipe}
-    full_export = export_projector(full, tmp_path / "full", metadata=metadata, processing=(tokenizer, image_processor))
+    full_export = export_projector(full, tmp_path / "full", metadata=metadata, processing=load_processing(str(base)))
     answer, err = _generate(full_export, capsys, "--video", str(media / "frames"))
     frames = [f"frames/{f}" for f in sorted(p.name for p in (media / "frames").iterdir())]
     expected = _reference(full, base, media, video=frames)[0]
@@ -261,9 +252,7 @@ def test_full_run_export_generates_with_its_whole_model(exports, media, capsys, 
     # A full run without VisionZip: a stock model, every patch of every frame (17 with CLS).
     stock = copy.deepcopy(full)
     remove_visionzip(stock)
-    stock_export = export_projector(
-        stock, tmp_path / "stock", metadata=metadata, processing=(tokenizer, image_processor)
-    )
+    stock_export = export_projector(stock, tmp_path / "stock", metadata=metadata, processing=load_processing(str(base)))
     assert f"<video>x{RECIPE_FRAMES * 17}" in _generate(stock_export, capsys, "--video", str(media / "frames"))[1]
     assert "holds the whole trained model" in cli_error(
         [

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))  # gpu_check and the benches it reuses a
 
 import gpu_check  # noqa: E402
 
-from visionzip_tune import compress  # noqa: E402
+from visionzip_tune.algorithm import compress  # noqa: E402
 
 
 def zipped(scores: torch.Tensor, hidden: torch.Tensor, dominant: int = 11, contextual: int = 3):

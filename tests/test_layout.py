@@ -1,5 +1,6 @@
-"""The package's import graph, read from the source (ast): no cycle, and no in-function imports of its own modules;
-in-function imports of other packages only for the optional or slow ones, each with a reason."""
+"""The package's import graph, read from the source (ast): imports point down the layers only (the README's layout),
+no cycle, and no in-function imports of its own modules; in-function imports of other packages only for the
+optional or slow ones, each with a reason."""
 
 from __future__ import annotations
 
@@ -11,6 +12,28 @@ import visionzip_tune
 PACKAGE = Path(visionzip_tune.__file__).parent
 ROOT = PACKAGE.name
 LAZY_ALLOWED = {"deepspeed", "peft", "wandb", "av"}  # optional extras or slow imports that most commands skip
+
+# The layers, bottom up, by the first name under the package: a module may import from its own package and from
+# lower layers only. Different packages of one layer never import each other, except the leaves of layer 0.
+LAYERS = {
+    "errors": 0,
+    "files": 0,
+    "distributed": 0,
+    "docfields": 0,
+    "algorithm": 1,
+    "models": 2,
+    "families": 3,
+    "data": 3,
+    "export": 4,
+    "loading": 4,
+    "demo": 4,
+    "inference": 5,
+    "evaluation": 6,
+    "training": 7,
+    "cli": 8,
+    "__main__": 8,
+}
+TOP_LEVEL_MODULES = {"__init__", "__main__", "errors", "files", "distributed", "docfields", "export", "loading"}
 
 
 def module_name(path: Path) -> str:
@@ -87,8 +110,40 @@ def test_find_cycle_finds_one_and_only_one():
 
 def test_the_package_imports_have_no_cycle():
     graph = own_graph()
-    assert "visionzip_tune.build" in graph["visionzip_tune.train"]  # the walk sees real edges
+    assert "visionzip_tune.training.build" in graph["visionzip_tune.training.loop"]  # the walk sees real edges
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def layer_of(module: str) -> tuple[str, int]:
+    """``(package under the root, layer)`` of a module; the root ``__init__`` (the public API) is above them all."""
+    if module == ROOT:
+        return ROOT, len(set(LAYERS.values()))
+    top = module.split(".")[1]
+    assert top in LAYERS, f"{module} is in no layer: add {top!r} to LAYERS (and to the README's layout)"
+    return top, LAYERS[top]
+
+
+def test_imports_point_down_the_layers_only():
+    problems = []
+    for module, targets in own_graph().items():
+        package, layer = layer_of(module)
+        for target in targets:
+            target_package, target_layer = layer_of(target)
+            if target_package == package:
+                continue
+            if target_layer > layer or (target_layer == layer and layer > 0):
+                problems.append(f"{module} (layer {layer}) imports {target} (layer {target_layer})")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_layer_check_sees_an_upward_edge():
+    assert layer_of("visionzip_tune.families.llava")[1] < layer_of("visionzip_tune.cli.train")[1]
+    assert layer_of("visionzip_tune.data.source")[1] == layer_of("visionzip_tune.families.base")[1]
+
+
+def test_the_top_level_holds_only_the_leaves_the_api_and_the_export_and_loading():
+    modules = {path.stem for path in PACKAGE.glob("*.py")}
+    assert modules == TOP_LEVEL_MODULES
 
 
 def test_no_in_function_imports_of_the_package_and_only_allowed_lazy_ones():
@@ -109,11 +164,12 @@ def test_no_in_function_imports_of_the_package_and_only_allowed_lazy_ones():
     assert not problems, "\n".join(problems)
 
 
-def test_nothing_imports_train_and_families_stay_below_the_training_half():
-    graph = own_graph()
-    importers_of_train = [module for module, targets in graph.items() if "visionzip_tune.train" in targets]
-    assert importers_of_train == []
-    training_half = {f"{ROOT}.{name}" for name in ("train", "build", "metrics", "export_run", "checkpoint", "config")}
-    for module, targets in graph.items():
-        if module.startswith(f"{ROOT}.families") or module in (f"{ROOT}.compress", f"{ROOT}.encoders"):
-            assert not targets & training_half, f"{module} imports {targets & training_half}"
+def test_nothing_imports_the_command_line():
+    importers = [
+        module
+        for module, targets in own_graph().items()
+        if not module.startswith(f"{ROOT}.cli") and module != f"{ROOT}.__main__"
+        for target in targets
+        if target.startswith(f"{ROOT}.cli")
+    ]
+    assert importers == []

@@ -15,13 +15,13 @@ from conftest import ROOT, lmms_eval_or_skip
 from PIL import Image
 
 from visionzip_tune.errors import UserError
-from visionzip_tune.lmms_tasks import write_choice_tasks
+from visionzip_tune.evaluation.lmms_tasks import write_choice_tasks
 
 lmms_eval = lmms_eval_or_skip()
 from lmms_eval import evaluator  # noqa: E402
 from lmms_eval.tasks import TaskManager  # noqa: E402
 
-from visionzip_tune.lmms import VisionZipModel, cut_at, generation_settings  # noqa: E402
+from visionzip_tune.evaluation.lmms import VisionZipModel, cut_at, generation_settings  # noqa: E402
 
 TASKS = ["heldout_gen", "heldout_mc"]
 DISTRIBUTED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
@@ -153,7 +153,7 @@ def test_every_family_answers_and_scores_images_and_videos(family, tmp_path):
 
     from visionzip_tune.families import tokens_per_video
     from visionzip_tune.families.llava_next import crop_count
-    from visionzip_tune.tiny import TinySpec, save_tiny
+    from visionzip_tune.demo.tiny import TinySpec, save_tiny
 
     spec = TinySpec(family=family, image_size=56, patch_size=14, vision_hidden=32, vision_layers=2, text_hidden=32)
     model_dir = save_tiny(tmp_path / family, spec)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from visionzip_tune.metrics import format_eval, format_step, kept_on_resume
+from visionzip_tune.training.metrics import format_eval, format_step, kept_on_resume
 
 STEP = {
     "step": 7,

@@ -18,15 +18,18 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 import visionzip_tune as vzt
 from conftest import fed_to_llm
 from reference_visionzip import zip_one
-from visionzip_tune import build
-from visionzip_tune import modeling_mini_gemini as mgm
-from visionzip_tune.config import TrainConfig
+from visionzip_tune.models.mini_gemini import MiniGeminiConfig, register
+from visionzip_tune.models.mini_gemini import modeling_mini_gemini as mgm
+from visionzip_tune.models.mini_gemini.configuration_mini_gemini import stock_tokens_per_image
+from visionzip_tune.training import build
+from visionzip_tune.training.config import TrainConfig
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import weights_fingerprint
 from visionzip_tune.families import blank_image_inputs, family_name, frozen_parts, projector_parameters
 from visionzip_tune.families import mini_gemini
-from visionzip_tune.families.mini_gemini import zip_mined_views, zipped_tokens_per_image
-from visionzip_tune.tiny import TinySpec, build_tiny, save_tiny
+from visionzip_tune.families.mini_gemini import FAMILY as MINI_GEMINI
+from visionzip_tune.families.mini_gemini import zip_mined_views
+from visionzip_tune.demo.tiny import TinySpec, build_tiny, save_tiny
 
 BUDGETS = [(6, 2), (12, 4), (18, 6)]  # 8 / 16 / 24 of 64 patches, as 54+10 / 108+20 / 162+30 are of 576
 TEXT = "USER: {image}\nWhat colour is the shape? ASSISTANT:"
@@ -229,13 +232,13 @@ def test_views_and_regions_follow_mgm_order(hd):
 
 def test_invalid_configs_are_refused():
     with pytest.raises(ValueError, match="vision_feature_select_strategy must be 'default'"):
-        mgm.MiniGeminiConfig(vision_feature_select_strategy="full")
+        MiniGeminiConfig(vision_feature_select_strategy="full")
     with pytest.raises(ValueError, match="image_grid >= 2 for a global view"):
-        mgm.MiniGeminiConfig(image_global=True)
+        MiniGeminiConfig(image_global=True)
     with pytest.raises(ValueError, match="image_size_aux=800"):
-        mgm.MiniGeminiConfig(image_size_aux=800)
+        MiniGeminiConfig(image_size_aux=800)
     with pytest.raises(ValueError, match="vision_feature_layer must be one int"):
-        mgm.MiniGeminiConfig(vision_feature_layer=[-2, -1])
+        MiniGeminiConfig(vision_feature_layer=[-2, -1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,14 +341,14 @@ def test_bf16_stock_and_zipped(normal):
 
 def test_token_counts_at_mgm_geometry():
     """MGM-7B/13B (CLIP ViT-L/14 at 336, ConvNeXt-L at 768) and HD (1536, 2 x 2 crops + global), paper budgets."""
-    normal_config = mgm.MiniGeminiConfig()
-    hd_config = mgm.MiniGeminiConfig(image_size_aux=1536, image_grid=2, image_global=True)
-    assert mgm.stock_tokens_per_image(normal_config) == normal_config.image_seq_length == 576
-    assert mgm.stock_tokens_per_image(hd_config) == hd_config.image_seq_length == 2880
+    normal_config = MiniGeminiConfig()
+    hd_config = MiniGeminiConfig(image_size_aux=1536, image_grid=2, image_global=True)
+    assert stock_tokens_per_image(normal_config) == normal_config.image_seq_length == 576
+    assert stock_tokens_per_image(hd_config) == hd_config.image_seq_length == 2880
     for (dominant, contextual), expected in zip([(54, 10), (108, 20), (162, 30)], [64, 128, 192]):
         for config, views in ((normal_config, 1), (hd_config, 5)):
             config.visionzip = vzt.families.resolve_budget(config, dominant, contextual)
-            assert vzt.tokens_per_image(config) == zipped_tokens_per_image(config, config.visionzip)
+            assert vzt.tokens_per_image(config) == MINI_GEMINI.zipped_tokens(config, config.visionzip)
             assert vzt.tokens_per_image(config) == views * expected
             del config.visionzip
     assert vzt.tokens_per_image(hd_config) == 2880
@@ -434,10 +437,10 @@ def test_tiny_mini_gemini_needs_a_clip_tower():
 
 def test_save_load_round_trip(normal, tmp_path):
     model, tokenizer = normal
-    mgm.register()  # again: idempotent
+    register()  # again: idempotent
     model.save_pretrained(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
-    assert type(config) is mgm.MiniGeminiConfig and config.aux_vision_config.hidden_sizes == [8, 16, 32, 64]
+    assert type(config) is MiniGeminiConfig and config.aux_vision_config.hidden_sizes == [8, 16, 32, 64]
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     assert type(loaded) is mgm.MiniGeminiForConditionalGeneration and family_name(loaded) == "mini_gemini"
     ids, pixels = input_ids(model, tokenizer), hr_pixels(model)

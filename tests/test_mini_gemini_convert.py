@@ -20,7 +20,7 @@ from test_mini_gemini import SPEC, TEXT, hr_pixels, input_ids, oracle, oracle_lo
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, LlamaConfig
 
 from visionzip_tune import __main__ as cli
-from visionzip_tune.convert import (
+from visionzip_tune.models.mini_gemini.convert_mini_gemini import (
     clip_config_from_weights,
     convert_mini_gemini,
     sentencepiece_problem,
@@ -29,8 +29,10 @@ from visionzip_tune.convert import (
     to_mgm_key,
 )
 from visionzip_tune.errors import UserError
-from visionzip_tune.modeling_mini_gemini import OPENAI_CLIP_MEAN, MiniGeminiConfig, MiniGeminiForConditionalGeneration
-from visionzip_tune.tiny import build_tokenizer
+from visionzip_tune.models.mini_gemini.image_processing_mini_gemini import OPENAI_CLIP_MEAN
+from visionzip_tune.models.mini_gemini.configuration_mini_gemini import MiniGeminiConfig
+from visionzip_tune.models.mini_gemini.modeling_mini_gemini import MiniGeminiForConditionalGeneration
+from visionzip_tune.demo.tiny import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -20,17 +20,18 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForImageTextToText
 
-from visionzip_tune import build
+from visionzip_tune.training import build
 from visionzip_tune.__main__ import main as cli
-from visionzip_tune.config import load_config
-from visionzip_tune.data import DataConfig, SupervisedDataset, load_samples, make_demo_dataset
+from visionzip_tune.training.config import load_config
+from visionzip_tune.data import DataConfig, SupervisedDataset, load_samples
+from visionzip_tune.demo.dataset import make_demo_dataset
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.export import export_projector, load_projector
 from visionzip_tune.families import apply_visionzip, projector_parameters, unwrap_peft
-from visionzip_tune.modeling_mini_gemini import MINING_MODULES
-from visionzip_tune.processing import load_processing
-from visionzip_tune.tiny import TinySpec, save_tiny
-from visionzip_tune.train import train
+from visionzip_tune.models.mini_gemini.modeling_mini_gemini import MINING_MODULES
+from visionzip_tune.data.processing import load_processing
+from visionzip_tune.demo.tiny import TinySpec, save_tiny
+from visionzip_tune.training.loop import train
 
 K = 6 + 2  # VisionZip tokens per view in these runs
 # MGM's projector set under its own names, as MGM-7B's stage-1 mm_projector.bin holds it.
@@ -268,9 +269,9 @@ def test_generate_cli_answers_as_the_training_data_path(tmp_path, wide_image, ca
     sample["conversations"].append({"from": "gpt", "value": "x"})
     (wide_image / "sample.json").write_text(json.dumps([sample]))
     processing = load_processing(str(base))
-    dataset = SupervisedDataset(
+    dataset = SupervisedDataset(  # an export without a recipe prompts in the model's chat template (for_recipe)
         load_samples(wide_image / "sample.json"),
-        DataConfig(image_folder=wide_image),
+        DataConfig(image_folder=wide_image, template="chat_template"),
         processing,
         build.placeholders(model.config),
     )

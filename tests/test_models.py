@@ -10,10 +10,10 @@ from PIL import Image
 import visionzip_tune as vzt
 from conftest import fed_to_llm, load_tiny
 from reference_visionzip import reference_visionzip
-from visionzip_tune import encoders
+from visionzip_tune.algorithm import capture
 from visionzip_tune.families.base import zip_tower
 from visionzip_tune.families import family_name, language_model, projector_modules, tokens_per_image, vision_tower
-from visionzip_tune.tiny import TinySpec, build_tiny_with_processor
+from visionzip_tune.demo.tiny import TinySpec, build_tiny_with_processor
 
 PROMPT = "USER: <image>\nWhat colour is the shape? ASSISTANT:"
 
@@ -41,7 +41,7 @@ def test_features_match_eager_reference(request, fixture):
     expected = reference_visionzip(model.model.vision_tower, pixels, layer, 54, 10)
     with torch.no_grad():
         out = model.model.get_image_features(pixel_values=pixels)
-        zipped = zip_tower(model.model.vision_tower, pixels, encoders.resolve_layer(4, layer), 54, 10)
+        zipped = zip_tower(model.model.vision_tower, pixels, capture.resolve_layer(4, layer), 54, 10)
     assert zipped.dominant_indices.tolist() == expected.dominant
     assert zipped.contextual_indices.tolist() == expected.contextual
     reference_tokens = torch.stack(expected.tokens)

@@ -7,10 +7,10 @@ import json
 from conftest import DEMO, train_args
 from PIL import Image
 
-from visionzip_tune.config import load_config
+from visionzip_tune.training.config import load_config
 from visionzip_tune.distributed import init_distributed
-from visionzip_tune.plots import plot_metrics
-from visionzip_tune.train import train
+from visionzip_tune.training.plots import plot_metrics
+from visionzip_tune.training.loop import train
 
 
 def test_a_demo_run_ends_with_metrics_png(train_assets, tmp_path):

@@ -8,7 +8,7 @@ from PIL import Image
 
 import visionzip_tune as vzt
 from visionzip_tune.families import processor_counts, tokens_per_image
-from visionzip_tune.processing import patch_processor, unpatch_processor
+from visionzip_tune.families.processor import patch_processor, unpatch_processor
 
 PROMPT = "USER: <image>\nHow many shapes are there? ASSISTANT:"
 
@@ -44,7 +44,7 @@ def test_count_receives_the_calls_inputs_and_the_image_index(tiny_clip):
 def test_family_counts_read_each_images_size_and_tiling():
     """families.processor_counts: an anyres image is counted from its reported size; OneVision counts the images
     of a sample holding several as one untiled crop each."""
-    from visionzip_tune.tiny import TinySpec, build_config, build_tokenizer
+    from visionzip_tune.demo.tiny import TinySpec, build_config, build_tokenizer
 
     tokenizer = build_tokenizer(media_tokens=("<image>", "<video>"))
     next_config = build_config(TinySpec(family="llava_next", image_size=28), tokenizer)

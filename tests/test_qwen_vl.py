@@ -19,14 +19,17 @@ from PIL import Image
 
 import visionzip_tune as vzt
 from reference_visionzip import zip_scored
-from visionzip_tune import build, families
-from visionzip_tune.config import TrainConfig, VisionZipConfig
+from visionzip_tune import families
+from visionzip_tune.training import build
+from visionzip_tune.training.config import TrainConfig, VisionZipConfig
 from visionzip_tune.errors import UserError
 from visionzip_tune.families.forward import forward_with_vision
-from visionzip_tune.families.qwen_positions import token_types
-from visionzip_tune.stage_timer import Clock, instrumented
-from visionzip_tune.tiny import TinySpec, build_tiny
-from visionzip_tune.variants import Switcher, Variant, parse_budgets, plan
+from visionzip_tune.families.qwen import common as qwen_common
+from visionzip_tune.families.qwen import qwen3_vl
+from visionzip_tune.families.qwen.positions import token_types
+from visionzip_tune.inference.stage_timer import Clock, instrumented
+from visionzip_tune.demo.tiny import TinySpec, build_tiny
+from visionzip_tune.inference.variants import Switcher, Setting, parse_budgets, plan
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 GEOMETRY = dict(
@@ -77,7 +80,7 @@ def _tower_run(visual, pixels, grid):
     merger's input and output (tower order), and the stock raster-order outputs."""
     attention = visual.blocks[-1].attn
     seen = {}
-    watched = {"attention": attention, **{f"m{i}": m for i, m in enumerate(families.qwen_vl.mergers(visual))}}
+    watched = {"attention": attention, **{f"m{i}": m for i, m in enumerate(qwen_common.mergers(visual))}}
     hooks = [
         module.register_forward_hook(
             lambda mod, args, kwargs, out, name=name: seen.__setitem__(name, (args, kwargs, out)), with_kwargs=True
@@ -119,7 +122,7 @@ def reference_zip(model, pixel_values, grid_thw, merge_space: str = "post") -> l
         with torch.no_grad():
             qkv = visual.blocks[-1].attn.qkv(x).reshape(patches, 3, heads, -1)
             q, k = rotary(qkv[:, 0], qkv[:, 1], *kwargs["position_embeddings"])
-        merger_in = [seen[f"m{i}"][0][0] for i in range(len(families.qwen_vl.mergers(visual)))]
+        merger_in = [seen[f"m{i}"][0][0] for i in range(len(qwen_common.mergers(visual)))]
         merger_out = [seen[f"m{i}"][2] for i in range(len(merger_in))]
         slice_patches = grid[1] * grid[2]
         for t in range(grid[0]):
@@ -155,7 +158,7 @@ def reference_zip(model, pixel_values, grid_thw, merge_space: str = "post") -> l
                     tokens = torch.cat(
                         [
                             merger(part.reshape(-1, width))
-                            for merger, part in zip(families.qwen_vl.mergers(visual), tokens.split(4 * width, dim=-1))
+                            for merger, part in zip(qwen_common.mergers(visual), tokens.split(4 * width, dim=-1))
                         ],
                         dim=-1,
                     )
@@ -254,7 +257,7 @@ def _rows(model, tokenizer, image_units: list[Unit], video_units: list[Unit]) ->
     text = lambda words: tokenizer.encode(words, add_special_tokens=False)  # noqa: E731
     image = [_row([start, _run(config.image_token_id, unit), end]) for unit in image_units]
     if model.config.model_type == "qwen3_vl":
-        stamps = families.qwen3_vl.frame_pair_times(FRAME_TIMES, 2)
+        stamps = qwen3_vl.frame_pair_times(FRAME_TIMES, 2)
         frames = [
             [text(f"<{t:.1f} seconds>") + start, _run(config.video_token_id, u), end]
             for t, u in zip(stamps, video_units)
@@ -493,7 +496,7 @@ def test_data_path_batches_images_of_two_sizes_a_two_image_sample_a_video_and_te
     import json
 
     from visionzip_tune.data import Collator, DataConfig, SupervisedDataset, load_samples
-    from visionzip_tune.processing import Processing
+    from visionzip_tune.data.processing import Processing
 
     model, tokenizer, image_processor = tiny(family)
     vzt.apply_visionzip(model)
@@ -542,14 +545,15 @@ def test_export_round_trip_records_the_budget_and_refuses_other_pixel_bounds(fam
     from safetensors.torch import load_file
 
     from visionzip_tune.export import export_projector, load_projector, weights_fingerprint
-    from visionzip_tune.tiny import save_tiny
+    from visionzip_tune.demo.tiny import save_tiny
 
     base = save_tiny(tmp_path / "base", TinySpec(family=family, **GEOMETRY))
     from transformers import AutoModelForImageTextToText
 
-    from visionzip_tune.processing import load_processing
+    from visionzip_tune.data.processing import load_processing
 
-    image_processor = load_processing(base).image_processor
+    processing = load_processing(base)
+    image_processor = processing.image_processor
     model = AutoModelForImageTextToText.from_pretrained(base).eval()
     fingerprint = weights_fingerprint(model)
     vzt.apply_visionzip(model, dominant_ratio=0.3, contextual_ratio=0.1, merge_space="pre")
@@ -558,9 +562,7 @@ def test_export_round_trip_records_the_budget_and_refuses_other_pixel_bounds(fam
         for param in families.projector_parameters(model).values():
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
     assert weights_fingerprint(model) == fingerprint  # the mergers sit in the tower, but are not base weights
-    out = export_projector(
-        model, tmp_path / "export", metadata={"base_model": str(base)}, image_processor=image_processor
-    )
+    out = export_projector(model, tmp_path / "export", metadata={"base_model": str(base)}, processing=processing)
     record = json.loads((out / "visionzip.json").read_text())
     assert {k: record[k] for k in ("family", "dominant_ratio", "contextual_ratio", "merge_space", "score_layer")} == {
         "family": family,
@@ -598,7 +600,7 @@ def test_export_round_trip_records_the_budget_and_refuses_other_pixel_bounds(fam
     switch = Switcher(shared, str(out), record)
     switch.to(variants[2])
     assert shared.config.visionzip == model.config.visionzip
-    switch.to(Variant("0.45+0.05", parse_budgets("0.45+0.05")[0]))
+    switch.to(Setting("0.45+0.05", parse_budgets("0.45+0.05")[0]))
     assert shared.config.visionzip == {
         "dominant_ratio": 0.45,
         "contextual_ratio": 0.05,
@@ -749,8 +751,8 @@ def test_generate_command_image_video_and_multi_turn(family, tmp_path, capsys, m
     from visionzip_tune.__main__ import main as cli
     from visionzip_tune.data import DataConfig, SupervisedDataset, load_samples
     from visionzip_tune.export import export_projector
-    from visionzip_tune.processing import load_processing
-    from visionzip_tune.tiny import save_tiny
+    from visionzip_tune.data.processing import load_processing
+    from visionzip_tune.demo.tiny import save_tiny
 
     base = save_tiny(tmp_path / "base", TinySpec(family=family, **GEOMETRY))
     processing = load_processing(base)
@@ -764,7 +766,7 @@ def test_generate_command_image_video_and_multi_turn(family, tmp_path, capsys, m
         model,
         tmp_path / "export",
         metadata={"base_model": str(base), "recipe": {"config": {"data": data}}},
-        image_processor=processing.image_processor,
+        processing=processing,
     )
     _write_media(tmp_path)
     frames = tmp_path / "frames"

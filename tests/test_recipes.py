@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from visionzip_tune.compress import validate_budget
-from visionzip_tune.config import load_config
-from visionzip_tune.encoders import tokens_per_tower_output
+from visionzip_tune.algorithm.compress import validate_budget
+from visionzip_tune.training.config import load_config
+from visionzip_tune.algorithm.capture import tokens_per_tower_output
 from visionzip_tune.families import resolve_budget, tokens_per_image, tokens_per_video
-from visionzip_tune.modeling_mini_gemini import MiniGeminiConfig
+from visionzip_tune.models.mini_gemini.configuration_mini_gemini import MiniGeminiConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))

@@ -17,12 +17,12 @@ import torch
 from conftest import DEMO, ROOT, cli_error, records, train_args
 from safetensors.torch import load_file
 
-from visionzip_tune.config import load_config
+from visionzip_tune.training.config import load_config
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.errors import UserError
-from visionzip_tune.lock import LOCK_FILE, RunLock
-from visionzip_tune.preemption import EXIT_INTERRUPTED, INTERRUPTED_FILE, parse_signals
-from visionzip_tune.train import train
+from visionzip_tune.training.lock import LOCK_FILE, RunLock
+from visionzip_tune.training.preemption import EXIT_INTERRUPTED, INTERRUPTED_FILE, parse_signals
+from visionzip_tune.training.loop import train
 
 PREEMPTION_STEPS = 40  # long enough (seconds) to be interrupted mid-run
 

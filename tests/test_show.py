@@ -10,14 +10,14 @@ from PIL import Image
 from reference_visionzip import reference_visionzip
 
 from visionzip_tune.__main__ import main as cli
-from visionzip_tune.build import load_model_processing, load_vlm
+from visionzip_tune.loading import load_model_processing, load_vlm
 from visionzip_tune.data.images import MediaTransform
-from visionzip_tune.encoders import resolve_layer
+from visionzip_tune.algorithm.capture import resolve_layer
 from visionzip_tune.families import vision_tower
 from visionzip_tune.families.base import zip_tower
-from visionzip_tune.modeling_mini_gemini import low_resolution_views
-from visionzip_tune.show import GAP, HEADER, Layout, outlined
-from visionzip_tune.tiny import TinySpec, save_tiny
+from visionzip_tune.models.mini_gemini.modeling_mini_gemini import low_resolution_views
+from visionzip_tune.inference.picture import GAP, HEADER, Layout, outlined
+from visionzip_tune.demo.tiny import TinySpec, save_tiny
 
 CELL = 8
 SIDE = EVAL_SPEC.image_size // EVAL_SPEC.patch_size

@@ -13,8 +13,8 @@ from conftest import fed_to_llm
 
 from visionzip_tune.errors import UserError
 from visionzip_tune.families import family_name, language_model, sample_image_tokens, tokens_per_video
-from visionzip_tune.processing import load_processing
-from visionzip_tune.tiny import (
+from visionzip_tune.data.processing import load_processing
+from visionzip_tune.demo.tiny import (
     CHAT_TEMPLATE,
     IMAGE_TOKEN,
     VIDEO_TOKEN,

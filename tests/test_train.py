@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
 from visionzip_tune.__main__ import main as cli
-from visionzip_tune.config import load_config
+from visionzip_tune.training.config import load_config
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import load_projector
 from visionzip_tune.families import apply_visionzip, language_model, projector_modules, vision_tower
-from visionzip_tune.train import train
+from visionzip_tune.training.loop import train
 
 
 def run(assets, out_dir, *overrides):

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import load_tiny
 
-from visionzip_tune import build
+from visionzip_tune.training import build
 from visionzip_tune.data import Collator, DataConfig, SupervisedDataset, load_samples
-from visionzip_tune.processing import Processing
+from visionzip_tune.data.processing import Processing
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.errors import UserError
-from visionzip_tune.evaluate import answer_logprob, answer_mask, choice_accuracy, read_choices, with_answer
+from visionzip_tune.evaluation.heldout import answer_logprobs, answer_mask, choice_accuracy, read_choices, with_answer
 from visionzip_tune.families import apply_visionzip
 
 X = -100
@@ -40,7 +40,7 @@ def test_answer_logprob_sums_the_answer_tokens_log_probabilities():
     labels = torch.tensor([[X, X, 3, 4, 2, X], [X, X, X, 7, 2, X]])
     logp = logits.log_softmax(-1)
     expected = torch.stack([logp[0, 1, 3] + logp[0, 2, 4], logp[1, 2, 7]])  # token t is predicted at t - 1
-    assert torch.allclose(answer_logprob(logits, labels, eos_token_id=2), expected)
+    assert torch.allclose(answer_logprobs(logits, labels, eos_token_id=2).summed(2), expected)
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_batched_sharded_accuracy_equals_one_choice_at_a_time(eval_setup, train_
                 batch = collator([dataset.example(with_answer(s.sample, choice))])
                 batch.pop("ids")
                 labels = batch.pop("labels")
-                scores.append(float(answer_logprob(model(**batch).logits, labels, eos)[0]))
+                scores.append(float(answer_logprobs(model(**batch).logits, labels, eos).summed(1)[0]))
             correct += int(max(range(len(scores)), key=scores.__getitem__) == s.gold)
     # Two "ranks" in one process (a world of one does not reduce): their shards add up to the whole.
     shards = [

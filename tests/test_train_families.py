@@ -16,11 +16,11 @@ from conftest import DEMO, ROOT, records, text_only_samples
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from visionzip_tune.config import load_config
+from visionzip_tune.training.config import load_config
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.export import load_projector
 from visionzip_tune.families import projector_modules
-from visionzip_tune.train import train
+from visionzip_tune.training.loop import train
 
 K = 6 + 2  # VisionZip tokens per image, crop or frame in these runs
 FRAMES = 4
@@ -121,7 +121,7 @@ def test_video_llava_zero3_two_processes_with_mixed_micro_batches(tmp_path):
     """Video-LLaVA has separate image and video towers: under ZeRO-3 every forward gathers parameters
     collectively, so a rank whose micro-batch holds a video while the other's holds an image (or only text) must
     still run the same modules. Four micro-batches of one sample per rank mix all three kinds."""
-    from visionzip_tune.data import make_demo_dataset
+    from visionzip_tune.demo.dataset import make_demo_dataset
 
     demo = make_demo_dataset(tmp_path / "demo", n=24, seed=0, n_eval=4, videos=8)
     samples = json.loads(demo.train.read_text())

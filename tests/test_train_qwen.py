@@ -16,12 +16,12 @@ from conftest import DEMO, ROOT, records, text_only_samples
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from visionzip_tune.config import load_config
+from visionzip_tune.training.config import load_config
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.export import load_projector
 from visionzip_tune.families import projector_parameters
-from visionzip_tune.processing import load_processing
-from visionzip_tune.train import train
+from visionzip_tune.data.processing import load_processing
+from visionzip_tune.training.loop import train
 
 FRAMES = 4
 IMAGE_TOKENS = 8  # a 224 px demo image resized to 112 px: 8 x 8 patches, 16 merged tokens -> 7 + 1 at 0.45 + 0.05
@@ -102,7 +102,7 @@ def test_qwen_zero3_two_processes_with_mixed_micro_batches(family, tmp_path):
     """Under ZeRO-3 (weights sharded at load by zero.Init) every forward gathers parameters collectively: a rank
     whose micro-batch holds a video while the other's holds an image, or only text, must still run the same
     modules (the tower on a blank image / frame, the merger(s) twice in post mode). Then both export together."""
-    from visionzip_tune.data import make_demo_dataset
+    from visionzip_tune.demo.dataset import make_demo_dataset
 
     demo = make_demo_dataset(tmp_path / "demo", n=24, seed=0, n_eval=4, videos=8)
     samples = json.loads(demo.train.read_text())

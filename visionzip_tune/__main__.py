@@ -1,4 +1,5 @@
-"""``python -m visionzip_tune COMMAND ...``: dispatch to each command's ``main(argv)`` (``--help`` lists them)."""
+"""``python -m visionzip_tune COMMAND ...``: dispatch to each command's ``main(argv)`` in :mod:`visionzip_tune.cli`
+(``--help`` lists them)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,15 @@ from visionzip_tune.distributed import PeerFailed
 from visionzip_tune.errors import ERROR_DIR_ENV, UserError, paragraph, user_message
 
 COMMANDS = {
-    "train": ("visionzip_tune.train", "train a projector (or more) with VisionZip in the data path"),
-    "data": ("visionzip_tune.data.cli", "subset, check, preview LLaVA data; build the demo dataset"),
-    "export": ("visionzip_tune.export_run", "export the projector of a run directory"),
-    "generate": ("visionzip_tune.generate", "answer a prompt about an image or a video with a tuned projector"),
-    "launch": ("visionzip_tune.launch", "check a recipe, then train it under torchrun (what train.sh runs)"),
-    "convert": ("visionzip_tune.convert", "convert an original Mini-Gemini checkpoint to a transformers model"),
-    "eval": ("visionzip_tune.benchmarks", "lmms-eval benchmarks per budget, as a percentage of the stock model"),
-    "bench-infer": (
-        "visionzip_tune.bench_infer",
-        "time inference per stage (tower, VisionZip, projector, prefill, ...)",
-    ),
-    "show": ("visionzip_tune.show", "draw which patches VisionZip keeps and merges, with the attention heat map"),
+    "train": ("train", "train a projector (or more) with VisionZip in the data path"),
+    "data": ("data", "subset, check, preview LLaVA data; build the demo dataset"),
+    "export": ("export", "export the projector of a run directory"),
+    "generate": ("generate", "answer a prompt about an image or a video with a tuned projector"),
+    "launch": ("launch", "check a recipe, then train it under torchrun (what train.sh runs)"),
+    "convert": ("convert", "convert an original Mini-Gemini checkpoint to a transformers model"),
+    "eval": ("eval", "lmms-eval benchmarks per budget, as a percentage of the stock model"),
+    "bench-infer": ("bench_infer", "time inference per stage (tower, VisionZip, projector, prefill, ...)"),
+    "show": ("show", "draw which patches VisionZip keeps and merges, with the attention heat map"),
 }
 
 
@@ -41,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module = importlib.import_module(f"visionzip_tune.cli.{COMMANDS[argv[0]][0]}")
     try:
         return module.main(argv[1:]) or 0
     except UserError as err:

@@ -1,6 +1,6 @@
 """Export a tuned projector, and load it back onto a fresh base model with its VisionZip budget.
 
-An export directory holds three files (DESIGN §7; two more for Mini-Gemini, below):
+An export directory holds three files (two more for Mini-Gemini, below):
 
 * ``projector.safetensors`` -- the projector in HF checkpoint names (``multi_modal_projector.linear_1.weight``, ...;
   Qwen: ``visual.merger.*`` and Qwen3-VL's ``visual.deepstack_merger_list.*``), float32;
@@ -50,6 +50,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from visionzip_tune import families
+from visionzip_tune.data.processing import Processing
 from visionzip_tune.distributed import full_shape, gathered, is_main, together, unwrap_engine
 from visionzip_tune.errors import UserError
 from visionzip_tune.files import atomic_dir, disk_errors, file_sha256, remove_stale_temps
@@ -185,25 +186,24 @@ def export_projector(
     out_dir: str | Path,
     *,
     metadata: dict[str, Any],
-    processing: tuple[Any, ...] | None = None,
-    image_processor=None,
+    processing: Processing | None = None,
 ) -> Path:
     """Write the projector of ``model`` and its VisionZip budget to ``out_dir`` (see :func:`export_record` for
-    ``metadata`` and ``image_processor``); returns ``out_dir``.
+    ``metadata``; ``processing`` is the run's, whose image processor the record describes where the token counts
+    depend on it); returns ``out_dir``.
 
     ``model``: an HF model, a peft-wrapped one or a DeepSpeed engine (or its ``.module``). Call on ALL ranks: under
     ZeRO-3 the projector is gathered collectively; rank 0 writes into a temporary directory next to ``out_dir`` and
     renames it over any previous export, so readers never see a half-written export. Returns after the export is
     complete on every rank. A peft (LoRA) model's adapter is exported too, into ``out_dir/adapter`` (peft format);
     for ``metadata["mode"] == "full"`` the whole model is saved into ``out_dir/model`` (HF ``save_pretrained``; under
-    ZeRO-3 every parameter is gathered collectively, so each rank briefly holds the full model). ``processing``
-    (tokenizer, image processor, ...: anything with ``save_pretrained``) is saved next to that model (the tokenizer
-    carries the chat template), so ``processing.load_processing(out_dir / "model")`` gives what the run's data path
-    used; other modes ignore it.
+    ZeRO-3 every parameter is gathered collectively, so each rank briefly holds the full model), with the
+    ``processing``'s tokenizer (carrying the chat template) and image processor next to it, so
+    ``load_processing(out_dir / "model")`` gives what the run's data path used.
     """
     wrapped = unwrap_engine(model)
     base = _base_model(model)
-    record = export_record(model, metadata, image_processor)
+    record = export_record(model, metadata, processing.image_processor if processing is not None else None)
     tensors = _gathered_copy(families.projector_parameters(base))
     adapter = (
         _gathered_copy({n: p for n, p in wrapped.named_parameters() if ".lora_" in n}) if "adapter" in record else None
@@ -222,8 +222,9 @@ def export_projector(
                     wrapped.save_pretrained(tmp / ADAPTER_DIR, state_dict=adapter)
                 if full:
                     base.save_pretrained(tmp / MODEL_DIR)  # config.json keeps config.visionzip: apply_visionzip re-zips
-                    for piece in processing or ():  # tokenizer (with its chat template), image processor
-                        piece.save_pretrained(tmp / MODEL_DIR)
+                    if processing is not None:  # the tokenizer carries the chat template
+                        processing.tokenizer.save_pretrained(tmp / MODEL_DIR)
+                        processing.image_processor.save_pretrained(tmp / MODEL_DIR)
                 sealed = seal(record, tmp)
                 (tmp / METADATA_FILE).write_text(json.dumps(sealed, indent=2, default=str) + "\n")
 

@@ -1,16 +1,18 @@
-"""LLaVA-format instruction data: load -> validate -> subset -> template + tokenize -> batches; and the demo set.
+"""LLaVA-format instruction data: load -> validate -> subset -> template + tokenize -> batches.
 
-from visionzip_tune import build
 from visionzip_tune.data import Collator, DataConfig, SupervisedDataset, load_samples
+from visionzip_tune.training.build import placeholders
 samples = load_samples("llava_v1_5_mix665k.json")           # memory-mapped datasets.Dataset, ids as str
-ds = SupervisedDataset(samples, DataConfig(image_folder=...), processing, build.placeholders(model.config))
+ds = SupervisedDataset(samples, DataConfig(image_folder=...), processing, placeholders(model.config))
 batch = Collator(tokenizer.pad_token_id)([ds[0], ds[1]])    # input_ids, labels, ..., pixel_values, ...
+
+The data path knows no model family: the placeholder counts come in as :class:`Placeholders`.
 """
 
 from visionzip_tune.data.batching import Collator, LengthGroupedSampler
 from visionzip_tune.data.config import DataConfig
 from visionzip_tune.data.dataset import Placeholders, SupervisedDataset
-from visionzip_tune.data.demo import make_demo_dataset
+from visionzip_tune.data.processing import Processing, load_processing
 from visionzip_tune.data.source import load_samples
 from visionzip_tune.data.template import IGNORE_INDEX
 
@@ -20,7 +22,8 @@ __all__ = [
     "DataConfig",
     "LengthGroupedSampler",
     "Placeholders",
+    "Processing",
     "SupervisedDataset",
+    "load_processing",
     "load_samples",
-    "make_demo_dataset",
 ]

@@ -19,12 +19,12 @@ import torch
 
 from visionzip_tune.data.config import DataConfig
 from visionzip_tune.data.images import MediaTransform, open_image
+from visionzip_tune.data.processing import Processing
 from visionzip_tune.data.source import column, data_path
 from visionzip_tune.data.template import Templater, TooLong, fit_to_length, llava_turns
 from visionzip_tune.data.validate import BadSample, row_video
 from visionzip_tune.data.video import read_video_clip
 from visionzip_tune.errors import UserError
-from visionzip_tune.processing import Processing
 
 _LISTED = 10  # bad samples named in an error message before "... and N more"
 # The reasons a summary counts apart from "malformed".

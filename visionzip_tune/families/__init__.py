@@ -2,9 +2,9 @@
 / ``<video>`` tokens an image or video becomes, and VisionZip's instance-level overrides of the inner model's
 feature methods.
 
-One module per family (``llava``, ``llava_next``, ``video_llava``, ``llava_onevision``, ``qwen2_5_vl``,
-``qwen3_vl``, ``mini_gemini``), each defining a :class:`~visionzip_tune.families.base.Family` named ``FAMILY``;
-adding a family means one new module and one line in :data:`FAMILIES`. VisionZip runs on every unit the tower sees
+One module per family (``llava``, ``llava_next``, ``video_llava``, ``llava_onevision``, ``qwen/qwen2_5_vl``,
+``qwen/qwen3_vl``, ``mini_gemini``), each defining a subclass of :class:`~visionzip_tune.families.base.Family` and
+its instance ``FAMILY``; adding a family means one new module and one line in :data:`FAMILIES`. VisionZip runs on every unit the tower sees
 independently: an image, an anyres crop, a video frame (Qwen: a temporal slice, in merged tokens). The overrides are
 bound with ``types.MethodType`` to the *inner* model instance (``model.model``): both
 ``forward()`` and ``generate()`` call them there, and the class and every other instance stay stock. The budget
@@ -20,18 +20,10 @@ from collections.abc import Callable, Iterator
 
 from torch import Tensor, nn
 
-from visionzip_tune import processing
-from visionzip_tune.families import (
-    llava,
-    llava_next,
-    llava_onevision,
-    mini_gemini,
-    qwen2_5_vl,
-    qwen3_vl,
-    qwen_vl,
-    video_llava,
-)
-from visionzip_tune.families.base import RECORDER, Family, MediaSize, VideoLayout, ZippedUnits, tiled_flags
+from visionzip_tune.families import llava, llava_next, llava_onevision, mini_gemini, video_llava
+from visionzip_tune.families.base import RECORDER, Budget, Family, MediaSize, VideoLayout, ZippedUnits
+from visionzip_tune.families.processor import patch_processor, unpatch_processor
+from visionzip_tune.families.qwen import qwen2_5_vl, qwen3_vl
 
 # mini_gemini's import registers its native model with transformers' Auto classes (on import of visionzip_tune).
 FAMILIES: dict[str, Family] = {
@@ -46,6 +38,24 @@ FAMILIES: dict[str, Family] = {
         mini_gemini.FAMILY,
     )
 }
+
+
+# Every kind of budget a family takes (tokens per unit; ratios of each unit's tokens), in registry order.
+BUDGETS: tuple[Budget, ...] = tuple(dict.fromkeys(family.budget for family in FAMILIES.values()))
+
+
+def budget_kind(budget: dict) -> Budget:
+    """The kind of a budget given as apply_visionzip keywords (``{"dominant": 54, "contextual": 10}``: tokens per
+    unit); ``ValueError`` when no kind has all its keys."""
+    for kind in BUDGETS:
+        if kind.owns(budget):
+            return kind
+    raise ValueError(f"{budget} is not a VisionZip budget: give {' or '.join(', '.join(k.keys) for k in BUDGETS)}")
+
+
+def budget_label(budget: dict) -> str:
+    """``54+10`` for a budget in tokens, ``0.45+0.05`` for one in ratios of each image's tokens."""
+    return budget_kind(budget).label(budget)
 
 
 def _supported() -> str:
@@ -92,25 +102,21 @@ def tokens_per_image(config, image_size: MediaSize = None) -> int:
     LLaVA-1.5 ignores it. The processor, the data path and the model all use this one function, so their counts
     cannot drift apart.
     """
-    family = family_of(config)
-    budget = getattr(config, "visionzip", None)
-    if budget:
-        return family.zipped_tokens(config, budget, image_size)
-    return family.stock_tokens(config, image_size)
+    return family_of(config).image_tokens(config, image_size)
 
 
 def tokens_per_unit(config) -> int | None:
     """K, the tokens each zipped unit (an image, an anyres crop, a video frame) becomes; None without VisionZip or
     with a budget in ratios (Qwen: K follows each unit's size)."""
     budget = getattr(config, "visionzip", None)
-    return budget["dominant"] + budget["contextual"] if budget and "dominant" in budget else None
+    return family_of(config).budget.unit_tokens(budget) if budget else None
 
 
 def sample_image_tokens(config, image_sizes: list[MediaSize]) -> list[int]:
     """Placeholder tokens of each image of one sample, from the sizes its image processor reported (see
     ``MediaTransform.images``; a family that feeds the images of a multi-image sample untiled counts each of them
     as one crop)."""
-    tiled = tiled_flags(family_of(config), [len(image_sizes)], len(image_sizes))
+    tiled = family_of(config).tiled_flags([len(image_sizes)], len(image_sizes))
     return [tokens_per_image(config, size if tile else None) for size, tile in zip(image_sizes, tiled)]
 
 
@@ -131,27 +137,19 @@ def tokens_per_video(config, num_frames: MediaSize) -> int:
     size is its frame count (Qwen: the processor's patch grid (t, h, w)). Families without a video path raise
     ``ValueError``.
     """
-    family = video_family(config)
-    budget = getattr(config, "visionzip", None)
-    if budget:
-        return family.zipped_video_tokens(config, budget, num_frames)
-    return family.stock_video_tokens(config, num_frames)
+    return video_family(config).video_tokens(config, num_frames)
 
 
 def video_layout(config, video: MediaSize, times: list[float]) -> VideoLayout:
     """What a video becomes in the text: runs of placeholders (ints) between texts (strs), from its size and its
     frames' times in seconds; one run of :func:`tokens_per_video` tokens except for Qwen3-VL (a run per frame,
     after its timestamp)."""
-    family = video_family(config)
-    if family.video_layout is None:
-        return [tokens_per_video(config, video)]
-    return family.video_layout(config, video, times)
+    return video_family(config).video_layout(config, video, times)
 
 
 def video_timing(config, video: MediaSize, times: list[float]) -> dict[str, Tensor]:
     """Inputs the model takes about a video besides its pixels (Qwen2.5-VL: ``second_per_grid_ts``); {} if none."""
-    family = video_family(config)
-    return {} if family.video_timing is None else family.video_timing(config, video, times)
+    return video_family(config).video_timing(config, video, times)
 
 
 def has_video_input(config) -> bool:
@@ -160,12 +158,12 @@ def has_video_input(config) -> bool:
 
 
 def processor_counts(config) -> tuple[Callable[[dict, int], int], Callable[[dict, int], int] | None]:
-    """``(image_count, video_count)`` for :func:`processing.patch_processor`: the placeholder count of image
+    """``(image_count, video_count)`` for :func:`~visionzip_tune.families.processor.patch_processor`: the placeholder count of image
     ``i`` (or video ``i``) of a processor call, from what the image (video) processor returned for the whole call."""
     family = family_of(config)
 
     def image_count(image_inputs: dict, index: int) -> int:
-        return tokens_per_image(config, family.image_size(family, image_inputs, index))
+        return tokens_per_image(config, family.image_size(image_inputs, index))
 
     def video_count(video_inputs: dict, index: int) -> int:
         return tokens_per_video(config, family.video_size(video_inputs, index))
@@ -188,8 +186,7 @@ def media_count(config, batch: dict) -> tuple[int, int]:
 
 def id_inputs(config, input_ids: Tensor) -> dict[str, Tensor]:
     """Inputs the model needs that follow from the token ids alone (Qwen: ``mm_token_type_ids``); {} if none."""
-    family = family_of(config)
-    return {} if family.id_inputs is None else family.id_inputs(config, input_ids)
+    return family_of(config).id_inputs(config, input_ids)
 
 
 def blank_image_inputs(config) -> dict[str, Tensor]:
@@ -237,10 +234,11 @@ def vision_tower(model: nn.Module) -> nn.Module:
     return getattr(inner, family.towers[0])
 
 
-def vision_towers(model: nn.Module) -> list[nn.Module]:
-    """Every vision tower, the image tower first (Video-LLaVA: ``image_tower``, then ``video_tower``)."""
+def vision_towers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every vision tower by its attribute name, the image tower first (Video-LLaVA: ``image_tower``, then
+    ``video_tower``)."""
     family, inner = _inner(model)
-    return [getattr(inner, name) for name in family.towers]
+    return {name: getattr(inner, name) for name in family.towers}
 
 
 def language_model(model: nn.Module) -> nn.Module:
@@ -286,7 +284,7 @@ def apply_visionzip(
     for method, override in family.overrides.items():
         setattr(inner, method, types.MethodType(override, inner))
     if processor is not None:
-        processing.patch_processor(processor, *processor_counts(inner.config))
+        patch_processor(processor, *processor_counts(inner.config))
     return model
 
 
@@ -303,13 +301,12 @@ def resolve_budget(config, dominant: int | None = None, contextual: int | None =
 def remove_visionzip(model: nn.Module, processor=None) -> nn.Module:
     """Undo :func:`apply_visionzip`: stock features, stock token counts, no budget on the config. In place."""
     family, inner = _inner(model)
-    for method in family.overrides:
-        inner.__dict__.pop(method, None)
-    inner.__dict__.pop(qwen_vl.ENCODED, None)
+    for attribute in (*family.overrides, *family.instance_state):
+        inner.__dict__.pop(attribute, None)
     if hasattr(inner.config, "visionzip"):
         del inner.config.visionzip
     if processor is not None:
-        processing.unpatch_processor(processor)
+        unpatch_processor(processor)
     return model
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from visionzip_tune.families.base import Family, llava_stock_tokens, zip_units, zipped_per_unit
+from visionzip_tune.families.base import Family, zip_units
 
 
 def get_image_features(
@@ -27,11 +27,11 @@ def get_image_features(
     return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=list(self.multi_modal_projector(tokens)))
 
 
-FAMILY = Family(
-    name="llava",
-    model_class="LlavaForConditionalGeneration",
-    model_type="llava",
-    overrides={"get_image_features": get_image_features},
-    stock_tokens=llava_stock_tokens,
-    zipped_tokens=zipped_per_unit,
-)
+class Llava(Family):
+    name = "llava"
+    model_class = "LlavaForConditionalGeneration"
+    model_type = "llava"
+    overrides = {"get_image_features": get_image_features}
+
+
+FAMILY = Llava()

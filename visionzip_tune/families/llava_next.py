@@ -18,8 +18,8 @@ from transformers.models.llava_next.modeling_llava_next import (
     image_size_to_num_patches,
 )
 
-from visionzip_tune import compress, encoders
-from visionzip_tune.families.base import Family, ImageSize, llava_stock_tokens, zip_units, zipped_per_unit
+from visionzip_tune.algorithm import capture, compress
+from visionzip_tune.families.base import Family, ImageSize, zip_units
 
 
 def crop_count(config, image_size) -> int:
@@ -101,7 +101,7 @@ def get_image_features(
     if self.config.visionzip.get("token_order", "flat") == "grid":
         config, contextual = self.config, self.config.visionzip["contextual"]
         side = config.vision_config.image_size // config.vision_config.patch_size
-        has_cls = encoders.tower_has_cls(self.vision_tower)
+        has_cls = capture.tower_has_cls(self.vision_tower)
         positions = torch.split(zipped.dominant_indices, crops)
         per_image = [
             tokens.index_select(0, grid_order(kept, contextual, grid_shape(config, size), side, has_cls))
@@ -110,51 +110,59 @@ def get_image_features(
     return BaseModelOutputWithPooling(last_hidden_state=zipped.tokens, pooler_output=per_image)
 
 
-def anyres_stock_tokens(config, image_size: ImageSize | None = None, max_crops: int | None = None) -> int:
-    """Stock anyres layout (``pack_image_features``): the base crop, plus the stitched grid unpadded to the image's
-    aspect ratio, downscaled to about ``max_crops`` crops' worth when given (OneVision), one newline per row.
+class AnyresFamily(Family):
+    """A family that tiles an image into a base crop plus an anyres grid of crops (LLaVA-NeXT, OneVision): every crop
+    is zipped to K tokens."""
 
-    ``image_size=None`` is an untiled image (one crop; OneVision's multi-image samples): base crop + one newline.
-    """
-    if image_size is None:
-        return llava_stock_tokens(config) + 1
-    height, width = image_size
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    rows, cols = grid_shape(config, (height, width))
-    grid_h, grid_w = rows * side, cols * side
-    # Unpadding, as in transformers' unpad_image: the padded axis keeps the image's share, rounded the same way.
-    if width / height > grid_w / grid_h:
-        grid_h -= 2 * ((grid_h - int(round(height * (grid_w / width), 7))) // 2)
-    else:
-        grid_w -= 2 * ((grid_w - int(round(width * (grid_h / height), 7))) // 2)
-    if max_crops is not None:
-        ratio = math.sqrt(grid_h * grid_w / (max_crops * side**2))
-        if ratio > 1.1:
-            grid_h, grid_w = int(grid_h // ratio), int(grid_w // ratio)
-    return llava_stock_tokens(config) + grid_h * grid_w + grid_h
+    anyres = True
+
+    def max_crops(self, config) -> int | None:
+        """About how many crops' worth the stock layout downscales a big grid to (OneVision); None: never."""
+        return None
+
+    def stock_tokens(self, config, image_size: ImageSize | None = None) -> int:
+        """Stock anyres layout (``pack_image_features``): the base crop, plus the stitched grid unpadded to the
+        image's aspect ratio, downscaled to about :meth:`max_crops` crops' worth when set, one newline per row.
+
+        ``image_size=None`` is an untiled image (one crop; OneVision's multi-image samples): base crop + one newline.
+        """
+        crop = super().stock_tokens(config)
+        if image_size is None:
+            return crop + 1
+        height, width = image_size
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        rows, cols = grid_shape(config, (height, width))
+        grid_h, grid_w = rows * side, cols * side
+        # Unpadding, as in transformers' unpad_image: the padded axis keeps the image's share, rounded the same way.
+        if width / height > grid_w / grid_h:
+            grid_h -= 2 * ((grid_h - int(round(height * (grid_w / width), 7))) // 2)
+        else:
+            grid_w -= 2 * ((grid_w - int(round(width * (grid_h / height), 7))) // 2)
+        max_crops = self.max_crops(config)
+        if max_crops is not None:
+            ratio = math.sqrt(grid_h * grid_w / (max_crops * side**2))
+            if ratio > 1.1:
+                grid_h, grid_w = int(grid_h // ratio), int(grid_w // ratio)
+        return crop + grid_h * grid_w + grid_h
+
+    def zipped_tokens(self, config, budget: dict, image_size: ImageSize | None = None) -> int:
+        """Every crop zipped to K tokens; ``image_size=None`` is an untiled image (one crop)."""
+        crops = 1 if image_size is None else crop_count(config, image_size)
+        return crops * self.budget.unit_tokens(budget)
+
+    def blank_image(self, config) -> dict[str, Tensor]:
+        """One all-zero image of one crop's size, as an anyres processor lays it out: every crop, and its size."""
+        size = config.vision_config.image_size
+        crops = crop_count(config, (size, size))
+        return {"pixel_values": torch.zeros(1, crops, 3, size, size), "image_sizes": torch.tensor([[size, size]])}
 
 
-def blank_anyres_image(config) -> dict[str, Tensor]:
-    """One all-zero image of one crop's size, as an anyres processor lays it out: every crop, and its size."""
-    size = config.vision_config.image_size
-    crops = crop_count(config, (size, size))
-    return {"pixel_values": torch.zeros(1, crops, 3, size, size), "image_sizes": torch.tensor([[size, size]])}
+class LlavaNext(AnyresFamily):
+    name = "llava_next"
+    model_class = "LlavaNextForConditionalGeneration"
+    model_type = "llava_next"
+    overrides = {"get_image_features": get_image_features}
+    token_orders = ("flat", "grid")
 
 
-def anyres_zipped_tokens(config, budget: dict, image_size: ImageSize | None = None) -> int:
-    """Every crop zipped to K tokens; ``image_size=None`` is an untiled image (one crop)."""
-    crops = 1 if image_size is None else crop_count(config, image_size)
-    return crops * zipped_per_unit(config, budget)
-
-
-FAMILY = Family(
-    name="llava_next",
-    model_class="LlavaNextForConditionalGeneration",
-    model_type="llava_next",
-    overrides={"get_image_features": get_image_features},
-    stock_tokens=anyres_stock_tokens,
-    zipped_tokens=anyres_zipped_tokens,
-    token_orders=("flat", "grid"),
-    anyres=True,
-    blank_image=blank_anyres_image,
-)
+FAMILY = LlavaNext()

@@ -14,14 +14,8 @@ import math
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from visionzip_tune.families.base import Family, ImageSize, per_frame_video_features, tiled_flags
-from visionzip_tune.families.llava_next import (
-    anyres_stock_tokens,
-    anyres_zipped_tokens,
-    blank_anyres_image,
-    crop_count,
-    zip_crops,
-)
+from visionzip_tune.families.base import per_frame_video_features
+from visionzip_tune.families.llava_next import AnyresFamily, crop_count, zip_crops
 
 
 def get_image_features(
@@ -40,34 +34,30 @@ def get_image_features(
     crop. Returns ``last_hidden_state`` = (sum crops, K, D_vision) and ``pooler_output`` = list of B tensors
     (crops_i * K, text hidden), crop after crop.
     """
-    tiled = tiled_flags(FAMILY, batch_num_images, len(image_sizes))
+    tiled = FAMILY.tiled_flags(batch_num_images, len(image_sizes))
     crops = [crop_count(self.config, size) if tile else 1 for size, tile in zip(image_sizes, tiled)]
     zipped, per_image = zip_crops(self, pixel_values, crops, vision_feature_layer)
     return BaseModelOutputWithPooling(last_hidden_state=zipped.tokens, pooler_output=per_image)
 
 
-def stock_tokens(config, image_size: ImageSize | None = None) -> int:
-    return anyres_stock_tokens(config, image_size, int(config.vision_aspect_ratio.removeprefix("anyres_max_")))
-
-
-def stock_video_tokens(config, frames: int) -> int:
-    """Stock OneVision video: each frame's patch grid bilinearly pooled 2x2 (ceil), one newline after the video."""
-    pooled = math.ceil(config.vision_config.image_size // config.vision_config.patch_size / 2)
-    return frames * pooled * pooled + 1
-
-
-FAMILY = Family(
-    name="llava_onevision",
-    model_class="LlavaOnevisionForConditionalGeneration",
-    model_type="llava_onevision",
-    overrides={
+class LlavaOnevision(AnyresFamily):
+    name = "llava_onevision"
+    model_class = "LlavaOnevisionForConditionalGeneration"
+    model_type = "llava_onevision"
+    overrides = {
         "get_image_features": get_image_features,
         "get_video_features": per_frame_video_features("vision_tower"),
-    },
-    stock_tokens=stock_tokens,
-    zipped_tokens=anyres_zipped_tokens,
-    stock_video_tokens=stock_video_tokens,
-    anyres=True,
-    tiles_every_image=False,
-    blank_image=blank_anyres_image,
-)
+    }
+    has_video = True
+    tiles_every_image = False
+
+    def max_crops(self, config) -> int:
+        return int(config.vision_aspect_ratio.removeprefix("anyres_max_"))
+
+    def stock_video_tokens(self, config, frames: int) -> int:
+        """Stock OneVision video: each frame's patch grid bilinearly pooled 2x2 (ceil), one newline after it."""
+        pooled = math.ceil(config.vision_config.image_size // config.vision_config.patch_size / 2)
+        return frames * pooled * pooled + 1
+
+
+FAMILY = LlavaOnevision()

@@ -1,4 +1,4 @@
-"""Mini-Gemini (``MiniGeminiForConditionalGeneration``, the native model of :mod:`visionzip_tune.modeling_mini_gemini`):
+"""Mini-Gemini (``MiniGeminiForConditionalGeneration``, the native model of :mod:`visionzip_tune.models.mini_gemini`):
 VisionZip as "mine, then zip".
 
 MGM refines every CLIP patch token with its own high-resolution region before the projector (patch info mining).
@@ -22,32 +22,17 @@ import torch
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from visionzip_tune import compress
+from visionzip_tune.algorithm import compress
 from visionzip_tune.families.base import Family, record_zip, zip_layer
-from visionzip_tune.modeling_mini_gemini import (
+from visionzip_tune.models.mini_gemini.configuration_mini_gemini import stock_tokens_per_image, views_per_image
+from visionzip_tune.models.mini_gemini.modeling_mini_gemini import (
+    MGM_PROJECTOR_NAMES,
     MINING_MODULES,
     MinedViews,
     low_resolution_views,
     mine_views,
     per_image,
-    stock_tokens_per_image,
-    views_per_image,
 )
-
-# The projector parameters' names in MGM's checkpoints and its stage-1 ``mm_projector.bin``, by HF name prefix
-# (relative to the inner model): the MLP is LLaVA's Sequential(Linear, GELU, Linear); the mining modules keep MGM's
-# names (mgm/model/mgm_arch.py:149-154).
-MGM_PROJECTOR_NAMES = {
-    "multi_modal_projector.linear_1.": "model.mm_projector.0.",
-    "multi_modal_projector.linear_2.": "model.mm_projector.2.",
-    **{f"{name}.": f"model.{name}." for name in MINING_MODULES},
-}
-
-
-def zipped_tokens_per_image(config, budget: dict, image_size: tuple[int, int] | None = None) -> int:
-    """Placeholder tokens of one image under a VisionZip ``budget``: every view keeps dominant + contextual tokens
-    (64 / 128 / 192; HD 320 / 640 / 960)."""
-    return views_per_image(config) * (budget["dominant"] + budget["contextual"])
 
 
 def zip_mined_views(mined: MinedViews, dominant: int, contextual: int) -> compress.ZipResult:
@@ -79,29 +64,34 @@ def get_image_features(
     return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=list(self.multi_modal_projector(tokens)))
 
 
-def high_resolution_side(config) -> int:
-    """MGM's ``pixel_values`` are the HR image, ``image_size_aux`` px square; the model derives the LR views."""
-    return config.image_size_aux
+class MiniGemini(Family):
+    name = "mini_gemini"
+    model_class = "MiniGeminiForConditionalGeneration"
+    model_type = "mini_gemini"
+    overrides = {"get_image_features": get_image_features}
+    towers = ("vision_tower", "vision_tower_aux")
+    projector = ("multi_modal_projector", *MINING_MODULES)
+    projector_subsets = {"mlp_only": ("multi_modal_projector",)}
+    original_projector_names = MGM_PROJECTOR_NAMES
+    original_projector_index = True
+
+    def stock_tokens(self, config, image_size=None) -> int:
+        return stock_tokens_per_image(config)
+
+    def zipped_tokens(self, config, budget: dict, image_size=None) -> int:
+        """Every view keeps dominant + contextual tokens (64 / 128 / 192; HD 320 / 640 / 960)."""
+        return views_per_image(config) * self.budget.unit_tokens(budget)
+
+    def image_side(self, config) -> int:
+        """MGM's ``pixel_values`` are the HR image, ``image_size_aux`` px square (a text-only batch encodes a blank
+        one); the model derives the LR views from it."""
+        return config.image_size_aux
+
+    def tower_stages(self, name, tower):
+        """CLIP as any LLaVA tower; the high-resolution ConvNeXt: its embeddings and stages."""
+        if name == "vision_tower_aux":
+            return tower.embeddings, list(tower.encoder.stages)
+        return super().tower_stages(name, tower)
 
 
-def blank_high_resolution_image(config) -> dict[str, Tensor]:
-    """One all-zero high-resolution image: what a text-only batch encodes (the model derives the tower's views)."""
-    side = high_resolution_side(config)
-    return {"pixel_values": torch.zeros(1, 3, side, side)}
-
-
-FAMILY = Family(
-    name="mini_gemini",
-    model_class="MiniGeminiForConditionalGeneration",
-    model_type="mini_gemini",
-    overrides={"get_image_features": get_image_features},
-    stock_tokens=stock_tokens_per_image,
-    zipped_tokens=zipped_tokens_per_image,
-    towers=("vision_tower", "vision_tower_aux"),
-    projector=("multi_modal_projector", *MINING_MODULES),
-    projector_subsets={"mlp_only": ("multi_modal_projector",)},
-    original_projector_names=MGM_PROJECTOR_NAMES,
-    original_projector_index=True,
-    image_side=high_resolution_side,
-    blank_image=blank_high_resolution_image,
-)
+FAMILY = MiniGemini()

@@ -7,14 +7,8 @@ from __future__ import annotations
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from visionzip_tune import encoders
-from visionzip_tune.families.base import (
-    Family,
-    llava_stock_tokens,
-    per_frame_video_features,
-    zip_units,
-    zipped_per_unit,
-)
+from visionzip_tune.algorithm import capture
+from visionzip_tune.families.base import Family, per_frame_video_features, zip_units
 
 
 def get_image_features(
@@ -35,18 +29,20 @@ def get_image_features(
     return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=self.multi_modal_projector(tokens))
 
 
-def stock_video_tokens(config, frames: int) -> int:
-    """Stock Video-LLaVA feeds every tower token of every frame, CLS included, whatever the select strategy."""
-    return frames * encoders.tokens_per_tower_output(config.vision_config)
+class VideoLlava(Family):
+    name = "video_llava"
+    model_class = "VideoLlavaForConditionalGeneration"
+    model_type = "video_llava"
+    overrides = {
+        "get_image_features": get_image_features,
+        "get_video_features": per_frame_video_features("video_tower"),
+    }
+    towers = ("image_tower", "video_tower")
+    has_video = True
+
+    def stock_video_tokens(self, config, frames: int) -> int:
+        """Stock Video-LLaVA feeds every tower token of every frame, CLS included, whatever the select strategy."""
+        return frames * capture.tokens_per_tower_output(config.vision_config)
 
 
-FAMILY = Family(
-    name="video_llava",
-    model_class="VideoLlavaForConditionalGeneration",
-    model_type="video_llava",
-    overrides={"get_image_features": get_image_features, "get_video_features": per_frame_video_features("video_tower")},
-    stock_tokens=llava_stock_tokens,
-    zipped_tokens=zipped_per_unit,
-    towers=("image_tower", "video_tower"),
-    stock_video_tokens=stock_video_tokens,
-)
+FAMILY = VideoLlava()

@@ -1,0 +1,391 @@
+"""What Qwen2.5-VL and Qwen3-VL share: VisionZip in the merged-token units of their own vision towers, their
+budget in ratios, and the memory of each modality's latest encoding that their positions read. ``base.py`` is the
+family class both generations derive from (``qwen2_5_vl.py``, ``qwen3_vl.py``); ``positions.py`` the exact MRoPE
+positions of the kept tokens.
+
+The tower's merger fuses every 2 x 2 group of patches into one LLM token, so VisionZip selects among merged tokens.
+The unit is what the last vision block attends over as one segment: an image, or one temporal slice of a video.
+The scores come from that block (full attention in both models): the attention each patch receives, from the
+block's q/k after its own rotary embedding, captured by hooks for one call (SDPA stays on; the towers return no
+attention maps). Scores and keys are averaged over the 4 patches of each merge group. The budget is a pair of ratios
+of each unit's N merged tokens (``compress.ratio_budget``), so the count is a function of the processor's grid.
+
+Kept tokens keep their stock positions (``positions.py``), which depend on the image: each modality's latest
+encoding is remembered on the inner model (:class:`Encoded`), so positions are computed from the encoding of the
+very grid tensor given, and ``generate()``, which computes positions before features, encodes its pixels once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from visionzip_tune.algorithm import capture, compress
+from visionzip_tune.families.base import Budget, Family
+
+MERGE_SPACES = ("post", "pre")  # contextual merge after the merger (upstream) or on its inputs
+ENCODED = "_visionzip_encoded"  # attribute of the inner model: {"image" | "video": Encoded}
+
+
+class Generation(Protocol):
+    """How one Qwen generation differs (the family class of each, ``base.QwenFamily``, provides it): its tower's
+    token order, its video placeholder runs, its output type (the DeepStack mergers, where a tower has them, are
+    found on the tower)."""
+
+    # Qwen3-VL: every video frame (temporal patch) is a placeholder run of its own, between timestamp texts.
+    frame_runs: bool
+    output: type[BaseModelOutputWithPooling]  # what get_image_features returns
+
+    def raster_order(self, visual: nn.Module, grid_thw: Tensor) -> Tensor | None:
+        """Permutation from the tower's merge-group order to raster order for a grid_thw, or None when already
+        raster (Qwen2.5-VL runs its blocks in window order)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Budget and token counts
+
+
+def merged_per_slice(config, grid) -> int:
+    """N: merged tokens of one temporal slice of a (t, h, w) patch grid."""
+    merge = config.vision_config.spatial_merge_size
+    return int(grid[1]) * int(grid[2]) // merge**2
+
+
+def unit_tokens(budget: dict, merged: int) -> int:
+    """K: the tokens a unit of ``merged`` tokens is zipped to."""
+    return sum(compress.ratio_budget(merged, budget["dominant_ratio"], budget["contextual_ratio"]))
+
+
+def _pixel_bounds(image_processor) -> tuple[int | None, int | None]:
+    """(min_pixels, max_pixels) of a Qwen image processor (kept as its size's shortest / longest edge)."""
+    if image_processor is None:
+        return None, None
+    size = image_processor.size
+    return size["shortest_edge"], size["longest_edge"]
+
+
+def _is_ratio(text: str) -> bool:
+    try:
+        return "." in text and 0 <= float(text) <= 1
+    except ValueError:
+        return False
+
+
+class RatioBudget(Budget):
+    """Ratios of each unit's N merged tokens (``compress.ratio_budget``): ``dominant_ratio`` and
+    ``contextual_ratio`` (default upstream's 0.45 + 0.05 = 50%), and ``merge_space`` ("post": merge after the
+    merger, the default; "pre": on its inputs). The count follows each image's patch grid, so the image processor's
+    pixel bounds are part of the record."""
+
+    defaults = {"dominant_ratio": 0.45, "contextual_ratio": 0.05, "merge_space": "post"}  # upstream's 50%
+    keys = tuple(defaults)
+    uses_image_processor = True
+    syntax = "two ratios (Qwen)"
+    example = "0.45+0.05"
+
+    def resolve(self, family: Family, config, recorded: dict, given: dict) -> dict:
+        """Unset keys as recorded, else the defaults; ``ValueError`` for counts or anything else a Qwen model cannot
+        take. Records the scoring block too, the tower's last."""
+        wrong = sorted(set(given) - set(self.defaults))
+        if wrong:
+            raise ValueError(
+                f"{family.model_class} takes a VisionZip budget as ratios of each image's merged tokens "
+                f"(dominant_ratio, contextual_ratio, merge_space; e.g. 0.45 and 0.05 for 50%), not {', '.join(wrong)}"
+            )
+        budget = {key: given.get(key, recorded.get(key, default)) for key, default in self.defaults.items()}
+        compress.validate_ratios(budget["dominant_ratio"], budget["contextual_ratio"])
+        if budget["merge_space"] not in MERGE_SPACES:
+            raise ValueError(f"merge_space={budget['merge_space']!r} is not one of {', '.join(MERGE_SPACES)}")
+        last = config.vision_config.depth - 1
+        full = getattr(config.vision_config, "fullatt_block_indexes", None)
+        if full is not None and last not in full:
+            raise ValueError(
+                f"VisionZip scores tokens at the vision tower's last block ({last}), which must attend over whole "
+                f"images (fullatt_block_indexes={list(full)}); window attention cannot rank tokens across windows"
+            )
+        return {**budget, "dominant_ratio": float(budget["dominant_ratio"]), "score_layer": last}
+
+    def record(self, family: Family, config, image_processor=None) -> dict:
+        """The ratios (None where no budget is set), and the image processor's pixel bounds, which decide each
+        image's N and therefore its token count."""
+        budget = getattr(config, "visionzip", None) or {}
+        min_pixels, max_pixels = _pixel_bounds(image_processor)
+        return {
+            "dominant_ratio": budget.get("dominant_ratio"),
+            "contextual_ratio": budget.get("contextual_ratio"),
+            "merge_space": budget.get("merge_space"),
+            "score_layer": budget.get("score_layer"),
+            "min_pixels": min_pixels,
+            "max_pixels": max_pixels,
+        }
+
+    def check(self, record: dict, image_processor) -> list[str]:
+        """An export tuned on images resized within other pixel bounds sees other token counts: refuse it."""
+        found = dict(zip(("min_pixels", "max_pixels"), _pixel_bounds(image_processor)))
+        return [
+            f"{key} is {found[key]} in the image processor given but {record.get(key)} in the export (images resize "
+            "to other patch grids, so the projector would see other token counts; use the image processor the "
+            "export was tuned with)"
+            for key in found
+            if found[key] is not None and record.get(key) is not None and found[key] != record[key]
+        ]
+
+    def label(self, budget: dict) -> str:
+        return f"{budget['dominant_ratio']}+{budget['contextual_ratio']}"
+
+    def parse(self, text: str) -> dict | None:
+        """``0.45+0.05``."""
+        dominant, plus, contextual = (part.strip() for part in text.partition("+"))
+        if plus and _is_ratio(dominant) and _is_ratio(contextual):
+            return {"dominant_ratio": float(dominant), "contextual_ratio": float(contextual)}
+        return None
+
+    def share(self, family: Family, config) -> str:
+        budget = getattr(config, "visionzip", None)
+        return f"{budget['dominant_ratio'] + budget['contextual_ratio']:.0%}" if budget else "100%"
+
+    def describe(self, budget: dict) -> str:
+        return f"VisionZip {budget['dominant_ratio']} + {budget['contextual_ratio']} of each image's tokens"
+
+
+RATIOS = RatioBudget()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One tower run, captured
+
+
+class Capture(NamedTuple):
+    """The scoring block and the mergers of one tower run over packed patches (S of them, tower order).
+
+    queries, keys: (S, H, d) after the block's rotary embedding; segments: the block's attention segments as
+    [start, end) patch ranges (one per image or temporal slice); scale: its softmax scale; merger_inputs /
+    merger_outputs: (S, C) / (S / 4, out) per merger, the main one first, then the DeepStack ones (Qwen3-VL)."""
+
+    queries: Tensor
+    keys: Tensor
+    segments: list[tuple[int, int]]
+    scale: float
+    merger_inputs: list[Tensor]
+    merger_outputs: list[Tensor]
+
+
+def mergers(visual: nn.Module) -> list[nn.Module]:
+    """The tower's mergers: the main one, then the DeepStack ones (Qwen3-VL)."""
+    return [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
+
+
+def capture_tower(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor) -> Capture:
+    """Run the tower once without autograd and capture its last block's q/k and its mergers' inputs and outputs."""
+    attention = visual.blocks[-1].attn
+    watched = {"attention": attention, "qkv": attention.qkv}
+    watched.update((f"merger{i}", merger) for i, merger in enumerate(mergers(visual)))
+    with torch.no_grad(), capture.record_calls(watched) as calls:
+        visual(pixel_values.type(visual.dtype), grid_thw=grid_thw)
+    qkv = calls["qkv"].output
+    queries, keys = qkv.reshape(qkv.shape[0], 3, attention.num_heads, -1).unbind(1)[:2]
+    cos, sin = calls["attention"].kwargs["position_embeddings"]
+    # The rotary embedding the layer itself applies (a function of its modeling module in both models).
+    rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision
+    queries, keys = rotary(queries, keys, cos, sin)
+    bounds = calls["attention"].kwargs["cu_seqlens"].tolist()
+    names = [name for name in watched if name.startswith("merger")]
+    return Capture(
+        queries,
+        keys,
+        list(zip(bounds[:-1], bounds[1:])),
+        attention.scaling,
+        [calls[name].args[0] for name in names],
+        [calls[name].output for name in names],
+    )
+
+
+def merged_scores(capture: Capture, group: int) -> tuple[Tensor, Tensor]:
+    """Per merged token, in tower order: the attention its patches receive in their segment, averaged over heads,
+    queries and its ``group`` patches, (S / group,) fp32; and its keys averaged over heads and patches, the metric
+    of the contextual merge, (S / group, d)."""
+    heads = capture.queries.shape[1]
+    flat_q, flat_k = capture.queries.flatten(1), capture.keys.flatten(1)  # (S, H*d)
+    received = torch.cat(
+        [
+            compress.received_attention_scores(flat_q[None, a:b], flat_k[None, a:b], heads, capture.scale)[0]
+            for a, b in capture.segments
+        ]
+    )
+    metric = compress.key_metric(flat_k[None], heads)[0]
+    return compress.group_mean(received[:, None], group)[:, 0], compress.group_mean(metric, group)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Zipping
+
+
+class Zipped(NamedTuple):
+    """Zipped features of one ``get_*_features`` call.
+
+    per_unit: each unit's tokens (K_u, F), F = the main merger's width x (1 + DeepStack mergers), position order;
+    kept: each unit's kept merged-token indices (K_u,) ascending (contextual tokens at their targets);
+    sizes: each unit's N."""
+
+    per_unit: list[Tensor]
+    kept: list[Tensor]
+    sizes: list[int]
+
+
+def zip_units(features: Tensor, metric: Tensor, scores: Tensor, bounds: list[tuple[int, int]], budget: dict) -> Zipped:
+    """VisionZip of every unit, in raster merged-token order.
+
+    features: (G, F) merged tokens of all units (any space: merger outputs, or merger inputs as 4 C-vectors);
+    metric: (G, d); scores: (G,); bounds: each unit's [start, end) rows. Per unit of N tokens: top-D by score
+    (ties to the lower index), the rest merged into C contextual tokens (``compress.select_and_merge``), the
+    output in ascending position order with contextual tokens in their targets' slots."""
+    per_unit, kept, sizes = [], [], []
+    for start, end in bounds:
+        n = end - start
+        dominant, contextual = compress.ratio_budget(n, budget["dominant_ratio"], budget["contextual_ratio"])
+        result = compress.select_and_merge(
+            features[None, start:end],
+            metric[None, start:end],
+            scores[None, start:end],
+            dominant=dominant,
+            contextual=contextual,
+            has_cls=False,
+        )
+        tokens, positions = compress.in_position_order(result)
+        per_unit.append(tokens[0])
+        kept.append(positions[0])
+        sizes.append(n)
+    return Zipped(per_unit, kept, sizes)
+
+
+def merger_trains(visual: nn.Module) -> bool:
+    """Whether a merger call now builds a graph (projector training): the tower's own no-grad run cannot serve."""
+    return torch.is_grad_enabled() and any(p.requires_grad for m in mergers(visual) for p in m.parameters())
+
+
+def zip_media(inner: nn.Module, pixel_values: Tensor, grid_thw: Tensor, generation: Generation) -> Zipped:
+    """VisionZip of packed images (or videos) under ``inner.config.visionzip``; only the mergers see autograd.
+
+    ``post`` merges the mergers' outputs (main and DeepStack side by side, so every DeepStack layer keeps the same
+    rows with the same merge); in training the mergers re-run with autograd on the captured inputs. ``pre`` merges
+    their inputs (each merged token's 4 patch vectors) and runs the mergers on the K kept groups only."""
+    budget, visual = inner.config.visionzip, inner.visual
+    group = visual.spatial_merge_size**2
+    capture = capture_tower(visual, pixel_values, grid_thw)
+    with torch.no_grad():
+        scores, metric = merged_scores(capture, group)
+    order = generation.raster_order(visual, grid_thw)
+    raster = (lambda x: x) if order is None else (lambda x: x.index_select(0, order.to(x.device)))
+    bounds = [(a // group, b // group) for a, b in capture.segments]  # the same ranges in raster order
+    scores, metric = raster(scores), raster(metric)
+    if budget["merge_space"] == "post":
+        if merger_trains(visual):
+            outputs = [merger(x) for merger, x in zip(mergers(visual), capture.merger_inputs)]
+        else:
+            outputs = capture.merger_outputs
+        return zip_units(raster(torch.cat(outputs, dim=-1)), metric, scores, bounds, budget)
+    width = capture.merger_inputs[0].shape[-1]
+    groups = torch.cat([x.reshape(-1, group * width) for x in capture.merger_inputs], dim=-1)
+    with torch.no_grad():  # the tower's outputs: nothing to differentiate before the mergers
+        zipped = zip_units(raster(groups), metric, scores, bounds, budget)
+    kept_groups = torch.cat(zipped.per_unit).split(group * width, dim=-1)
+    merged = torch.cat([merger(x.reshape(-1, width)) for merger, x in zip(mergers(visual), kept_groups)], dim=-1)
+    return zipped._replace(per_unit=list(merged.split([len(k) for k in zipped.kept])))
+
+
+def features_output(
+    zipped: Zipped, grid_thw: Tensor, generation: Generation, widths: int
+) -> BaseModelOutputWithPooling:
+    """The ``get_*_features`` output: ``pooler_output`` = per image (video) its units' tokens, (sum K_u, out);
+    with DeepStack, ``deepstack_features`` = per layer the same per-image split of that layer's columns."""
+    slices = [int(t) for t in grid_thw[:, 0].tolist()]
+    items = [torch.cat(units) for units in split_counts(zipped.per_unit, slices)]
+    columns = [item.chunk(widths, dim=-1) for item in items]
+    output = generation.output(pooler_output=tuple(cols[0] for cols in columns))
+    if widths > 1:
+        output.deepstack_features = [tuple(cols[layer] for cols in columns) for layer in range(1, widths)]
+    return output
+
+
+def split_counts(values: list, counts: list[int]) -> list[list]:
+    """``values`` cut into consecutive lists of ``counts[i]`` items."""
+    it = iter(values)
+    return [list(itertools.islice(it, n)) for n in counts]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The latest encoding of each modality, for positions
+
+
+class Encoded(NamedTuple):
+    """One ``get_*_features`` encoding: the tensors it was given, each unit's kept indices and size, and -- when a
+    positions call encoded them first (``generate()``) -- the features, handed to the next features call on the
+    same pixels instead of running the tower twice."""
+
+    pixels: Tensor
+    grid: Tensor
+    kept: list[Tensor]
+    sizes: list[int]
+    output: BaseModelOutputWithPooling | None
+
+
+def encode(inner: nn.Module, modality: str, pixels: Tensor, grid: Tensor, generation: Generation, *, keep: bool):
+    """Zipped features of ``pixels`` (``keep``: remember them for the next features call), recorded as the
+    modality's latest encoding; reuses the remembered features of exactly these tensors once."""
+    memory = inner.__dict__.setdefault(ENCODED, {})
+    last = memory.get(modality)
+    if last is not None and last.output is not None and last.pixels is pixels and last.grid is grid:
+        if not merger_trains(inner.visual):
+            memory[modality] = last._replace(output=None)
+            return last.output
+    zipped = zip_media(inner, pixels, grid, generation)
+    output = features_output(zipped, grid, generation, len(mergers(inner.visual)))
+    memory[modality] = Encoded(pixels, grid, zipped.kept, zipped.sizes, output if keep else None)
+    return output
+
+
+def encoded_for(inner: nn.Module, modality: str, grid: Tensor) -> Encoded:
+    """The latest encoding of ``grid``: the same tensor (or one sharing its storage and values) that the last
+    features call of the modality was given; ``ValueError`` otherwise, as the kept tokens depend on the pixels."""
+    last = inner.__dict__.get(ENCODED, {}).get(modality)
+    if last is not None and (
+        last.grid is grid
+        or (
+            last.grid.data_ptr() == grid.data_ptr()
+            and last.grid.shape == grid.shape
+            and torch.equal(last.grid.cpu(), grid.cpu())
+        )
+    ):
+        return last
+    raise ValueError(
+        f"VisionZip positions: get_rope_index got a {modality}_grid_thw that the last get_{modality}_features call "
+        f"did not encode, and which {modality} tokens are kept depends on the pixels. Call get_{modality}_features "
+        f"first with the same {modality}_grid_thw tensor (the model's forward and generate do), pass the pixels to "
+        "get_rope_index, or pass position_ids"
+    )
+
+
+def features_methods(generation: Generation) -> dict[str, Callable[..., BaseModelOutputWithPooling]]:
+    """The ``get_image_features`` / ``get_video_features`` replacements (stock parameter names: ``generate()``
+    filters its kwargs by them). Both zip; Qwen3-VL's stock video method would call the image one."""
+
+    def get_image_features(
+        self, pixel_values: Tensor, image_grid_thw: Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """pixel_values: (patches, C * T * P * P) packed; image_grid_thw: (images, 3). Returns ``pooler_output`` =
+        per image (K, text hidden) in position order (and ``deepstack_features`` for Qwen3-VL)."""
+        return encode(self, "image", pixel_values, image_grid_thw, generation, keep=False)
+
+    def get_video_features(
+        self, pixel_values_videos: Tensor, video_grid_thw: Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """As ``get_image_features``: per video its temporal slices' K tokens one after the other."""
+        return encode(self, "video", pixel_values_videos, video_grid_thw, generation, keep=False)
+
+    return {"get_image_features": get_image_features, "get_video_features": get_video_features}
