@@ -36,8 +36,8 @@ from visionzip_tune.data import (  # noqa: E402
     Placeholders,
     SupervisedDataset,
     load_samples,
-    make_demo_dataset,
 )
+from visionzip_tune.demo.dataset import make_demo_dataset  # noqa: E402
 from visionzip_tune.families import FAMILIES  # noqa: E402
 from visionzip_tune.data.processing import Processing  # noqa: E402
 from visionzip_tune.data.template import llava_turns  # noqa: E402

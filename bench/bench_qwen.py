@@ -39,7 +39,7 @@ from bench_train import _status_mib, llm_flops  # noqa: E402
 
 from visionzip_tune.families import apply_visionzip, id_inputs, projector_parameters, remove_visionzip  # noqa: E402
 from visionzip_tune.families import tokens_per_image  # noqa: E402
-from visionzip_tune.demo.tiny import TinySpec, build_family_tokenizer, build_qwen_config  # noqa: E402
+from visionzip_tune.demo.tiny import TinySpec, build_qwen_config, qwen_tokenizer  # noqa: E402
 
 TOWER = dict(vision_hidden=256, vision_layers=16, vision_heads=4, text_hidden=64, text_layers=1, text_heads=4)
 TRAIN = dict(vision_hidden=128, vision_layers=8, vision_heads=4, text_hidden=512, text_layers=8, text_heads=8)
@@ -57,7 +57,7 @@ def qwen(spec: dict, device: str, full_attention=None):
     """A random Qwen2.5-VL with the released windows of 112 px (and full attention at ``full_attention``, default
     the last block) on ``device``."""
     tiny = TinySpec(family="qwen2_5_vl", image_size=896, **spec)
-    config = build_qwen_config(tiny, build_family_tokenizer(tiny.family))
+    config = build_qwen_config(tiny, qwen_tokenizer())
     config.vision_config.window_size = 112
     if full_attention is not None:
         config.vision_config.fullatt_block_indexes = list(full_attention)

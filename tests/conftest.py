@@ -121,7 +121,7 @@ def tiny_clip_export(tiny_clip, tiny_clip_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training (tests/test_train*.py, test_checkpoint.py): a model and data small enough for many short runs.
+# Training (tests/training/): a model and data small enough for many short runs.
 
 TRAIN_SPEC = TinySpec(tower="clip", image_size=56, patch_size=14, vision_layers=2)  # 16 patches + CLS
 
@@ -212,7 +212,7 @@ def cli_error(argv: list[str], capsys) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Inference tools (tests/test_lmms.py, test_benchmarks.py, test_bench_infer.py, test_show.py).
+# Inference tools and evaluation (tests/inference/, tests/evaluation/).
 
 
 def lmms_eval_or_skip():

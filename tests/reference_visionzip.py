@@ -1,4 +1,5 @@
-"""A deliberately straightforward VisionZip, written from the spec (DESIGN §3), used only as a test oracle.
+"""A deliberately straightforward VisionZip, written from the paper's algorithm (section 3 and the official code's
+selection rule), used only as a test oracle.
 
 It takes the route the official code takes — an eager tower run with ``output_attentions=True`` and
 ``output_hidden_states=True``, keys recomputed as ``k_proj(layer_norm1(input of layer L))`` — and then selects and

@@ -115,7 +115,7 @@ def test_llava_fingerprint_value_is_stable():
     ["model.video_tower.encoder.layers.0.mlp.fc1.weight", "model.image_tower.embeddings.patch_embedding.weight"],
 )
 def test_video_llava_fingerprint_covers_both_towers(where):
-    from test_families import build_tiny_video_llava
+    from tiny_families import build_tiny_video_llava
 
     model, _ = build_tiny_video_llava()
     before = weights_fingerprint(model)
@@ -535,7 +535,7 @@ def test_export_cli_exports_a_full_run_as_a_whole_model(tiny_clip_dir, tmp_path)
 def test_full_export_saves_the_processing_next_to_the_model(tmp_path):
     from transformers import AutoModelForImageTextToText, VideoLlavaImageProcessor
 
-    from test_families import build_tiny_video_llava
+    from tiny_families import build_tiny_video_llava
     from visionzip_tune.data.processing import Processing, load_processing
     from visionzip_tune.demo.tiny import CHAT_TEMPLATE
 
@@ -594,7 +594,8 @@ ZERO3_SCRIPT = textwrap.dedent(
             p.zero_()
     load_projector(engine, out)
     with deepspeed.zero.GatheredParameters(params):
-        restored = all(torch.equal(p.detach(), expected[n]) for n, p in model.model.multi_modal_projector.named_parameters())
+        projector = model.model.multi_modal_projector
+        restored = all(torch.equal(p.detach(), expected[n]) for n, p in projector.named_parameters())
     if rank == 0:
         torch.save(expected, out + ".expected.pt")
         json.dump({"partitioned": partitioned, "same_fingerprint": same_fingerprint, "restored": restored},

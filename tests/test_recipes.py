@@ -1,4 +1,5 @@
-"""Every recipe in recipes/ loads and carries what DESIGN §6 asks of it (config level only: nothing downloaded)."""
+"""Every recipe in recipes/ loads and opens with what a recipe must say: its purpose, what to download, the launch
+command and an override example (config level only: nothing downloaded)."""
 
 from __future__ import annotations
 

@@ -1,21 +1,35 @@
-"""Dataclass fields that carry a one-line doc and their bounds: how every config section declares its keys.
+"""Dataclass fields that carry a one-line doc, their bounds and whether a resumed run may change them: how every
+config section declares its keys.
 
 The docs are the source of ``train --help-config`` and the README's key table; the bounds are checked by
-:func:`bound_problems` for every section at once, so a constraint sits next to the key it guards.
+:func:`bound_problems` for every section at once, and the resume-safe keys are listed by :func:`resume_safe_keys`,
+so a constraint sits next to the key it guards.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any
 
 
 def documented(
-    default: Any, doc: str, *, gt: float | None = None, ge: float | None = None, lt: float | None = None
+    default: Any,
+    doc: str,
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    resume_safe: bool = False,
 ) -> Any:
     """A dataclass field with a one-line description and optional bounds (``gt`` / ``ge`` / ``lt``; a null value
-    is never out of bounds)."""
-    metadata = {"doc": doc, "bounds": {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt)) if v is not None}}
+    is never out of bounds). ``resume_safe``: a run resumed from a checkpoint may change it, because it does not
+    change what the run computes (logging, cadences, paths of inputs compared by content)."""
+    metadata = {
+        "doc": doc,
+        "bounds": {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt)) if v is not None},
+        "resume_safe": resume_safe,
+    }
     if dataclasses.is_dataclass(default):
         return dataclasses.field(default_factory=lambda: default, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -49,3 +63,17 @@ def bound_problems(section: Any, prefix: str) -> list[str]:
         if not all(_HOLDS[relation](float(value), float(limit)) for relation, limit in bounds.items()):
             problems.append(f"config key '{prefix}{f.name}' must be {_wanted(bounds)}, got {value}")
     return problems
+
+
+def resume_safe_keys(section: type, prefix: str = "") -> set[str]:
+    """The dotted keys of the dataclass ``section`` (and its sub-sections) declared ``resume_safe``; a resume-safe
+    field whose value is itself a dataclass covers all of its keys."""
+    keys = set()
+    hints = typing.get_type_hints(section)
+    for f in dataclasses.fields(section):
+        name = f"{prefix}{f.name}"
+        if f.metadata.get("resume_safe"):
+            keys.add(name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            keys |= resume_safe_keys(hints[f.name], f"{name}.")
+    return keys

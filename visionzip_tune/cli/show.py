@@ -1,7 +1,8 @@
-"""``python -m visionzip_tune show``: which patches VisionZip keeps, as a picture (:mod:`visionzip_tune.inference.picture`).
+"""``python -m visionzip_tune show``: which patches VisionZip keeps, as a picture
+(:mod:`visionzip_tune.inference.picture`).
 
-python -m visionzip_tune show --model llava-hf/llava-1.5-7b-hf --image cat.jpg --dominant 54 --contextual 10
-python -m visionzip_tune show --projector runs/x/export --image cat.jpg --output kept.png
+    python -m visionzip_tune show --model llava-hf/llava-1.5-7b-hf --image cat.jpg --dominant 54 --contextual 10
+    python -m visionzip_tune show --projector runs/x/export --image cat.jpg --output kept.png
 """
 
 from __future__ import annotations

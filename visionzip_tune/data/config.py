@@ -26,14 +26,22 @@ BadSamplePolicy = Literal[BAD_SAMPLE_POLICIES]
 
 @dataclass
 class DataConfig:
-    path: str = documented("data/llava_v1_5_mix665k_10pct.json", "training data: LLaVA JSON array or JSONL")
-    image_folder: str | None = documented("data/images", "folder the samples' 'image' paths are relative to")
-    eval_path: str | None = documented(
-        None, "held-out LLaVA JSON whose samples carry 'choices'; accuracy before, during and after training"
+    path: str = documented(
+        "data/llava_v1_5_mix665k_10pct.json", "training data: LLaVA JSON array or JSONL", resume_safe=True
     )
-    eval_image_folder: str | None = documented(None, "image folder for eval_path; null = image_folder")
+    image_folder: str | None = documented(
+        "data/images", "folder the samples' 'image' paths are relative to", resume_safe=True
+    )
+    eval_path: str | None = documented(
+        None,
+        "held-out LLaVA JSON whose samples carry 'choices'; accuracy before, during and after training",
+        resume_safe=True,
+    )
+    eval_image_folder: str | None = documented(
+        None, "image folder for eval_path; null = image_folder", resume_safe=True
+    )
     video_folder: str | None = documented(
-        None, "folder the samples' 'video' paths are relative to; null = image_folder"
+        None, "folder the samples' 'video' paths are relative to; null = image_folder", resume_safe=True
     )
     video_frames: int = documented(DEFAULT_VIDEO_FRAMES, "frames sampled uniformly from each video", ge=1)
     template: Template = documented(
@@ -47,11 +55,15 @@ class DataConfig:
     on_bad_sample: BadSamplePolicy = documented(
         "error", "a sample that cannot be used stops the run ('error') or is logged to skipped.jsonl ('skip')"
     )
-    num_workers: int = documented(4, "DataLoader worker processes per rank", ge=0)
+    num_workers: int = documented(4, "DataLoader worker processes per rank", ge=0, resume_safe=True)
     group_by_modality: bool = documented(True, "LLaVA's group_by_modality_length batching (image / text-only)")
     build_demo_if_missing: bool = documented(
-        False, "demo only: write the synthetic demo dataset into path's folder when path does not exist"
+        False,
+        "demo only: write the synthetic demo dataset into path's folder when path does not exist",
+        resume_safe=True,
     )
-    demo_samples: int = documented(400, "number of samples the demo builder writes", ge=1)
-    demo_seed: int = documented(0, "seed of the demo builder")
-    demo_videos: int = documented(0, "of demo_samples, how many are video samples (families with a video input)", ge=0)
+    demo_samples: int = documented(400, "number of samples the demo builder writes", ge=1, resume_safe=True)
+    demo_seed: int = documented(0, "seed of the demo builder", resume_safe=True)
+    demo_videos: int = documented(
+        0, "of demo_samples, how many are video samples (families with a video input)", ge=0, resume_safe=True
+    )

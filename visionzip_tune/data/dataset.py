@@ -86,10 +86,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
     """Map-style dataset of ``{"id", "input_ids", "labels", "vision"}``.
 
     ``vision``: the model inputs of the sample's images (:meth:`MediaTransform.images`: ``pixel_values`` and, from
-    anyres processors, ``image_sizes`` / ``batch_num_images``, from grid processors ``image_grid_thw``) and, for a
-    video sample, its :meth:`MediaTransform.video_inputs` (``pixel_values_videos`` (1, T, 3, S, S), or Qwen's
-    patches and ``video_grid_thw``) with its timing inputs; ``{}`` for a text-only sample. Each image becomes exactly as many placeholder ids as the
-    model's count function says (``placeholders``), each video likewise.
+    anyres processors, ``image_sizes`` / ``batch_num_images``, from grid processors ``image_grid_thw``) and, for a video
+    sample, its :meth:`MediaTransform.video_inputs` (``pixel_values_videos`` (1, T, 3, S, S), or Qwen's patches and
+    ``video_grid_thw``) with its timing inputs; ``{}`` for a text-only sample. Each image becomes exactly as many
+    placeholder ids as the model's count function says (``placeholders``), each video likewise.
 
     ``data`` gives the template, image aspect, frames per video, token limit, bad-sample policy and folders
     (``image_folder`` overrides ``data.image_folder``, for a held-out set with its own images; videos are read from

@@ -1,15 +1,15 @@
 """Tiny random VLMs of every supported family with a locally built tokenizer: for the demo recipe, tests and benches.
 
-Nothing here downloads anything. The tokenizer is a byte-fallback BPE trained in memory on a small corpus (the
-vicuna_v1 system prompt, the demo data's vocabulary), shaped like Llama's: ``<unk>``=0, ``<s>``=1, ``</s>``=2, a
-``<s>`` prepended to every encoded text, ``<pad>``, ``<image>`` (and ``<video>`` for families with a video input) as
-added special tokens. The model is a real transformers model of the family :attr:`TinySpec.family` names (LLaVA,
-LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, and this package's native Mini-Gemini), randomly
-initialised from a seed, built by that family's :class:`Builder` (:data:`BUILDERS`, one per family of the registry); the LLaVA families share one tower config (CLIP or SigLIP) and one Llama LLM config, so
-they differ only where their architectures do (Mini-Gemini adds a tiny ConvNeXt as its high-resolution tower). The
-Qwen families are their own towers and LLMs at the spec's widths, with Qwen's special tokens (``<|image_pad|>``,
-``<|video_pad|>``, ``<|vision_start|>``, ``<|vision_end|>``, ``<|im_start|>``, ``<|im_end|>``) and a Qwen-style
-chat template.
+Nothing here downloads anything. The tokenizer is a byte-fallback BPE trained in memory on a small corpus (the vicuna_v1
+system prompt, the demo data's vocabulary), shaped like Llama's: ``<unk>``=0, ``<s>``=1, ``</s>``=2, a ``<s>`` prepended
+to every encoded text, ``<pad>``, ``<image>`` (and ``<video>`` for families with a video input) as added special tokens.
+The model is a real transformers model of the family :attr:`TinySpec.family` names (LLaVA, LLaVA-NeXT, Video-LLaVA,
+LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL, and this package's native Mini-Gemini), randomly initialised from a seed, built
+by that family's :class:`Builder` (:data:`BUILDERS`, one per family of the registry); the LLaVA families share one tower
+config (CLIP or SigLIP) and one Llama LLM config, so they differ only where their architectures do (Mini-Gemini adds a
+tiny ConvNeXt as its high-resolution tower). The Qwen families are their own towers and LLMs at the spec's widths, with
+Qwen's special tokens (``<|image_pad|>``, ``<|video_pad|>``, ``<|vision_start|>``, ``<|vision_end|>``, ``<|im_start|>``,
+``<|im_end|>``) and a Qwen-style chat template.
 """
 
 from __future__ import annotations

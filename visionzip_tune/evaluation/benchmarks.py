@@ -2,12 +2,12 @@
 ``python -m visionzip_tune eval`` runs), reported as the VisionZip paper does (Tables 1, 2, 14): each benchmark's
 score and each budget's average as a percentage of the stock model.
 
-Runs, in order: stock; VisionZip at each ``--budgets`` entry, training-free (default: the export's budget); the
-tuned projector at the export's budget (``--projector``). One :class:`~visionzip_tune.inference.prompts.Prompter` setting
-serves every run (the export's recipe, else the model's chat template), so the runs differ only in the budget and
-the projector. Writes ``OUTPUT/results.json`` (every run's lmms-eval results and the table's numbers) and
-``OUTPUT/table.md``, and prints the table. A failure inside lmms-eval stops the command with exit status 2, its
-message, and its traceback in ``OUTPUT/error.log`` (lmms-eval's own command line would log it and exit 0).
+Runs, in order: stock; VisionZip at each ``--budgets`` entry, training-free (default: the export's budget); the tuned
+projector at the export's budget (``--projector``). One :class:`~visionzip_tune.inference.prompts.Prompter` setting
+serves every run (the export's recipe, else the model's chat template), so the runs differ only in the budget and the
+projector. Writes ``OUTPUT/results.json`` (every run's lmms-eval results and the table's numbers) and
+``OUTPUT/table.md``, and prints the table. A failure inside lmms-eval stops the command with exit status 2, its message,
+and its traceback in ``OUTPUT/error.log`` (lmms-eval's own command line would log it and exit 0).
 """
 
 from __future__ import annotations

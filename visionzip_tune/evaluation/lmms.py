@@ -17,12 +17,12 @@ tuned projector export, scored on the inputs it was tuned for. Registered throug
 * ``device``: default ``--device``, else cuda when available, else cpu;
 * ``check_fingerprint``: ``false`` loads a projector onto base weights other than the ones it was tuned on.
 
-Prompts are :class:`~visionzip_tune.inference.prompts.Prompter` prompts: the training template and media transform, so a tuned
-projector sees the inputs it was trained on. ``generate_until`` decodes greedily unless the task asks for sampling;
-``loglikelihood`` returns lmms-eval's ``(loss, is_greedy)`` where the loss is the mean negative log-likelihood of the
-continuation's tokens, scored as the answer of a training sample (without its end-of-turn token): lmms-eval's
-``multiple_choice`` takes the choice of lowest loss. Requests run one at a time (``batch_size`` is accepted and
-not used), on one process.
+Prompts are :class:`~visionzip_tune.inference.prompts.Prompter` prompts: the training template and media transform, so a
+tuned projector sees the inputs it was trained on. ``generate_until`` decodes greedily unless the task asks for
+sampling; ``loglikelihood`` returns lmms-eval's ``(loss, is_greedy)`` where the loss is the mean negative log-likelihood
+of the continuation's tokens, scored as the answer of a training sample (without its end-of-turn token): lmms-eval's
+``multiple_choice`` takes the choice of lowest loss. Requests run one at a time (``batch_size`` is accepted and not
+used), on one process.
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@
 feature methods.
 
 One module per family (``llava``, ``llava_next``, ``video_llava``, ``llava_onevision``, ``qwen/qwen2_5_vl``,
-``qwen/qwen3_vl``, ``mini_gemini``), each defining a subclass of :class:`~visionzip_tune.families.base.Family` and
-its instance ``FAMILY``; adding a family means one new module and one line in :data:`FAMILIES`. VisionZip runs on every unit the tower sees
-independently: an image, an anyres crop, a video frame (Qwen: a temporal slice, in merged tokens). The overrides are
-bound with ``types.MethodType`` to the *inner* model instance (``model.model``): both
-``forward()`` and ``generate()`` call them there, and the class and every other instance stay stock. The budget
-lives in ``model.config.visionzip`` (serialised with ``save_pretrained``), which is the single source the
-overrides, the token-count functions and the processor read from.
+``qwen/qwen3_vl``, ``mini_gemini``), each defining a subclass of :class:`~visionzip_tune.families.base.Family` and its
+instance ``FAMILY``; adding a family means one new module and one line in :data:`FAMILIES`. VisionZip runs on every unit
+the tower sees independently: an image, an anyres crop, a video frame (Qwen: a temporal slice, in merged tokens). The
+overrides are bound with ``types.MethodType`` to the *inner* model instance (``model.model``): both ``forward()`` and
+``generate()`` call them there, and the class and every other instance stay stock. The budget lives in
+``model.config.visionzip`` (serialised with ``save_pretrained``), which is the single source the overrides, the
+token-count functions and the processor read from.
 """
 
 from __future__ import annotations
@@ -158,8 +158,9 @@ def has_video_input(config) -> bool:
 
 
 def processor_counts(config) -> tuple[Callable[[dict, int], int], Callable[[dict, int], int] | None]:
-    """``(image_count, video_count)`` for :func:`~visionzip_tune.families.processor.patch_processor`: the placeholder count of image
-    ``i`` (or video ``i``) of a processor call, from what the image (video) processor returned for the whole call."""
+    """``(image_count, video_count)`` for :func:`~visionzip_tune.families.processor.patch_processor`: the placeholder
+    count of image ``i`` (or video ``i``) of a processor call, from what the image (video) processor returned for the
+    whole call."""
     family = family_of(config)
 
     def image_count(image_inputs: dict, index: int) -> int:

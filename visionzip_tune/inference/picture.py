@@ -1,11 +1,11 @@
 """Which patches VisionZip keeps, as a picture (what ``python -m visionzip_tune show`` draws).
 
-The model runs one forward pass on the image (and/or video) exactly as inference does, and every zip its VisionZip
-code computes is recorded (``families.recorded_zips``): the pixels each unit's tower saw (an image, each anyres
-crop, each video frame) and its :class:`~visionzip_tune.algorithm.compress.ZipResult`. Each unit is drawn as it entered the
-tower, with its patch grid: dominant patches outlined, each contextual group (the patches merged into one token)
-filled with its own colour, and beside it the attention score of every patch as a heat map; units follow one
-another top to bottom. With a CLS tower, CLS is always one of the dominant tokens and is not a patch, so it is not drawn.
+The model runs one forward pass on the image (and/or video) exactly as inference does, and every zip its VisionZip code
+computes is recorded (``families.recorded_zips``): the pixels each unit's tower saw (an image, each anyres crop, each
+video frame) and its :class:`~visionzip_tune.algorithm.compress.ZipResult`. Each unit is drawn as it entered the tower,
+with its patch grid: dominant patches outlined, each contextual group (the patches merged into one token) filled with
+its own colour, and beside it the attention score of every patch as a heat map; units follow one another top to bottom.
+With a CLS tower, CLS is always one of the dominant tokens and is not a patch, so it is not drawn.
 """
 
 from __future__ import annotations

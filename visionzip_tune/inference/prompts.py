@@ -1,11 +1,11 @@
 """Model inputs for questions about images and/or a video, built exactly as training builds its samples.
 
 One place for every consumer that asks a model something at inference time (``generate``, the lmms-eval plugin,
-``bench-infer``, ``show``): the training templater (``data.template.Templater``) renders the conversation, the training media
-transform (``data.images.MediaTransform``) turns images and video frames into pixel values, and the families'
-token-count functions say how many placeholders each image and video becomes under the model's live budget. A
-prompt is the training sample of the conversation with an empty final answer, cut where that answer's supervised
-tokens begin; a scored answer is the training sample itself, its answer tokens being the supervised ones.
+``bench-infer``, ``show``): the training templater (``data.template.Templater``) renders the conversation, the training
+media transform (``data.images.MediaTransform``) turns images and video frames into pixel values, and the families'
+token-count functions say how many placeholders each image and video becomes under the model's live budget. A prompt is
+the training sample of the conversation with an empty final answer, cut where that answer's supervised tokens begin; a
+scored answer is the training sample itself, its answer tokens being the supervised ones.
 """
 
 from __future__ import annotations

@@ -28,8 +28,10 @@ import torch
 from safetensors.torch import save_file
 
 from visionzip_tune.distributed import is_main, together
+from visionzip_tune.docfields import resume_safe_keys
 from visionzip_tune.errors import UserError
 from visionzip_tune.files import atomic_write, disk_errors, remove_stale_temps, share_as_created
+from visionzip_tune.training.config import Config
 
 LATEST = "latest"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -148,33 +150,6 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     )
 
 
-# Config keys a resumed run may change: they do not change what it computes. Paths may change too, since the data
-# and the base model are compared by content (their fingerprints); every other key must match the checkpoint's.
-HARMLESS_ON_RESUME = (
-    "logging.",
-    "output.",
-    "model.name_or_path",
-    "model.attn_implementation",
-    "model.build_tiny_if_missing",
-    "model.tiny.",
-    "data.path",
-    "data.image_folder",
-    "data.video_folder",
-    "data.eval_path",
-    "data.eval_image_folder",
-    "data.num_workers",
-    "data.build_demo_if_missing",
-    "data.demo_",
-    "train.save_every",
-    "train.keep_checkpoints",
-    "train.eval_every",
-    "train.eval_batch_size",
-    "train.resume",
-    "train.save_on_signal",
-    "train.activation_checkpointing",
-)
-
-
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
@@ -193,12 +168,15 @@ def read_state(path: str | Path) -> dict[str, Any]:
 def resume_problems(state: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """What differs between the run that wrote a checkpoint (its ``state``) and this one (``now``: any of
     ``config`` (the config as a dict), ``world_size``, ``data_fingerprint``, ``base_fingerprint``) in a way that
-    changes the result, one ``key: then -> now`` line each (harmless keys: :data:`HARMLESS_ON_RESUME`)."""
+    changes the result, one ``key: then -> now`` line each (the config keys declared ``resume_safe`` may change;
+    paths among them because the data and the base model are compared by content, their fingerprints)."""
     problems = []
     if "config" in now and "config" in state:
         then, current = _flatten(state["config"]), _flatten(now["config"])
+        safe = resume_safe_keys(Config)
         for key in sorted(then.keys() | current.keys()):
-            if not key.startswith(HARMLESS_ON_RESUME) and then.get(key) != current.get(key):
+            covered = key in safe or any(key.startswith(f"{parent}.") for parent in safe)
+            if not covered and then.get(key) != current.get(key):
                 problems.append(f"{key}: {then.get(key)!r} -> {current.get(key)!r}")
     for key, what in (("data_fingerprint", "the training data"), ("base_fingerprint", "the base model's weights")):
         if key in now and key in state and now[key] != state[key]:

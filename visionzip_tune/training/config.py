@@ -27,16 +27,22 @@ from visionzip_tune.training.preemption import parse_signals
 @dataclass
 class ModelConfig:
     name_or_path: str = documented(
-        "llava-hf/llava-1.5-7b-hf", "base VLM: a local save_pretrained directory or a hub id"
+        "llava-hf/llava-1.5-7b-hf", "base VLM: a local save_pretrained directory or a hub id", resume_safe=True
     )
     attn_implementation: str | None = documented(
-        None, "LLM attention kernel for from_pretrained ('sdpa', 'flash_attention_2', 'eager'); null = default"
+        None,
+        "LLM attention kernel for from_pretrained ('sdpa', 'flash_attention_2', 'eager'); null = default",
+        resume_safe=True,
     )
     build_tiny_if_missing: bool = documented(
-        False, "demo/tests only: build a random tiny model (model.tiny) at name_or_path when it does not exist"
+        False,
+        "demo/tests only: build a random tiny model (model.tiny) at name_or_path when it does not exist",
+        resume_safe=True,
     )
     tiny: TinySpec = documented(
-        TinySpec(), "family and geometry of that tiny model (fields of visionzip_tune.demo.tiny.TinySpec)"
+        TinySpec(),
+        "family and geometry of that tiny model (fields of visionzip_tune.demo.tiny.TinySpec)",
+        resume_safe=True,
     )
 
 
@@ -71,11 +77,6 @@ class VisionZipConfig:
 
 @dataclass
 class TrainConfig:
-    projector_modules: str = documented(
-        "all",
-        "which projector modules train: all, or a subset the family names (Qwen3-VL: merger, without the DeepStack "
-        "mergers; Mini-Gemini: mlp_only, without the mining projections)",
-    )
     mode: Literal["projector", "full", "lora"] = documented(
         "projector", "projector: projector only; full: LLM + projector; lora: LoRA on the LLM + projector"
     )
@@ -85,8 +86,8 @@ class TrainConfig:
     grad_accum: int = documented(1, "micro-batches per optimizer step (global batch = micro x accum x ranks)", gt=0)
     projector_modules: str = documented(
         "all",
-        "which of the family's projector modules train: 'all', or a family's subset (Qwen3-VL 'merger': the main "
-        "merger without the DeepStack mergers)",
+        "which of the family's projector modules train: 'all', or a subset the family names (Qwen3-VL 'merger': the "
+        "main merger without the DeepStack mergers; Mini-Gemini 'mlp_only': the MLP without the mining projections)",
     )
     lr: float = documented(2e-5, "peak learning rate (LoRA parameters in lora mode)", gt=0)
     projector_lr: float | None = documented(None, "peak learning rate of the projector; null = lr", gt=0)
@@ -95,22 +96,31 @@ class TrainConfig:
         0.03, "fraction of the steps with linear warmup before the cosine decay", ge=0, lt=1
     )
     max_grad_norm: float = documented(1.0, "gradient clipping norm (0 = no clipping)", ge=0)
-    activation_checkpointing: bool = documented(True, "recompute LLM activations in backward (less memory)")
+    activation_checkpointing: bool = documented(
+        True, "recompute LLM activations in backward (less memory)", resume_safe=True
+    )
     lora_r: int = documented(128, "LoRA rank (lora mode)", gt=0)
     lora_alpha: int = documented(256, "LoRA alpha (lora mode)", gt=0)
     lora_dropout: float = documented(0.05, "LoRA dropout (lora mode)", ge=0, lt=1)
-    save_every: int = documented(100, "checkpoint every N optimizer steps (0 = only at the end)", ge=0)
-    keep_checkpoints: int = documented(2, "newest checkpoints kept on disk (0 = keep all)", ge=0)
-    eval_every: int = documented(0, "held-out evaluation every N steps (0 = only before and after training)", ge=0)
-    eval_batch_size: int = documented(8, "held-out samples per forward pass (all their choices together)", gt=0)
+    save_every: int = documented(
+        100, "checkpoint every N optimizer steps (0 = only at the end)", ge=0, resume_safe=True
+    )
+    keep_checkpoints: int = documented(2, "newest checkpoints kept on disk (0 = keep all)", ge=0, resume_safe=True)
+    eval_every: int = documented(
+        0, "held-out evaluation every N steps (0 = only before and after training)", ge=0, resume_safe=True
+    )
+    eval_batch_size: int = documented(
+        8, "held-out samples per forward pass (all their choices together)", gt=0, resume_safe=True
+    )
     resume: str = documented(
-        "auto", "'auto': continue the newest checkpoint in output.dir; 'never'; or a checkpoint path"
+        "auto", "'auto': continue the newest checkpoint in output.dir; 'never'; or a checkpoint path", resume_safe=True
     )
     seed: int = documented(42, "seed of parameter init (LoRA), data order and dropout")
     save_on_signal: str = documented(
         "SIGTERM SIGINT SIGUSR1",
         "signals that make every rank finish the step, checkpoint and exit with status 75 (resume: run again); "
         "empty = die on them",
+        resume_safe=True,
     )
 
 
@@ -123,16 +133,20 @@ class DeepSpeedConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: bool = documented(False, "log to Weights & Biases (offline mode when no WANDB_API_KEY is set)")
-    wandb_project: str = documented("visionzip_tune", "W&B project")
-    wandb_run_name: str | None = documented(None, "W&B run name; null = the output directory's name")
-    progress_bar: bool = documented(True, "tqdm progress bar with ETA on rank 0")
+    wandb: bool = documented(
+        False, "log to Weights & Biases (offline mode when no WANDB_API_KEY is set)", resume_safe=True
+    )
+    wandb_project: str = documented("visionzip_tune", "W&B project", resume_safe=True)
+    wandb_run_name: str | None = documented(None, "W&B run name; null = the output directory's name", resume_safe=True)
+    progress_bar: bool = documented(True, "tqdm progress bar with ETA on rank 0", resume_safe=True)
 
 
 @dataclass
 class OutputConfig:
-    dir: str = documented("runs/visionzip", "run directory: config.yaml, metrics.jsonl, checkpoints/, export/")
-    export: bool = documented(True, "export the projector into dir/export at the end of training")
+    dir: str = documented(
+        "runs/visionzip", "run directory: config.yaml, metrics.jsonl, checkpoints/, export/", resume_safe=True
+    )
+    export: bool = documented(True, "export the projector into dir/export at the end of training", resume_safe=True)
 
 
 @dataclass

@@ -33,7 +33,8 @@ def run_checkpoint(run: Path, name: str | None) -> Path:
         )
     if not (path / checkpoint.TRAINABLE_FILE).is_file():
         raise UserError(
-            f"checkpoint {path} has no {checkpoint.TRAINABLE_FILE}; complete checkpoints of {run}: {available or 'none'}."
+            f"checkpoint {path} has no {checkpoint.TRAINABLE_FILE}; complete checkpoints of {run}: "
+            f"{available or 'none'}."
         )
     return path
 

@@ -161,7 +161,7 @@ RATIOS = RatioBudget()
 # One tower run, captured
 
 
-class Capture(NamedTuple):
+class BlockCapture(NamedTuple):
     """The scoring block and the mergers of one tower run over packed patches (S of them, tower order).
 
     queries, keys: (S, H, d) after the block's rotary embedding; segments: the block's attention segments as
@@ -181,7 +181,7 @@ def mergers(visual: nn.Module) -> list[nn.Module]:
     return [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
 
 
-def capture_tower(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor) -> Capture:
+def capture_tower(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor) -> BlockCapture:
     """Run the tower once without autograd and capture its last block's q/k and its mergers' inputs and outputs."""
     attention = visual.blocks[-1].attn
     watched = {"attention": attention, "qkv": attention.qkv}
@@ -196,7 +196,7 @@ def capture_tower(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor) -> 
     queries, keys = rotary(queries, keys, cos, sin)
     bounds = calls["attention"].kwargs["cu_seqlens"].tolist()
     names = [name for name in watched if name.startswith("merger")]
-    return Capture(
+    return BlockCapture(
         queries,
         keys,
         list(zip(bounds[:-1], bounds[1:])),
@@ -206,7 +206,7 @@ def capture_tower(visual: nn.Module, pixel_values: Tensor, grid_thw: Tensor) -> 
     )
 
 
-def merged_scores(capture: Capture, group: int) -> tuple[Tensor, Tensor]:
+def merged_scores(capture: BlockCapture, group: int) -> tuple[Tensor, Tensor]:
     """Per merged token, in tower order: the attention its patches receive in their segment, averaged over heads,
     queries and its ``group`` patches, (S / group,) fp32; and its keys averaged over heads and patches, the metric
     of the contextual merge, (S / group, d)."""
@@ -226,8 +226,8 @@ def merged_scores(capture: Capture, group: int) -> tuple[Tensor, Tensor]:
 # Zipping
 
 
-class Zipped(NamedTuple):
-    """Zipped features of one ``get_*_features`` call.
+class ZippedMedia(NamedTuple):
+    """The zipped features of one ``get_*_features`` call.
 
     per_unit: each unit's tokens (K_u, F), F = the main merger's width x (1 + DeepStack mergers), position order;
     kept: each unit's kept merged-token indices (K_u,) ascending (contextual tokens at their targets);
@@ -238,7 +238,9 @@ class Zipped(NamedTuple):
     sizes: list[int]
 
 
-def zip_units(features: Tensor, metric: Tensor, scores: Tensor, bounds: list[tuple[int, int]], budget: dict) -> Zipped:
+def zip_merged_units(
+    features: Tensor, metric: Tensor, scores: Tensor, bounds: list[tuple[int, int]], budget: dict
+) -> ZippedMedia:
     """VisionZip of every unit, in raster merged-token order.
 
     features: (G, F) merged tokens of all units (any space: merger outputs, or merger inputs as 4 C-vectors);
@@ -261,7 +263,7 @@ def zip_units(features: Tensor, metric: Tensor, scores: Tensor, bounds: list[tup
         per_unit.append(tokens[0])
         kept.append(positions[0])
         sizes.append(n)
-    return Zipped(per_unit, kept, sizes)
+    return ZippedMedia(per_unit, kept, sizes)
 
 
 def merger_trains(visual: nn.Module) -> bool:
@@ -269,7 +271,7 @@ def merger_trains(visual: nn.Module) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for m in mergers(visual) for p in m.parameters())
 
 
-def zip_media(inner: nn.Module, pixel_values: Tensor, grid_thw: Tensor, generation: Generation) -> Zipped:
+def zip_media(inner: nn.Module, pixel_values: Tensor, grid_thw: Tensor, generation: Generation) -> ZippedMedia:
     """VisionZip of packed images (or videos) under ``inner.config.visionzip``; only the mergers see autograd.
 
     ``post`` merges the mergers' outputs (main and DeepStack side by side, so every DeepStack layer keeps the same
@@ -289,18 +291,18 @@ def zip_media(inner: nn.Module, pixel_values: Tensor, grid_thw: Tensor, generati
             outputs = [merger(x) for merger, x in zip(mergers(visual), capture.merger_inputs)]
         else:
             outputs = capture.merger_outputs
-        return zip_units(raster(torch.cat(outputs, dim=-1)), metric, scores, bounds, budget)
+        return zip_merged_units(raster(torch.cat(outputs, dim=-1)), metric, scores, bounds, budget)
     width = capture.merger_inputs[0].shape[-1]
     groups = torch.cat([x.reshape(-1, group * width) for x in capture.merger_inputs], dim=-1)
     with torch.no_grad():  # the tower's outputs: nothing to differentiate before the mergers
-        zipped = zip_units(raster(groups), metric, scores, bounds, budget)
+        zipped = zip_merged_units(raster(groups), metric, scores, bounds, budget)
     kept_groups = torch.cat(zipped.per_unit).split(group * width, dim=-1)
     merged = torch.cat([merger(x.reshape(-1, width)) for merger, x in zip(mergers(visual), kept_groups)], dim=-1)
     return zipped._replace(per_unit=list(merged.split([len(k) for k in zipped.kept])))
 
 
 def features_output(
-    zipped: Zipped, grid_thw: Tensor, generation: Generation, widths: int
+    zipped: ZippedMedia, grid_thw: Tensor, generation: Generation, widths: int
 ) -> BaseModelOutputWithPooling:
     """The ``get_*_features`` output: ``pooler_output`` = per image (video) its units' tokens, (sum K_u, out);
     with DeepStack, ``deepstack_features`` = per layer the same per-image split of that layer's columns."""
@@ -336,7 +338,7 @@ class Encoded(NamedTuple):
 
 
 def encode(inner: nn.Module, modality: str, pixels: Tensor, grid: Tensor, generation: Generation, *, keep: bool):
-    """Zipped features of ``pixels`` (``keep``: remember them for the next features call), recorded as the
+    """The zipped features of ``pixels`` (``keep``: remember them for the next features call), recorded as the
     modality's latest encoding; reuses the remembered features of exactly these tensors once."""
     memory = inner.__dict__.setdefault(ENCODED, {})
     last = memory.get(modality)

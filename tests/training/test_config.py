@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
-from visionzip_tune.training.config import describe, load_config, to_yaml
+import visionzip_tune
+from visionzip_tune.docfields import resume_safe_keys
+from visionzip_tune.training.config import Config, describe, load_config, to_yaml
 from visionzip_tune.errors import UserError
 from visionzip_tune.demo.tiny import TinySpec
 
@@ -117,3 +122,38 @@ def test_recipe_errors_name_the_file(tmp_path):
         load_config(write(tmp_path, "train:\n  epoch: 3\n"))
     with pytest.raises(UserError, match=r"'train.epochs' in recipe .*recipe.yaml expects an integer"):
         load_config(write(tmp_path, "train:\n  epochs: three\n"))
+
+
+def _annotated_names_twice(tree: ast.AST) -> list[str]:
+    """``Class.name`` for every name a class body annotates more than once (a dataclass keeps one field, in the
+    first position, with the last default and metadata: the first declaration's doc silently vanishes)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            names = [stmt.target.id for stmt in node.body if isinstance(stmt, ast.AnnAssign)]
+            found += [f"{node.name}.{name}" for name in sorted(set(names)) if names.count(name) > 1]
+    return found
+
+
+def test_no_config_dataclass_declares_a_field_twice():
+    assert _annotated_names_twice(ast.parse("class A:\n    x: int = 1\n    y: int = 2\n    x: int = 3\n")) == ["A.x"]
+    package = Path(visionzip_tune.__file__).parent
+    twice = [
+        f"{path.relative_to(package)}: {name}"
+        for path in package.rglob("*.py")
+        for name in _annotated_names_twice(ast.parse(path.read_text()))
+    ]
+    assert twice == []
+
+
+def test_projector_modules_doc_names_every_family_subset():
+    doc = {key: doc for key, _, _, doc in describe()}["train.projector_modules"]
+    assert "'merger'" in doc and "'mlp_only'" in doc
+
+
+def test_resume_safe_keys_are_declared_on_the_fields():
+    safe = resume_safe_keys(Config)
+    assert {"logging.wandb", "output.dir", "data.path", "train.eval_every", "model.tiny"} <= safe
+    assert not {"train.lr", "visionzip.dominant", "data.template", "train.micro_batch_size"} & safe
+    # Anything a key names with its doc is declared where it is documented: no section is wholesale safe.
+    assert all(key.count(".") == 1 for key in safe)

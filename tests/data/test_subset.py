@@ -15,7 +15,7 @@ from visionzip_tune.cli.data import main
 from visionzip_tune.data.subset import allocate, manifest_path, write_subset
 from visionzip_tune.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def qa(k):

@@ -1,7 +1,7 @@
 """Mini-Gemini: the native model against a per-token computation written here from MGM's code, "mine, then zip"
 against an eager-attention oracle, token counts, the family's parts (projector set, towers, blank inputs), save/load
 and generate (tiny random weights, CPU). The converter: test_mini_gemini_convert.py; training, export, generate and
-data preview: test_mini_gemini_train.py."""
+data preview: tests/training/test_mini_gemini_train.py."""
 
 from __future__ import annotations
 

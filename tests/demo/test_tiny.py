@@ -1,5 +1,5 @@
-"""Tiny random models of every family (visionzip_tune.tiny): saved, reloaded through the Auto classes and
-load_processing, and fed real image-processor output with the placeholder counts models.py computes."""
+"""Tiny random models of every family (visionzip_tune.demo.tiny): saved, reloaded through the Auto classes and
+load_processing, and fed real image-processor output with the placeholder counts the families compute."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""VisionZip on the multi-crop / multi-frame families, with tiny random models (visionzip_tune.tiny) at the
-geometry set in this file."""
+"""VisionZip on the multi-crop / multi-frame families (LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision), with tiny random
+models at the geometry of ``tests/tiny_families.py``."""
 
 from __future__ import annotations
 
@@ -13,41 +13,25 @@ from conftest import fed_to_llm
 from reference_visionzip import reference_visionzip
 from visionzip_tune.families import family_name, tokens_per_image
 from visionzip_tune.families.llava_next import grid_order
-from visionzip_tune.demo.tiny import IMAGE_TOKEN, VIDEO_TOKEN, TinySpec, build_tiny, build_tiny_with_processor
+from visionzip_tune.demo.tiny import IMAGE_TOKEN
+from tiny_families import (
+    CROP,
+    FRAMES,
+    PATCH,
+    PINPOINTS,
+    SIDE,
+    build_tiny_next,
+    build_tiny_onevision,
+    build_tiny_video_llava,
+)
 
 PROMPT = "USER: <image>\nWhat colour is the shape? ASSISTANT:"
 
 # ----------------------------------------------------------------------------------------------------------------
 # LLaVA-NeXT: 56 px crops of 14 px patches (a 4 x 4 patch grid, 17 tokens with CLS), grids 1x2, 2x1 and 2x2.
 
-CROP, PATCH, SIDE = 56, 14, 4
-PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 # (height, width) -> crops: 1x2 grid (3 crops), 2x2 (5), 2x1 (3), 1x2 with heavy unpadding, 2x2 almost square.
 SIZES = [(40, 100), (100, 90), (100, 40), (57, 300), (120, 121)]
-
-
-def _spec(family: str, seed: int, crop_grids: str = "1x2 2x1 2x2") -> TinySpec:
-    """CROP px crops / frames of PATCH px patches, a 3-layer tower and a 2-layer Llama, 32 wide, for every family."""
-    return TinySpec(
-        family=family,
-        image_size=CROP,
-        patch_size=PATCH,
-        vision_hidden=32,
-        vision_layers=3,
-        vision_heads=4,
-        text_hidden=32,
-        text_layers=2,
-        text_heads=4,
-        seed=seed,
-        crop_grids=crop_grids,
-    )
-
-
-def build_tiny_next(seed: int = 0):
-    """A random LlavaNextForConditionalGeneration (CLIP tower, Llama LLM, PINPOINTS) and its LlavaNextProcessor."""
-    model, processor = build_tiny_with_processor(_spec("llava_next", seed))
-    assert model.config.image_grid_pinpoints == PINPOINTS
-    return model, processor
 
 
 @pytest.fixture
@@ -92,7 +76,7 @@ def test_next_flat_equals_per_crop_reference(tiny_next):
         torch.testing.assert_close(features, projected, rtol=0, atol=1e-5)
 
 
-def _grid_order_from_spec(tokens, dominant_positions, contextual, rows, cols, side, hidden, has_cls=True):
+def _grid_order_fromtiny_spec(tokens, dominant_positions, contextual, rows, cols, side, hidden, has_cls=True):
     """The official layout, written literally: scatter each grid crop's dominant patches into a zero canvas of the
     stitched grid, read it out row by row, then the crops' CLS tokens, then their contextual tokens.
 
@@ -116,7 +100,7 @@ def _grid_order_from_spec(tokens, dominant_positions, contextual, rows, cols, si
 
 @pytest.mark.parametrize("has_cls", [True, False])
 @pytest.mark.parametrize("rows, cols", [(2, 2), (1, 2), (2, 1)])
-def test_grid_order_equals_literal_spec(rows, cols, has_cls):
+def test_grid_order_equals_literaltiny_spec(rows, cols, has_cls):
     dominant, contextual, hidden = 5, 2, 3
     crops, first = 1 + rows * cols, int(has_cls)
     generator = torch.Generator().manual_seed(rows * 10 + cols)
@@ -129,7 +113,7 @@ def test_grid_order_equals_literal_spec(rows, cols, has_cls):
     tokens = torch.randn(crops, dominant + contextual, hidden, generator=generator)
     order = grid_order(positions, contextual, (rows, cols), SIDE, has_cls=has_cls)
     assert sorted(order.tolist()) == list(range(crops * (dominant + contextual)))
-    expected = _grid_order_from_spec(tokens, positions.tolist(), contextual, rows, cols, SIDE, hidden, has_cls)
+    expected = _grid_order_fromtiny_spec(tokens, positions.tolist(), contextual, rows, cols, SIDE, hidden, has_cls)
     assert torch.equal(tokens.flatten(0, 1)[order], expected)
 
 
@@ -145,7 +129,7 @@ def test_next_grid_order_through_the_model(tiny_next):
         grid = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
     for flat_tokens, grid_tokens, crops, (rows, cols) in zip(flat, grid, _real_crops(batch), [(2, 2), (1, 2)]):
         positions = reference_visionzip(model.model.vision_tower, crops, -2, 6, 3).dominant
-        expected = _grid_order_from_spec(
+        expected = _grid_order_fromtiny_spec(
             flat_tokens.view(len(crops), 9, -1), positions, 3, rows, cols, SIDE, flat_tokens.shape[-1]
         )
         torch.testing.assert_close(grid_tokens, expected, rtol=0, atol=0)
@@ -249,14 +233,6 @@ def test_llava_has_one_token_order(tiny_clip):
 # Video-LLaVA: 56 px frames and images of 14 px patches (16 patches + CLS); separate image and video towers.
 # VideoLlavaProcessor cannot be constructed here (its video processor needs torchvision), so the model is fed
 # hand-built input_ids, and the processor override is exercised on an instance created without __init__.
-
-FRAMES = 3
-
-
-def build_tiny_video_llava(seed: int = 0):
-    """A random VideoLlavaForConditionalGeneration (CLIP towers, Llama LLM) and its tokenizer with <video>."""
-    model, tokenizer, _ = build_tiny(_spec("video_llava", seed))
-    return model, tokenizer
 
 
 @pytest.fixture
@@ -392,28 +368,8 @@ def test_video_llava_processor_counts(tiny_video_llava):
 # constructed here (its video processor needs torchvision): its stock count methods run on an instance created
 # without __init__, fed by the real LlavaOnevisionImageProcessorPil.
 
-OV_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112], [112, 168], [168, 112], [168, 168]]
 # 1x2 grid, 2x2, 3x3 (downscaled in the stock layout), 3x2, 1x1.
 OV_SIZES = [(40, 100), (100, 90), (160, 150), (150, 100), (50, 50)]
-
-
-def build_tiny_onevision(seed: int = 0):
-    """A random LlavaOnevisionForConditionalGeneration (SigLIP tower, Llama LLM, OV_PINPOINTS, anyres_max_4), its
-    image processor and a processor instance with the attributes its count methods read, and the tokenizer."""
-    from transformers import LlavaOnevisionProcessor
-
-    model, tokenizer, image_processor = build_tiny(_spec("llava_onevision", seed, "1x1 1x2 2x1 2x2 2x3 3x2 3x3"))
-    assert model.config.image_grid_pinpoints == OV_PINPOINTS and model.config.vision_aspect_ratio == "anyres_max_4"
-    processor = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
-    processor.__dict__.update(
-        image_processor=image_processor,
-        image_token=IMAGE_TOKEN,
-        video_token=VIDEO_TOKEN,
-        num_image_tokens=SIDE * SIDE,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_4",
-    )
-    return model, processor, tokenizer
 
 
 @pytest.fixture

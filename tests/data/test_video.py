@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import visionzip_tune as vzt
-from test_families import CROP, build_tiny_next, build_tiny_onevision, build_tiny_video_llava
+from tiny_families import CROP, build_tiny_next, build_tiny_onevision, build_tiny_video_llava
 from visionzip_tune.training import build
 from visionzip_tune.data import Collator, DataConfig, SupervisedDataset, load_samples
 from visionzip_tune.data.images import MediaTransform
