@@ -327,7 +327,7 @@ def part_parity(plan: Plan) -> dict:
             captured = capture(candidate_tower, pixels.to(plan.device))
             zips = {budget: zip_captured(captured, *budget) for budget in BUDGETS}
         for (dominant, contextual), zipped in zips.items():
-            candidate = compress.ZipResult(*(field.cpu() for field in zipped))._replace(
+            candidate = compress.ZipResult(*(field.cpu() for field in zipped if field is not None))._replace(
                 tokens=zipped.tokens.cpu().float()
             )
             measured = compare_zips(references[dominant, contextual], candidate, scores, PARITY_CRITERIA[dtype_name])

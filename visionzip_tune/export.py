@@ -157,7 +157,8 @@ def export_record(model: nn.Module, metadata: dict[str, Any], image_processor=No
         raise ValueError("export_projector: metadata needs 'base_model' (hub id or absolute path of the base model)")
     base = _base_model(model)
     family = families.family_of(base)
-    derived = {"family": family.name, **family.budget.record(family, base.config, image_processor)}
+    budget = getattr(base.config, "visionzip", None) or {}
+    derived = {"family": family.name, **family.budget_of(budget).record(family, base.config, image_processor)}
     clashes = {key: value for key, value in metadata.items() if key in derived and value != derived[key]}
     if clashes:
         raise ValueError(f"export_projector: metadata {clashes} contradicts the model ({derived})")
@@ -303,7 +304,8 @@ def read_export(export_dir: str | Path) -> dict[str, Any]:
             f"{path} names the family {record['family']!r}, which this visionzip_tune does not know (families: "
             f"{', '.join(families.FAMILIES)}); the export is corrupt or from another version."
         )
-    budget_keys = [key for key in family.budget.keys if key not in family.budget.optional] if family else []
+    kind = family.budget_of(record) if family else None
+    budget_keys = [key for key in kind.keys if key not in kind.optional] if kind else []
     missing = [key for key in (*_REQUIRED_KEYS, *budget_keys) if key not in record]
     if missing:
         raise UserError(f"{path} lacks the keys {missing}; the export is corrupt, export the run again.")
@@ -344,10 +346,15 @@ def shape_problems(
 
 
 def recorded_budget(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The ``apply_visionzip`` keywords of the budget an export records (the family's budget keys), None for an
-    export tuned without VisionZip."""
-    keys = families.FAMILIES[record["family"]].budget.keys
-    return None if record[keys[0]] is None else {key: record.get(key) for key in keys}
+    """The ``apply_visionzip`` keywords of the budget an export records (its compressor and parameters, the
+    family's knobs), None for an export tuned without compression."""
+    return families.FAMILIES[record["family"]].budget_of(record).recorded(record)
+
+
+def compressor_label(budget: dict[str, Any] | None) -> str:
+    """The compressor of a budget (apply_visionzip keywords) and its parameters, for messages: ``VisionZip 54 +
+    10``, ``divprune:64 (64 tokens per unit)``, or ``no compression``."""
+    return families.budget_kind(budget).describe(budget) if budget else "no compression"
 
 
 def load_projector(
@@ -357,6 +364,8 @@ def load_projector(
     *,
     check_fingerprint: bool = True,
     image_processor=None,
+    budget: dict[str, Any] | None = None,
+    other_compressor: bool = False,
 ):
     """Load an exported projector into ``model`` and apply the VisionZip budget it was tuned for. In place.
 
@@ -367,8 +376,10 @@ def load_projector(
     patch grid), an image processor that differs from the export's is refused: ``image_processor``, or the one of
     ``processor``. Then merges the LoRA adapter of a ``lora`` run into the language model, copies the projector
     weights (dtype and device of the model kept) and calls ``apply_visionzip`` with the recorded budget (and
-    ``processor``) -- or ``remove_visionzip`` for an export tuned without VisionZip. Returns ``model``. Under
-    ZeRO-3, call on all ranks (LoRA exports: not under ZeRO-3).
+    ``processor``) -- or ``remove_visionzip`` for an export tuned without VisionZip. ``budget`` (apply_visionzip
+    keywords) applies another budget instead: one of another compressor is refused (the projector was tuned on
+    that compressor's rows) unless ``other_compressor=True``. Returns ``model``. Under ZeRO-3, call on all ranks
+    (LoRA exports: not under ZeRO-3).
     """
     export_dir = Path(export_dir)
     record = read_export(export_dir)
@@ -396,7 +407,7 @@ def load_projector(
             "then `vzt.apply_visionzip(model)` (the budget is in its config)."
         )
     image_processor = image_processor or getattr(processor, "image_processor", None)
-    mismatched = families.FAMILIES[record["family"]].budget.check(record, image_processor)
+    mismatched = families.FAMILIES[record["family"]].check_inputs(record, image_processor)
     if mismatched:
         raise UserError(f"the projector in {export_dir} does not fit these inputs: {'; '.join(mismatched)}.")
     adapter = export_dir / record["adapter"] if record.get("adapter") else None
@@ -411,7 +422,17 @@ def load_projector(
             f"the projector in {export_dir / PROJECTOR_FILE} does not fit this model: {'; '.join(problems)}. "
             f"Was it exported from {record['base_model']}?"
         )
-    budget = recorded_budget(record)
+    tuned = recorded_budget(record)
+    if budget is not None and not other_compressor:
+        method, tuned_method = budget.get("method", "visionzip"), (tuned or {}).get("method", "visionzip")
+        if tuned is None or method != tuned_method:
+            raise UserError(
+                f"the projector in {export_dir} was tuned with {compressor_label(tuned)}, but the budget asked for is "
+                f"{compressor_label(budget)}: that compressor's rows are not what the projector was tuned on. Load it "
+                "with its own compressor, or say so explicitly (other_compressor=True, --other-compressor) to compare "
+                "compressors under one projector."
+            )
+    budget = tuned if budget is None else budget
     if budget is not None:
         try:
             families.resolve_budget(base.config, **budget)

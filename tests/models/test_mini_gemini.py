@@ -91,7 +91,9 @@ def input_ids(model, tokenizer, batch: int = 2, tokens: int | None = None):
 
 def zipped_features(inner, pixels, dominant: int, contextual: int):
     """ "Mine, then zip" as the family's override computes it: (B, V * K, D) tokens and the ZipResult over views."""
-    zipped = zip_mined_views(mgm.mine_views(inner, pixels), dominant, contextual)
+    budget = {"dominant": dominant, "contextual": contextual, "eager": False}
+    views = mgm.low_resolution_views(pixels, inner.config)
+    zipped = zip_mined_views(mgm.mine_views(inner, pixels), budget, views, inner.config)
     return mgm.per_image(zipped.tokens, pixels.shape[0]), zipped
 
 

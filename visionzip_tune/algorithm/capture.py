@@ -57,16 +57,25 @@ def tower_has_cls(tower: nn.Module) -> bool:
     return _tower_facts(tower).has_cls
 
 
-def tokens_per_tower_output(vision_config) -> int:
-    """N: tokens the tower emits per image (patches, plus CLS for CLIP), from its config alone."""
+def config_has_cls(vision_config) -> bool:
+    """Whether a tower of this config has a CLS token (``ValueError`` for an unsupported tower type)."""
+    return _kind_of_config(vision_config).has_cls
+
+
+def _kind_of_config(vision_config) -> TowerFacts:
     kinds = {tower.model_type: tower for tower in _TOWERS.values()}
     if vision_config.model_type not in kinds:
         raise ValueError(
             f"VisionZip does not support vision towers of type {vision_config.model_type!r}; supported types: "
             f"{', '.join(kinds)}"
         )
+    return kinds[vision_config.model_type]
+
+
+def tokens_per_tower_output(vision_config) -> int:
+    """N: tokens the tower emits per image (patches, plus CLS for CLIP), from its config alone."""
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    return patches + int(kinds[vision_config.model_type].has_cls)
+    return patches + int(_kind_of_config(vision_config).has_cls)
 
 
 def resolve_layer(num_layers: int, vision_feature_layer) -> int:

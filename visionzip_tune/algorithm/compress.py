@@ -26,23 +26,30 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 class ZipResult(NamedTuple):
-    """Output of :func:`visionzip`.
+    """What a compressor made of a batch of units (VisionZip's :func:`visionzip`, and every compressor of
+    :mod:`visionzip_tune.algorithm.compressors`); with ``tokens=None`` it is a selection, whose tokens the compressor
+    makes for any hidden states of the same positions.
 
-    tokens: (B, dominant + contextual, D) — dominant tokens in positional order, then contextual tokens in target
-        order.
-    dominant_indices: (B, dominant) int64 — sequence positions of the dominant tokens, ascending (CLS = 0 first).
-    contextual_indices: (B, contextual) int64 — sequence positions of the contextual targets, ascending.
-    groups: (B, N) int64 — what became of each sequence position: :data:`DOMINANT`, the index ``c`` of the
-        contextual token it was merged into (its target included), or :data:`DROPPED` (``contextual == 0``).
+    tokens: (B, K, D) — the rows fed to the projector: the kept tokens (``dominant_indices`` order), then the merged
+        rows (``contextual_indices`` order). VisionZip: dominant tokens in positional order, then contextual tokens
+        in target order.
+    dominant_indices: (B, kept) int64 — sequence positions of the tokens kept as rows of their own, ascending (with
+        CLS, VisionZip keeps it as position 0).
+    contextual_indices: (B, merged) int64 — the sequence position each merged row stands for (VisionZip: its target,
+        ascending), in row order.
+    groups: (B, N) int64 — what became of each sequence position: :data:`DOMINANT` (kept), the index ``c`` of the
+        merged row it went into (a VisionZip target included), or :data:`DROPPED`.
     scores: the selection scores, fp32: (B, N - 1) for the patches 1..N-1 of an encoder with CLS (CLS is kept
-        unscored), else (B, N).
+        unscored), else (B, N); None for a compressor that scores nothing.
+    mixing: None, or what else a compressor needs to make its rows from other hidden states (PruMerge+'s clusters).
     """
 
-    tokens: Tensor
+    tokens: Tensor | None
     dominant_indices: Tensor
     contextual_indices: Tensor
     groups: Tensor
-    scores: Tensor
+    scores: Tensor | None
+    mixing: dict[str, Tensor] | None = None
 
 
 # Values of ``ZipResult.groups`` for positions that are not in a contextual group.
@@ -206,54 +213,105 @@ def _target_split(remaining: int, contextual: int, device: torch.device) -> tupl
     )
 
 
-def merge_contextual(hidden: Tensor, metric: Tensor, contextual: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge the non-dominant tokens into ``contextual`` tokens.
+def assign_contextual(metric: Tensor, contextual: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Which target each non-target remaining token merges into.
 
-    hidden: (B, R, D) and metric: (B, R, d) of the R remaining tokens in positional order. Each non-target token is
-    assigned to the target whose unit-normalised metric has the largest dot product with its own (first target on
-    ties); a contextual token is the target's hidden state plus the mean of the hidden states assigned to it (the
-    target itself is not in the mean, and a target nobody chose stays as it is — the reference behaviour).
-    Returns ((B, contextual, D), (contextual,) target positions within the remaining list, (B, R) the contextual
-    token each remaining position went into: its group, :data:`DROPPED` for every position when ``contextual == 0``).
+    metric: (B, R, d) of the R remaining tokens in positional order. Targets are fixed by the budget
+    (:func:`contextual_targets`); every other token goes to the target whose unit-normalised metric has the largest
+    dot product with its own (first target on ties). Returns the (C,) target and (R - C,) merged indices into the
+    remaining list, and the (B, R - C) target each merged token goes to.
     """
-    target_index, merged_index = _target_split(hidden.shape[1], contextual, hidden.device)
+    target_index, merged_index = _target_split(metric.shape[1], contextual, metric.device)
     if contextual == 0:
-        return hidden[:, :0], target_index, torch.full(hidden.shape[:2], DROPPED, device=hidden.device)
+        return target_index, merged_index, merged_index.new_zeros(metric.shape[0], 0)
     unit = F.normalize(metric, dim=-1)
     similarity = torch.bmm(unit.index_select(1, merged_index), unit.index_select(1, target_index).transpose(1, 2))
-    assignment = similarity.argmax(dim=-1)  # (B, R - C); argmax returns the first maximum
+    return target_index, merged_index, similarity.argmax(dim=-1)  # argmax returns the first maximum
+
+
+def combine_contextual(hidden: Tensor, target_index: Tensor, merged_index: Tensor, assignment: Tensor) -> Tensor:
+    """The contextual tokens: each target's hidden state plus the mean of the hidden states assigned to it (the
+    target itself is not in the mean, and a target nobody chose stays as it is — the reference behaviour).
+
+    hidden: (B, R, D) of the remaining tokens; the indices and (B, R - C) assignment of :func:`assign_contextual`.
+    Returns (B, C, D), differentiable in ``hidden``.
+    """
+    contextual = target_index.shape[0]
+    if contextual == 0:
+        return hidden[:, :0]
     # One-hot matmul in the hidden dtype, as the reference does: deterministic, unlike scatter_add on GPU.
     one_hot = torch.zeros(*assignment.shape, contextual, dtype=hidden.dtype, device=hidden.device)
     one_hot.scatter_(2, assignment.unsqueeze(-1), 1)
     counts = one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)  # (B, C, 1)
     mean_assigned = torch.bmm(one_hot.transpose(1, 2), hidden.index_select(1, merged_index)) / counts
-    groups = torch.empty(hidden.shape[:2], dtype=torch.long, device=hidden.device)
-    groups[:, target_index] = torch.arange(contextual, device=hidden.device)  # a target is in its own group
+    return hidden.index_select(1, target_index) + mean_assigned
+
+
+def _contextual_groups(shape: torch.Size, target_index: Tensor, merged_index: Tensor, assignment: Tensor) -> Tensor:
+    """(B, R) the contextual token each remaining position went into (a target is in its own group), or
+    :data:`DROPPED` for every position without contextual tokens."""
+    contextual = target_index.shape[0]
+    if contextual == 0:
+        return torch.full(shape, DROPPED, device=target_index.device)
+    groups = torch.empty(shape, dtype=torch.long, device=target_index.device)
+    groups[:, target_index] = torch.arange(contextual, device=target_index.device)
     groups[:, merged_index] = assignment
-    return hidden.index_select(1, target_index) + mean_assigned, target_index, groups
+    return groups
+
+
+def merge_contextual(hidden: Tensor, metric: Tensor, contextual: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge the non-dominant tokens into ``contextual`` tokens (:func:`assign_contextual`, then
+    :func:`combine_contextual`).
+
+    hidden: (B, R, D) and metric: (B, R, d) of the R remaining tokens in positional order. Returns ((B, contextual,
+    D), (contextual,) target positions within the remaining list, (B, R) the contextual token each remaining
+    position went into: its group, :data:`DROPPED` for every position when ``contextual == 0``).
+    """
+    target_index, merged_index, assignment = assign_contextual(metric, contextual)
+    tokens = combine_contextual(hidden, target_index, merged_index, assignment)
+    return tokens, target_index, _contextual_groups(hidden.shape[:2], target_index, merged_index, assignment)
+
+
+def select(metric: Tensor, scores: Tensor, *, dominant: int, contextual: int, has_cls: bool) -> ZipResult:
+    """VisionZip's selection without its tokens: the dominant positions, the contextual targets and what became of
+    every position (:class:`ZipResult` with ``tokens=None``; :func:`combine` makes the tokens of any hidden states
+    of the same positions).
+
+    metric: (B, N, d) head-mean keys; scores: (B, N - 1) patch scores with ``has_cls`` (CLS is then dominant token
+    #0), else (B, N).
+    """
+    tokens = metric.shape[1]
+    validate_budget(dominant, contextual, tokens)
+    dominant_indices = select_dominant(scores, dominant, has_cls)
+    rest = remaining_positions(dominant_indices, tokens)
+    target_index, merged_index, assignment = assign_contextual(take_tokens(metric, rest), contextual)
+    rest_groups = _contextual_groups(rest.shape, target_index, merged_index, assignment)
+    groups = torch.full(metric.shape[:2], DOMINANT, device=metric.device).scatter_(1, rest, rest_groups)
+    return ZipResult(None, dominant_indices, rest.index_select(1, target_index), groups, scores)
+
+
+def combine(hidden: Tensor, selection: ZipResult) -> Tensor:
+    """The tokens of a VisionZip :func:`select` ion for ``hidden`` (B, N, D), differentiable in it: the dominant
+    tokens in positional order, then each contextual target plus the mean of the tokens assigned to it. Returns
+    (B, dominant + contextual, D)."""
+    rest = remaining_positions(selection.dominant_indices, hidden.shape[1])
+    target_index, merged_index = _target_split(rest.shape[1], selection.contextual_indices.shape[1], hidden.device)
+    assignment = selection.groups.gather(1, rest.index_select(1, merged_index))
+    contextual = combine_contextual(take_tokens(hidden, rest), target_index, merged_index, assignment)
+    return torch.cat([take_tokens(hidden, selection.dominant_indices), contextual], dim=1)
 
 
 def select_and_merge(
     hidden: Tensor, metric: Tensor, scores: Tensor, *, dominant: int, contextual: int, has_cls: bool
 ) -> ZipResult:
-    """Dominant selection and contextual merge from precomputed scores (any scoring rule).
+    """Dominant selection and contextual merge from precomputed scores (any scoring rule): :func:`select`, then
+    :func:`combine`.
 
     hidden: (B, N, D); metric: (B, N, d) head-mean keys; scores: (B, N - 1) patch scores with ``has_cls`` (CLS is
     then dominant token #0), else (B, N). Returns a :class:`ZipResult` with tokens (B, dominant + contextual, D).
     """
-    tokens = hidden.shape[1]
-    validate_budget(dominant, contextual, tokens)
-    dominant_indices = select_dominant(scores, dominant, has_cls)
-    rest = remaining_positions(dominant_indices, tokens)
-    dominant_tokens = take_tokens(hidden, dominant_indices)
-    contextual_tokens, targets, rest_groups = merge_contextual(
-        take_tokens(hidden, rest), take_tokens(metric, rest), contextual
-    )
-    contextual_indices = rest.index_select(1, targets)
-    groups = torch.full(hidden.shape[:2], DOMINANT, device=hidden.device).scatter_(1, rest, rest_groups)
-    return ZipResult(
-        torch.cat([dominant_tokens, contextual_tokens], dim=1), dominant_indices, contextual_indices, groups, scores
-    )
+    selection = select(metric, scores, dominant=dominant, contextual=contextual, has_cls=has_cls)
+    return selection._replace(tokens=combine(hidden, selection))
 
 
 def in_position_order(result: ZipResult) -> tuple[Tensor, Tensor]:

@@ -59,7 +59,7 @@ def vision_tokens(config) -> int | str:
     """The tokens the LLM gets per (untiled) image: a count; for Qwen, whose count follows each image's size, the
     share of the image's merged tokens the budget keeps ("50%"; "100%" stock)."""
     family = family_of(config)
-    return family.budget.share(family, config)
+    return family.budget_of(getattr(config, "visionzip", None) or {}).share(family, config)
 
 
 def parse_metrics(items: list[str]) -> dict[str, str]:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from torch import Tensor, nn
 
 from visionzip_tune.families import llava, llava_next, llava_onevision, mini_gemini, video_llava
-from visionzip_tune.families.base import RECORDER, Budget, Family, MediaSize, VideoLayout, ZippedUnits
+from visionzip_tune.families.base import COMPRESSED, RECORDER, Budget, Family, MediaSize, VideoLayout, ZippedUnits
 from visionzip_tune.families.processor import patch_processor, unpatch_processor
 from visionzip_tune.families.qwen import qwen2_5_vl, qwen3_vl
 
@@ -40,17 +40,18 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-# Every kind of budget a family takes (tokens per unit; ratios of each unit's tokens), in registry order.
-BUDGETS: tuple[Budget, ...] = tuple(dict.fromkeys(family.budget for family in FAMILIES.values()))
+# Every kind of budget a family takes (VisionZip in tokens per unit or in ratios of each unit's tokens; another
+# compressor), in registry order.
+BUDGETS: tuple[Budget, ...] = (*dict.fromkeys(family.budget for family in FAMILIES.values()), COMPRESSED)
 
 
 def budget_kind(budget: dict) -> Budget:
-    """The kind of a budget given as apply_visionzip keywords (``{"dominant": 54, "contextual": 10}``: tokens per
-    unit); ``ValueError`` when no kind has all its keys."""
-    for kind in BUDGETS:
+    """The kind of a budget given as apply_visionzip keywords (``{"dominant": 54, "contextual": 10}``: VisionZip in
+    tokens per unit; ``{"method": "divprune", "tokens": 64}``: another compressor); ``ValueError`` for none."""
+    for kind in (COMPRESSED, *BUDGETS):
         if kind.owns(budget):
             return kind
-    raise ValueError(f"{budget} is not a VisionZip budget: give {' or '.join(', '.join(k.keys) for k in BUDGETS)}")
+    raise ValueError(f"{budget} is not a budget: give {' or '.join(', '.join(k.keys) for k in BUDGETS)}")
 
 
 def budget_label(budget: dict) -> str:
@@ -268,7 +269,8 @@ def frozen_parts(model: nn.Module) -> dict[str, nn.Module]:
 def apply_visionzip(
     model: nn.Module, dominant: int | None = None, contextual: int | None = None, processor=None, **budget
 ):
-    """Feed the LLM VisionZip's tokens per image instead of every patch. In place; returns ``model``.
+    """Feed the LLM VisionZip's tokens per image instead of every patch (or another compressor's, ``method=``: see
+    :func:`apply_compression`). In place; returns ``model``.
 
     The budget is the family's (``Family.budget``). LLaVA families: ``dominant + contextual`` tokens per image,
     crop or frame, ``eager=True`` for a bit-exact eager-attention tower, and ``token_order`` where the family has a
@@ -289,14 +291,33 @@ def apply_visionzip(
     return model
 
 
+def apply_compression(model: nn.Module, method: str, processor=None, **params):
+    """Feed the LLM the rows of the compressor ``method`` (``visionzip``, ``random``, ``pool``, ``divprune``,
+    ``vispruner``, ``prumerge_plus``: ``visionzip_tune.algorithm.compressors``) instead of every patch, per image,
+    crop, frame or view: ``tokens=K`` rows per unit and the compressor's own parameters (VisionZip: ``dominant`` and
+    ``contextual``, or Qwen's ratios), plus the family's knobs (``eager``, ``token_order``; Qwen: ``merge_space``).
+    In place; returns ``model``. ``ValueError`` for a compressor the family's tower cannot feed (the CLS-attention
+    ones on towers without CLS) or a budget it cannot take."""
+    return apply_visionzip(model, processor=processor, method=method, **params)
+
+
 def resolve_budget(config, dominant: int | None = None, contextual: int | None = None, **budget) -> dict:
     """The budget ``config.visionzip`` holds under :func:`apply_visionzip` with these arguments (``None``: as
-    recorded on ``config``), checked from the model's config alone (``ValueError`` naming what is wrong), so a
-    recipe's or an export's budget can be checked before any weight is loaded."""
+    recorded on ``config``, for the same compressor), checked from the model's config alone (``ValueError`` naming
+    what is wrong), so a recipe's or an export's budget can be checked before any weight is loaded.
+
+    The compressor is ``method`` when given; else VisionZip when VisionZip's own keys are given; else the one
+    recorded."""
     family = family_of(config)
     recorded = getattr(config, "visionzip", None) or {}
-    given = {"dominant": dominant, "contextual": contextual, **budget}
-    return family.budget.resolve(family, config, recorded, {k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in {"dominant": dominant, "contextual": contextual, **budget}.items() if v is not None}
+    recorded_method = recorded.get("method", "visionzip")
+    visionzip_keys = set(family.budget.keys) - set(family.knob_keys)
+    method = given.pop("method", "visionzip" if set(given) & visionzip_keys else recorded_method)
+    base = recorded if method == recorded_method else {}
+    if method == "visionzip":
+        return family.budget.resolve(family, config, base, given)
+    return COMPRESSED.resolve(family, config, base, {"method": method, **given})
 
 
 def remove_visionzip(model: nn.Module, processor=None) -> nn.Module:

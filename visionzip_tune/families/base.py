@@ -19,6 +19,18 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_tune.algorithm import capture, compress
+from visionzip_tune.algorithm.compressors import (
+    CLS_ATTENTION,
+    COMPRESSORS,
+    GRID,
+    KEYS,
+    RECEIVED_ATTENTION,
+    SEEDS,
+    Compressor,
+    Signals,
+    compressor_named,
+    pixel_seeds,
+)
 
 ImageSize = tuple[int, int]  # (height, width) of an image as its image processor saw it
 # What a family's token count of one image (video) is a function of: LLaVA families an image's (height, width) (or
@@ -40,22 +52,23 @@ LLAVA_PROJECTOR_NAMES = {
 
 
 class Budget:
-    """A kind of VisionZip budget: how it is given to ``apply_visionzip``, kept in ``config.visionzip``, recorded in
-    an export's ``visionzip.json``, parsed from a command line and shown. Two kinds exist: tokens per unit
-    (:class:`CountBudget`, the LLaVA families) and ratios of each unit's tokens (Qwen's, in ``families/qwen``)."""
+    """A kind of budget: how it is given to ``apply_visionzip``, kept in ``config.visionzip``, recorded in an export's
+    ``visionzip.json``, parsed from a command line and shown. Three kinds exist: VisionZip in tokens per unit
+    (:class:`CountBudget`, the LLaVA families), VisionZip in ratios of each unit's tokens (Qwen's, in
+    ``families/qwen``), and any other compressor with its K tokens per unit (:class:`CompressorBudget`). A family's
+    own knobs (``Family.knob_keys``: eager attention and token order, or Qwen's merge space) sit beside the kind's
+    keys."""
 
-    # The keyword arguments of apply_visionzip (re-applied from an export's record; the first is None there for an
-    # export without VisionZip), and those an export may lack (apply_visionzip then keeps its default).
+    # The kind's keyword arguments of apply_visionzip (an export records them; the first is None there for an export
+    # without a budget), and those an export may lack (apply_visionzip then keeps its default).
     keys: ClassVar[tuple[str, ...]]
     optional: ClassVar[tuple[str, ...]] = ()
-    # Whether the token counts depend on the image processor's settings, which the record then holds (Qwen).
-    uses_image_processor: ClassVar[bool] = False
     syntax: ClassVar[str]  # how a command line writes a budget of this kind, for error messages
     example: ClassVar[str]  # ... and an example
 
     def owns(self, budget: dict) -> bool:
         """Whether ``budget`` (apply_visionzip keywords) is of this kind."""
-        return bool(budget) and set(budget) <= set(self.keys)
+        return bool(budget) and set(budget) <= set(self.keys) | KNOB_KEYS
 
     def resolve(self, family: Family, config, recorded: dict, given: dict) -> dict:
         """The new ``config.visionzip`` from the recorded one and the keywords given (None left out); ``ValueError``
@@ -66,12 +79,14 @@ class Budget:
         """The export's entries on the budget and on what the token counts depend on (None values without one)."""
         raise NotImplementedError
 
-    def check(self, record: dict, image_processor) -> list[str]:
-        """Problems loading an export's ``record`` for inputs made by ``image_processor`` (None: not known)."""
-        return []
+    def recorded(self, record: dict) -> dict | None:
+        """The apply_visionzip keywords of the budget an export ``record`` holds; None for an export without one."""
+        if record.get(self.keys[0]) is None:
+            return None
+        return {key: record[key] for key in self.keys if key in record}
 
     def label(self, budget: dict) -> str:
-        """The budget as written on a command line: ``54+10``; ``0.45+0.05``."""
+        """The budget as written on a command line: ``54+10``; ``0.45+0.05``; ``divprune:64``."""
         raise NotImplementedError
 
     def parse(self, text: str) -> dict | None:
@@ -85,20 +100,25 @@ class Budget:
 
     def share(self, family: Family, config) -> int | str:
         """What the LLM gets of an (untiled) image, for tables: a token count, or a percentage of its tokens."""
-        raise NotImplementedError
+        return family.image_tokens(config)
 
     def describe(self, budget: dict) -> str:
         """One phrase for a person: ``VisionZip 54 + 10``."""
         raise NotImplementedError
 
+    def compressor(self, budget: dict) -> tuple[Compressor, dict]:
+        """The compressor a resolved budget runs and its parameters, for a unit whose size does not change them."""
+        raise NotImplementedError
+
 
 # The paper's LLaVA-1.5 budgets keep dominant : contextual at 54 : 10 (64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30).
 PAPER_CONTEXTUAL_SHARE = 10 / 64
+# Every family's knobs (Family.knob_keys): the LLaVA-style families' and Qwen's.
+KNOB_KEYS = frozenset({"eager", "token_order", "merge_space", "score_layer"})
 
 
 class CountBudget(Budget):
-    """``dominant + contextual`` tokens per unit (an image, crop, frame or view), ``eager`` for an eager-attention
-    tower, and ``token_order`` where the family has a choice."""
+    """VisionZip at ``dominant + contextual`` tokens per unit (an image, crop, frame or view)."""
 
     keys = ("dominant", "contextual", "eager", "token_order")
     optional = ("eager", "token_order")
@@ -114,13 +134,7 @@ class CountBudget(Budget):
             )
         dominant = given.get("dominant", recorded.get("dominant"))
         contextual = given.get("contextual", recorded.get("contextual"))
-        eager = bool(given.get("eager", recorded.get("eager", False)))
-        token_order = given.get("token_order", recorded.get("token_order", family.token_orders[0]))
-        if token_order not in family.token_orders:
-            raise ValueError(
-                f"token_order={token_order!r} is not available for {family.model_class}; choose one of "
-                f"{', '.join(family.token_orders)}"
-            )
+        knobs = family.resolve_knobs(config, recorded, given, VISIONZIP.name)
         if dominant is None or contextual is None:
             raise ValueError(
                 "apply_visionzip needs a budget: pass dominant and contextual (e.g. 54 and 10 for 64 tokens), or use "
@@ -128,20 +142,17 @@ class CountBudget(Budget):
             )
         capture.resolve_layer(config.vision_config.num_hidden_layers, config.vision_feature_layer)
         compress.validate_budget(dominant, contextual, capture.tokens_per_tower_output(config.vision_config))
-        budget = {"dominant": dominant, "contextual": contextual, "eager": eager}
-        if len(family.token_orders) > 1:
-            budget["token_order"] = token_order
-        return budget
+        return {"dominant": dominant, "contextual": contextual, **knobs}
 
     def record(self, family: Family, config, image_processor=None) -> dict:
         budget = getattr(config, "visionzip", None) or {}
         return {
+            "method": VISIONZIP.name,
             "dominant": budget.get("dominant"),
             "contextual": budget.get("contextual"),
             "eager": bool(budget.get("eager", False)),
-            "layer": config.vision_feature_layer,
-            "tokens_per_image": family.image_tokens(config),
             "token_order": budget.get("token_order", "flat"),
+            **family.record_inputs(config, image_processor),
         }
 
     def label(self, budget: dict) -> str:
@@ -160,14 +171,76 @@ class CountBudget(Budget):
     def unit_tokens(self, budget: dict) -> int:
         return budget["dominant"] + budget["contextual"]
 
-    def share(self, family: Family, config) -> int:
-        return family.image_tokens(config)
-
     def describe(self, budget: dict) -> str:
         return f"VisionZip {budget['dominant']} + {budget['contextual']}"
 
+    def compressor(self, budget: dict) -> tuple[Compressor, dict]:
+        return VISIONZIP, {"dominant": budget["dominant"], "contextual": budget["contextual"]}
+
 
 COUNTS = CountBudget()
+VISIONZIP = COMPRESSORS["visionzip"]
+
+
+class CompressorBudget(Budget):
+    """Any compressor but VisionZip (``method``) with its parameters: ``tokens``, K rows per unit, and the
+    compressor's own (``random``: seed, resample; ``vispruner``: important_ratio; ``prumerge_plus``: neighbours)."""
+
+    keys = ("method",)
+    syntax = f"METHOD:TOKENS with METHOD one of {', '.join(name for name in COMPRESSORS if name != 'visionzip')}"
+    example = "divprune:64,pool:64"
+
+    def owns(self, budget: dict) -> bool:
+        return budget.get("method", VISIONZIP.name) != VISIONZIP.name
+
+    def resolve(self, family: Family, config, recorded: dict, given: dict) -> dict:
+        compressor = compressor_named(given["method"])
+        family.check_signals(compressor, config)
+        params = compressor.resolve(
+            {key: value for key, value in given.items() if key not in KNOB_KEYS | {"method"}},
+            {key: recorded[key] for key in compressor.parameters if key in recorded},
+        )
+        knobs = family.resolve_knobs(config, recorded, given, compressor.name)
+        positions = family.unit_positions(config)
+        if positions is not None:
+            compressor.fits(params, positions, family.tower_has_cls(config))
+        return {"method": compressor.name, **params, **knobs}
+
+    def record(self, family: Family, config, image_processor=None) -> dict:
+        return {**config.visionzip, **family.record_inputs(config, image_processor)}
+
+    def recorded(self, record: dict) -> dict:
+        compressor = compressor_named(record["method"])
+        return {key: record[key] for key in ("method", *compressor.parameters, *KNOB_KEYS) if key in record}
+
+    def label(self, budget: dict) -> str:
+        compressor = compressor_named(budget["method"])
+        changed = [
+            f"{key}={budget[key]}"
+            for key, default in compressor.parameters.items()
+            if budget.get(key, default) != default and key != "tokens"
+        ]
+        return f"{compressor.name}:{budget['tokens']}" + (f"({','.join(changed)})" if changed else "")
+
+    def parse(self, text: str) -> dict | None:
+        """``divprune:64``: a compressor other than VisionZip and its tokens per unit."""
+        method, colon, tokens = (part.strip() for part in text.partition(":"))
+        if colon and method in COMPRESSORS and method != VISIONZIP.name and tokens.isdigit():
+            return {"method": method, "tokens": int(tokens)}
+        return None
+
+    def unit_tokens(self, budget: dict) -> int:
+        return compressor_named(budget["method"]).rows(budget)
+
+    def describe(self, budget: dict) -> str:
+        return f"{self.label(budget)} ({self.unit_tokens(budget)} tokens per unit)"
+
+    def compressor(self, budget: dict) -> tuple[Compressor, dict]:
+        compressor = compressor_named(budget["method"])
+        return compressor, {key: budget[key] for key in compressor.parameters}
+
+
+COMPRESSED = CompressorBudget()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,9 +296,76 @@ class Family:
     # Whether each zipped unit is a square patch grid that ``show`` can draw (Qwen zips merged groups of its own
     # per-image grids).
     drawable: ClassVar[bool] = True
+    # The family's knobs beside the budget (config.visionzip): eager attention, and the token order where it has a
+    # choice (Qwen: the merge space).
+    knob_keys: ClassVar[tuple[str, ...]] = ("eager", "token_order")
+    # Whether the token counts depend on the image processor's settings, which an export then records (Qwen).
+    uses_image_processor: ClassVar[bool] = False
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.model_class}>"
+
+    # -- budgets ----------------------------------------------------------------------------------------------
+    def budget_of(self, budget: dict) -> Budget:
+        """The kind of a budget (``config.visionzip``, an export's record, apply_visionzip keywords): the family's
+        VisionZip kind, or :data:`COMPRESSED` for any other compressor (``method``)."""
+        return COMPRESSED if COMPRESSED.owns(budget) else self.budget
+
+    def resolve_knobs(self, config, recorded: dict, given: dict, method: str) -> dict:
+        """``eager`` (an eager-attention tower) and, where the family has a choice, ``token_order``; unset ones as
+        recorded, else the defaults. ``grid`` is VisionZip's order only."""
+        eager = bool(given.get("eager", recorded.get("eager", False)))
+        token_order = given.get("token_order", recorded.get("token_order", self.token_orders[0]))
+        if token_order not in self.token_orders:
+            raise ValueError(
+                f"token_order={token_order!r} is not available for {self.model_class}; choose one of "
+                f"{', '.join(self.token_orders)}"
+            )
+        if token_order != self.token_orders[0] and method != VISIONZIP.name:
+            raise ValueError(
+                f"token_order={token_order!r} is VisionZip's official LLaVA-NeXT layout (every crop's dominant tokens "
+                f"in raster order, then their CLS tokens, then their contextual tokens); the {method} compressor has "
+                "no such split: use token_order=flat"
+            )
+        knobs = {"eager": eager}
+        if len(self.token_orders) > 1:
+            knobs["token_order"] = token_order
+        return knobs
+
+    def tower_has_cls(self, config) -> bool:
+        """Whether the image tower's token 0 is a CLS token."""
+        return capture.config_has_cls(config.vision_config)
+
+    def unit_positions(self, config) -> int | None:
+        """N, the sequence positions of every unit the image tower zips (patches and CLS); None when it varies."""
+        return capture.tokens_per_tower_output(config.vision_config)
+
+    def signals(self, config) -> frozenset[str]:
+        """The signals the image tower gives a compressor (the CLS attention row only with CLS)."""
+        cls = {CLS_ATTENTION} if self.tower_has_cls(config) else set()
+        return frozenset({*cls, RECEIVED_ATTENTION, KEYS, GRID, SEEDS})
+
+    def check_signals(self, compressor: Compressor, config) -> None:
+        """``ValueError`` naming what is missing when the tower cannot give ``compressor`` a signal it reads, and
+        the compressors that run on it."""
+        provided = self.signals(config)
+        missing = compressor.needs(self.tower_has_cls(config)) - provided
+        if missing:
+            usable = [c.name for c in COMPRESSORS.values() if c.needs(self.tower_has_cls(config)) <= provided]
+            raise ValueError(
+                f"the {compressor.name} compressor reads the {' and '.join(sorted(missing))} of the vision tower, "
+                f"which {self.model_class}'s {config.vision_config.model_type} tower does not give (no CLS token); "
+                f"compressors that run on it: {', '.join(usable)}"
+            )
+
+    def record_inputs(self, config, image_processor=None) -> dict:
+        """What an export records of what the token counts depend on: the feature layer and one untiled image's
+        tokens."""
+        return {"layer": config.vision_feature_layer, "tokens_per_image": self.image_tokens(config)}
+
+    def check_inputs(self, record: dict, image_processor) -> list[str]:
+        """Problems loading an export ``record`` for inputs made by ``image_processor`` (None: not known)."""
+        return []
 
     # -- token counts -----------------------------------------------------------------------------------------
     def image_tokens(self, config, image_size: MediaSize = None) -> int:
@@ -246,7 +386,7 @@ class Family:
 
     def zipped_tokens(self, config, budget: dict, image_size: MediaSize = None) -> int:
         """Placeholder tokens per image under ``budget`` (``config.visionzip``): K per unit."""
-        return self.budget.unit_tokens(budget)
+        return self.budget_of(budget).unit_tokens(budget)
 
     def stock_video_tokens(self, config, video: MediaSize) -> int:
         """Placeholder tokens of a video (of its MediaSize) without VisionZip, for families with a video path."""
@@ -254,7 +394,7 @@ class Family:
 
     def zipped_video_tokens(self, config, budget: dict, frames: MediaSize) -> int:
         """Placeholder tokens of a video under ``budget``: K per frame."""
-        return frames * self.budget.unit_tokens(budget)
+        return frames * self.budget_of(budget).unit_tokens(budget)
 
     def video_layout(self, config, video: MediaSize, times: list[float]) -> VideoLayout:
         """A video's placeholder text from its size and its frames' times (seconds): one run of all its tokens."""
@@ -326,26 +466,15 @@ class Family:
 # Zipping steps the LLaVA-style families share
 
 
-def zip_layer(captured: capture.LayerCapture, dominant: int, contextual: int) -> compress.ZipResult:
-    """VisionZip on a captured tower layer: scores (CLS row or attention received), selection and merge."""
-    return compress.visionzip(
-        captured.hidden,
-        captured.queries,
-        captured.keys,
-        num_heads=captured.num_heads,
-        scale=captured.scale,
-        dominant=dominant,
-        contextual=contextual,
-        has_cls=captured.has_cls,
-    )
-
-
 def zip_tower(
     tower: nn.Module, pixel_values: Tensor, layer: int, dominant: int, contextual: int, *, eager: bool = False
 ) -> compress.ZipResult:
     """VisionZip tokens of encoder layer ``layer`` (see ``capture.resolve_layer``) for a batch of (B, 3, H, W)
     images: tokens (B, dominant + contextual, D_vision) and the kept positions."""
-    return zip_layer(capture.run_until(tower, pixel_values, layer, eager=eager), dominant, contextual)
+    captured = capture.run_until(tower, pixel_values, layer, eager=eager)
+    side = tower.config.image_size // tower.config.patch_size
+    signals = layer_signals(captured, (side, side), pixel_values)
+    return VISIONZIP.compress(signals, {"dominant": dominant, "contextual": contextual})
 
 
 class ZippedUnits(NamedTuple):
@@ -360,18 +489,49 @@ class ZippedUnits(NamedTuple):
 RECORDER = "_visionzip_recorded"
 
 
+def layer_signals(
+    captured: capture.LayerCapture, grid: tuple[int, int], pixels: Tensor, hidden: Tensor | None = None
+) -> Signals:
+    """A captured tower layer's signals for a compressor: the CLS row of its attention (with CLS) or the attention each
+    token receives (bounded-memory chunks), its head-mean keys, the patch grid and the units' pixel seeds, each
+    computed only if the compressor reads it. The rows are made of ``hidden`` (default: the layer's output, which
+    stays the features similarity-based selections compare)."""
+    heads, scale = captured.num_heads, captured.scale
+    queries, keys = captured.queries, captured.keys
+    return Signals(
+        captured.hidden if hidden is None else hidden,
+        features=captured.hidden,
+        has_cls=captured.has_cls,
+        grid=grid,
+        heads=heads,
+        cls_attention=(lambda: compress.cls_attention_scores(queries[:, 0], keys, heads, scale))
+        if captured.has_cls
+        else None,
+        received_attention=lambda: compress.received_attention_scores(queries, keys, heads, scale),
+        keys=lambda: compress.key_metric(keys, heads),
+        seeds=lambda: pixel_seeds(pixels),
+    )
+
+
+def patch_grid(config) -> tuple[int, int]:
+    """(rows, columns) of a unit's patches: the tower's input side over its patch size, square."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return side, side
+
+
 def zip_units(inner: nn.Module, tower: nn.Module, pixel_values: Tensor, vision_feature_layer: int | None):
-    """:func:`zip_tower` at the inner model's feature layer and budget, read from its config at every call, without
-    autograd (frozen tower). B counts whatever the family zips independently (images, crops, frames). The call is
-    recorded while ``families.recorded_zips`` is active (:func:`record_zip`)."""
+    """The configured compressor (VisionZip unless ``config.visionzip`` names another) on encoder layer L of
+    ``tower`` for a batch of (B, 3, S, S) units, at the inner model's feature layer and budget, read from its config
+    at every call, without autograd (frozen tower). B counts whatever the family zips independently (images, crops,
+    frames). The call is recorded while ``families.recorded_zips`` is active (:func:`record_zip`)."""
     budget = inner.config.visionzip
     layer = inner.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
     layer_index = capture.resolve_layer(len(tower.encoder.layers), layer)
+    compressor, params = (COMPRESSED if COMPRESSED.owns(budget) else COUNTS).compressor(budget)
     # no_grad also stops enable_input_require_grads() (activation checkpointing) from building a tower graph.
     with torch.no_grad():
-        result = zip_tower(
-            tower, pixel_values, layer_index, budget["dominant"], budget["contextual"], eager=budget["eager"]
-        )
+        captured = capture.run_until(tower, pixel_values, layer_index, eager=budget["eager"])
+        result = compressor.compress(layer_signals(captured, patch_grid(inner.config), pixel_values), params)
     record_zip(inner, result, lambda: pixel_values)
     return result
 

@@ -148,7 +148,7 @@ class AnyresFamily(Family):
     def zipped_tokens(self, config, budget: dict, image_size: ImageSize | None = None) -> int:
         """Every crop zipped to K tokens; ``image_size=None`` is an untiled image (one crop)."""
         crops = 1 if image_size is None else crop_count(config, image_size)
-        return crops * self.budget.unit_tokens(budget)
+        return crops * self.budget_of(budget).unit_tokens(budget)
 
     def blank_image(self, config) -> dict[str, Tensor]:
         """One all-zero image of one crop's size, as an anyres processor lays it out: every crop, and its size."""

@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_tune.algorithm import compress
-from visionzip_tune.families.base import Family, record_zip, zip_layer
+from visionzip_tune.families.base import Family, layer_signals, patch_grid, record_zip
 from visionzip_tune.models.mini_gemini.configuration_mini_gemini import stock_tokens_per_image, views_per_image
 from visionzip_tune.models.mini_gemini.modeling_mini_gemini import (
     MGM_PROJECTOR_NAMES,
@@ -35,12 +35,15 @@ from visionzip_tune.models.mini_gemini.modeling_mini_gemini import (
 )
 
 
-def zip_mined_views(mined: MinedViews, dominant: int, contextual: int) -> compress.ZipResult:
-    """VisionZip on every view's ``[CLS, mined patches]``, selected by the CLS row of the captured CLIP layer and
-    merged by its head-mean keys. Returns tokens (B * V, dominant + contextual, D) with autograd through the mined
-    tokens, and positions counting CLS as 0, patch j as j + 1."""
+def zip_mined_views(mined: MinedViews, budget: dict, views: Tensor, config) -> compress.ZipResult:
+    """The budget's compressor on every view's ``[CLS, mined patches]``, selecting with the captured CLIP layer's own
+    signals (its CLS attention row, head-mean keys and unmined features, so the selection does not drift while the
+    mining trains) and making its rows from the mined tokens. ``views`` are the LR views CLIP saw (their pixels seed
+    the random compressor). Returns tokens (B * V, K, D) with autograd through the mined tokens, and positions
+    counting CLS as 0, patch j as j + 1."""
     hidden = torch.cat([mined.capture.hidden[:, :1], mined.tokens], dim=1)
-    return zip_layer(mined.capture._replace(hidden=hidden), dominant, contextual)
+    compressor, params = FAMILY.budget_of(budget).compressor(budget)
+    return compressor.compress(layer_signals(mined.capture, patch_grid(config), views, hidden=hidden), params)
 
 
 def get_image_features(
@@ -58,8 +61,9 @@ def get_image_features(
     """
     budget = self.config.visionzip
     mined = mine_views(self, pixel_values, vision_feature_layer, eager=budget["eager"])
-    zipped = zip_mined_views(mined, budget["dominant"], budget["contextual"])
-    record_zip(self, zipped, lambda: low_resolution_views(pixel_values, self.config))  # the views CLIP saw
+    views = low_resolution_views(pixel_values, self.config)  # the views CLIP saw
+    zipped = zip_mined_views(mined, budget, views, self.config)
+    record_zip(self, zipped, lambda: views)
     tokens = per_image(zipped.tokens, pixel_values.shape[0])
     return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=list(self.multi_modal_projector(tokens)))
 
@@ -79,8 +83,8 @@ class MiniGemini(Family):
         return stock_tokens_per_image(config)
 
     def zipped_tokens(self, config, budget: dict, image_size=None) -> int:
-        """Every view keeps dominant + contextual tokens (64 / 128 / 192; HD 320 / 640 / 960)."""
-        return views_per_image(config) * self.budget.unit_tokens(budget)
+        """Every view keeps K tokens (VisionZip's dominant + contextual: 64 / 128 / 192; HD 320 / 640 / 960)."""
+        return views_per_image(config) * self.budget_of(budget).unit_tokens(budget)
 
     def image_side(self, config) -> int:
         """MGM's ``pixel_values`` are the HR image, ``image_size_aux`` px square (a text-only batch encodes a blank

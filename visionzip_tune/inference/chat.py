@@ -118,7 +118,7 @@ class Chat:
     def describe(self) -> str:
         """One line: the budget and the placeholder tokens of the current media."""
         budget = getattr(self.model.config, "visionzip", None)
-        zipped = family_of(self.model.config).budget.describe(budget) if budget else "stock"
+        zipped = family_of(self.model.config).budget_of(budget).describe(budget) if budget else "stock"
         counts = [f"{n} tokens per image" for n in self.image_tokens]
         counts += [
             f"{n if isinstance(n, int) else sum(p for p in n if isinstance(p, int))} tokens per video of "

@@ -17,6 +17,7 @@ from typing import Any, Literal, Sequence
 
 import yaml
 
+from visionzip_tune.algorithm.compressors import COMPRESSORS
 from visionzip_tune.data.config import DataConfig
 from visionzip_tune.demo.tiny import TinySpec
 from visionzip_tune.docfields import bound_problems, documented
@@ -48,9 +49,11 @@ class ModelConfig:
 
 @dataclass
 class VisionZipConfig:
-    """The budget: tokens per image for the LLaVA families (dominant, contextual, ...), ratios of each image's
-    merged tokens for the Qwen families (dominant_ratio, contextual_ratio, merge_space). Each family reads its own
-    keys, so one recipe may carry both (the tiny demo); a Qwen model refuses a recipe without its ratios."""
+    """The compression in the data path: ``method`` picks the compressor (VisionZip unless set), the other keys its
+    budget. VisionZip's: tokens per image for the LLaVA families (dominant, contextual, ...), ratios of each image's
+    merged tokens for the Qwen families (dominant_ratio, contextual_ratio, merge_space); every other compressor's:
+    ``tokens`` per unit and its own parameters. Each family reads its own keys, so one recipe may carry both (the
+    tiny demo); a Qwen model refuses a VisionZip recipe without its ratios."""
 
     enabled: bool = documented(True, "feed the LLM only VisionZip's dominant + contextual tokens per image")
     dominant: int = documented(
@@ -72,6 +75,22 @@ class VisionZipConfig:
     )
     merge_space: Literal["post", "pre"] | None = documented(
         None, "Qwen: merge contextual tokens after the merger ('post', upstream) or on its inputs ('pre'); null = post"
+    )
+    method: Literal[tuple(COMPRESSORS)] = documented(
+        "visionzip",
+        f"the compressor: {', '.join(COMPRESSORS)} (README: choosing a compressor); every one but visionzip takes "
+        "visionzip.tokens",
+    )
+    tokens: int | None = documented(None, "rows per image, crop, frame or view for a method other than visionzip", ge=1)
+    seed: int | None = documented(None, "method random: the seed mixed into each image's pixel hash; null = 0")
+    resample: bool | None = documented(
+        None, "method random: draw new positions at every call (each epoch) instead of per image; null = false"
+    )
+    important_ratio: float | None = documented(
+        None, "method vispruner: the share of tokens kept for CLS attention, the rest for diversity; null = 0.5", ge=0
+    )
+    neighbours: int | None = documented(
+        None, "method prumerge_plus: the most key-similar patches each kept patch absorbs; null = 32", ge=1
     )
 
 

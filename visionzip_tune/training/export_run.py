@@ -56,7 +56,7 @@ def export_run(run: str | Path, checkpoint_name: str | None = None, output: str 
     model = load_vlm(base_model, key=key, what="base model")
     family = families.family_of(model)
     full = cfg.train.mode == "full"
-    processing = load_model_processing(base_model, key=key) if full or family.budget.uses_image_processor else None
+    processing = load_model_processing(base_model, key=key) if full or family.uses_image_processor else None
     fingerprint = weights_fingerprint(model)
     build.apply_recipe_visionzip(model, cfg.visionzip)
     model, trainable = build.prepare_trainable(model, cfg.train)

@@ -9,6 +9,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from visionzip_tune import families
+from visionzip_tune.algorithm.compressors import COMPRESSORS
 from visionzip_tune.data import load_samples
 from visionzip_tune.data.dataset import refuse_unusable
 from visionzip_tune.demo.dataset import make_demo_dataset
@@ -71,8 +72,14 @@ def preflight(cfg: Config) -> None:
 
 
 def recipe_budget(visionzip: VisionZipConfig, family: families.Family) -> dict:
-    """The recipe's budget as the family takes it (``Family.budget.keys``: counts for the LLaVA families, ratios for
-    Qwen); :class:`UserError` when the family's first key is not set."""
+    """The recipe's budget as the family takes it: VisionZip's (``Family.budget.keys``: counts for the LLaVA
+    families, ratios for Qwen) or another compressor's (``visionzip.method``: its tokens and parameters), with the
+    family's knobs; :class:`UserError` when VisionZip's first key is not set."""
+    knobs = {key: getattr(visionzip, key) for key in family.knob_keys if getattr(visionzip, key) is not None}
+    if visionzip.method != "visionzip":
+        compressor = COMPRESSORS[visionzip.method]
+        params = {key: getattr(visionzip, key) for key in compressor.parameters if getattr(visionzip, key) is not None}
+        return {"method": visionzip.method, **params, **knobs}
     keys = family.budget.keys
     if getattr(visionzip, keys[0]) is None:
         raise UserError(
@@ -82,7 +89,7 @@ def recipe_budget(visionzip: VisionZipConfig, family: families.Family) -> dict:
             f"visionzip.contextual ({visionzip.dominant} and {visionzip.contextual} here) are the LLaVA families' "
             "tokens per image"
         )
-    return {key: getattr(visionzip, key) for key in keys if getattr(visionzip, key) is not None}
+    return {key: getattr(visionzip, key) for key in keys if getattr(visionzip, key) is not None} | knobs
 
 
 def checked_budget(visionzip: VisionZipConfig, family: families.Family, check) -> None:

@@ -7,9 +7,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from visionzip_tune.families.base import Family
+from visionzip_tune.algorithm.compressors import GRID, KEYS, RECEIVED_ATTENTION, SEEDS
+from visionzip_tune.families.base import COMPRESSED, Family
 from visionzip_tune.families.qwen import positions
-from visionzip_tune.families.qwen.common import ENCODED, RATIOS, features_methods, merged_per_slice, unit_tokens
+from visionzip_tune.families.qwen.common import (
+    ENCODED,
+    MERGE_SPACES,
+    RATIOS,
+    features_methods,
+    merged_per_slice,
+    unit_tokens,
+)
+
+
+def pixel_bounds(image_processor) -> tuple[int | None, int | None]:
+    """(min_pixels, max_pixels) of a Qwen image processor (kept as its size's shortest / longest edge)."""
+    if image_processor is None:
+        return None, None
+    size = image_processor.size
+    return size["shortest_edge"], size["longest_edge"]
 
 
 def grid_of(inputs: dict, key: str, index: int) -> tuple[int, int, int]:
@@ -34,6 +50,8 @@ class QwenFamily(Family):
     encoding_methods = ("get_rope_index",)
     drawable = False
     frame_runs = False
+    knob_keys = ("merge_space",)
+    uses_image_processor = True
 
     def __init__(self):
         # Bound to this generation: the features methods and the positions read its token order and layout.
@@ -42,12 +60,57 @@ class QwenFamily(Family):
     def raster_order(self, visual: nn.Module, grid_thw: Tensor) -> Tensor | None:
         return None
 
+    def resolve_knobs(self, config, recorded: dict, given: dict, method: str) -> dict:
+        """``merge_space`` ("post": merge after the merger, upstream's; "pre": on its inputs), and the scoring block,
+        the tower's last, which must attend over whole images."""
+        merge_space = given.get("merge_space", recorded.get("merge_space", MERGE_SPACES[0]))
+        if merge_space not in MERGE_SPACES:
+            raise ValueError(f"merge_space={merge_space!r} is not one of {', '.join(MERGE_SPACES)}")
+        last = config.vision_config.depth - 1
+        full = getattr(config.vision_config, "fullatt_block_indexes", None)
+        if full is not None and last not in full:
+            raise ValueError(
+                f"VisionZip scores tokens at the vision tower's last block ({last}), which must attend over whole "
+                f"images (fullatt_block_indexes={list(full)}); window attention cannot rank tokens across windows"
+            )
+        return {"merge_space": merge_space, "score_layer": last}
+
+    def tower_has_cls(self, config) -> bool:
+        return False
+
+    def unit_positions(self, config) -> None:
+        """Units are images and temporal slices of their own sizes: checked per unit as they are zipped."""
+        return None
+
+    def signals(self, config) -> frozenset[str]:
+        """The last block's attention received and keys, averaged over each merged token's patches; the merged grid."""
+        return frozenset({RECEIVED_ATTENTION, KEYS, GRID, SEEDS})
+
+    def record_inputs(self, config, image_processor=None) -> dict:
+        """The image processor's pixel bounds, which decide each image's N and therefore its token count."""
+        min_pixels, max_pixels = pixel_bounds(image_processor)
+        return {"min_pixels": min_pixels, "max_pixels": max_pixels}
+
+    def check_inputs(self, record: dict, image_processor) -> list[str]:
+        """An export tuned on images resized within other pixel bounds sees other token counts: refuse it."""
+        found = dict(zip(("min_pixels", "max_pixels"), pixel_bounds(image_processor)))
+        return [
+            f"{key} is {found[key]} in the image processor given but {record.get(key)} in the export (images resize "
+            "to other patch grids, so the projector would see other token counts; use the image processor the "
+            "export was tuned with)"
+            for key in found
+            if found[key] is not None and record.get(key) is not None and found[key] != record[key]
+        ]
+
     def stock_tokens(self, config, grid=None) -> int:
         """Stock placeholders of an image or video of (t, h, w) patches: every merged token of every slice."""
         return int(grid[0]) * merged_per_slice(config, grid)
 
     def zipped_tokens(self, config, budget: dict, grid=None) -> int:
-        """Placeholders of an image or video of (t, h, w) patches under ``budget``: K per temporal slice."""
+        """Placeholders of an image or video of (t, h, w) patches under ``budget``: K per temporal slice (``grid``
+        None: one slice, for a compressor whose K does not follow the slice's size)."""
+        if grid is None and COMPRESSED.owns(budget):
+            return COMPRESSED.unit_tokens(budget)
         return int(grid[0]) * unit_tokens(budget, merged_per_slice(config, grid))
 
     stock_video_tokens = stock_tokens

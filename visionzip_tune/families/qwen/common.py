@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_tune.algorithm import capture, compress
-from visionzip_tune.families.base import Budget, Family
+from visionzip_tune.algorithm.compressors import Compressor, Signals, pixel_seeds
+from visionzip_tune.families.base import COMPRESSED, VISIONZIP, Budget, Family
 
 MERGE_SPACES = ("post", "pre")  # contextual merge after the merger (upstream) or on its inputs
 ENCODED = "_visionzip_encoded"  # attribute of the inner model: {"image" | "video": Encoded}
@@ -58,16 +59,22 @@ def merged_per_slice(config, grid) -> int:
 
 
 def unit_tokens(budget: dict, merged: int) -> int:
-    """K: the tokens a unit of ``merged`` tokens is zipped to."""
+    """K: the tokens a unit of ``merged`` tokens is zipped to (VisionZip's ratios, or another compressor's fixed K,
+    checked to fit the unit)."""
+    if COMPRESSED.owns(budget):
+        compressor, params = COMPRESSED.compressor(budget)
+        compressor.fits(params, merged, has_cls=False)
+        return compressor.rows(params)
     return sum(compress.ratio_budget(merged, budget["dominant_ratio"], budget["contextual_ratio"]))
 
 
-def _pixel_bounds(image_processor) -> tuple[int | None, int | None]:
-    """(min_pixels, max_pixels) of a Qwen image processor (kept as its size's shortest / longest edge)."""
-    if image_processor is None:
-        return None, None
-    size = image_processor.size
-    return size["shortest_edge"], size["longest_edge"]
+def unit_compressor(budget: dict, merged: int) -> tuple[Compressor, dict]:
+    """The compressor and parameters of a unit of ``merged`` tokens: VisionZip's dominant and contextual counts from
+    the ratios (``compress.ratio_budget``), or another compressor's as resolved."""
+    if COMPRESSED.owns(budget):
+        return COMPRESSED.compressor(budget)
+    dominant, contextual = compress.ratio_budget(merged, budget["dominant_ratio"], budget["contextual_ratio"])
+    return VISIONZIP, {"dominant": dominant, "contextual": contextual}
 
 
 def _is_ratio(text: str) -> bool:
@@ -78,21 +85,18 @@ def _is_ratio(text: str) -> bool:
 
 
 class RatioBudget(Budget):
-    """Ratios of each unit's N merged tokens (``compress.ratio_budget``): ``dominant_ratio`` and
-    ``contextual_ratio`` (default upstream's 0.45 + 0.05 = 50%), and ``merge_space`` ("post": merge after the
-    merger, the default; "pre": on its inputs). The count follows each image's patch grid, so the image processor's
-    pixel bounds are part of the record."""
+    """VisionZip at ratios of each unit's N merged tokens (``compress.ratio_budget``): ``dominant_ratio`` and
+    ``contextual_ratio`` (default upstream's 0.45 + 0.05 = 50%), beside the family's ``merge_space``."""
 
-    defaults = {"dominant_ratio": 0.45, "contextual_ratio": 0.05, "merge_space": "post"}  # upstream's 50%
-    keys = tuple(defaults)
-    uses_image_processor = True
+    defaults = {"dominant_ratio": 0.45, "contextual_ratio": 0.05}  # upstream's 50%
+    keys = (*defaults, "merge_space")
     syntax = "two ratios (Qwen)"
     example = "0.45+0.05"
 
     def resolve(self, family: Family, config, recorded: dict, given: dict) -> dict:
         """Unset keys as recorded, else the defaults; ``ValueError`` for counts or anything else a Qwen model cannot
-        take. Records the scoring block too, the tower's last."""
-        wrong = sorted(set(given) - set(self.defaults))
+        take."""
+        wrong = sorted(set(given) - set(self.keys))
         if wrong:
             raise ValueError(
                 f"{family.model_class} takes a VisionZip budget as ratios of each image's merged tokens "
@@ -100,41 +104,20 @@ class RatioBudget(Budget):
             )
         budget = {key: given.get(key, recorded.get(key, default)) for key, default in self.defaults.items()}
         compress.validate_ratios(budget["dominant_ratio"], budget["contextual_ratio"])
-        if budget["merge_space"] not in MERGE_SPACES:
-            raise ValueError(f"merge_space={budget['merge_space']!r} is not one of {', '.join(MERGE_SPACES)}")
-        last = config.vision_config.depth - 1
-        full = getattr(config.vision_config, "fullatt_block_indexes", None)
-        if full is not None and last not in full:
-            raise ValueError(
-                f"VisionZip scores tokens at the vision tower's last block ({last}), which must attend over whole "
-                f"images (fullatt_block_indexes={list(full)}); window attention cannot rank tokens across windows"
-            )
-        return {**budget, "dominant_ratio": float(budget["dominant_ratio"]), "score_layer": last}
+        knobs = family.resolve_knobs(config, recorded, given, VISIONZIP.name)
+        return {**budget, "dominant_ratio": float(budget["dominant_ratio"]), **knobs}
 
     def record(self, family: Family, config, image_processor=None) -> dict:
-        """The ratios (None where no budget is set), and the image processor's pixel bounds, which decide each
-        image's N and therefore its token count."""
+        """The ratios (None where no budget is set) and the family's inputs record (the pixel bounds)."""
         budget = getattr(config, "visionzip", None) or {}
-        min_pixels, max_pixels = _pixel_bounds(image_processor)
         return {
+            "method": VISIONZIP.name,
             "dominant_ratio": budget.get("dominant_ratio"),
             "contextual_ratio": budget.get("contextual_ratio"),
             "merge_space": budget.get("merge_space"),
             "score_layer": budget.get("score_layer"),
-            "min_pixels": min_pixels,
-            "max_pixels": max_pixels,
+            **family.record_inputs(config, image_processor),
         }
-
-    def check(self, record: dict, image_processor) -> list[str]:
-        """An export tuned on images resized within other pixel bounds sees other token counts: refuse it."""
-        found = dict(zip(("min_pixels", "max_pixels"), _pixel_bounds(image_processor)))
-        return [
-            f"{key} is {found[key]} in the image processor given but {record.get(key)} in the export (images resize "
-            "to other patch grids, so the projector would see other token counts; use the image processor the "
-            "export was tuned with)"
-            for key in found
-            if found[key] is not None and record.get(key) is not None and found[key] != record[key]
-        ]
 
     def label(self, budget: dict) -> str:
         return f"{budget['dominant_ratio']}+{budget['contextual_ratio']}"
@@ -238,28 +221,53 @@ class ZippedMedia(NamedTuple):
     sizes: list[int]
 
 
-def zip_merged_units(
-    features: Tensor, metric: Tensor, scores: Tensor, bounds: list[tuple[int, int]], budget: dict
-) -> ZippedMedia:
-    """VisionZip of every unit, in raster merged-token order.
+class MergedUnits(NamedTuple):
+    """The units of one tower run in raster merged-token order: each unit's [start, end) rows, its (rows, columns) of
+    merged tokens, and its [start, end) rows of the packed pixel values."""
 
-    features: (G, F) merged tokens of all units (any space: merger outputs, or merger inputs as 4 C-vectors);
-    metric: (G, d); scores: (G,); bounds: each unit's [start, end) rows. Per unit of N tokens: top-D by score
-    (ties to the lower index), the rest merged into C contextual tokens (``compress.select_and_merge``), the
-    output in ascending position order with contextual tokens in their targets' slots."""
+    bounds: list[tuple[int, int]]
+    grids: list[tuple[int, int]]
+    pixel_rows: list[tuple[int, int]]
+
+
+def merged_units(capture: BlockCapture, grid_thw: Tensor, merge: int) -> MergedUnits:
+    """Every unit (an image, a temporal slice of a video) of a tower run: its attention segment, in merged tokens."""
+    group = merge * merge
+    grids = [(int(h) // merge, int(w) // merge) for t, h, w in grid_thw.tolist() for _ in range(int(t))]
+    bounds = [(a // group, b // group) for a, b in capture.segments]  # the same ranges in raster order
+    return MergedUnits(bounds, grids, list(capture.segments))
+
+
+def zip_merged_units(
+    hidden: Tensor,
+    features: Tensor,
+    metric: Tensor,
+    scores: Tensor,
+    units: MergedUnits,
+    budget: dict,
+    pixel_values: Tensor,
+) -> ZippedMedia:
+    """The budget's compressor on every unit, in raster merged-token order.
+
+    hidden: (G, F) merged tokens of all units the rows are made of (any space: merger outputs, or merger inputs as
+    4 C-vectors); features: (G, F') their frozen pre-projector features (the merger inputs); metric: (G, d);
+    scores: (G,) the attention each merged token receives. Per unit of N tokens: VisionZip's top-D by score and C
+    contextual tokens (D and C from the ratios), or another compressor's K rows; the output in ascending position
+    order, each merged row at the position it stands for."""
     per_unit, kept, sizes = [], [], []
-    for start, end in bounds:
+    for (start, end), grid, (first, last) in zip(units.bounds, units.grids, units.pixel_rows):
         n = end - start
-        dominant, contextual = compress.ratio_budget(n, budget["dominant_ratio"], budget["contextual_ratio"])
-        result = compress.select_and_merge(
-            features[None, start:end],
-            metric[None, start:end],
-            scores[None, start:end],
-            dominant=dominant,
-            contextual=contextual,
+        compressor, params = unit_compressor(budget, n)
+        signals = Signals(
+            hidden[None, start:end],
+            features=features[None, start:end],
             has_cls=False,
+            grid=grid,
+            received_attention=scores[None, start:end],
+            keys=metric[None, start:end],
+            seeds=lambda first=first, last=last: pixel_seeds(pixel_values[None, first:last]),
         )
-        tokens, positions = compress.in_position_order(result)
+        tokens, positions = compress.in_position_order(compressor.compress(signals, params))
         per_unit.append(tokens[0])
         kept.append(positions[0])
         sizes.append(n)
@@ -284,18 +292,20 @@ def zip_media(inner: nn.Module, pixel_values: Tensor, grid_thw: Tensor, generati
         scores, metric = merged_scores(capture, group)
     order = generation.raster_order(visual, grid_thw)
     raster = (lambda x: x) if order is None else (lambda x: x.index_select(0, order.to(x.device)))
-    bounds = [(a // group, b // group) for a, b in capture.segments]  # the same ranges in raster order
+    units = merged_units(capture, grid_thw, visual.spatial_merge_size)
     scores, metric = raster(scores), raster(metric)
+    width = capture.merger_inputs[0].shape[-1]
+    groups = raster(torch.cat([x.reshape(-1, group * width) for x in capture.merger_inputs], dim=-1))
+    features = groups[:, : group * width]  # the main merger's inputs: the last block's output, pre-projector
     if budget["merge_space"] == "post":
         if merger_trains(visual):
             outputs = [merger(x) for merger, x in zip(mergers(visual), capture.merger_inputs)]
         else:
             outputs = capture.merger_outputs
-        return zip_merged_units(raster(torch.cat(outputs, dim=-1)), metric, scores, bounds, budget)
-    width = capture.merger_inputs[0].shape[-1]
-    groups = torch.cat([x.reshape(-1, group * width) for x in capture.merger_inputs], dim=-1)
+        hidden = raster(torch.cat(outputs, dim=-1))
+        return zip_merged_units(hidden, features, metric, scores, units, budget, pixel_values)
     with torch.no_grad():  # the tower's outputs: nothing to differentiate before the mergers
-        zipped = zip_merged_units(raster(groups), metric, scores, bounds, budget)
+        zipped = zip_merged_units(groups, features, metric, scores, units, budget, pixel_values)
     kept_groups = torch.cat(zipped.per_unit).split(group * width, dim=-1)
     merged = torch.cat([merger(x.reshape(-1, width)) for merger, x in zip(mergers(visual), kept_groups)], dim=-1)
     return zipped._replace(per_unit=list(merged.split([len(k) for k in zipped.kept])))
