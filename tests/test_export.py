@@ -179,7 +179,7 @@ def test_visionzip_json_records_budget_base_and_provenance(tiny_clip_export, tin
     assert record["base_model"] == str(tiny_clip_dir)
     assert record["base_fingerprint"] == weights_fingerprint(load_tiny(tiny_clip_dir)[0])
     assert record["family"] == "llava"
-    assert (record["dominant"], record["contextual"], record["eager"]) == (54, 10, False)
+    assert (record["method"], record["dominant"], record["contextual"], record["eager"]) == ("visionzip", 54, 10, False)
     assert record["tokens_per_image"] == 64
     assert record["layer"] == model.config.vision_feature_layer == -2
     assert record["token_order"] == "flat"
@@ -676,3 +676,32 @@ def test_full_export_under_zero3_saves_the_whole_gathered_model(tmp_path):
     assert state.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name  # full tensors, not ZeRO-3's empty partitions
+
+
+def test_an_export_records_its_compressor_and_is_refused_under_another(tiny_clip, tiny_clip_dir, tmp_path):
+    model, processor = tiny_clip
+    vzt.apply_compression(model, "vispruner", tokens=12, important_ratio=0.25, processor=processor)
+    tensors = perturb_projector(model)
+    out = export_projector(model, tmp_path / "export", metadata={"base_model": str(tiny_clip_dir)})
+    record = json.loads((out / "visionzip.json").read_text())
+    assert {k: record[k] for k in ("method", "tokens", "important_ratio", "eager", "tokens_per_image")} == {
+        "method": "vispruner",
+        "tokens": 12,
+        "important_ratio": 0.25,
+        "eager": False,
+        "tokens_per_image": 12,
+    }
+    fresh, fresh_processor = load_tiny(tiny_clip_dir)
+    load_projector(fresh, out, processor=fresh_processor)  # as tuned: its compressor and parameters
+    assert fresh.config.visionzip == model.config.visionzip
+    assert all(torch.equal(p, tensors[n]) for n, p in fresh.model.multi_modal_projector.named_parameters())
+    other = {"method": "divprune", "tokens": 12}
+    with pytest.raises(UserError, match=r"was tuned with vispruner:12\(important_ratio=0.25\) .* the budget asked for"):
+        load_projector(load_tiny(tiny_clip_dir)[0], out, budget=other)
+    for budget in ({"dominant": 10, "contextual": 2}, None):
+        with pytest.raises(UserError, match="was tuned with vispruner"):
+            load_projector(load_tiny(tiny_clip_dir)[0], out, budget=budget or {"method": "random", "tokens": 4})
+    compared = load_projector(load_tiny(tiny_clip_dir)[0], out, budget=other, other_compressor=True)
+    assert compared.config.visionzip["method"] == "divprune"
+    same = load_projector(load_tiny(tiny_clip_dir)[0], out, budget={"method": "vispruner", "tokens": 8})
+    assert same.config.visionzip["tokens"] == 8  # the compressor it was tuned with, another budget: allowed

@@ -12,7 +12,8 @@ from visionzip_tune.__main__ import main as cli
 from visionzip_tune.evaluation.benchmarks import TableRow, percent_table
 from visionzip_tune.demo.tiny import TinySpec
 from visionzip_tune.demo.tiny import save_tiny
-from visionzip_tune.inference.variants import parse_budgets
+from visionzip_tune.errors import UserError
+from visionzip_tune.inference.variants import parse_budgets, plan, setting_label
 
 lmms_eval_or_skip()
 
@@ -38,6 +39,20 @@ def test_budgets_are_d_plus_c_or_totals_split_as_in_the_paper():
         {"dominant": 162, "contextual": 30},
     ]
     assert parse_budgets("0.45+0.05") == [{"dominant_ratio": 0.45, "contextual_ratio": 0.05}]
+
+
+def test_budgets_name_any_compressor_and_label_it():
+    budgets = parse_budgets("divprune:64,pool:16, visionzip:54+10,random:8")
+    assert budgets == [
+        {"method": "divprune", "tokens": 64},
+        {"method": "pool", "tokens": 16},
+        {"dominant": 54, "contextual": 10},
+        {"method": "random", "tokens": 8},
+    ]
+    assert [s.label for s in plan(budgets, None)] == ["stock", "divprune:64", "pool:16", "VisionZip 54+10", "random:8"]
+    assert setting_label({"method": "random", "tokens": 8, "seed": 3}, tuned=True) == "random:8(seed=3)‡"
+    with pytest.raises(UserError, match="'tome:64' is neither DOMINANT"):
+        parse_budgets("tome:64")
 
 
 def test_eval_runs_stock_budgets_and_the_tuned_export(eval_assets, tmp_path, capsys):

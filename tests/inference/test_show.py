@@ -132,4 +132,41 @@ def test_qwen_is_refused_with_what_to_use_instead(tmp_path, capsys):
 def test_show_needs_a_budget(eval_assets, tmp_path, capsys):
     Image.new("RGB", (56, 56)).save(tmp_path / "x.png")
     argv = ["show", "--model", str(eval_assets[0]), "--image", str(tmp_path / "x.png")]
-    assert "no VisionZip budget to show" in cli_error(argv, capsys)
+    assert "no budget to show" in cli_error(argv, capsys)
+
+
+def test_other_compressors_are_drawn_from_the_groups_they_record(eval_assets, tmp_path):
+    """--budget divprune:5: the outlined cells are the patches an independent DivPrune keeps (on the pixels the
+    model's image processor makes); --budget pool:4: no cell is outlined and the four 2 x 2 bins each have one
+    colour of their own, on a one-colour image."""
+    import reference_compressors
+
+    model_dir = eval_assets[0]
+    rng = np.random.default_rng(1)
+    picture = Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))
+    picture.save(tmp_path / "noise.png")
+    image = show(model_dir, tmp_path / "noise.png", tmp_path / "kept.png", "--budget", "divprune:5")
+    model = load_vlm(str(model_dir))
+    pixels = MediaTransform(load_model_processing(str(model_dir)).image_processor).images([picture])[0]
+    (unit,) = reference_compressors.tower_signals(vision_tower(model), pixels["pixel_values"], -2)
+    assert outlined(image, Layout(SIDE, CELL), 1) == [reference_compressors.divprune_kept(unit.patches, 5)]
+
+    Image.new("RGB", (56, 56), (120, 120, 120)).save(tmp_path / "plain.png")
+    pooled = show(model_dir, tmp_path / "plain.png", tmp_path / "pooled.png", "--budget", "pool:4")
+    assert outlined(pooled, Layout(SIDE, CELL), 1) == [[]]
+    pixels, layout = np.asarray(pooled), Layout(SIDE, CELL)
+    colour = {}
+    for patch in range(SIDE * SIDE):
+        x, y = layout.cell_origin(0, patch)
+        colour.setdefault((patch // SIDE // 2, patch % SIDE // 2), set()).add(
+            tuple(pixels[y + CELL // 2, x + CELL // 2])
+        )
+    assert all(len(c) == 1 for c in colour.values()) and len({c.pop() for c in colour.values()}) == 4
+
+
+def test_a_budget_is_given_one_way(eval_assets, tmp_path, capsys):
+    model_dir = eval_assets[0]
+    Image.new("RGB", (56, 56)).save(tmp_path / "x.png")
+    argv = ["show", "--model", str(model_dir), "--image", str(tmp_path / "x.png"), "--budget", "pool:4"]
+    assert "--budget pool:4 and --dominant both set a budget" in cli_error([*argv, "--dominant", "4"], capsys)
+    assert "--budget: 'pool4' is neither" in cli_error([*argv[:-1], "pool4"], capsys)

@@ -11,6 +11,7 @@ from visionzip_tune.data.config import IMAGE_ASPECTS, TEMPLATES
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import read_export
 from visionzip_tune.inference.prompts import Prompter, image_of
+from visionzip_tune.inference.variants import parse_budgets
 from visionzip_tune.loading import DTYPES
 
 
@@ -109,3 +110,25 @@ def prompter_for(model, processing, record: dict | None, args: argparse.Namespac
         image_aspect=args.image_aspect,
         video_frames=args.video_frames,
     )
+
+
+def add_budget_argument(parser: argparse.ArgumentParser) -> None:
+    """``--budget``: one training-free budget, as an entry of eval's ``--budgets`` (any compressor)."""
+    parser.add_argument(
+        "--budget",
+        help="without --projector: a training-free budget of any compressor, e.g. 54+10 (VisionZip), 0.45+0.05 (Qwen "
+        "ratios), divprune:64, pool:64, random:64, vispruner:64, prumerge_plus:64",
+    )
+
+
+def budget_of_args(args: argparse.Namespace, flags: tuple[str, ...]) -> dict:
+    """The training-free budget the command line asks for: ``--budget``, or the budget ``flags`` (attribute names,
+    e.g. dominant and contextual) that are set; :class:`UserError` when both are given."""
+    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    if args.budget is None:
+        return given
+    if given:
+        named = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise UserError(f"--budget {args.budget} and {named} both set a budget: give one or the other.")
+    (budget,) = parse_budgets(args.budget, flag="--budget") or [None]
+    return budget or {}

@@ -22,7 +22,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from visionzip_tune.cli.common import add_media_arguments, add_prompt_arguments, checked_media, prompter_for
+from visionzip_tune.cli.common import (
+    add_budget_argument,
+    add_media_arguments,
+    add_prompt_arguments,
+    budget_of_args,
+    checked_media,
+    prompter_for,
+)
 from visionzip_tune.errors import UserError
 from visionzip_tune.inference.chat import NO_MEDIA, Chat
 from visionzip_tune.inference.load import load_model
@@ -78,6 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--contextual-ratio", type=float, help="Qwen, without --projector: contextual tokens as a fraction of them"
     )
+    add_budget_argument(parser)
+    parser.add_argument(
+        "--other-compressor",
+        action="store_true",
+        help="with --projector: apply --budget's compressor instead of the one the projector was tuned with",
+    )
     parser.add_argument(
         "--dtype", choices=DTYPES, default="float32", help="auto: bfloat16 on a GPU that has it (default float32)"
     )
@@ -101,16 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.image is None and args.video is None:
         raise UserError(NO_MEDIA)
     media = checked_media(args)  # before any weight is read: a typo in a path costs seconds, not a model load
+    budget = budget_of_args(args, ("dominant", "contextual", "dominant_ratio", "contextual_ratio"))
     model, processing, record = load_model(
         args.model,
         args.projector,
-        args.dominant,
-        args.contextual,
-        dominant_ratio=args.dominant_ratio,
-        contextual_ratio=args.contextual_ratio,
         check_fingerprint=not args.no_check_fingerprint,
         dtype=args.dtype,
         device=args.device,
+        other_compressor=args.other_compressor,
+        **budget,
     )
     prompter = prompter_for(model, processing, record, args)
     chat = Chat(model, prompter, image=media.image, video=media.video, max_new_tokens=args.max_new_tokens)

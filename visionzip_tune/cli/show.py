@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from visionzip_tune.cli.common import (
+    add_budget_argument,
     add_media_arguments,
     add_model_arguments,
+    budget_of_args,
     checked_media,
     export_record_of,
     prompter_for,
@@ -36,6 +38,7 @@ def parse_args(argv: list[str] | None):
     add_media_arguments(parser)
     parser.add_argument("--dominant", type=int, help="training-free budget: dominant tokens (default: the export's)")
     parser.add_argument("--contextual", type=int, help="training-free budget: contextual tokens")
+    add_budget_argument(parser)
     parser.add_argument("--output", default="kept.png", help="PNG to write (default: kept.png)")
     parser.add_argument("--cell", type=int, help="pixels per patch (default: a unit about 336 px wide)")
     args = parser.parse_args(argv)
@@ -50,9 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("give an image (--image FILE) and/or a video (--video FILE_OR_DIR) to draw.")
     record = export_record_of(args)
     media = checked_media(args)  # before any weight is read
-    model, processing, _ = load_model(
-        args.model, args.projector, args.dominant, args.contextual, dtype=args.dtype, device=args.device
-    )
+    budget = budget_of_args(args, ("dominant", "contextual"))
+    model, processing, _ = load_model(args.model, args.projector, dtype=args.dtype, device=args.device, **budget)
     if not family_of(model.config).drawable:
         raise UserError(
             f"show draws square patch grids of CLIP / SigLIP towers; {type(model).__name__} zips merged 2 x 2 patch "
@@ -61,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if getattr(model.config, "visionzip", None) is None:
         raise UserError(
-            "no VisionZip budget to show: give --dominant and --contextual (e.g. 54 and 10), or a projector export "
-            "(--projector) tuned with one."
+            "no budget to show: give --dominant and --contextual (e.g. 54 and 10), --budget (e.g. divprune:64), or a "
+            "projector export (--projector) tuned with one."
         )
     prompter = prompter_for(model, processing, record, args)
     images = [image_of(media.image)] if media.image else []

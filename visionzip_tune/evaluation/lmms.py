@@ -9,8 +9,12 @@ tuned projector export, scored on the inputs it was tuned for. Registered throug
 
 * ``pretrained``: the base model (a ``save_pretrained`` directory or hub id); default: the export's base model;
 * ``projector``: an export directory (``python -m visionzip_tune export``): its projector and its budget;
-* ``dominant``, ``contextual``: a training-free budget (without ``projector``); any other key (``eager``,
-  ``token_order``, or a family's own budget keys) goes to ``vzt.apply_visionzip`` as a keyword argument;
+* ``dominant``, ``contextual``: a training-free VisionZip budget (without ``projector``); ``method`` (``random``,
+  ``pool``, ``divprune``, ``vispruner``, ``prumerge_plus``) and ``tokens``: another compressor; any other key
+  (``eager``, ``token_order``, a family's own or a compressor's own budget keys) goes to ``vzt.apply_visionzip`` as
+  a keyword argument;
+* ``other_compressor``: ``true`` lets a budget be given with ``projector``, to score another compressor's rows
+  under a projector tuned with its own (refused otherwise);
 * ``template``, ``image_aspect``, ``video_frames``: how prompts and media are built; default: the export's recipe,
   else the model's chat template (``vicuna_v1`` when it has none), ``pad`` and 8 frames;
 * ``dtype``: ``auto`` (bfloat16 on a GPU that supports it, else float32), ``float32``, ``bfloat16``, ``float16``;
@@ -39,7 +43,6 @@ from tqdm import tqdm
 from visionzip_tune.data.config import TEMPLATES
 from visionzip_tune.errors import UserError
 from visionzip_tune.evaluation.heldout import answer_logprobs
-from visionzip_tune.families import apply_visionzip
 from visionzip_tune.inference.load import load_model
 from visionzip_tune.inference.prompts import Media, Prompter, video_frames_of
 
@@ -146,26 +149,27 @@ class VisionZipModel(ZippedModel):
         dtype: str = "auto",
         device: str | None = None,
         check_fingerprint: bool = True,
+        other_compressor: bool = False,
         batch_size: int | str | None = 1,
         max_batch_size: int | None = None,
         **budget,
     ):
         if template is not None and template not in TEMPLATES:
             raise UserError(f"template={template}: choose one of {', '.join(TEMPLATES)}")
-        model, processing, record = load_model(
-            None if pretrained is None else str(pretrained),
-            None if projector is None else str(projector),
-            dominant,
-            contextual,
-            check_fingerprint=bool(check_fingerprint),
-            dtype=str(dtype),
-            device=device,
-        )
-        if budget:
-            try:
-                apply_visionzip(model, **budget)
-            except (TypeError, ValueError) as err:
-                raise UserError(f"--model_args {budget}: {err}") from None
+        try:
+            model, processing, record = load_model(
+                None if pretrained is None else str(pretrained),
+                None if projector is None else str(projector),
+                dominant,
+                contextual,
+                check_fingerprint=bool(check_fingerprint),
+                dtype=str(dtype),
+                device=device,
+                other_compressor=bool(other_compressor),
+                **budget,
+            )
+        except (TypeError, ValueError) as err:
+            raise UserError(f"--model_args {budget}: {err}") from None
         prompter = Prompter.for_recipe(
             model, processing, record, template=template, image_aspect=image_aspect, video_frames=video_frames
         )

@@ -110,7 +110,7 @@ def tokens_per_unit(config) -> int | None:
     """K, the tokens each zipped unit (an image, an anyres crop, a video frame) becomes; None without VisionZip or
     with a budget in ratios (Qwen: K follows each unit's size)."""
     budget = getattr(config, "visionzip", None)
-    return family_of(config).budget.unit_tokens(budget) if budget else None
+    return family_of(config).budget_of(budget).unit_tokens(budget) if budget else None
 
 
 def sample_image_tokens(config, image_sizes: list[MediaSize]) -> list[int]:

@@ -26,6 +26,7 @@ from visionzip_tune.algorithm.compressors import (
     KEYS,
     RECEIVED_ATTENTION,
     SEEDS,
+    SIGNAL_NAMES,
     Compressor,
     Signals,
     compressor_named,
@@ -353,7 +354,8 @@ class Family:
         if missing:
             usable = [c.name for c in COMPRESSORS.values() if c.needs(self.tower_has_cls(config)) <= provided]
             raise ValueError(
-                f"the {compressor.name} compressor reads the {' and '.join(sorted(missing))} of the vision tower, "
+                f"the {compressor.name} compressor reads the {' and '.join(SIGNAL_NAMES[m] for m in sorted(missing))} of "
+                "the vision tower, "
                 f"which {self.model_class}'s {config.vision_config.model_type} tower does not give (no CLS token); "
                 f"compressors that run on it: {', '.join(usable)}"
             )

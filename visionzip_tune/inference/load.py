@@ -24,19 +24,23 @@ def load_model(
     check_fingerprint: bool = True,
     dtype: str = "float32",
     device: str | None = None,
-    **ratios: float | None,
+    other_compressor: bool = False,
+    **budget,
 ) -> tuple[Any, Processing, dict | None]:
     """``(model, processing, record)``: the base model with the exported projector and budget (``record`` = its
     visionzip.json), or stock with an optional training-free budget (``dominant`` + ``contextual``; Qwen: the
-    ``dominant_ratio`` / ``contextual_ratio`` keywords) when ``projector`` is None. A ``full`` run's export holds
-    the whole trained model with its tokenizer and image processor: it is loaded and re-zipped with its recorded
-    budget. ``dtype`` is one of :data:`DTYPES` (``auto``: bfloat16 on a GPU that supports it, else
+    ``dominant_ratio`` / ``contextual_ratio`` keywords; another compressor: ``method`` and its parameters) when
+    ``projector`` is None. With a projector, a budget is refused (the projector was tuned for its own), unless
+    ``other_compressor``, which loads the projector under that budget to compare compressors. A ``full`` run's
+    export holds the whole trained model with its tokenizer and image processor: it is loaded and re-zipped with its
+    recorded budget. ``dtype`` is one of :data:`DTYPES` (``auto``: bfloat16 on a GPU that supports it, else
     float32); ``device`` defaults to cuda when available, else cpu."""
-    free = {k: v for k, v in {"dominant": dominant, "contextual": contextual, **ratios}.items() if v is not None}
-    if projector is not None and free:
+    free = {k: v for k, v in {"dominant": dominant, "contextual": contextual, **budget}.items() if v is not None}
+    if projector is not None and free and not other_compressor:
         raise UserError(
             f"{', '.join(free)} set a training-free budget; with a projector export the export's budget is used "
-            "(the projector was tuned for it). Give one or the other."
+            "(the projector was tuned for it). Give one or the other (or, to compare compressors under this "
+            "projector, say so: other_compressor / --other-compressor)."
         )
     if (dominant is None) != (contextual is None):
         raise UserError("give both dominant and contextual (e.g. 54 and 10 for 64 tokens per image), or neither.")
@@ -61,7 +65,12 @@ def load_model(
             apply_visionzip(model)  # the budget recorded in its config.json
     elif projector is not None:
         load_projector(
-            model, projector, check_fingerprint=check_fingerprint, image_processor=processing.image_processor
+            model,
+            projector,
+            check_fingerprint=check_fingerprint,
+            image_processor=processing.image_processor,
+            budget=free or None,
+            other_compressor=other_compressor,
         )
     elif free:
         try:

@@ -69,17 +69,19 @@ def units_of(recorded, image_processor) -> list[Unit]:
     units = []
     for call, zipped in enumerate(recorded):
         result = zipped.result
-        patches = result.scores.shape[1]
-        has_cls = result.groups.shape[1] == patches + 1
+        positions = result.groups.shape[1]
+        has_cls = math.isqrt(positions) ** 2 != positions  # the patches of a unit are a square grid
         for b in range(zipped.pixel_values.shape[0]):
             pixels = (zipped.pixel_values[b].float().cpu() * std + mean).clamp(0, 1).mul(255).round()
             groups = result.groups[b, int(has_cls) :].cpu().numpy()
-            dominant = int((groups == DOMINANT).sum())
-            contextual = result.contextual_indices.shape[1]
+            kept = int((groups == DOMINANT).sum())
+            merged = result.contextual_indices.shape[1]
             prefix = f"zip {call}, " if len(recorded) > 1 else ""
-            cls = " + CLS" if has_cls else ""
-            caption = f"{prefix}unit {b}: {dominant} patches{cls}, {contextual} groups"
-            units.append(Unit(caption, pixels.permute(1, 2, 0).byte().numpy(), groups, result.scores[b].cpu().numpy()))
+            cls = " + CLS" if has_cls and int(result.groups[b, 0]) == DOMINANT else ""
+            caption = f"{prefix}unit {b}: {kept} patches{cls}, {merged} groups"
+            # A compressor that scores nothing (random, pool, divprune) draws a flat heat map.
+            scores = np.zeros(len(groups)) if result.scores is None else result.scores[b].float().cpu().numpy()
+            units.append(Unit(caption, pixels.permute(1, 2, 0).byte().numpy(), groups, scores))
     return units
 
 

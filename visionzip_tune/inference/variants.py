@@ -17,7 +17,15 @@ import torch
 
 from visionzip_tune.errors import UserError
 from visionzip_tune.export import load_projector, recorded_budget
-from visionzip_tune.families import BUDGETS, apply_visionzip, budget_label, projector_parameters, remove_visionzip
+from visionzip_tune.families import (
+    BUDGETS,
+    COMPRESSED,
+    apply_visionzip,
+    budget_kind,
+    budget_label,
+    projector_parameters,
+    remove_visionzip,
+)
 from visionzip_tune.inference.load import load_model
 from visionzip_tune.inference.prompts import Prompter
 
@@ -33,14 +41,16 @@ class Setting:
 
 def parse_budgets(text: str | None, flag: str = "--budgets") -> list[dict]:
     """Comma-separated budgets, each of one of the kinds the families take (``families.BUDGETS``): ``"54+10,128"``
-    -> 54 + 10 and 108 + 20 (a total is split as the paper splits its budgets); ``"0.45+0.05"``: ratios of each
-    image's merged tokens (Qwen). :class:`UserError` naming a malformed entry."""
+    -> VisionZip at 54 + 10 and 108 + 20 (a total is split as the paper splits its budgets); ``"0.45+0.05"``:
+    VisionZip at ratios of each image's merged tokens (Qwen); ``"divprune:64"``: another compressor at 64 tokens
+    per unit; ``"visionzip:54+10"`` names VisionZip explicitly. :class:`UserError` naming a malformed entry."""
     budgets = []
     for item in (text or "").split(","):
         item = item.strip()
         if not item:
             continue
-        parsed = next((budget for kind in BUDGETS if (budget := kind.parse(item)) is not None), None)
+        text_of_kind = item.removeprefix("visionzip:")
+        parsed = next((budget for kind in BUDGETS if (budget := kind.parse(text_of_kind)) is not None), None)
         if parsed is None:
             raise UserError(
                 f"{flag}: {item!r} is neither {', nor '.join(kind.syntax for kind in BUDGETS)}; give e.g. {flag} "
@@ -50,15 +60,21 @@ def parse_budgets(text: str | None, flag: str = "--budgets") -> list[dict]:
     return budgets
 
 
+def setting_label(budget: dict, tuned: bool = False) -> str:
+    """``VisionZip 54+10``; ``divprune:64``; tuned (the paper's mark): ``VisionZip‡ 54+10``, ``divprune:64‡``."""
+    kind, mark = budget_kind(budget), "‡" if tuned else ""
+    return f"{kind.label(budget)}{mark}" if kind is COMPRESSED else f"VisionZip{mark} {kind.label(budget)}"
+
+
 def plan(budgets: list[dict] | None, record: dict | None) -> list[Setting]:
     """Stock, each training-free budget (``None``: the export's budget, or none without an export), then the tuned
     projector when there is an export (``record``: its visionzip.json)."""
     recorded = recorded_budget(record) if record is not None else None
     if budgets is None:
         budgets = [recorded] if recorded is not None else []
-    settings = [Setting("stock", None)] + [Setting(f"VisionZip {budget_label(b)}", b) for b in budgets]
+    settings = [Setting("stock", None)] + [Setting(setting_label(b), b) for b in budgets]
     if record is not None:
-        tuned = f"VisionZip‡ {budget_label(recorded)}" if recorded is not None else "stock tokens"
+        tuned = setting_label(recorded, tuned=True) if recorded is not None else "stock tokens"
         settings.append(Setting(f"{tuned} (tuned)", None, tuned=True))
     return settings
 

@@ -14,6 +14,7 @@ from visionzip_tune.algorithm.compressors.base import (
     KEYS,
     RECEIVED_ATTENTION,
     SEEDS,
+    SIGNAL_NAMES,
     Compressor,
     Signals,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "KEYS",
     "RECEIVED_ATTENTION",
     "SEEDS",
+    "SIGNAL_NAMES",
     "Compressor",
     "Signals",
     "compressor_named",

@@ -29,6 +29,14 @@ RECEIVED_ATTENTION = "received_attention"  # (B, N) attention each token receive
 KEYS = "keys"  # (B, N, d) the feature layer's keys averaged over heads
 GRID = "grid"  # (rows, columns) of the patches
 SEEDS = "seeds"  # (B,) int64 a hash of each unit's pixels: the same image gives the same seed anywhere
+# The signals in words, for messages.
+SIGNAL_NAMES = {
+    CLS_ATTENTION: "CLS attention row",
+    RECEIVED_ATTENTION: "attention each token receives",
+    KEYS: "keys",
+    GRID: "patch grid",
+    SEEDS: "pixel seeds",
+}
 
 
 class Signals:
@@ -69,7 +77,7 @@ class Signals:
         if name not in self._computed:
             value = self._given.get(name)
             if value is None:
-                raise ValueError(f"this tower gives no {name.replace('_', ' ')} signal")
+                raise ValueError(f"this tower gives no {SIGNAL_NAMES[name]}")
             self._computed[name] = value() if callable(value) else value
         return self._computed[name]
 
