@@ -61,7 +61,9 @@ def mix(x: int) -> int:
 
 
 def pixel_seed(pixels: Tensor) -> int:
-    bits = pixels.to(torch.bfloat16).flatten().view(torch.int16).tolist()
+    values = pixels.flatten()
+    stride = -(-values.numel() // 65536)
+    bits = values[::stride].to(torch.bfloat16).contiguous().view(torch.int16).tolist()
     total = sum((bit + 32768) * ((e * 2654435761 + 12345) % PRIME) % PRIME for e, bit in enumerate(bits))
     return mix(total % PRIME)
 

@@ -73,6 +73,8 @@ def test_random_keeps_the_patches_its_stated_hash_ranks_first(clip_units):
 
 
 def test_random_is_the_same_for_the_same_image_in_any_dtype_and_differs_with_the_seed():
+    large = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(2))  # hashed every 7th value
+    assert pixel_seeds(large).tolist() == [ref.pixel_seed(large[0])]
     pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     assert torch.equal(pixel_seeds(pixels), pixel_seeds(pixels.to(torch.bfloat16)))
     assert pixel_seeds(pixels)[0] != pixel_seeds(pixels)[1]

@@ -468,15 +468,18 @@ class Family:
 # Zipping steps the LLaVA-style families share
 
 
+def zip_layer(captured: capture.LayerCapture, dominant: int, contextual: int) -> compress.ZipResult:
+    """VisionZip on a captured tower layer, as the families run it: scores (CLS row or attention received),
+    selection and merge."""
+    return VISIONZIP.compress(layer_signals(captured, None, None), {"dominant": dominant, "contextual": contextual})
+
+
 def zip_tower(
     tower: nn.Module, pixel_values: Tensor, layer: int, dominant: int, contextual: int, *, eager: bool = False
 ) -> compress.ZipResult:
     """VisionZip tokens of encoder layer ``layer`` (see ``capture.resolve_layer``) for a batch of (B, 3, H, W)
     images: tokens (B, dominant + contextual, D_vision) and the kept positions."""
-    captured = capture.run_until(tower, pixel_values, layer, eager=eager)
-    side = tower.config.image_size // tower.config.patch_size
-    signals = layer_signals(captured, (side, side), pixel_values)
-    return VISIONZIP.compress(signals, {"dominant": dominant, "contextual": contextual})
+    return zip_layer(capture.run_until(tower, pixel_values, layer, eager=eager), dominant, contextual)
 
 
 class ZippedUnits(NamedTuple):
@@ -492,7 +495,10 @@ RECORDER = "_visionzip_recorded"
 
 
 def layer_signals(
-    captured: capture.LayerCapture, grid: tuple[int, int], pixels: Tensor, hidden: Tensor | None = None
+    captured: capture.LayerCapture,
+    grid: tuple[int, int] | None,
+    pixels: Tensor | None,
+    hidden: Tensor | None = None,
 ) -> Signals:
     """A captured tower layer's signals for a compressor: the CLS row of its attention (with CLS) or the attention each
     token receives (bounded-memory chunks), its head-mean keys, the patch grid and the units' pixel seeds, each
@@ -511,7 +517,7 @@ def layer_signals(
         else None,
         received_attention=lambda: compress.received_attention_scores(queries, keys, heads, scale),
         keys=lambda: compress.key_metric(keys, heads),
-        seeds=lambda: pixel_seeds(pixels),
+        seeds=(lambda: pixel_seeds(pixels)) if pixels is not None else None,
     )
 
 

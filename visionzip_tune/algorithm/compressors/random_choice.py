@@ -2,7 +2,8 @@
 baseline".
 
 Rule: the unit's seed is a hash of its pixels (their bfloat16 bits, so the same image gives the same seed in float32
-and bfloat16, on any device) and of the ``seed`` parameter; each patch j gets the pseudo-random score
+and bfloat16, on any device; an evenly strided sample of at most 65,536 of them, which keeps the hash at a fraction
+of a millisecond) and of the ``seed`` parameter; each patch j gets the pseudo-random score
 ``h(seed, j)`` of a chain of multiplicative congruential steps modulo the prime 2^31 - 1 (a bijection of j, so no two
 patches tie), and the K patches of lowest score are kept, in positional order; the others (and CLS) are dropped.
 The same image therefore keeps the same patches in every epoch and on every machine. With ``resample=true`` the K
@@ -20,6 +21,7 @@ from visionzip_tune.algorithm.compressors.base import SEEDS, Compressor, Signals
 
 _PRIME = 2**31 - 1
 _STEPS = (48271, 69621, 40692)  # multipliers of the minimal-standard generators: x -> a x + 11 mod P is a bijection
+_HASHED = 1 << 16  # pixel values hashed per unit, at most
 
 
 def _mix(x: Tensor) -> Tensor:
@@ -30,8 +32,11 @@ def _mix(x: Tensor) -> Tensor:
 
 
 def pixel_seeds(pixels: Tensor) -> Tensor:
-    """(B,) int64 in [0, P): a hash of each unit's pixels (B, ...), read as their bfloat16 bits."""
-    bits = pixels.detach().to(torch.bfloat16).reshape(pixels.shape[0], -1).view(torch.int16).to(torch.int64) + 32768
+    """(B,) int64 in [0, P): a hash of each unit's pixels (B, ...), read as their bfloat16 bits (a strided sample of
+    at most 65,536 values per unit)."""
+    flat = pixels.detach().reshape(pixels.shape[0], -1)
+    flat = flat[:, :: -(-flat.shape[1] // _HASHED)]  # ceil division: at most _HASHED values
+    bits = flat.to(torch.bfloat16).contiguous().view(torch.int16).to(torch.int64) + 32768
     index = torch.arange(bits.shape[1], device=pixels.device, dtype=torch.int64)
     weights = (index * 2654435761 + 12345) % _PRIME
     return _mix((bits * weights % _PRIME).sum(dim=1) % _PRIME)
