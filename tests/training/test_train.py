@@ -280,7 +280,7 @@ def test_wandb_offline_run_holds_the_logged_loss(train_assets, tmp_path, monkeyp
         ("train.lr=fast", "'train.lr' in override 'train.lr=fast' expects a number"),
         ("data.path=/nonexistent/train.json", "data.path: the data file /nonexistent/train.json does not exist"),
         ("data.image_folder=/nonexistent/images", "data.image_folder: the image folder /nonexistent/images does"),
-        ("model.name_or_path=/nonexistent/model", "cannot load the model '/nonexistent/model' (model.name_or_path)"),
+        ("model.name_or_path=/nonexistent/model", "model.name_or_path='/nonexistent/model': no such directory"),
         ("train.projector_modules=merger", "has no projector subset 'merger'; choose one of all"),
         ("visionzip.dominant=40", "visionzip.dominant=40, visionzip.contextual=2"),
         ("visionzip.token_order=grid", "token_order='grid' is not available for LlavaForConditionalGeneration"),

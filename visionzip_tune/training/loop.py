@@ -169,6 +169,8 @@ def train_step(run: Run) -> dict[str, Any]:
         "tokens_per_s": tokens / elapsed,
         "vision_tokens": int(vision),
         "vision_tokens_per_unit": families.tokens_per_unit(run.model.config),  # K per image, crop or frame
+        # What the LLM saw, measured: the mean per image or video (the Qwen families' K follows each image's size)
+        "vision_tokens_per_image": vision / (images + videos) if images + videos else None,
         "images": int(images),
         "videos": int(videos),
     }
@@ -346,6 +348,7 @@ def _inputs(cfg: Config, dist: Dist) -> tuple[Resume | None, str]:
     problems = preflight.missing_inputs(cfg)
     if problems:
         raise UserError(next(iter(problems.values())))
+    preflight.check_keys(cfg)  # every key set takes effect with this model, or the run stops here
     run_dir = Path(cfg.output.dir)
     resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
     if cfg.train.resume == "never" and checkpoint.latest_checkpoint(run_dir) is not None:
@@ -387,6 +390,7 @@ def _model(cfg: Config, dist: Dist, resume: Resume | None) -> Model:
         print0(f"[train] ZeRO-3: {'weights sharded across ranks at load' if sharded else 'weights NOT sharded'}")
     processing = load_model_processing(cfg.model.name_or_path)
     build.apply_recipe_visionzip(model, cfg.visionzip)
+    print0(f"[train] {build.describe_compression(model)}")
     base_fingerprint = weights_fingerprint(model)  # before LoRA/DeepSpeed touch the model
     if resume is not None:
         checkpoint.refuse_incompatible_resume(resume.path, resume.state, {"base_fingerprint": base_fingerprint})

@@ -32,7 +32,9 @@ def format_step(record: dict[str, Any], total: int) -> str:
     )
     if record["images"] == 0 and record["videos"] == 0:  # says why the gradient is zero in projector mode
         return line + " | text-only step: no image or video reached the projector"
-    return line + (f" | {unit} vision tok/unit" if unit is not None else "")
+    if unit is not None:
+        return line + f" | {unit} vision tok/unit"
+    return line + f" | {record['vision_tokens_per_image']:.1f} vision tok/image (mean)"
 
 
 def format_eval(record: dict[str, Any]) -> str:
