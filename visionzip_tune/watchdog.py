@@ -33,6 +33,7 @@ DEFAULT_REPORT_S = 30.0
 STATUS_GLOB = "status-rank*.json"
 
 T = TypeVar("T")
+_NOTHING = object()
 WaitsOn = str | Callable[[], str]  # what a phase waits on; a callable is asked at each report (who holds a lock)
 
 
@@ -53,7 +54,9 @@ def report_after_s() -> float:
 
 
 def duration(seconds: float) -> str:
-    """``"45 s"``, ``"12 min 5 s"``: a wait as people read it."""
+    """``"2.5 s"``, ``"45 s"``, ``"12 min 5 s"``: a wait as people read it."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     whole = round(seconds)
     return f"{whole} s" if whole < 120 else f"{whole // 60} min {whole % 60} s"
 
@@ -73,19 +76,22 @@ class _Phase:
     waits_on: WaitsOn
     since: float  # time.time() when it began
     next_report: float  # time.time() when it is reported next
+    reported: bool = False
 
 
 class Watchdog:
     """The phases of one process, a stack (a phase may run inside another: the current one is the innermost), and
     the daemon thread that reports the current one once it has lasted ``report_after`` seconds.
 
-    ``status_file``: where a rank under the launcher keeps its phase instead of printing (:class:`RankBoard` prints).
+    ``status_file``: where a rank under the launcher (its ``local_rank`` on this node) keeps its phase instead of
+    printing (:class:`RankBoard` prints).
     """
 
-    def __init__(self, who: str, report_after: float, status_file: Path | None = None):
+    def __init__(self, who: str, report_after: float, status_file: Path | None = None, local_rank: int = 0):
         self.who = who
         self.report_after = report_after
         self.status_file = status_file
+        self.local_rank = local_rank
         self._phases: list[_Phase] = []
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -114,12 +120,20 @@ class Watchdog:
         finally:
             end()
 
+    def first_of(self, items: Iterable[T], name: str, waits_on: WaitsOn) -> Iterator[T]:
+        """``items``, with the wait for the first one in phase ``name`` (the first batch of a data loader)."""
+        iterator = iter(items)
+        with self.phase(name, waits_on):
+            first = next(iterator, _NOTHING)
+        if first is not _NOTHING:
+            yield first
+            yield from iterator
+
     def report(self, current: _Phase, now: float) -> str:
-        """The report line of phase ``current`` at time ``now``."""
-        return (
-            f"[wait] {self.who}: {current.name} for {duration(now - current.since)}, waiting on "
-            f"{_said(current.waits_on)} (reported every {duration(self.report_after)}: {REPORT_ENV})"
-        )
+        """The report line of phase ``current`` at time ``now`` (the first one says how often it comes)."""
+        every = "" if current.reported else f" (said every {duration(self.report_after)} while it lasts: {REPORT_ENV})"
+        elapsed = duration(now - current.since)
+        return f"[wait] {self.who}: {current.name} for {elapsed}, waiting on {_said(current.waits_on)}{every}"
 
     def _start_thread(self) -> None:
         if self._thread is None:
@@ -139,13 +153,14 @@ class Watchdog:
                 self._write_status()  # the launcher reports; the file keeps the callable's answer current
             else:
                 print(self.report(current, now), file=sys.stderr, flush=True)
+            current.reported = True
 
     def _write_status(self) -> None:
         if self.status_file is None:
             return
         with self._changed:
             current = self._phases[-1] if self._phases else None
-        record = {"who": self.who, "local_rank": os.environ.get("LOCAL_RANK"), "pid": os.getpid()}
+        record = {"who": self.who, "local_rank": self.local_rank, "pid": os.getpid()}
         if current is not None:
             record.update(phase=current.name, waits_on=_said(current.waits_on), since=current.since)
         # Not files.atomic_write: it reads the umask by setting it, which is not safe beside other threads.
@@ -181,7 +196,7 @@ def _watchdog() -> Watchdog:
         folder = os.environ.get(ERROR_DIR_ENV)
         under_launcher = rank is not None and folder is not None and Path(folder).is_dir()
         status = Path(folder) / f"status-rank{rank}.json" if under_launcher else None
-        _process_watchdog = Watchdog(who, report_after_s(), status)
+        _process_watchdog = Watchdog(who, report_after_s(), status, int(os.environ.get("LOCAL_RANK", "0")))
     return _process_watchdog
 
 
@@ -205,16 +220,8 @@ def phase(name: str, waits_on: WaitsOn) -> Iterator[Callable[[], None]]:
 
 
 def first_of(items: Iterable[T], name: str, waits_on: WaitsOn) -> Iterator[T]:
-    """``items``, with the wait for the first one in phase ``name`` (the first batch of a data loader)."""
-    iterator = iter(items)
-    with phase(name, waits_on):
-        first = next(iterator, _NOTHING)
-    if first is not _NOTHING:
-        yield first
-        yield from iterator
-
-
-_NOTHING = object()
+    """``items``, with the wait for the first one in phase ``name`` (:meth:`Watchdog.first_of`)."""
+    return _watchdog().first_of(items, name, waits_on)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,6 +240,7 @@ class RankBoard:
         self.report_after = report_after
         self.starting = starting
         self.started = time.time()
+        self._reported = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="vzt-rank-board", daemon=True)
 
@@ -250,17 +258,18 @@ class RankBoard:
                 waiting.setdefault((status["phase"], status["waits_on"]), []).append(status)
         lines = []
         for (name, waits_on), group in waiting.items():
-            who = ", ".join(status["who"] for status in sorted(group, key=lambda s: int(s["local_rank"] or 0)))
+            who = ", ".join(status["who"] for status in sorted(group, key=lambda s: s["local_rank"]))
             longest = max(now - status["since"] for status in group)
             lines.append(f"[wait] {who}: {name} for {duration(longest)}, waiting on {waits_on}")
-        silent = sorted(set(range(self.local_ranks)) - {int(s["local_rank"] or 0) for s in statuses})
+        silent = sorted(set(range(self.local_ranks)) - {status["local_rank"] for status in statuses})
         if silent and now - self.started >= self.report_after:
             lines.append(
                 f"[wait] local rank(s) {', '.join(map(str, silent))} of {socket.gethostname()}: no phase named "
                 f"{duration(now - self.started)} after the launch (still {self.starting}, or stuck there)"
             )
-        if lines:
-            lines.append(f"[wait] (reported every {duration(self.report_after)}: {REPORT_ENV})")
+        if lines and not self._reported:
+            lines[-1] += f" (said every {duration(self.report_after)} while ranks wait: {REPORT_ENV})"
+            self._reported = True
         return lines
 
     def start(self) -> RankBoard:
