@@ -24,13 +24,13 @@ from typing import Any, NoReturn, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
 
 from visionzip_tune import watchdog
 from visionzip_tune.errors import UserError
 
 T = TypeVar("T")
 PROCESS_GROUP_TIMEOUT_ENV = "VZT_PROCESS_GROUP_TIMEOUT_S"
-DEFAULT_PROCESS_GROUP_TIMEOUT_S = 1800.0  # torch's own default (gloo's; DeepSpeed's too)
 
 
 @dataclass(frozen=True)
@@ -51,18 +51,21 @@ def init_distributed() -> Dist:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if not dist.is_initialized():
         if launched:
-            _join(backend, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), process_group_timeout())
+            _join(backend, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return Dist(rank=dist.get_rank(), local_rank=int(os.environ["LOCAL_RANK"]), world_size=dist.get_world_size())
 
 
-def process_group_timeout() -> timedelta:
+def process_group_timeout() -> timedelta | None:
     """``VZT_PROCESS_GROUP_TIMEOUT_S``: how long a rank waits for the others, at the rendezvous and in every
-    collective, before it stops with an error (default :data:`DEFAULT_PROCESS_GROUP_TIMEOUT_S`)."""
+    collective, before it stops with an error; None (unset) for torch's defaults: 30 minutes, 10 for NCCL's
+    collectives."""
     value = os.environ.get(PROCESS_GROUP_TIMEOUT_ENV, "")
+    if not value:
+        return None
     try:
-        seconds = float(value) if value else DEFAULT_PROCESS_GROUP_TIMEOUT_S
+        seconds = float(value)
     except ValueError:
         seconds = 0.0
     if not seconds > 0:
@@ -73,10 +76,15 @@ def process_group_timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def _join(backend: str, rank: int, world_size: int, timeout: timedelta) -> None:
-    """The process group env:// would make (the same store, its keys under the same prefix), joined after a
-    rendezvous that names the missing ranks (:class:`_Rendezvous`)."""
-    store = _Rendezvous(rank, world_size, timeout).meet()
+def _join(backend: str, rank: int, world_size: int) -> None:
+    """The process group env:// would make (the same store, its keys under the same prefix, the same timeouts
+    unless ``VZT_PROCESS_GROUP_TIMEOUT_S`` is set), joined after a rendezvous that names the missing ranks
+    (:class:`_Rendezvous`)."""
+    timeout = process_group_timeout()
+    # Unset, torch's own default (30 minutes; 10 for NCCL, when it has one) for the store as for the group.
+    torch_default = default_pg_nccl_timeout if backend == "nccl" and default_pg_nccl_timeout else default_pg_timeout
+    rendezvous = _Rendezvous(rank, world_size, timeout or torch_default)
+    store = rendezvous.meet()
     connections = f"the {backend} connections between all {world_size} ranks (all are at the rendezvous)"
     with watchdog.phase("joining the process group", connections):
         try:
@@ -84,10 +92,11 @@ def _join(backend: str, rank: int, world_size: int, timeout: timedelta) -> None:
                 backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world_size, timeout=timeout
             )
         except dist.DistError as err:
+            waited = watchdog.duration(rendezvous.timeout.total_seconds())
             raise UserError(
-                f"rank {rank} of {world_size} could not connect to every other rank within "
-                f"{watchdog.duration(timeout.total_seconds())} ({PROCESS_GROUP_TIMEOUT_ENV}), although all of them "
-                f"reached the rendezvous: a rank stopped in between (its output says why) ({err})."
+                f"rank {rank} of {world_size} could not connect to every other rank within {waited} "
+                f"({PROCESS_GROUP_TIMEOUT_ENV}), although all of them reached the rendezvous: a rank stopped in "
+                f"between (its output says why) ({err})."
             ) from None
 
 
