@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from visionzip_tune import families
+from visionzip_tune import families, watchdog
 from visionzip_tune.data import load_samples
 from visionzip_tune.data.dataset import refuse_unusable
 from visionzip_tune.demo.dataset import make_demo_dataset
@@ -51,23 +51,28 @@ def preflight(cfg: Config) -> None:
         raise UserError(problems[0])
     tiny_demo = cfg.model.build_tiny_if_missing and not Path(cfg.model.name_or_path).exists()
     if not tiny_demo:
-        check_model_source(cfg.model.name_or_path)
-        if cfg.visionzip.enabled:
-            try:
-                model_config = AutoConfig.from_pretrained(cfg.model.name_or_path)
-            except (OSError, ValueError) as err:
-                raise UserError(
-                    f"model.name_or_path={cfg.model.name_or_path!r}: cannot read its config: {err}"
-                ) from None
-            try:
-                family = families.family_of(model_config)
-            except ValueError as err:
-                raise UserError(f"model.name_or_path={cfg.model.name_or_path!r}: {err}") from None
-            checked_budget(cfg.visionzip, family, functools.partial(families.resolve_budget, model_config))
+        with watchdog.phase("checking the model", f"the config of {cfg.model.name_or_path} (the hub's if not cached)"):
+            _check_model(cfg)
     if cfg.data.on_bad_sample == "error":
         for key, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
             if path is not None and key not in ignore:
                 refuse_unusable(load_samples(path))
+
+
+def _check_model(cfg: Config) -> None:
+    """The model source exists, and the recipe's budget fits its tower."""
+    check_model_source(cfg.model.name_or_path)
+    if not cfg.visionzip.enabled:
+        return
+    try:
+        model_config = AutoConfig.from_pretrained(cfg.model.name_or_path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.name_or_path={cfg.model.name_or_path!r}: cannot read its config: {err}") from None
+    try:
+        family = families.family_of(model_config)
+    except ValueError as err:
+        raise UserError(f"model.name_or_path={cfg.model.name_or_path!r}: {err}") from None
+    checked_budget(cfg.visionzip, family, functools.partial(families.resolve_budget, model_config))
 
 
 def recipe_budget(visionzip: VisionZipConfig, family: families.Family) -> dict:
