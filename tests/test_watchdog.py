@@ -28,12 +28,13 @@ def test_a_phase_that_lasts_is_reported_and_again_while_it_lasts(capsys):
     with dog.phase("loading the weights of the model", lambda: f"the lock held by process {holder['pid']}"):
         time.sleep(TINY * 3.5)
         holder["pid"] = 4343  # what it waits on is asked at each report
-        time.sleep(TINY * 1.5)
-    time.sleep(TINY * 2)  # ended: nothing more
+        time.sleep(TINY * 3)
     lines = reports(capsys.readouterr().err)
-    assert 3 <= len(lines) <= 6, lines
+    time.sleep(TINY * 3)
+    assert reports(capsys.readouterr().err) == []  # ended: nothing more
+    assert len(lines) >= 2, lines
     assert re.match(
-        r"\[wait\] eval: loading the weights of the model for 0\.\d s, waiting on the lock held by", lines[0]
+        r"\[wait\] eval: loading the weights of the model for \d+\.\d s, waiting on the lock held by", lines[0]
     )
     assert "VZT_WAIT_REPORT_S" in lines[0] and "VZT_WAIT_REPORT_S" not in lines[1]  # how often: said once
     assert "process 4242" in lines[0] and "process 4343" in lines[-1]
@@ -60,15 +61,15 @@ def test_ending_a_phase_early_stops_its_reports(capsys):
 
 def test_first_of_names_the_wait_for_the_first_item_only(capsys):
     def slow_then_fast():
-        time.sleep(TINY * 1.5)
+        time.sleep(TINY * 2.5)
         yield 1
-        time.sleep(TINY * 3)  # a later item: training, not the start
+        time.sleep(TINY * 4)  # a later item: training, not the start
         yield 2
 
     dog = Watchdog("rank 0 of 2", TINY)
     assert list(dog.first_of(slow_then_fast(), "the first batch", "the data loader")) == [1, 2]
     lines = reports(capsys.readouterr().err)
-    assert len(lines) == 1 and "the first batch" in lines[0]
+    assert 1 <= len(lines) <= 3 and "the first batch" in lines[0]  # not 4 more while the second item came
     assert list(dog.first_of([], "the first batch", "the data loader")) == []
 
 
@@ -86,18 +87,20 @@ def test_the_threshold_is_read_from_the_environment_and_checked(monkeypatch):
 def test_ranks_under_the_launcher_keep_a_status_file_that_the_board_prints(tmp_path, capsys):
     board = RankBoard(tmp_path, local_ranks=3, report_after=TINY, starting="starting Python")
     ranks = [Watchdog(f"rank {r} of 3", TINY, tmp_path / f"status-rank{r}.json", local_rank=r) for r in (0, 1)]
-    loading = threading.Event()
+    loading, loaded = threading.Event(), threading.Event()
 
     def rank_loading_weights() -> None:
         with ranks[1].phase("loading the weights of the model", "the files of data/tiny"):
-            loading.wait()
+            loading.set()
+            loaded.wait()
 
     thread = threading.Thread(target=rank_loading_weights)
     thread.start()
+    loading.wait()
     with ranks[0].phase("the process group's rendezvous", "rank(s) 1, 2 of 3"):
         time.sleep(TINY * 2)
         lines = board.lines(time.time())
-    loading.set()
+    loaded.set()
     thread.join()
     assert reports(capsys.readouterr().err) == []  # a rank under the launcher does not print: the board does
     text = "\n".join(lines)
