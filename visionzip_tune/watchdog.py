@@ -95,6 +95,9 @@ class Watchdog:
         self._phases: list[_Phase] = []
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        # Status writes in turn, each of the then current phase: a report thread's write that was slow to ask the
+        # phase's callable must not land after, and undo, the main thread's write of a phase change.
+        self._writing = threading.Lock()
 
     @contextmanager
     def phase(self, name: str, waits_on: WaitsOn) -> Iterator[Callable[[], None]]:
@@ -158,18 +161,19 @@ class Watchdog:
     def _write_status(self) -> None:
         if self.status_file is None:
             return
-        with self._changed:
-            current = self._phases[-1] if self._phases else None
-        record = {"who": self.who, "local_rank": self.local_rank, "pid": os.getpid()}
-        if current is not None:
-            record.update(phase=current.name, waits_on=_said(current.waits_on), since=current.since)
-        # Not files.atomic_write: it reads the umask by setting it, which is not safe beside other threads.
-        tmp = self.status_file.with_name(f".{self.status_file.name}.tmp-{threading.get_ident()}")
-        try:
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, self.status_file)
-        except OSError:  # the launcher's folder went away: the launcher is ending, and nobody reads it
-            tmp.unlink(missing_ok=True)
+        with self._writing:
+            with self._changed:
+                current = self._phases[-1] if self._phases else None
+            record = {"who": self.who, "local_rank": self.local_rank, "pid": os.getpid()}
+            if current is not None:
+                record.update(phase=current.name, waits_on=_said(current.waits_on), since=current.since)
+            # Not files.atomic_write: it reads the umask by setting it, which is not safe beside other threads.
+            tmp = self.status_file.with_name(f".{self.status_file.name}.tmp")
+            try:
+                tmp.write_text(json.dumps(record))
+                os.replace(tmp, self.status_file)
+            except OSError:  # the launcher's folder went away: the launcher is ending, and nobody reads it
+                tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
