@@ -62,9 +62,9 @@ def test_a_live_build_is_waited_for_with_its_holder_named_and_its_lock_recovered
             env={**os.environ, "VZT_WAIT_REPORT_S": "0.5"},
         )
     seen = wait_for_text(log, "[wait]", waiter)
-    assert f"[ops] waiting for the build lock {lock}, held by the live build of process {holder.pid} (" in seen
+    assert f"[ops] waiting for the build lock {lock}, held by the live build of process(es) {holder.pid} (" in seen
     report = seen.split("[wait]")[1]
-    assert "waiting for another process's C++ op build for" in report and f"process {holder.pid}" in report
+    assert "waiting for another process's C++ op build for" in report and f"process(es) {holder.pid} (" in report
     time.sleep(1)
     assert waiter.poll() is None  # waits, does not crash or steal the lock
     assert lock.exists()

@@ -34,6 +34,7 @@ from visionzip_tune.training.processes import command_of, filesystem_of, only_th
 LOCK_NAME = "lock"  # torch's name for it (torch.utils.cpp_extension._jit_compile)
 BUILD_QUIET_S = 600.0  # a compile step writes its object file at its end: allow it well over its minute or two
 POLL_S = 1.0
+_HOLDERS_SHOWN = 3  # a build is a builder, its ninja and a compiler or two per source: the first few say enough
 _CHECK_GUARD = ".visionzip_tune-lock-check"  # one checker at a time per extensions directory (see _one_checker)
 
 
@@ -79,8 +80,10 @@ def describe(lock: Path, state: LockState | None) -> str:
     if state is None:
         return f"the build lock {lock}, just released"
     if state.holders:
-        holders = ", ".join(f"process {pid} ({command_of(pid)})" for pid in state.holders)
-        return f"the build lock {lock}, held by the live build of {holders}"
+        shown = [f"{pid} ({command_of(pid, limit=40)})" for pid in state.holders[:_HOLDERS_SHOWN]]
+        more = len(state.holders) - _HOLDERS_SHOWN
+        holders = ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+        return f"the build lock {lock}, held by the live build of process(es) {holders}"
     return (
         f"the build lock {lock}: no process of this host holds it, but {lock.parent} is on a {filesystem_of(lock)} "
         f"filesystem that other hosts may share, where a build may still run; it counts as left by a killed build "
