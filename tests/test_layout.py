@@ -20,6 +20,9 @@ LAYERS = {
     "files": 0,
     "distributed": 0,
     "docfields": 0,
+    # the startup watchdog: every layer names the phases it may wait in (loading weights, reading data, the
+    # rendezvous, building ops), so it is a leaf all of them can import
+    "watchdog": 0,
     "algorithm": 1,
     "models": 2,
     "families": 3,
@@ -33,7 +36,17 @@ LAYERS = {
     "cli": 8,
     "__main__": 8,
 }
-TOP_LEVEL_MODULES = {"__init__", "__main__", "errors", "files", "distributed", "docfields", "export", "loading"}
+TOP_LEVEL_MODULES = {
+    "__init__",
+    "__main__",
+    "errors",
+    "files",
+    "distributed",
+    "docfields",
+    "watchdog",
+    "export",
+    "loading",
+}
 
 
 def module_name(path: Path) -> str:

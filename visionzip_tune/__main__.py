@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from visionzip_tune import watchdog
 from visionzip_tune.distributed import PeerFailed
 from visionzip_tune.errors import ERROR_DIR_ENV, UserError, paragraph, user_message
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    watchdog.name_process(argv[0])
     module = importlib.import_module(f"visionzip_tune.cli.{COMMANDS[argv[0]][0]}")
     try:
         return module.main(argv[1:]) or 0

@@ -136,6 +136,30 @@ def test_bad_input_exits_2_with_a_message(eval_assets, tmp_path, capsys, args, m
     assert message in cli_error(["eval", "--model", str(model_dir), "--output-dir", str(tmp_path), *args], capsys)
 
 
+def test_paths_are_checked_before_the_tasks_and_the_weights_and_nothing_is_written(eval_assets, tmp_path, capsys):
+    model_dir, _, paths = eval_assets
+    out = tmp_path / "out"
+    cases = [
+        (
+            ["--model", str(tmp_path / "typo"), "--tasks", "gqa"],
+            f"--model={str(tmp_path / 'typo')!r}: no such directory",
+        ),
+        (["--held-out", str(tmp_path / "none.json"), "--image-folder", str(paths.images)], "none.json: no such file"),
+        (["--held-out", str(paths.eval), "--image-folder", str(tmp_path / "pics")], "--image-folder "),
+        (["--tasks", "gqa", "--include-path", str(tmp_path / "yamls")], "yamls: no such folder"),
+    ]
+    for args, message in cases:
+        argv = [
+            "eval",
+            *(["--model", str(model_dir)] if "--model" not in args else []),
+            *args,
+            "--output-dir",
+            str(out),
+        ]
+        assert message in cli_error(argv, capsys)
+    assert not out.exists()
+
+
 def test_a_model_or_an_export_is_required(capsys):
     assert "give a model (--model) or a projector export" in cli_error(["eval", "--tasks", "gqa"], capsys)
 

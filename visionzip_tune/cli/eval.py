@@ -35,6 +35,7 @@ from visionzip_tune.evaluation.benchmarks import (
 )
 from visionzip_tune.evaluation.lmms_tasks import write_choice_tasks
 from visionzip_tune.inference.variants import parse_budgets, plan, prepared
+from visionzip_tune.loading import check_model_source
 
 
 def parse_args(argv: list[str] | None):
@@ -82,15 +83,29 @@ def parse_args(argv: list[str] | None):
     return args
 
 
+def _check_inputs(args: argparse.Namespace) -> None:
+    """The paths of the command line, checked before lmms-eval indexes its tasks and before any weight is read:
+    :class:`UserError` naming the flag."""
+    if args.model is not None:
+        check_model_source(args.model, key="--model")
+    if args.held_out and not args.image_folder:
+        raise UserError("--held-out needs --image-folder, the folder its samples' 'image' paths are relative to.")
+    if args.held_out and not Path(args.held_out).is_file():
+        raise UserError(f"--held-out {args.held_out}: no such file (relative paths start at {Path.cwd()}).")
+    folders = [("--image-folder", args.image_folder)] + [("--include-path", path) for path in args.include_path]
+    for flag, folder in folders:
+        if folder is not None and not Path(folder).is_dir():
+            raise UserError(f"{flag} {folder}: no such folder (relative paths start at {Path.cwd()}).")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     require_lmms_eval()
     metrics = parse_metrics(args.metric)
     record = export_record_of(args)
+    _check_inputs(args)
     settings = plan(None if args.budgets is None else parse_budgets(args.budgets), record)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if args.held_out and not args.image_folder:
-        raise UserError("--held-out needs --image-folder, the folder its samples' 'image' paths are relative to.")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     include = [str(Path(p).resolve()) for p in args.include_path]

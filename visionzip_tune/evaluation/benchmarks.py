@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from visionzip_tune import watchdog
 from visionzip_tune.errors import UserError
 from visionzip_tune.families import family_of
 
@@ -149,10 +150,15 @@ def evaluate(row: TableRow, lm, tasks: list[str], manager, *, limit, metrics: di
     failure becomes a :class:`UserError`, its traceback in ``out_dir``'s error log."""
     run = row
     start = time.perf_counter()
+    # Until the model gets its first request, lmms-eval loads the tasks' datasets (downloads, the datasets cache and
+    # its locks) and builds the requests, printing nothing at the WARNING level the command keeps it at.
+    loading = f"lmms-eval, loading the datasets of {', '.join(tasks)} (through the datasets cache and its locks)"
     try:
-        results = evaluator.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False, batch_size=1
-        )
+        with watchdog.phase("lmms-eval: loading the tasks", loading) as loaded:
+            lm.before_first_request = loaded
+            results = evaluator.simple_evaluate(
+                model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False, batch_size=1
+            )
     except Exception as err:  # lmms-eval, its tasks' code and the model: any failure ends the command
         (out_dir / ERROR_LOG).write_text(traceback.format_exc())
         raise UserError(

@@ -31,6 +31,7 @@ used), on one process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,6 +66,8 @@ class ZippedModel(lmms):
         self.prompter = prompter
         self.tokenizer = prompter.tokenizer
         self._media_of: tuple[tuple, Media] | None = None  # the last document's media (multiple choice reuses it)
+        # Called as requests arrive: the ``eval`` command ends its "loading the tasks" phase with it.
+        self.before_first_request: Callable[[], None] = lambda: None
 
     # -- media ------------------------------------------------------------------------------------------------
     def _media(self, doc_to_visual, doc_id, task: str, split: str) -> Media:
@@ -95,6 +98,7 @@ class ZippedModel(lmms):
     # -- lmms-eval's interface --------------------------------------------------------------------------------
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
+        self.before_first_request()
         answers = []
         for request in tqdm(requests, desc="visionzip generate", disable=self.rank != 0):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
@@ -114,6 +118,7 @@ class ZippedModel(lmms):
 
     @torch.no_grad()
     def loglikelihood(self, requests) -> list[GenerationResult]:
+        self.before_first_request()
         results = []
         for request in tqdm(requests, desc="visionzip loglikelihood", disable=self.rank != 0):
             context, continuation, doc_to_visual, doc_id, task, split = request.args

@@ -4,6 +4,10 @@ One node: ``NPROC_PER_NODE`` processes (default: one per visible GPU, else one o
 port, so two runs on one machine never fight over 29500. Several nodes: the same command on every node with
 ``NNODES``, ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
 
+Before torchrun starts, the launcher builds the DeepSpeed ops the recipe uses (:mod:`~visionzip_tune.training.ops`),
+so that no rank compiles them; while the ranks start, it prints the phase of every rank that waits longer than
+``VZT_WAIT_REPORT_S`` seconds (:class:`~visionzip_tune.watchdog.RankBoard`).
+
 Exit status: 0 done; 2 a user error (its one paragraph, whichever rank found it, and no launcher traceback);
 75 interrupted by a signal after every rank wrote a checkpoint together (run the same command again to resume);
 anything else a crash, whose traceback the failing rank printed.
@@ -25,7 +29,10 @@ from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from visionzip_tune.errors import ERROR_DIR_ENV, UserError, paragraph
+from visionzip_tune.training import ops
+from visionzip_tune.training.config import Config
 from visionzip_tune.training.preemption import EXIT_INTERRUPTED, INTERRUPTED_FILE
+from visionzip_tune.watchdog import RankBoard, report_after_s
 
 # How long the launcher lets workers finish their step and checkpoint after a signal before it kills them.
 SHUTDOWN_TIMEOUT_S = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "180"))
@@ -34,9 +41,8 @@ HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 
 def torchrun_args(train_argv: list[str]) -> list[str]:
     """torchrun's arguments for this node, from the environment (see the module docstring)."""
-    gpus = torch.cuda.device_count()
     nnodes = os.environ.get("NNODES", "1")
-    args = [f"--nproc-per-node={os.environ.get('NPROC_PER_NODE', gpus or 1)}", f"--nnodes={nnodes}"]
+    args = [f"--nproc-per-node={_nproc_per_node()}", f"--nnodes={nnodes}"]
     if nnodes != "1":
         args += [
             f"--node-rank={os.environ['NODE_RANK']}",
@@ -52,6 +58,21 @@ def torchrun_args(train_argv: list[str]) -> list[str]:
     return [*args, "-m", "visionzip_tune", "train", *train_argv]
 
 
+def _nproc_per_node() -> str:
+    return os.environ.get("NPROC_PER_NODE", str(torch.cuda.device_count() or 1))
+
+
+def _rank_board(folder: Path) -> RankBoard:
+    """The reports of this node's ranks while they start (what a rank does before it names its first phase: with
+    several nodes, torchrun first waits for all of them)."""
+    nnodes, nproc = os.environ.get("NNODES", "1"), _nproc_per_node()
+    starting = "starting Python and importing torch"
+    if nnodes != "1":
+        address = f"{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT', '29500')}"
+        starting = f"torchrun's rendezvous of the {nnodes} nodes at {address}, then {starting}"
+    return RankBoard(folder, int(nproc) if nproc.isdigit() else 0, report_after_s(), starting)
+
+
 def _first_error(error_dir: Path) -> str | None:
     """The paragraph of the lowest rank that left one."""
     files = sorted(error_dir.glob("error-rank*.txt"), key=lambda p: int(p.stem.removeprefix("error-rank")))
@@ -63,18 +84,22 @@ def _interrupted_since(run_dir: Path, started: float) -> bool:
     return marker.is_file() and marker.stat().st_mtime >= started
 
 
-def launch(train_argv: list[str], run_dir: Path) -> int:
-    """Run ``visionzip_tune train TRAIN_ARGV`` under torchrun; returns the exit status (module docstring)."""
+def launch(train_argv: list[str], cfg: Config) -> int:
+    """Run ``visionzip_tune train TRAIN_ARGV`` (whose config is ``cfg``) under torchrun; returns the exit status
+    (module docstring)."""
     missing = [key for key in ("NODE_RANK", "MASTER_ADDR") if key not in os.environ]
     if os.environ.get("NNODES", "1") != "1" and missing:
         raise UserError(f"NNODES={os.environ['NNODES']} needs {' and '.join(missing)} set on every node")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ops.build_ops(cfg)  # here, once per node: the ranks then only load them (each would build them, in turn)
+    run_dir = Path(cfg.output.dir)
     # We report failures ourselves: the agent's error log and ChildFailedError's table would bury the paragraph.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="vzt-errors-") as error_dir:
         os.environ[ERROR_DIR_ENV] = error_dir
+        board = _rank_board(Path(error_dir)).start()
         try:
             torchrun.run(torchrun.parse_args(torchrun_args(train_argv)))
         except ChildFailedError as failed:
@@ -95,4 +120,6 @@ def launch(train_argv: list[str], run_dir: Path) -> int:
             if _interrupted_since(run_dir, started):
                 return EXIT_INTERRUPTED
             return 128 + int(stopped.sigval)
+        finally:
+            board.stop()
     return 0

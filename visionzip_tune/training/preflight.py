@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from visionzip_tune import families
+from visionzip_tune import families, watchdog
 from visionzip_tune.algorithm.compressors import COMPRESSORS
 from visionzip_tune.data import load_samples
 from visionzip_tune.data.dataset import refuse_unusable
@@ -66,8 +66,9 @@ def check_keys(cfg: Config) -> families.Family:
     if tiny_demo:
         family = families.FAMILIES[cfg.model.tiny.family]
     else:
-        check_model_source(cfg.model.name_or_path)
-        model_config = model_config_of(cfg.model.name_or_path)
+        with watchdog.phase("checking the model", f"the config of {cfg.model.name_or_path} (the hub's if not cached)"):
+            check_model_source(cfg.model.name_or_path)
+            model_config = model_config_of(cfg.model.name_or_path)
         family = family_of_config(cfg.model.name_or_path, model_config)
         if (
             cfg.model.build_tiny_if_missing
