@@ -20,6 +20,7 @@ LAYERS = {
     "files": 0,
     "distributed": 0,
     "docfields": 0,
+    "launcher": 0,
     "algorithm": 1,
     "models": 2,
     "families": 3,
@@ -33,7 +34,17 @@ LAYERS = {
     "cli": 8,
     "__main__": 8,
 }
-TOP_LEVEL_MODULES = {"__init__", "__main__", "errors", "files", "distributed", "docfields", "export", "loading"}
+TOP_LEVEL_MODULES = {
+    "__init__",
+    "__main__",
+    "errors",
+    "files",
+    "distributed",
+    "docfields",
+    "launcher",
+    "export",
+    "loading",
+}
 
 
 def module_name(path: Path) -> str:

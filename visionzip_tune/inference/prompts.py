@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
+from visionzip_tune.data.batching import Collator
 from visionzip_tune.data.config import DEFAULT_IMAGE_ASPECT, DEFAULT_TEMPLATE, DEFAULT_VIDEO_FRAMES
 from visionzip_tune.data.images import MediaTransform, open_image
 from visionzip_tune.data.processing import Processing
@@ -151,6 +152,27 @@ class Prompter:
         """What the model takes besides the ids for a batch of ``input_ids`` about ``media``: the media's inputs
         and what follows from the ids alone (Qwen: ``mm_token_type_ids``)."""
         return {**media.inputs, **id_inputs(self.model.config, input_ids)}
+
+    def batch(
+        self, rows: Sequence[tuple[Sequence[int], Sequence[int], Media]], *, padding_side: str = "right"
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs of several ``(input_ids, labels, media)`` rows at once (labels as :meth:`sample` gives them;
+        a prompt's are all ``IGNORE_INDEX``), collated by training's collator: ``padding_side="left"`` for
+        generation, ``"right"`` for scoring, the vision inputs concatenated in row order. Besides the ids,
+        ``attention_mask`` and ``labels``, what follows from the padded ids (Qwen: ``mm_token_type_ids``)."""
+        items = [
+            {"id": k, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "vision": media.inputs}
+            for k, (ids, labels, media) in enumerate(rows)
+        ]
+        collated = Collator(self.pad_token_id, padding_side)(items)
+        inputs = to_model_inputs(collated, self.model.device, self.model.dtype)
+        return {**inputs, **id_inputs(self.model.config, inputs["input_ids"])}
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id batches are padded with (masked out, so any id would do): the tokenizer's pad, else its eos."""
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
 
     @property
     def placeholder_ids(self) -> list[int]:
