@@ -27,8 +27,6 @@ try:  # the eval extra; without it the command explains how to install it instea
     from lmms_eval import evaluator
     from lmms_eval.tasks import TaskManager
     from loguru import logger as lmms_logger
-
-    from visionzip_tune.evaluation.lmms import ZippedModel
 except ModuleNotFoundError as missing:
     LMMS_EVAL_MISSING: ModuleNotFoundError | None = missing
 else:
@@ -53,6 +51,7 @@ class TableRow:
     seconds: float | None = None
     scores: dict[str, float] = field(default_factory=dict)  # task -> the table's metric
     lmms_eval: dict[str, Any] = field(default_factory=dict)  # task -> lmms-eval's result entry
+    throughput: dict[str, Any] = field(default_factory=dict)  # Throughput.summary() over every rank
 
 
 def vision_tokens(config) -> int | str:
@@ -91,9 +90,9 @@ def table_metric(task: str, result: dict[str, Any], chosen: dict[str, str]) -> t
 
 def percent_table(runs: list[TableRow], tasks: list[str]) -> tuple[str, list[dict[str, Any]]]:
     """The paper's table as markdown, and each run's percentages of stock (``runs[0]`` is stock): per task
-    ``score (pct%)``, and the average of the task percentages."""
+    ``score (pct%)``, the average of the task percentages, then what the run cost (:func:`speed_cells`)."""
     stock = runs[0].scores
-    header = ["run", "vision tokens", *tasks, "Avg."]
+    header = ["run", "vision tokens", *tasks, "Avg.", *SPEED_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = []
     for run in runs:
@@ -104,9 +103,26 @@ def percent_table(runs: list[TableRow], tasks: list[str]) -> tuple[str, list[dic
             for t in tasks
         ]
         average_cell = f"{average:.1f}%" if average is not None else "n/a"
-        lines.append("| " + " | ".join([run.label, str(run.vision_tokens), *cells, average_cell]) + " |")
+        speed = speed_cells(run.throughput, runs[0].throughput)
+        lines.append("| " + " | ".join([run.label, str(run.vision_tokens), *cells, average_cell, *speed]) + " |")
         rows.append({"label": run.label, "percent_of_stock": percents, "average_percent": average})
     return "\n".join(lines), rows
+
+
+SPEED_COLUMNS = ("req/s", "speed-up", "prompt tokens", "TTFT ms")
+
+
+def speed_cells(throughput: dict[str, Any], stock: dict[str, Any]) -> list[str]:
+    """A run's :data:`SPEED_COLUMNS`: requests the model answered per second, that as a multiple of stock's, the
+    mean prompt length (vision tokens included) and the mean time to first token ("n/a" where not measured)."""
+    rate, stock_rate = throughput.get("requests_per_s"), stock.get("requests_per_s")
+    prompt, ttft = throughput.get("prompt_tokens"), throughput.get("ttft_ms")
+    return [
+        f"{rate:.3g}" if rate else "n/a",
+        f"{rate / stock_rate:.2f}x" if rate and stock_rate else "n/a",
+        f"{prompt:.0f}" if prompt is not None else "n/a",
+        f"{ttft:.1f}" if ttft is not None else "n/a",
+    ]
 
 
 def require_lmms_eval() -> None:
@@ -127,11 +143,6 @@ def task_manager(include_paths: list[str], verbose: bool):
     return TaskManager("WARNING", include_path=include_paths or None)
 
 
-def as_lmms_model(model, prompter) -> ZippedModel:
-    """lmms-eval's view of a loaded model and its prompter."""
-    return ZippedModel(model, prompter)
-
-
 def check_tasks(manager, tasks: list[str]) -> None:
     """:class:`UserError` naming every task lmms-eval does not know, with the closest names it does."""
     unknown = [t for t in tasks if t not in manager.all_tasks]
@@ -144,29 +155,39 @@ def check_tasks(manager, tasks: list[str]) -> None:
         )
 
 
-def evaluate(row: TableRow, lm, tasks: list[str], manager, *, limit, metrics: dict[str, str], out_dir: Path) -> None:
-    """One lmms-eval pass of ``lm`` over ``tasks``; fills ``row`` (``metrics``: the ``--metric`` choices). Any
-    failure becomes a :class:`UserError`, its traceback in ``out_dir``'s error log."""
-    run = row
+def evaluate(
+    row: TableRow, lm, tasks: list[str], manager, *, limit, metrics: dict[str, str], out_dir: Path, rank: int = 0
+) -> None:
+    """One lmms-eval pass of ``lm`` over ``tasks`` on every rank (lmms-eval shards the documents); fills ``row`` on
+    rank 0, where lmms-eval gathers the results (``metrics``: the ``--metric`` choices). Any failure becomes a
+    :class:`UserError`, its traceback in ``out_dir``'s error log (one per rank)."""
     start = time.perf_counter()
+    error_log = out_dir / (ERROR_LOG if rank == 0 else f"error-rank{rank}.log")
     try:
         results = evaluator.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False, batch_size=1
+            model=lm,
+            tasks=tasks,
+            task_manager=manager,
+            limit=limit,
+            log_samples=False,
+            distributed_executor_backend="torchrun",  # the process group is ours (or there is none: one process)
         )
     except Exception as err:  # lmms-eval, its tasks' code and the model: any failure ends the command
-        (out_dir / ERROR_LOG).write_text(traceback.format_exc())
+        error_log.write_text(traceback.format_exc())
         raise UserError(
-            f"lmms-eval failed while evaluating {run.label} on {', '.join(tasks)}: {type(err).__name__}: {err} "
-            f"(traceback in {out_dir / ERROR_LOG})"
+            f"lmms-eval failed while evaluating {row.label} on {', '.join(tasks)}: {type(err).__name__}: {err} "
+            f"(traceback in {error_log})"
         ) from None
+    row.seconds = time.perf_counter() - start
+    if rank != 0:
+        return
     reported = (results or {}).get("results") or {}
     missing = [t for t in tasks if t not in reported]
     if missing:
-        raise UserError(f"lmms-eval returned no results for {', '.join(missing)} ({run.label}); see the log above")
-    run.seconds = time.perf_counter() - start
+        raise UserError(f"lmms-eval returned no results for {', '.join(missing)} ({row.label}); see the log above")
     for task in tasks:
-        run.lmms_eval[task] = reported[task]
-        run.scores[task] = table_metric(task, reported[task], metrics)[1]
+        row.lmms_eval[task] = reported[task]
+        row.scores[task] = table_metric(task, reported[task], metrics)[1]
 
 
 def json_safe(value):

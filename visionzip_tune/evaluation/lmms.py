@@ -19,7 +19,7 @@ tuned projector export, scored on the inputs it was tuned for. Registered throug
 * ``answers``: a folder where every answer is kept (:mod:`~visionzip_tune.evaluation.answers`): the same command
   run again, after a kill or with more processes, answers from it what it had answered.
 
-``--batch_size N`` (or ``auto``: :mod:`~visionzip_tune.evaluation.batches`) batches both request kinds, for every
+``--batch_size N`` (or ``auto``: :mod:`~visionzip_tune.evaluation.batch_size`) batches both request kinds, for every
 family: requests in lmms-eval's order (longest first; generation requests grouped by their generation settings),
 collated by training's collator (:meth:`Prompter.batch`: left padding for generation, right padding for scoring,
 each request's vision inputs as it alone would have them), answers returned in the caller's order. Padding is
@@ -42,15 +42,16 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.models.registry_v2 import ModelManifest
+from lmms_eval.utils import Collator
 from PIL import Image
 from tqdm import tqdm
 
@@ -58,8 +59,7 @@ from visionzip_tune.data.config import TEMPLATES
 from visionzip_tune.data.template import IGNORE_INDEX
 from visionzip_tune.errors import UserError
 from visionzip_tune.evaluation.answers import AnswerStore, request_key, setting_identity
-from visionzip_tune.evaluation.batches import BatchSize
-from visionzip_tune.evaluation.batches import in_length_order
+from visionzip_tune.evaluation.batch_size import BatchSize
 from visionzip_tune.evaluation.heldout import answer_logprobs
 from visionzip_tune.evaluation.throughput import Throughput
 from visionzip_tune.families import apply_visionzip
@@ -254,6 +254,20 @@ class ZippedModel(lmms):
 
     def _ran(self, rows: int) -> None:
         self.throughput.batch_size = max(self.throughput.batch_size, rows)
+
+
+def in_length_order(
+    lengths: Sequence[int], groups: Sequence[Any] | None, size: Callable[[], int]
+) -> tuple[Iterator[list[int]], Callable[[list], list]]:
+    """``(batches, original_order)`` in lmms-eval's order (its ``Collator``, as its batching models use it): batches
+    of request indices, longest first (within each group of equal ``groups`` entries, when given), so the first
+    batch is the largest and each holds prompts of similar length, which pad little; ``size()`` indices each, read
+    per batch (``auto`` may lower it). ``original_order`` puts the answers of every batch, concatenated in batch
+    order, back in request order."""
+    entries = [(k, length, None if groups is None else groups[k]) for k, length in enumerate(lengths)]
+    order = Collator(entries, lambda entry: -entry[1], group_fn=lambda entry: entry[2], grouping=groups is not None)
+    batches = ([entry[0] for entry in batch] for batch in order.get_batched(n=0, batch_fn=lambda *_: size()))
+    return batches, order.get_original
 
 
 def local_device(device: str | None) -> str | None:

@@ -1,8 +1,4 @@
-"""Requests in batches, as lmms-eval's own batching models order them, and the batch size (a number, or ``auto``).
-
-Order: lmms-eval's ``Collator``: longest prompt first (so the first batch is the largest one, and each batch holds
-prompts of similar length, which pad little), generation requests grouped by their generation settings (a batch
-shares one ``generate`` call); the answers come back in the caller's order.
+"""How many requests go into one batch: a number, or ``auto``.
 
 ``auto``: on a GPU, the largest batch that fits, found on the work itself: batches start at ``max_batch_size``
 (default 64) and a batch that runs out of GPU memory is split in halves, which run instead, and the size is halved
@@ -13,11 +9,10 @@ memory cannot be caught, ``auto`` is :data:`CPU_AUTO`.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
-from lmms_eval.utils import Collator
 
 from visionzip_tune.errors import UserError
 
@@ -77,15 +72,3 @@ class BatchSize:
             self._fitted = len(items)
             self.announce(f"[visionzip] batch_size=auto: {len(items)} requests per batch fit in GPU memory")
         return results
-
-
-def in_length_order(
-    lengths: Sequence[int], groups: Sequence[Any] | None, size: Callable[[], int]
-) -> tuple[Iterator[list[int]], Callable[[list], list]]:
-    """``(batches, original_order)``: batches of request indices, longest first (within each group of equal
-    ``groups`` entries, when given), of ``size()`` indices each (read per batch: ``auto`` may lower it); and the
-    function that puts the answers of every batch, concatenated in batch order, back in request order."""
-    entries = [(k, length, None if groups is None else groups[k]) for k, length in enumerate(lengths)]
-    order = Collator(entries, lambda entry: -entry[1], group_fn=lambda entry: entry[2], grouping=groups is not None)
-    batches = ([entry[0] for entry in batch] for batch in order.get_batched(n=0, batch_fn=lambda *_: size()))
-    return batches, order.get_original
