@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,6 +68,20 @@ def first_rank_error(error_dir: Path) -> str | None:
     """The paragraph of the lowest rank that left one in ``error_dir``."""
     files = sorted(error_dir.glob("error-rank*.txt"), key=lambda p: int(p.stem.removeprefix("error-rank")))
     return files[0].read_text().strip() if files else None
+
+
+def another_rank_reported(wait_s: float = 10.0) -> bool:
+    """Whether, under the launcher, another rank reports a user error within ``wait_s`` seconds (it writes its report
+    before it leaves the process group, which is what breaks this rank's collective)."""
+    error_dir = os.environ.get(ERROR_DIR_ENV)
+    if not error_dir or not Path(error_dir).is_dir():
+        return False
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if any(Path(error_dir).glob("error-rank*.txt")):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def launch_ranks(worker_argv: Sequence[str], options: Sequence[str] = ()) -> None:

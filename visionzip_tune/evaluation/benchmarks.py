@@ -13,6 +13,7 @@ and its traceback in ``OUTPUT/error.log`` (lmms-eval's own command line would lo
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 import time
 import traceback
@@ -20,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from visionzip_tune.distributed import PeerFailed
 from visionzip_tune.errors import UserError
 from visionzip_tune.families import family_of
+from visionzip_tune.launcher import another_rank_reported
 
 try:  # the eval extra; without it the command explains how to install it instead of failing on import
     from lmms_eval import evaluator
@@ -172,7 +175,11 @@ def evaluate(
             log_samples=False,
             distributed_executor_backend="torchrun",  # the process group is ours (or there is none: one process)
         )
+    except UserError:  # the model's own (a document it cannot read, ...): its message says what is wrong
+        raise
     except Exception as err:  # lmms-eval, its tasks' code and the model: any failure ends the command
+        if rank_failed_elsewhere():
+            raise PeerFailed(f"{row.label}: another process stopped with an error") from None
         error_log.write_text(traceback.format_exc())
         raise UserError(
             f"lmms-eval failed while evaluating {row.label} on {', '.join(tasks)}: {type(err).__name__}: {err} "
@@ -188,6 +195,11 @@ def evaluate(
     for task in tasks:
         row.lmms_eval[task] = reported[task]
         row.scores[task] = table_metric(task, reported[task], metrics)[1]
+
+
+def rank_failed_elsewhere() -> bool:
+    """Whether this failure is another rank's: a collective broken because a peer stopped, which reported why."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1 and another_rank_reported()
 
 
 def json_safe(value):

@@ -134,13 +134,14 @@ class ZippedModel(lmms):
             self._media_of.move_to_end(key)
         else:
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else None
-            self._media_of[key] = self._media_from(visuals or [], task)
+            self._media_of[key] = self._media_from(visuals or [], f"task {task}, document {doc_id}")
             if len(self._media_of) > MEDIA_CACHE:
                 self._media_of.popitem(last=False)
         return self._media_of[key]
 
-    def _media_from(self, visuals: list, task: str) -> Media:
-        """Images (PIL images or image files) and at most one video (a file or a directory of frames)."""
+    def _media_from(self, visuals: list, document: str) -> Media:
+        """Images (PIL images or image files) and at most one video (a file or a directory of frames) of
+        ``document`` (named in errors)."""
         images, video = [], None
         for visual in visuals:
             if isinstance(visual, Image.Image):
@@ -149,11 +150,11 @@ class ZippedModel(lmms):
                 with Image.open(visual) as picture:
                     images.append(picture.convert("RGB"))
             elif isinstance(visual, (str, Path)) and video is None:
-                video = video_frames_of(visual, self.prompter.video_frames)
+                video = video_frames_of(visual, self.prompter.video_frames, f"{document}: video")
             else:
                 raise UserError(
-                    f"task {task}: a document's visual {type(visual).__name__} {str(visual)[:80]!r} is neither an "
-                    "image nor a video path (or is a second video); the visionzip model takes images and one video"
+                    f"{document}: the visual {type(visual).__name__} {str(visual)[:80]!r} is neither an image nor a "
+                    "video path (or is a second video); the visionzip model takes images and one video"
                 )
         return self.prompter.media(images, video)
 

@@ -59,23 +59,23 @@ def image_of(path: str | Path) -> Image.Image:
         raise UserError(f"--image: {err.reason}") from None
 
 
-def video_frames_of(path: str | Path, frames: int) -> VideoClip:
+def video_frames_of(path: str | Path, frames: int, source: str = "--video") -> VideoClip:
     """``frames`` frames sampled uniformly from ``path`` and their times: a video file (decoded with PyAV) or a
-    directory of frame images (every file with an image extension, in name order). :class:`UserError` naming the
-    path otherwise."""
+    directory of frame images (every file with an image extension, in name order). :class:`UserError` naming
+    ``source`` (where the path came from) and the path otherwise."""
     path = Path(path)
     if path.is_dir():
         extensions = Image.registered_extensions()
         names = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
         if not names:
-            raise UserError(f"--video {path}: the directory holds no frame images (files like 000.png, 001.png).")
+            raise UserError(f"{source} {path}: the directory holds no frame images (files like 000.png, 001.png).")
         video, folder = names, path
     else:
         video, folder = path.name, path.parent
     try:
         return read_video_clip(video, folder, frames)
     except BadSample as err:
-        raise UserError(f"--video {path}: {err.reason}") from None
+        raise UserError(f"{source} {path}: {err.reason}") from None
 
 
 class Prompter:
