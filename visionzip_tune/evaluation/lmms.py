@@ -50,7 +50,6 @@ import torch
 from lmms_eval.api.instance import GenerationResult
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
-from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.utils import Collator
 from PIL import Image
 from tqdm import tqdm
@@ -61,13 +60,13 @@ from visionzip_tune.errors import UserError
 from visionzip_tune.evaluation.answers import AnswerStore, request_key, setting_identity
 from visionzip_tune.evaluation.batch_size import BatchSize
 from visionzip_tune.evaluation.heldout import answer_logprobs
+from visionzip_tune.evaluation.lmms_manifest import MODEL_ID
 from visionzip_tune.evaluation.throughput import Throughput
 from visionzip_tune.families import apply_visionzip
 from visionzip_tune.inference.load import load_model
 from visionzip_tune.inference.prompts import Media, Prompter, video_frames_of
 from visionzip_tune.inference.stage_timer import first_token
 
-MODEL_ID = "visionzip"
 DEFAULT_MAX_NEW_TOKENS = 128
 MEDIA_CACHE = 32  # documents whose media are kept: a multiple-choice document's choices reuse its media
 
@@ -350,6 +349,3 @@ def cut_at(text: str, until) -> str:
     for stop in stop_strings(until):
         text = text.split(stop, 1)[0]
     return text
-
-
-manifest = ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.{VisionZipModel.__qualname__}")
