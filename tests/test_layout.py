@@ -23,6 +23,7 @@ LAYERS = {
     # the startup watchdog: every layer names the phases it may wait in (loading weights, reading data, the
     # rendezvous, building ops), so it is a leaf all of them can import
     "watchdog": 0,
+    "launcher": 0,
     "algorithm": 1,
     "models": 2,
     "families": 3,
@@ -44,6 +45,7 @@ TOP_LEVEL_MODULES = {
     "distributed",
     "docfields",
     "watchdog",
+    "launcher",
     "export",
     "loading",
 }

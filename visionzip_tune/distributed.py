@@ -220,14 +220,23 @@ def _collective_device() -> torch.device | None:
     return None
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few floats over all ranks (float64: gloo has no bf16 and the counts must stay exact)."""
+def _all_reduce(values: list[float], op) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         device = _collective_device()
         tensor = tensor.to(device) if device is not None else tensor
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, op=op)
     return tensor.cpu().tolist()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum a few floats over all ranks (float64: gloo has no bf16 and the counts must stay exact)."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """The largest of a few floats over all ranks (each position on its own)."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
 
 
 class PeerFailed(UserError):
