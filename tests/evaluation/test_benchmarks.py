@@ -132,6 +132,8 @@ def test_a_failure_inside_lmms_eval_is_a_user_error_with_its_traceback_logged(ev
         (["--held-out", "x.json"], "--held-out needs --image-folder"),
         ([], "give lmms-eval tasks (--tasks gqa,pope,...) and/or a held-out JSON"),
         (["--tasks", "gqa", "--metric", "pope"], "--metric 'pope': give TASK=METRIC"),
+        (["--tasks", "gqa", "--image-folder", "x"], "--image-folder x: it is the folder of --held-out's images"),
+        (["--tasks", "gqa", "--batch-size", "4", "--max-batch-size", "16"], "--max-batch-size 16: it is where"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(eval_assets, tmp_path, capsys, args, message):

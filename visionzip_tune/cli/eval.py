@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from visionzip_tune.cli.common import add_model_arguments, export_record_of
+from visionzip_tune.cli.common import FlagRule, add_model_arguments, export_record_of, refuse_unused_flags
 from visionzip_tune.errors import UserError
 from visionzip_tune.evaluation.batch_size import parse_batch_size
 from visionzip_tune.evaluation.benchmarks import parse_metrics, require_lmms_eval
@@ -77,6 +77,20 @@ def parse_args(argv: list[str] | None):
     return args
 
 
+FLAG_RULES = (
+    FlagRule(
+        ("image_folder",),
+        lambda args: args.held_out is not None,
+        "it is the folder of --held-out's images, and no --held-out is given: give --held-out, or leave it out",
+    ),
+    FlagRule(
+        ("max_batch_size",),
+        lambda args: args.batch_size == "auto",
+        "it is where --batch-size auto starts its search, and --batch-size is a number: leave one of them out",
+    ),
+)
+
+
 def _check_inputs(args: argparse.Namespace) -> None:
     """The paths of the command line, checked before lmms-eval indexes its tasks and before any weight is read:
     :class:`UserError` naming the flag."""
@@ -95,6 +109,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
     args = parse_args(argv)
+    refuse_unused_flags(args, FLAG_RULES)
     require_lmms_eval()
     record = export_record_of(args)
     _check_inputs(args)
