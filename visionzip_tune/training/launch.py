@@ -1,4 +1,5 @@
-"""Train a checked recipe under torchrun: what ``python -m visionzip_tune launch`` (and so ``bash train.sh``) runs.
+"""Train a checked recipe under torchrun: what ``python -m visionzip_tune launch`` (and so ``bash train.sh``) runs;
+``python -m visionzip_tune cache`` starts its workers the same way.
 
 One node: ``NPROC_PER_NODE`` processes (default: one per visible GPU, else one on the CPU) and a free rendezvous
 port, so two runs on one machine never fight over 29500. Several nodes: the same command on every node with
@@ -32,8 +33,9 @@ SHUTDOWN_TIMEOUT_S = int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "180")
 HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 
 
-def torchrun_args(train_argv: list[str]) -> list[str]:
-    """torchrun's arguments for this node, from the environment (see the module docstring)."""
+def torchrun_args(argv: list[str], command: str = "train") -> list[str]:
+    """torchrun's arguments for this node, from the environment (see the module docstring): every worker runs
+    ``python -m visionzip_tune COMMAND ARGV``."""
     gpus = torch.cuda.device_count()
     nnodes = os.environ.get("NNODES", "1")
     args = [f"--nproc-per-node={os.environ.get('NPROC_PER_NODE', gpus or 1)}", f"--nnodes={nnodes}"]
@@ -49,7 +51,7 @@ def torchrun_args(train_argv: list[str]) -> list[str]:
         args.append(f"--signals-to-handle={HANDLED_SIGNALS}")
     if "shutdown_timeout" in known:
         args.append(f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}")
-    return [*args, "-m", "visionzip_tune", "train", *train_argv]
+    return [*args, "-m", "visionzip_tune", command, *argv]
 
 
 def _first_error(error_dir: Path) -> str | None:
@@ -63,8 +65,9 @@ def _interrupted_since(run_dir: Path, started: float) -> bool:
     return marker.is_file() and marker.stat().st_mtime >= started
 
 
-def launch(train_argv: list[str], run_dir: Path) -> int:
-    """Run ``visionzip_tune train TRAIN_ARGV`` under torchrun; returns the exit status (module docstring)."""
+def launch(argv: list[str], run_dir: Path, command: str = "train") -> int:
+    """Run ``visionzip_tune COMMAND ARGV`` under torchrun; returns the exit status (module docstring). ``run_dir``
+    is where a run records that a signal stopped it after a checkpoint."""
     missing = [key for key in ("NODE_RANK", "MASTER_ADDR") if key not in os.environ]
     if os.environ.get("NNODES", "1") != "1" and missing:
         raise UserError(f"NNODES={os.environ['NNODES']} needs {' and '.join(missing)} set on every node")
@@ -76,7 +79,7 @@ def launch(train_argv: list[str], run_dir: Path) -> int:
     with tempfile.TemporaryDirectory(prefix="vzt-errors-") as error_dir:
         os.environ[ERROR_DIR_ENV] = error_dir
         try:
-            torchrun.run(torchrun.parse_args(torchrun_args(train_argv)))
+            torchrun.run(torchrun.parse_args(torchrun_args(argv, command)))
         except ChildFailedError as failed:
             message = _first_error(Path(error_dir))
             codes = {failure.exitcode for failure in failed.failures.values()}
@@ -87,7 +90,7 @@ def launch(train_argv: list[str], run_dir: Path) -> int:
                 return EXIT_INTERRUPTED
             rank, failure = min(failed.failures.items())
             print(
-                f"error: training failed on rank {rank} (exit status {failure.exitcode}); see its output above",
+                f"error: {command} failed on rank {rank} (exit status {failure.exitcode}); see its output above",
                 file=sys.stderr,
             )
             return 1

@@ -17,6 +17,7 @@ from visionzip_tune.demo.tiny import save_tiny
 from visionzip_tune.distributed import print0
 from visionzip_tune.errors import UserError
 from visionzip_tune.loading import check_model_source
+from visionzip_tune.training import cache
 from visionzip_tune.training.config import Config, VisionZipConfig
 
 
@@ -50,6 +51,7 @@ def preflight(cfg: Config) -> None:
     problems = [problem for key, problem in missing_inputs(cfg).items() if key not in ignore]
     if problems:
         raise UserError(problems[0])
+    cache.refuse_uncacheable(cfg)  # what the recipe alone refuses; the family's reasons below, from its config
     tiny_demo = cfg.model.build_tiny_if_missing and not Path(cfg.model.name_or_path).exists()
     if not tiny_demo:
         check_model_source(cfg.model.name_or_path)
@@ -65,6 +67,7 @@ def preflight(cfg: Config) -> None:
             except ValueError as err:
                 raise UserError(f"model.name_or_path={cfg.model.name_or_path!r}: {err}") from None
             checked_budget(cfg.visionzip, family, functools.partial(families.resolve_budget, model_config))
+            cache.refuse_uncacheable(cfg, model_config)
     if cfg.data.on_bad_sample == "error":
         for key, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
             if path is not None and key not in ignore:
