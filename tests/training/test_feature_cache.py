@@ -6,12 +6,18 @@ cache; every part of the key, changed alone, is noticed; what cannot use a cache
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO, records, train_args
+from conftest import DEMO, ROOT, cli_error, records, text_only_samples, train_args
 from PIL import Image
 from safetensors.torch import load_file
 from test_mini_gemini_train import mgm_args
@@ -19,6 +25,8 @@ from test_train_families import family_args
 from test_train_qwen import qwen_args
 
 from visionzip_tune.data import Collator
+from visionzip_tune.demo.dataset import make_demo_dataset
+from visionzip_tune.demo.tiny import TinySpec, save_tiny
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.errors import UserError
 from visionzip_tune.families import vision_tower
@@ -106,7 +114,7 @@ FAMILIES = [
     ("video_llava", family_args, ()),
     ("llava_onevision", family_args, ("data.template=chat_template",)),
     ("qwen2_5_vl", qwen_args, ()),
-    ("qwen2_5_vl", qwen_args, ("visionzip.method=divprune", "visionzip.tokens=5")),
+    ("qwen2_5_vl", qwen_args, ("visionzip.method=divprune", "visionzip.tokens=4")),
     ("qwen3_vl", qwen_args, ()),
     ("qwen3_vl", qwen_args, ("train.projector_modules=merger", "visionzip.merge_space=pre")),
     ("mini_gemini", None, ("train.projector_modules=mlp_only",)),
@@ -248,3 +256,175 @@ def test_every_part_of_the_key_changed_alone_is_noticed(train_assets, tmp_path):
     message = refused()
     assert "1 of the" in message and f"changed since they were cached ({images / first})" in message
     assert same_entries(entries(cache), built)  # nothing was written by the refusals
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes, and a killed build
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def env(**more: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        **more,
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_train_the_same_projector_from_the_cache(train_assets, tmp_path, stage):
+    """Under torchrun (2 ranks, ZeRO-2 / ZeRO-3) the cache is built by both ranks, a share each -- under ZeRO-3
+    through the engine's parameter gathers, the same tower calls on both -- and micro-batches of one sample mix
+    images and text on the two ranks (a text-only rank feeds the blank's frozen part)."""
+    samples = json.loads(train_assets[1].train.read_text())
+    data = tmp_path / "mixed.json"
+    with_image = [s for s in samples if "image" in s]
+    data.write_text(json.dumps([*with_image[:5], *text_only_samples(3)]))
+    common = (
+        f"data.path={data}",
+        f"deepspeed.zero_stage={stage}",
+        "data.group_by_modality=false",
+        "train.micro_batch_size=1",
+        "train.max_steps=4",
+    )
+    for name, extra in (("plain", ()), ("cached", (f"train.feature_cache={tmp_path / 'cache'}",))):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+        args = train_args(train_assets, tmp_path / name, *common, *extra)
+        done = subprocess.run(
+            [*cmd, "-m", "visionzip_tune", "train", str(DEMO), *args],
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[cache] built 5 entries" in done.stdout
+    assert_same_training(tmp_path / "plain", tmp_path / "cached")
+
+
+@pytest.mark.slow
+def test_a_build_killed_with_sigkill_resumes_into_the_same_cache(train_assets, tmp_path):
+    """``python -m visionzip_tune cache`` (torchrun, one process) is SIGKILLed, launcher and worker, once it has
+    written a shard; the same command then builds the rest. The cache equals one built without a kill, file for file
+    and tensor for tensor, and training reads it without building anything."""
+    demo = make_demo_dataset(tmp_path / "demo", n=160, seed=1, n_eval=8)
+    assets = (train_assets[0], demo)
+
+    def command(root: Path) -> list[str]:
+        args = train_args(assets, tmp_path / "run", f"train.feature_cache={root}")
+        return [
+            sys.executable,
+            "-m",
+            "visionzip_tune",
+            "cache",
+            str(DEMO),
+            *args,
+            "--batch-size=1",
+            "--shard-entries=2",
+        ]
+
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    proc = subprocess.Popen(
+        command(killed),
+        env=env(NPROC_PER_NODE="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list(killed.glob("*/shard-*.safetensors")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    shards_at_kill = len(list(killed.glob("*/shard-*.safetensors")))
+
+    done = subprocess.run(command(killed), env=env(NPROC_PER_NODE="1"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cfg = load_config(DEMO, command(whole)[5:-2])
+    run_cache_worker(cfg, build_options(cfg, batch_size=1, shard_entries=2))
+    (folder,) = [p for p in killed.iterdir() if p.is_dir()]
+    names = sorted(p.name for p in folder.glob("shard-*.safetensors"))
+    assert shards_at_kill < len(names), "the kill left every shard: nothing was resumed"
+    assert names == sorted(p.name for p in (whole / folder.name).glob("shard-*.safetensors"))
+    assert same_entries(entries(killed), entries(whole))
+    assert not [p for p in folder.iterdir() if ".tmp-" in p.name]  # the rerun cleared what the kill left
+
+    cached = tmp_path / "cached"
+    train(
+        load_config(
+            DEMO, train_args(assets, cached, f"train.feature_cache={killed}", "train.feature_cache_build=false")
+        ),
+        init_distributed(),
+    )
+    assert (cached / "export" / "projector.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Refusals: one paragraph, exit status 2, nothing written
+
+
+def test_what_cannot_use_a_cache_is_refused_in_one_paragraph(train_assets, tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    args = train_args(train_assets, out, f"train.feature_cache={cache}")
+    mgm = save_tiny(tmp_path / "mgm", TinySpec(family="mini_gemini", image_size=56, vision_layers=2))
+    refusals = {
+        "visionzip.enabled=false feeds the LLM every tower token: set visionzip.enabled=true": [
+            "train",
+            str(DEMO),
+            *args,
+            "visionzip.enabled=false",
+            "--check",
+        ],
+        "visionzip.resample=true: it draws new positions at every call": [
+            "train",
+            str(DEMO),
+            *args,
+            "visionzip.method=random",
+            "visionzip.tokens=4",
+            "visionzip.resample=true",
+            "--check",
+        ],
+        "trains its patch-info-mining projections here": [
+            "train",
+            str(DEMO),
+            *args,
+            f"model.name_or_path={mgm}",
+            "--check",
+        ],
+        "the cache command builds train.feature_cache: set it to a directory": [
+            "cache",
+            str(DEMO),
+            *train_args(train_assets, out),
+        ],
+        "--batch-size 0: give a number of at least 1": ["cache", str(DEMO), *args, "--batch-size=0"],
+    }
+    for expected, argv in refusals.items():
+        assert expected in cli_error(argv, capsys)
+    assert "Set train.projector_modules to that subset" in cli_error(
+        refusals["trains its patch-info-mining projections here"], capsys
+    )
+    cfg = load_config(DEMO, [*args, f"model.name_or_path={mgm}", "model.tiny.family=mini_gemini"])
+    with pytest.raises(UserError, match="subset mlp_only trains the MLP alone"):
+        train(cfg, init_distributed())
+    assert not out.exists() and not cache.exists()
+
+
+def test_a_corrupt_image_stops_the_build_as_it_stops_training(train_assets, tmp_path):
+    data = with_corrupt_image(train_assets[1], tmp_path / "data.json")
+    cache = tmp_path / "cache"
+    cfg = load_config(
+        DEMO, train_args(train_assets, tmp_path / "run", f"data.path={data}", f"train.feature_cache={cache}")
+    )
+    with pytest.raises(UserError, match=r"sample id corrupt: unreadable image .*data.on_bad_sample=skip"):
+        train(cfg, init_distributed())
+    assert not list(cache.glob("*/shard-*"))
