@@ -60,7 +60,7 @@ def plan_jobs(samples, rows: Sequence[int], files: FileMedia, hashes: dict, has_
     for row in rows:
         sample = samples[row]
         video = row_video(sample) is not None
-        if video and not has_video or not (sample["images"] or video):
+        if (video and not has_video) or not (sample["images"] or video):
             continue  # a video the model cannot take (a bad sample), or text only
         key = sample_key(sample, files, hashes)
         if key is not None and key not in jobs:

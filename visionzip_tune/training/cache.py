@@ -87,7 +87,6 @@ class RunCache:
     samples: object  # the loaded training samples (datasets.Dataset)
     files: FileMedia  # their media files
     media: CachedMedia
-    cfg: Config
 
     @property
     def missing(self) -> int:
@@ -140,7 +139,7 @@ def open_cache(
     jobs = plan_jobs(samples, rows, files, hashes, families.family_of(model).has_video)
     shards = cache.shards()
     chunks = chunks_to_build(jobs, shards, options.shard_entries)
-    run_cache = RunCache(cache, jobs, chunks, samples, files, CachedMedia(cache.dir, hashes, files), cfg)
+    run_cache = RunCache(cache, jobs, chunks, samples, files, CachedMedia(cache.dir, hashes, files))
     missing = run_cache.missing
     if not missing:
         print0(f"[cache] reading {len(jobs)} entries from {cache.dir}")
