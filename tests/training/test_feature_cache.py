@@ -118,14 +118,12 @@ FAMILIES = [
     ("qwen3_vl", qwen_args, ("train.projector_modules=merger", "visionzip.merge_space=pre")),
     ("mini_gemini", None, ("train.projector_modules=mlp_only",)),
 ]
-# The quick subset runs the Qwen path (post space, window order, the pruned rows never run through the merger);
-# the rest are slow.
-QUICK = {"qwen2_5_vl"}
 
 
+@pytest.mark.slow  # LLaVA-1.5's case is quick (test_llava_trains_the_same_projector_from_the_cache_and_rereads_it)
 @pytest.mark.parametrize(
     ("family", "args", "extra"),
-    [pytest.param(*case, marks=() if case[0] in QUICK else pytest.mark.slow) for case in FAMILIES],
+    FAMILIES,
     ids=[f"{family}{'-' + '-'.join(e.split('=')[1] for e in extra) if extra else ''}" for family, _, extra in FAMILIES],
 )
 def test_every_family_trains_the_same_projector_from_the_cache(family, args, extra, tmp_path):
