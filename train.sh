@@ -8,6 +8,9 @@
 # Rerunning the same command resumes from the run directory's latest checkpoint (train.resume=auto).
 # Exit status: 0 done; 2 bad input (one paragraph says what and where); 75 stopped by a signal (SIGTERM, SIGINT,
 # SIGUSR1) after a checkpoint: run the same command to resume.
+# Waits: a start phase (weights, data, ops, rendezvous, first batch) that lasts over VZT_WAIT_REPORT_S seconds
+# (default 30) is reported with what it waits on, for every rank; ranks stop after VZT_PROCESS_GROUP_TIMEOUT_S
+# seconds (default: torch's 30 minutes) without a peer, naming it.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$root/tools/ensure_installed.sh" ""  # no extras (a bare source would pass this script's arguments)

@@ -155,7 +155,6 @@ def train_args(assets, out_dir, *overrides: str) -> list[str]:
         "train.lr=1e-2",
         "train.warmup_ratio=0",
         "train.save_every=0",
-        "train.eval_batch_size=8",
         "logging.progress_bar=false",
         f"output.dir={out_dir}",
         *overrides,

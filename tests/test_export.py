@@ -567,8 +567,10 @@ ZERO3_SCRIPT = textwrap.dedent(
     from visionzip_tune.export import export_projector, load_projector, weights_fingerprint
     from visionzip_tune.families import apply_visionzip
     from visionzip_tune.demo.tiny import TinySpec, build_tiny_with_processor
+    from visionzip_tune.training.ops import skip_shared_memory_comm
 
     out = sys.argv[1]
+    skip_shared_memory_comm()  # as the package's runs do: no rank builds an op nobody uses
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
     model, _ = build_tiny_with_processor(TinySpec())                     # same seed on every rank
@@ -645,8 +647,10 @@ ZERO3_FULL_SCRIPT = textwrap.dedent(
     from visionzip_tune.export import export_projector
     from visionzip_tune.families import apply_visionzip
     from visionzip_tune.demo.tiny import TinySpec, build_tiny_with_processor
+    from visionzip_tune.training.ops import skip_shared_memory_comm
 
     out = sys.argv[1]
+    skip_shared_memory_comm()  # as the package's runs do: no rank builds an op nobody uses
     deepspeed.init_distributed(dist_backend="gloo")
     model, _ = build_tiny_with_processor(TinySpec())                     # same seed on every rank
     apply_visionzip(model, 54, 10)

@@ -9,8 +9,9 @@ import pytest
 
 from visionzip_tune.algorithm.compress import validate_budget
 from visionzip_tune.training.config import load_config
+from visionzip_tune.training.keys import judge_keys
 from visionzip_tune.algorithm.capture import tokens_per_tower_output
-from visionzip_tune.families import resolve_budget, tokens_per_image, tokens_per_video
+from visionzip_tune.families import FAMILIES, resolve_budget, tokens_per_image, tokens_per_video
 from visionzip_tune.models.mini_gemini.configuration_mini_gemini import MiniGeminiConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,3 +283,24 @@ def test_qwen_recipes_zip_half_of_each_image_with_the_models_chat_template(recip
     assert "Where upstream and the paper are silent" in text and "min/max pixels" in text
     if recipe.parent.name == "qwen3-vl-8b":
         assert cfg.train.projector_modules == "all" and "train.projector_modules=merger" in text
+
+
+RECIPE_FAMILIES = {
+    "tiny": "llava",
+    "llava-1.5": "llava",
+    "llava-next": "llava_next",
+    "video-llava": "video_llava",
+    "llava-onevision": "llava_onevision",
+    "mini-gemini": "mini_gemini",
+    "qwen2.5-vl": "qwen2_5_vl",
+    "qwen3-vl": "qwen3_vl",
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: str(r.relative_to(ROOT / "recipes")))
+def test_every_key_a_recipe_sets_applies_to_its_family(recipe):
+    model = recipe.parent.name if recipe.parent.name == "tiny" else recipe.parent.name.rsplit("-", 1)[0]
+    family = RECIPE_FAMILIES[model.removesuffix("-7b")]  # (mini-gemini-7b-hd)
+    cfg = load_config(recipe)
+    judged = judge_keys(cfg, FAMILIES[family])
+    assert not judged.refused and not judged.notices and not cfg.notices

@@ -26,8 +26,9 @@ if ! (cd /tmp && "$PYTHON" -c "$_probe" >/dev/null 2>&1) \
     "$PYTHON" -m pip install --progress-bar on -e "$_spec"
 fi
 
-# DeepSpeed JIT-builds small CPU ops (about a minute) on first use: keep them per user and per Python environment, so
-# every later run reuses them and two virtualenvs (different torch headers) never rebuild each other's.
+# DeepSpeed JIT-builds its C++ CPU ops (ZeRO-Offload's CPU Adam: about a minute; the launcher builds it before the
+# ranks start) on first use: keep them per user and per Python environment, so every later run reuses them and two
+# virtualenvs (different torch headers) never rebuild each other's.
 if [ -z "${TORCH_EXTENSIONS_DIR:-}" ]; then
     _env_id="$("$PYTHON" -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:10])')"
     export TORCH_EXTENSIONS_DIR="$HOME/.cache/visionzip_tune/torch_extensions/$_env_id"

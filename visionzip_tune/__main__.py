@@ -6,11 +6,12 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import time
 from pathlib import Path
 
+from visionzip_tune import watchdog
 from visionzip_tune.distributed import PeerFailed
 from visionzip_tune.errors import ERROR_DIR_ENV, UserError, paragraph, user_message
+from visionzip_tune.launcher import another_rank_reported
 
 COMMANDS = {
     "train": ("train", "train a projector (or more) with VisionZip in the data path"),
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    watchdog.name_process(argv[0])
     module = importlib.import_module(f"visionzip_tune.cli.{COMMANDS[argv[0]][0]}")
     try:
         return module.main(argv[1:]) or 0
@@ -50,20 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         if another_rank_reported():  # e.g. a collective broken because that rank stopped: its paragraph says why
             return 2
         raise
-
-
-def another_rank_reported(wait_s: float = 10.0) -> bool:
-    """Whether, under the launcher, another rank reports a user error within ``wait_s`` seconds (it writes its
-    report after leaving the process group, which is what breaks this rank's collective)."""
-    error_dir = os.environ.get(ERROR_DIR_ENV)
-    if not error_dir or not Path(error_dir).is_dir():
-        return False
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if any(Path(error_dir).glob("error-rank*.txt")):
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def report_user_error(err: UserError) -> None:

@@ -49,7 +49,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from visionzip_tune import families
+from visionzip_tune import families, watchdog
 from visionzip_tune.data.processing import Processing
 from visionzip_tune.distributed import full_shape, gathered, is_main, together, unwrap_engine
 from visionzip_tune.errors import UserError
@@ -323,11 +323,12 @@ def read_export(export_dir: str | Path) -> dict[str, Any]:
             "for the recorded budget and base model, not for edited ones. Export the run again (or, for another "
             "budget, tune for it: visionzip.dominant / visionzip.contextual)."
         )
-    changed = [
-        name
-        for name, digest in record["files"].items()
-        if not (export_dir / name).is_file() or file_sha256(export_dir / name) != digest
-    ]
+    with watchdog.phase("checking the export's files", f"reading every file of {export_dir} (their sha256)"):
+        changed = [
+            name
+            for name, digest in record["files"].items()
+            if not (export_dir / name).is_file() or file_sha256(export_dir / name) != digest
+        ]
     if changed:
         raise UserError(
             f"the export {export_dir} is damaged: {', '.join(changed)} missing or changed since it was written "

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText
 from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-from visionzip_tune import families
+from visionzip_tune import families, watchdog
 from visionzip_tune.data.processing import Processing, load_processing
 from visionzip_tune.errors import UserError
 
@@ -97,8 +97,12 @@ def load_vlm(
         if zero3_config is not None
         else None
     )
+    source = (
+        f"the files of {name_or_path}" if Path(name_or_path).exists() else f"the hub cache's files of {name_or_path}"
+    )
     try:
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
+        with watchdog.phase(f"loading the weights of the {what}", f"{source} (downloaded first when missing)"):
+            model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the {what} {name_or_path!r} ({key}): {err}") from None
     finally:

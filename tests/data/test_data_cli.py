@@ -137,6 +137,19 @@ def test_preview_bad_arguments(tmp_path, tiny_clip_dir):
         main([*common, "--model", str(tmp_path / "no-model")])
 
 
+def test_preview_refuses_a_flag_that_does_not_apply_to_the_model(tmp_path, tiny_clip_dir):
+    """A LLaVA model counts its budget in tokens and has no video input: Qwen's ratios and the video flags are
+    refused, not ignored."""
+    paths = make_demo_dataset(tmp_path / "demo", n=8, seed=2)
+    common = ["preview", "--data", str(paths.train), "--image-folder", str(paths.images), "--model", str(tiny_clip_dir)]
+    counts = ["--dominant", "6", "--contextual", "2"]
+    with pytest.raises(UserError, match=r"--dominant-ratio and --contextual-ratio do\(es\) not apply to it"):
+        main([*common, *counts, "--dominant-ratio", "0.4", "--contextual-ratio", "0.1"])
+    with pytest.raises(UserError, match="--video-frames 4: LlavaForConditionalGeneration has no video input"):
+        main([*common, *counts, "--video-frames", "4"])
+    assert main([*common, *counts]) == 0
+
+
 def test_demo_is_deterministic_balanced_and_valid(tmp_path):
     a = make_demo_dataset(tmp_path / "a", n=400, seed=7, n_eval=200)
     b = make_demo_dataset(tmp_path / "b", n=400, seed=7, n_eval=200)

@@ -28,8 +28,11 @@ def test_percent_table_is_each_score_and_the_average_as_a_share_of_stock():
     assert rows[1]["percent_of_stock"] == pytest.approx({"gqa": 75.0, "mme": 90.0})
     assert rows[1]["average_percent"] == pytest.approx(82.5)
     lines = table.splitlines()
-    assert lines[0] == "| run | vision tokens | gqa | mme | pope | Avg. |"
-    assert lines[3] == "| VisionZip 54+10 | 64 | 0.45 (75.0%) | 1620 (90.0%) | 0.1 (n/a) | 82.5% |"
+    speed = "req/s | speed-up | prompt tokens | TTFT ms"
+    assert lines[0] == f"| run | vision tokens | gqa | mme | pope | Avg. | {speed} |"
+    assert (
+        lines[3] == "| VisionZip 54+10 | 64 | 0.45 (75.0%) | 1620 (90.0%) | 0.1 (n/a) | 82.5% | n/a | n/a | n/a | n/a |"
+    )
 
 
 def test_budgets_are_d_plus_c_or_totals_split_as_in_the_paper():
@@ -134,6 +137,30 @@ def test_a_failure_inside_lmms_eval_is_a_user_error_with_its_traceback_logged(ev
 def test_bad_input_exits_2_with_a_message(eval_assets, tmp_path, capsys, args, message):
     model_dir, _, _ = eval_assets
     assert message in cli_error(["eval", "--model", str(model_dir), "--output-dir", str(tmp_path), *args], capsys)
+
+
+def test_paths_are_checked_before_the_tasks_and_the_weights_and_nothing_is_written(eval_assets, tmp_path, capsys):
+    model_dir, _, paths = eval_assets
+    out = tmp_path / "out"
+    cases = [
+        (
+            ["--model", str(tmp_path / "typo"), "--tasks", "gqa"],
+            f"--model={str(tmp_path / 'typo')!r}: no such directory",
+        ),
+        (["--held-out", str(tmp_path / "none.json"), "--image-folder", str(paths.images)], "none.json: no such file"),
+        (["--held-out", str(paths.eval), "--image-folder", str(tmp_path / "pics")], "--image-folder "),
+        (["--tasks", "gqa", "--include-path", str(tmp_path / "yamls")], "yamls: no such folder"),
+    ]
+    for args, message in cases:
+        argv = [
+            "eval",
+            *(["--model", str(model_dir)] if "--model" not in args else []),
+            *args,
+            "--output-dir",
+            str(out),
+        ]
+        assert message in cli_error(argv, capsys)
+    assert not out.exists()
 
 
 def test_a_model_or_an_export_is_required(capsys):

@@ -89,6 +89,7 @@ def test_instrumentation_marks_each_stage_and_restores_the_model(eval_assets):
         ([], "give an image (--image FILE) and/or a video"),
         (["--image", "x.png", "--budgets", "1+"], "'1+' is neither DOMINANT+CONTEXTUAL, a token total"),
         (["--image", "missing.png"], "--image: missing image missing.png"),
+        (["--image", "x.png", "--video-frames", "4"], "--video-frames 4: it sets the frames taken from --video"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(eval_assets, capsys, args, message):

@@ -175,6 +175,17 @@ def test_generate_errors(tiny_clip_export, tiny_clip_dir, picture, tmp_path, cap
         ["generate", "--projector", str(export), "--image", str(broken), "--prompt", "Hi"], capsys
     )
     assert "does not exist" in cli_error(["generate", "--projector", str(tmp_path / "nothing"), *common], capsys)
+    # A flag that would do nothing stops the command before anything loads.
+    model = ["generate", "--model", str(tiny_clip_dir), *common]
+    assert "--video-frames 4: it sets the frames taken from --video" in cli_error(
+        [*model, "--video-frames", "4"], capsys
+    )
+    assert "--other-compressor: it applies --budget's compressor under --projector" in cli_error(
+        [*model, "--budget", "pool:16", "--other-compressor"], capsys
+    )
+    assert "--no-check-fingerprint: it concerns a projector's base weights" in cli_error(
+        [*model, "--no-check-fingerprint"], capsys
+    )
     assert "cannot load the model" in cli_error(["generate", "--model", str(tmp_path / "nothing"), *common], capsys)
     other = save_tiny(tmp_path / "other", TinySpec(seed=1))
     message = cli_error(["generate", "--projector", str(export), "--model", str(other), *common], capsys)

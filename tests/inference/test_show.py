@@ -170,3 +170,6 @@ def test_a_budget_is_given_one_way(eval_assets, tmp_path, capsys):
     argv = ["show", "--model", str(model_dir), "--image", str(tmp_path / "x.png"), "--budget", "pool:4"]
     assert "--budget pool:4 and --dominant both set a budget" in cli_error([*argv, "--dominant", "4"], capsys)
     assert "--budget: 'pool4' is neither" in cli_error([*argv[:-1], "pool4"], capsys)
+    assert "--video-frames 4: it sets the frames taken from --video" in cli_error(
+        [*argv, "--video-frames", "4"], capsys
+    )

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from visionzip_tune.training import checkpoint
 from visionzip_tune.training.config import load_config
 from visionzip_tune.training.build import deepspeed_config
+from visionzip_tune.training.ops import skip_shared_memory_comm
 from visionzip_tune.distributed import init_distributed
 from visionzip_tune.errors import UserError
 
@@ -21,6 +22,7 @@ def make_engine(perturb: bool = False):
     import deepspeed
 
     init_distributed()
+    skip_shared_memory_comm()  # as a run does before DeepSpeed initialises
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     model[0].requires_grad_(False)

@@ -26,6 +26,11 @@ def test_step_line():
     assert "grad" not in format_step({**STEP, "grad_norm": None}, 300)
 
 
+def test_a_budget_in_ratios_shows_the_measured_mean_per_image():
+    ratios = {**STEP, "vision_tokens_per_unit": None, "vision_tokens_per_image": 7.75}
+    assert format_step(ratios, 300).endswith("| 988 tok/s | 7.8 vision tok/image (mean)")
+
+
 def test_a_text_only_step_says_why_its_gradient_is_zero():
     line = format_step({**STEP, "images": 0, "grad_norm": 0.0}, 300)
     assert line.endswith("| text-only step: no image or video reached the projector")

@@ -57,7 +57,6 @@ def mgm_args(root: Path, out: Path, *overrides: str) -> list[str]:
         "train.max_steps=3",
         "train.micro_batch_size=4",
         "train.save_every=0",
-        "train.eval_batch_size=8",
         "logging.progress_bar=false",
         f"output.dir={out}",
         *overrides,

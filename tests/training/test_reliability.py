@@ -40,14 +40,14 @@ class Launched(subprocess.Popen):
         return self.out_file.read_text(), self.err_file.read_text()
 
 
-def train_sh(assets, out: Path, *overrides: str, nproc: int = 2) -> Launched:
+def train_sh(assets, out: Path, *overrides: str, nproc: int = 2, **extra_env: str) -> Launched:
     """``bash train.sh DEMO ...`` (the launcher) in the background, in its own process group."""
     args = train_args(assets, out, *overrides)
     logs = out.parent / f"{out.name}-{time.monotonic_ns()}"
     with open(f"{logs}.out", "w") as stdout, open(f"{logs}.err", "w") as stderr:
         proc = Launched(
             ["bash", str(ROOT / "train.sh"), str(DEMO), *args],
-            env=env(NPROC_PER_NODE=str(nproc)),
+            env=env(NPROC_PER_NODE=str(nproc), **extra_env),
             stdout=stdout,
             stderr=stderr,
             text=True,
@@ -90,7 +90,7 @@ def worker_pids(launcher: int) -> dict[int, int]:
                 item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item
             )
             cmdline = Path(f"/proc/{pid}/cmdline").read_text()
-        except FileNotFoundError:
+        except OSError:  # gone meanwhile (polled often, a short-lived helper process can end between the two reads)
             continue
         if "RANK" in environ and "train" in cmdline:
             found[int(environ["RANK"])] = pid
@@ -218,6 +218,11 @@ def test_a_live_lock_is_refused_and_a_dead_ones_is_taken_over(tmp_path, capsys):
         RunLock(tmp_path).acquire()
     os.utime(lock_file, (0, 0))  # no heartbeat for decades
     RunLock(tmp_path).acquire().release()
+    # A killed run's pid, reused since by a live process that started at another time: the lock is stale.
+    reused = {"host": socket.gethostname(), "pid": os.getpid(), "start": "1", "started": "long ago"}
+    lock_file.write_text(json.dumps(reused))
+    RunLock(tmp_path).acquire().release()
+    assert "taking over the stale lock" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,3 +377,124 @@ def test_leftovers_of_killed_writes_go_and_files_follow_the_umask(train_assets, 
         (out / "checkpoints" / "latest", 0o644),
     ]:
         assert path.stat().st_mode & 0o777 == mode, path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Waits: each one says on what while it lasts, and a lock whose holder died stops nothing
+
+
+@pytest.mark.slow
+def test_the_launcher_shows_a_rank_stuck_before_the_rendezvous_and_the_run_stops_naming_it(train_assets, tmp_path):
+    out = tmp_path / "run"
+    proc = train_sh(train_assets, out, VZT_WAIT_REPORT_S="1", VZT_PROCESS_GROUP_TIMEOUT_S="10")
+    try:
+        deadline = time.monotonic() + 120
+        while 1 not in (workers := worker_pids(proc.pid)) or 0 not in workers:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.output()[1][-3000:]
+            time.sleep(0.02)
+        os.kill(workers[1], signal.SIGSTOP)  # stuck while it starts: a hung filesystem, a debugger, a swapped node
+        while Path(f"/proc/{workers[0]}/status").exists() and time.monotonic() < deadline + 120:
+            time.sleep(0.1)  # rank 0 gives up on its own
+        os.kill(workers[1], signal.SIGKILL)  # what torchrun does to a stopped rank, after 30 s of SIGTERM
+        assert proc.wait(timeout=300) == 2, proc.output()[1][-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    err = proc.output()[1]
+    reports = [line for line in err.splitlines() if line.startswith("[wait] ")]
+    waiting = "[wait] rank 0 of 2: the process group's rendezvous for"
+    assert any(line.startswith(waiting) and "rank(s) 1 of 2, not at the rendezvous" in line for line in reports), err
+    assert any(f"local rank(s) 1 of {socket.gethostname()}: no phase named" in line for line in reports), err
+    message = " ".join(err.split("error: ", 1)[1].split())
+    assert "timed out after 10 s (VZT_PROCESS_GROUP_TIMEOUT_S): rank(s) 1 of 2 never came" in message
+    assert "Traceback" not in err
+
+
+HOLD_LOCKS = """
+import sys, time
+from {module} import {lock_class} as Lock
+locks = [Lock(path) for path in sys.argv[1:]]
+for lock in locks:
+    lock.acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_locks(module: str, lock_class: str, paths: list[Path]) -> subprocess.Popen:
+    """A process that takes ``paths`` with the library's own lock class and keeps them until it is killed."""
+    source = HOLD_LOCKS.format(module=module, lock_class=lock_class)
+    holder = subprocess.Popen([sys.executable, "-c", source, *map(str, paths)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_datasets_cache_lock_is_waited_for_while_its_holder_lives_and_free_once_it_is_killed(train_assets, tmp_path):
+    from visionzip_tune.data import load_samples
+
+    cache = tmp_path / "cache"
+    load_samples(train_assets[1].train, cache_dir=cache)  # the Arrow cache, and the lock files datasets uses for it
+    locks = sorted(cache.rglob("*.lock"))
+    assert locks
+    holder = hold_locks("datasets.utils._filelock", "FileLock", locks)
+    log = tmp_path / "load.err"
+    data = str(train_assets[1].train)
+    load = f"from visionzip_tune.data import load_samples; load_samples({data!r}, cache_dir={str(cache)!r})"
+    with open(log, "w") as err:
+        loader = subprocess.Popen([sys.executable, "-c", load], stderr=err, env=env(VZT_WAIT_REPORT_S="0.5"))
+    deadline = time.monotonic() + 120
+    while "[wait]" not in log.read_text():  # these are the locks a load takes: it waits, and says on what
+        assert loader.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    assert "reading the samples for" in log.read_text() and str(cache) in log.read_text()
+    holder.kill()  # SIGKILL: the kernel drops a dead process's flock
+    holder.wait()
+    assert loader.wait(timeout=120) == 0, log.read_text()[-3000:]
+
+
+def test_a_hub_cache_lock_whose_holder_was_killed_is_taken_at_once(tmp_path):
+    from filelock import Timeout
+    from huggingface_hub.utils import WeakFileLock
+
+    lock = tmp_path / "hub" / ".locks" / "models--org--model" / "0123abcd.lock"  # as hf_hub_download names them
+    lock.parent.mkdir(parents=True)
+    holder = hold_locks("filelock", "FileLock", [lock])
+    with pytest.raises(Timeout), WeakFileLock(lock, timeout=0.5):
+        pass  # a live holder: waited for
+    holder.kill()
+    holder.wait()
+    with WeakFileLock(lock, timeout=5):
+        assert lock.exists()
+
+
+W_AND_B_RUN = """
+import sys, time
+from pathlib import Path
+from visionzip_tune.training.config import load_config
+from visionzip_tune.training.metrics import MetricLogger
+run = Path(sys.argv[1])
+run.mkdir(exist_ok=True)
+cfg = load_config({demo!r}, ["logging.wandb=true", "logging.progress_bar=false", f"output.dir={{run}}"])
+with MetricLogger(run, cfg, total_steps=10, start_step=0, resumed=sys.argv[2] == "resume") as log:
+    log.eval({{"kind": "eval", "step": 0, "accuracy": 0.5, "correct": 1, "total": 2}})
+    print("logging", flush=True)
+    if sys.argv[2] == "stay":
+        time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_a_wandb_offline_run_killed_mid_run_does_not_stop_the_next_one_in_its_directory(tmp_path):
+    run = tmp_path / "run"
+    source = W_AND_B_RUN.format(demo=str(DEMO))
+    first = subprocess.Popen(
+        [sys.executable, "-c", source, str(run), "stay"], stdout=subprocess.PIPE, text=True, env=env()
+    )
+    assert "logging" in [first.stdout.readline().strip() for _ in range(2)]  # after the eval line it logged
+    first.kill()  # SIGKILL with the W&B run open
+    first.wait()
+    second = subprocess.run(
+        [sys.executable, "-c", source, str(run), "resume"], capture_output=True, text=True, timeout=300, env=env()
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    run_id = (run / "wandb_id").read_text().strip()
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # the killed one's, and the new one

@@ -43,9 +43,14 @@ def names_of(model, module) -> set[str]:
     return {f"{prefix}.{name}" for name, _ in module.named_parameters()}
 
 
-def test_projector_mode_changes_only_the_projector_and_lowers_the_loss(train_assets, tmp_path):
+def test_projector_mode_changes_only_the_projector_and_lowers_the_loss(train_assets, tmp_path, capsys):
     out = tmp_path / "run"
     trained = run(train_assets, out, "train.max_steps=8", "train.save_every=4", "train.micro_batch_size=3")
+    printed = capsys.readouterr()
+    assert printed.out.count("[train] compression: VisionZip") == 1 and "8 vision tok/unit" in printed.out
+    # the demo recipe's model.tiny and data.demo_* keys, which the command line's build_*_if_missing=false turn off
+    notices = [line for line in printed.err.splitlines() if line.startswith("notice: ")]
+    assert len(notices) == 2 and all("dropped, the command line wins" in line for line in notices)
     base, _ = load_tiny(train_assets[0])
     proj = names_of(trained, projector_modules(trained)["multi_modal_projector"])
     assert changed_names(trained, base) == proj  # every other tensor is bit-identical
@@ -280,7 +285,7 @@ def test_wandb_offline_run_holds_the_logged_loss(train_assets, tmp_path, monkeyp
         ("train.lr=fast", "'train.lr' in override 'train.lr=fast' expects a number"),
         ("data.path=/nonexistent/train.json", "data.path: the data file /nonexistent/train.json does not exist"),
         ("data.image_folder=/nonexistent/images", "data.image_folder: the image folder /nonexistent/images does"),
-        ("model.name_or_path=/nonexistent/model", "cannot load the model '/nonexistent/model' (model.name_or_path)"),
+        ("model.name_or_path=/nonexistent/model", "model.name_or_path='/nonexistent/model': no such directory"),
         ("train.projector_modules=merger", "has no projector subset 'merger'; choose one of all"),
         ("visionzip.dominant=40", "visionzip.dominant=40, visionzip.contextual=2"),
         ("visionzip.token_order=grid", "token_order='grid' is not available for LlavaForConditionalGeneration"),

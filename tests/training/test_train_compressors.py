@@ -55,7 +55,6 @@ def run_args(family: str, name: str, root: Path, out: Path) -> list[str]:
         "train.max_steps=2",
         "train.micro_batch_size=4",
         "train.save_every=0",
-        "train.eval_batch_size=8",
         "logging.progress_bar=false",
         f"output.dir={out}",
     ]

@@ -41,7 +41,7 @@ def family_args(family: str, root: Path, out: Path, *overrides: str) -> list[str
         f"data.eval_path={root / 'demo' / 'eval.json'}",
         "data.demo_samples=24",
         f"data.demo_videos={8 if video else 0}",
-        f"data.video_frames={FRAMES}",
+        *([f"data.video_frames={FRAMES}"] if video else []),
         "data.image_aspect=processor",  # the family's own anyres tiling
         "data.max_length=512",
         "visionzip.dominant=6",
@@ -49,7 +49,6 @@ def family_args(family: str, root: Path, out: Path, *overrides: str) -> list[str
         "train.max_steps=3",
         "train.micro_batch_size=4",
         "train.save_every=0",
-        "train.eval_batch_size=8",
         "logging.progress_bar=false",
         f"output.dir={out}",
         *overrides,

@@ -34,6 +34,8 @@ def qwen_args(family: str, root: Path, out: Path, *overrides: str) -> list[str]:
         f"model.name_or_path={root / family}",
         f"model.tiny.family={family}",
         "model.tiny.vision_layers=2",
+        "visionzip.dominant_ratio=0.45",
+        "visionzip.contextual_ratio=0.05",
         f"data.path={root / 'demo' / 'train.json'}",
         f"data.image_folder={root / 'demo' / 'images'}",
         f"data.eval_path={root / 'demo' / 'eval.json'}",
@@ -46,7 +48,6 @@ def qwen_args(family: str, root: Path, out: Path, *overrides: str) -> list[str]:
         "train.max_steps=3",
         "train.micro_batch_size=4",
         "train.save_every=0",
-        "train.eval_batch_size=8",
         "logging.progress_bar=false",
         f"output.dir={out}",
         *overrides,
@@ -70,6 +71,8 @@ def test_qwen_trains_its_mergers_and_exports_them(family, extra, tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in steps)
     for r in steps:  # every placeholder the data path wrote is a token the zipped features filled
         assert r["vision_tokens"] == IMAGE_TOKENS * r["images"] + VIDEO_TOKENS * r["videos"]
+        assert r["vision_tokens_per_unit"] is None  # ratios: K follows each image's size, so the mean is shown
+        assert r["vision_tokens_per_image"] == r["vision_tokens"] / (r["images"] + r["videos"])
     assert sum(r["videos"] for r in steps) > 0 and sum(r["images"] for r in steps) > 0
     assert [r["step"] for r in records(out, "eval")] == [0, 3]
 

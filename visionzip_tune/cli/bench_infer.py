@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 from visionzip_tune.cli.common import (
+    VIDEO_FRAMES_RULE,
+    refuse_unused_flags,
     add_media_arguments,
     add_model_arguments,
     checked_media,
@@ -58,6 +60,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    refuse_unused_flags(args, (VIDEO_FRAMES_RULE,))
     if args.image is None and args.video is None:
         raise UserError("give an image (--image FILE) and/or a video (--video FILE_OR_DIR) to run inference on.")
     record = export_record_of(args)

@@ -6,15 +6,12 @@ share (:mod:`visionzip_tune.training.cache_command`)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 from visionzip_tune.cli.common import add_recipe_arguments, recipe_and_overrides
 from visionzip_tune.errors import UserError
 from visionzip_tune.feature_cache import BATCH_SIZE, SHARD_ENTRIES
 from visionzip_tune.training.cache import build_options
-from visionzip_tune.training.cache_command import run_cache_worker, under_torchrun
+from visionzip_tune.training.cache_command import run_cache_command, under_torchrun
 from visionzip_tune.training.config import load_config
-from visionzip_tune.training.launch import launch
 from visionzip_tune.training.preflight import preflight
 
 
@@ -38,12 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe, overrides = recipe_and_overrides(args)
     cfg = load_config(recipe, overrides)
     options = build_options(cfg, args.batch_size, args.shard_entries)
-    if under_torchrun():
-        return run_cache_worker(cfg, options)
-    if not cfg.train.feature_cache:
-        raise UserError("the cache command builds train.feature_cache: set it to a directory (train.feature_cache=DIR)")
-    preflight(cfg)
-    status = launch(list(argv) if argv is not None else [], Path(cfg.train.feature_cache), command="cache")
-    if status == 0:
-        print(f"feature cache: {cfg.train.feature_cache}")
-    return status
+    if not under_torchrun():  # checked once, before any rank starts
+        if not cfg.train.feature_cache:
+            raise UserError(
+                "the cache command builds train.feature_cache: set it to a directory (train.feature_cache=DIR)"
+            )
+        preflight(cfg)
+    return run_cache_command(cfg, options, list(argv) if argv is not None else [])

@@ -4,6 +4,7 @@ flags of the inference commands, and the checks of media paths made before any w
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -132,3 +133,51 @@ def budget_of_args(args: argparse.Namespace, flags: tuple[str, ...]) -> dict:
         raise UserError(f"--budget {args.budget} and {named} both set a budget: give one or the other.")
     (budget,) = parse_budgets(args.budget, flag="--budget") or [None]
     return budget or {}
+
+
+class FlagRule(NamedTuple):
+    """Flags (argparse attribute names) that take effect only when ``applies(args)``; ``why`` says why they do not
+    and what to do instead. The command line's counterpart of ``training.keys``: a flag given is used or refused."""
+
+    flags: tuple[str, ...]
+    applies: Callable[[argparse.Namespace], bool]
+    why: str
+
+
+def _flag_given(args: argparse.Namespace, name: str) -> bool:
+    return getattr(args, name, None) not in (None, False)
+
+
+VIDEO_FRAMES_RULE = FlagRule(
+    ("video_frames",),
+    lambda args: args.video is not None,
+    "it sets the frames taken from --video, and no --video is given: give --video, or leave it out",
+)
+PROJECTOR_RULES = (
+    FlagRule(
+        ("other_compressor",),
+        lambda args: args.projector is not None and _flag_given(args, "budget"),
+        "it applies --budget's compressor under --projector, so it needs both: give them, or leave it out",
+    ),
+    FlagRule(
+        ("no_check_fingerprint",),
+        lambda args: args.projector is not None,
+        "it concerns a projector's base weights, and no --projector is given: leave it out",
+    ),
+)
+
+
+def refuse_unused_flags(args: argparse.Namespace, rules: Sequence[FlagRule]) -> None:
+    """:class:`UserError`, one paragraph, naming every flag given that would not take effect."""
+    problems = [
+        f"--{name.replace('_', '-')}{'' if getattr(args, name) is True else f' {getattr(args, name)}'}: {rule.why}"
+        for rule in rules
+        for name in rule.flags
+        if _flag_given(args, name) and not rule.applies(args)
+    ]
+    if problems:
+        raise UserError(
+            f"{len(problems)} flag(s) would be silently ignored: "
+            + "; ".join(problems)
+            + ". Every flag given takes effect or stops the command (README: Recipes)."
+        )

@@ -25,6 +25,7 @@ from visionzip_tune.data.source import load_samples
 from visionzip_tune.data.subset import manifest_path, parse_fraction, write_subset
 from visionzip_tune.data.validate import BadSample
 from visionzip_tune.errors import UserError
+from visionzip_tune.cli.common import FlagRule, refuse_unused_flags
 from visionzip_tune.data.processing import load_processing
 
 
@@ -47,7 +48,7 @@ def _check(args: argparse.Namespace) -> int:
         args.data,
         args.image_folder,
         video_folder=args.video_folder,
-        video_frames=args.video_frames,
+        video_frames=DEFAULT_VIDEO_FRAMES if args.video_frames is None else args.video_frames,
         workers=args.workers,
         progress=not args.quiet,
     )
@@ -74,36 +75,41 @@ def _render(tokenizer, ids: list[int], labels: list[int], image_token_id: int, v
     return "".join(out)
 
 
-def _preview_budget(args: argparse.Namespace) -> dict:
-    """The budget the preview counts with: tokens per image, or (Qwen) ratios, whichever pair is given; {} for
-    none."""
-    for pair in (("dominant", "contextual"), ("dominant_ratio", "contextual_ratio")):
-        values = [getattr(args, key) for key in pair]
-        if None not in values:
-            return dict(zip(pair, values))
-        if values != [None, None]:
-            flags = [f"--{key.replace('_', '-')}" for key in pair]
-            raise UserError(f"give both {flags[0]} and {flags[1]} (the VisionZip budget), or neither")
-    return {}
+PREVIEW_BUDGET_FLAGS = ("dominant", "contextual", "dominant_ratio", "contextual_ratio")
+
+
+def _preview_budget(args: argparse.Namespace, family: families.Family) -> dict:
+    """The budget the preview counts with: the family's pair (tokens per image, or Qwen's ratios), both given or
+    neither; a flag of the other pair is refused, not ignored."""
+    budget = {key: getattr(args, key) for key in PREVIEW_BUDGET_FLAGS if getattr(args, key) is not None}
+    pair = [f"--{key.replace('_', '-')}" for key in family.budget.keys[:2]]
+    other = [f"--{key.replace('_', '-')}" for key in budget if key not in family.budget.keys]
+    if other:
+        raise UserError(
+            f"--model {args.model} is a {family.model_class}: {' and '.join(other)} do(es) not apply to it; give its "
+            f"VisionZip budget as {' and '.join(pair)}"
+        )
+    if budget and len(budget) != 2:
+        raise UserError(f"give both {pair[0]} and {pair[1]} (the VisionZip budget), or neither")
+    return budget
 
 
 def _preview(args: argparse.Namespace) -> int:
-    budget = _preview_budget(args)
     try:
         config = AutoConfig.from_pretrained(args.model)
         processing = load_processing(args.model)
     except (OSError, ValueError) as err:
         raise UserError(f"--model {args.model}: cannot load a saved model config and processor ({err})") from None
+    family = families.family_of(config)
+    budget = _preview_budget(args, family)
+    no_video = f"{family.model_class} has no video input: leave it out"
+    refuse_unused_flags(args, [FlagRule(("video_folder", "video_frames"), lambda _: family.has_video, no_video)])
     if budget:
-        family = families.family_of(config)
-        if not set(budget) <= set(family.budget.keys):
-            flags = " and ".join(f"--{key.replace('_', '-')}" for key in family.budget.keys[:2])
-            raise UserError(f"--model {args.model} is a {family.model_class}: give its VisionZip budget as {flags}")
         config.visionzip = budget
     data = DataConfig(
         image_folder=args.image_folder,
         video_folder=args.video_folder,
-        video_frames=args.video_frames,
+        video_frames=DEFAULT_VIDEO_FRAMES if args.video_frames is None else args.video_frames,
         template=args.template,
         image_aspect=args.image_aspect,
         max_length=args.max_length,
@@ -150,7 +156,6 @@ def _video_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--video-frames",
         type=int,
-        default=DEFAULT_VIDEO_FRAMES,
         help=f"frames sampled per video (default {DEFAULT_VIDEO_FRAMES})",
     )
 

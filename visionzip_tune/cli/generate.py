@@ -23,6 +23,9 @@ import argparse
 import sys
 
 from visionzip_tune.cli.common import (
+    VIDEO_FRAMES_RULE,
+    PROJECTOR_RULES,
+    refuse_unused_flags,
     add_budget_argument,
     add_media_arguments,
     add_prompt_arguments,
@@ -111,6 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    refuse_unused_flags(args, (VIDEO_FRAMES_RULE, *PROJECTOR_RULES))
     if args.image is None and args.video is None:
         raise UserError(NO_MEDIA)
     media = checked_media(args)  # before any weight is read: a typo in a path costs seconds, not a model load

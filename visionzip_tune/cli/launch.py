@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from visionzip_tune.cli.common import add_recipe_arguments, recipe_and_overrides
 from visionzip_tune.training.config import load_config
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe, overrides = recipe_and_overrides(args)
     cfg = load_config(recipe, overrides)
     preflight(cfg)
-    status = launch([recipe, *overrides] if recipe else overrides, Path(cfg.output.dir))
+    status = launch([recipe, *overrides] if recipe else overrides, cfg)
     if status in (0, EXIT_INTERRUPTED):
         print(f"run directory: {cfg.output.dir}")
     return status

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from visionzip_tune.cli.common import (
+    VIDEO_FRAMES_RULE,
+    refuse_unused_flags,
     add_budget_argument,
     add_media_arguments,
     add_model_arguments,
@@ -49,6 +51,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    refuse_unused_flags(args, (VIDEO_FRAMES_RULE,))
     if args.image is None and args.video is None:
         raise UserError("give an image (--image FILE) and/or a video (--video FILE_OR_DIR) to draw.")
     record = export_record_of(args)

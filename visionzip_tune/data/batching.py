@@ -1,4 +1,5 @@
-"""Batches: a right-padding collator and a deterministic, sharded, resumable sampler grouped like LLaVA's."""
+"""Batches: a padding collator (training's, which evaluation shares) and a deterministic, sharded, resumable sampler
+grouped like LLaVA's."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from visionzip_tune.errors import UserError
 
 
 class Collator:
-    """Right-pads a list of examples into a batch.
+    """Pads a list of examples into a batch: on the right (training, scoring), or on the left (``padding_side="left"``,
+    generation: every row's next token is then the batch's next column).
 
     Returns ``input_ids`` (B, T) padded with ``pad_token_id``, ``attention_mask`` (B, T) from the true lengths (not
     from ``input_ids != pad``, which would hide a real ``<unk>`` when pad = unk as in LLaVA), ``labels`` (B, T)
@@ -21,8 +23,11 @@ class Collator:
     (videos, T, 3, S, S). A key is absent when no item has it.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
         self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
 
     def __call__(self, items: Sequence[dict]) -> dict:
         width = max(len(item["input_ids"]) for item in items)
@@ -31,9 +36,10 @@ class Collator:
         attention_mask = torch.zeros((len(items), width), dtype=torch.long)
         for row, item in enumerate(items):
             n = len(item["input_ids"])
-            input_ids[row, :n] = item["input_ids"]
-            labels[row, :n] = item["labels"]
-            attention_mask[row, :n] = 1
+            columns = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            input_ids[row, columns] = item["input_ids"]
+            labels[row, columns] = item["labels"]
+            attention_mask[row, columns] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         batch.update(collate_vision([item["vision"] for item in items]))
         batch["ids"] = [item["id"] for item in items]

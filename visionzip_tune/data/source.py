@@ -17,6 +17,7 @@ from pathlib import Path
 import datasets
 from datasets import Features, List, Value
 
+from visionzip_tune import watchdog
 from visionzip_tune.data.jsonstream import iter_records
 from visionzip_tune.data.validate import normalize_record, row_video
 from visionzip_tune.errors import UserError
@@ -80,10 +81,17 @@ def load_samples(path: str | Path, *, cache_dir: str | Path | None = None):
     }
     if stat is None:
         next(iter_records(path))  # raises the UserError for a missing file
+    cache = datasets.config.HF_DATASETS_CACHE if cache_dir is None else cache_dir
+    # A process building the same Arrow cache holds its lock (a flock, which the kernel drops if that process dies).
+    waits_on = f"{path}, read into the datasets cache {cache} (and its lock, while another process builds the same)"
     try:
-        samples = datasets.Dataset.from_generator(
-            _rows, features=_features(), gen_kwargs=gen_kwargs, cache_dir=None if cache_dir is None else str(cache_dir)
-        )
+        with watchdog.phase("reading the samples", waits_on):
+            samples = datasets.Dataset.from_generator(
+                _rows,
+                features=_features(),
+                gen_kwargs=gen_kwargs,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+            )
     except datasets.exceptions.DatasetGenerationError as err:
         if isinstance(err.__cause__, UserError):  # datasets wraps whatever the generator raised
             raise err.__cause__ from None

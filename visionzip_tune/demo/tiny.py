@@ -14,6 +14,8 @@ Qwen's special tokens (``<|image_pad|>``, ``<|video_pad|>``, ``<|vision_start|>`
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -515,7 +517,8 @@ def build_tiny(spec: TinySpec = TinySpec(), extra_corpus: list[str] | None = Non
 def save_tiny(out_dir: str | Path, spec: TinySpec = TinySpec(), extra_corpus: list[str] | None = None) -> Path:
     """Build a tiny model of ``spec.family`` and ``save_pretrained`` it into ``out_dir`` (written atomically) with
     what :func:`visionzip_tune.processing.load_processing` reads: the whole processor for LLaVA and LLaVA-NeXT (so
-    ``AutoProcessor`` works too), the tokenizer (with the chat template) and image processor for the others."""
+    ``AutoProcessor`` works too), the tokenizer (with the chat template) and image processor for the others; and
+    the spec it was built from (:data:`TINY_SPEC_FILE`)."""
     model, tokenizer = _model_and_tokenizer(spec, extra_corpus)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
@@ -524,7 +527,20 @@ def save_tiny(out_dir: str | Path, spec: TinySpec = TinySpec(), extra_corpus: li
         else:
             tokenizer.save_pretrained(tmp)
             build_image_processor(spec).save_pretrained(tmp)
+        (Path(tmp) / TINY_SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=2) + "\n")
     return Path(out_dir)
+
+
+# The spec a saved tiny model was built from: a run that finds the model on disk uses it as it is, so its
+# model.tiny keys must be the spec's (training.keys refuses a key that differs, which would otherwise do nothing).
+TINY_SPEC_FILE = "tiny_spec.json"
+
+
+def recorded_spec(model_dir: str | Path) -> dict | None:
+    """The spec a tiny model in ``model_dir`` was built from, as :func:`save_tiny` recorded it; None when there is
+    no such record (no model there, a model not built here, or one built before the record existed)."""
+    path = Path(model_dir) / TINY_SPEC_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def build_tiny_with_processor(spec: TinySpec = TinySpec(), extra_corpus: list[str] | None = None):

@@ -13,6 +13,7 @@ and its traceback in ``OUTPUT/error.log`` (lmms-eval's own command line would lo
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 import time
 import traceback
@@ -20,15 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from visionzip_tune import watchdog
+from visionzip_tune.distributed import PeerFailed
 from visionzip_tune.errors import UserError
 from visionzip_tune.families import family_of
+from visionzip_tune.launcher import another_rank_reported
 
 try:  # the eval extra; without it the command explains how to install it instead of failing on import
     from lmms_eval import evaluator
     from lmms_eval.tasks import TaskManager
     from loguru import logger as lmms_logger
-
-    from visionzip_tune.evaluation.lmms import ZippedModel
 except ModuleNotFoundError as missing:
     LMMS_EVAL_MISSING: ModuleNotFoundError | None = missing
 else:
@@ -53,6 +55,7 @@ class TableRow:
     seconds: float | None = None
     scores: dict[str, float] = field(default_factory=dict)  # task -> the table's metric
     lmms_eval: dict[str, Any] = field(default_factory=dict)  # task -> lmms-eval's result entry
+    throughput: dict[str, Any] = field(default_factory=dict)  # Throughput.summary() over every rank
 
 
 def vision_tokens(config) -> int | str:
@@ -91,9 +94,9 @@ def table_metric(task: str, result: dict[str, Any], chosen: dict[str, str]) -> t
 
 def percent_table(runs: list[TableRow], tasks: list[str]) -> tuple[str, list[dict[str, Any]]]:
     """The paper's table as markdown, and each run's percentages of stock (``runs[0]`` is stock): per task
-    ``score (pct%)``, and the average of the task percentages."""
+    ``score (pct%)``, the average of the task percentages, then what the run cost (:func:`speed_cells`)."""
     stock = runs[0].scores
-    header = ["run", "vision tokens", *tasks, "Avg."]
+    header = ["run", "vision tokens", *tasks, "Avg.", *SPEED_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = []
     for run in runs:
@@ -104,9 +107,26 @@ def percent_table(runs: list[TableRow], tasks: list[str]) -> tuple[str, list[dic
             for t in tasks
         ]
         average_cell = f"{average:.1f}%" if average is not None else "n/a"
-        lines.append("| " + " | ".join([run.label, str(run.vision_tokens), *cells, average_cell]) + " |")
+        speed = speed_cells(run.throughput, runs[0].throughput)
+        lines.append("| " + " | ".join([run.label, str(run.vision_tokens), *cells, average_cell, *speed]) + " |")
         rows.append({"label": run.label, "percent_of_stock": percents, "average_percent": average})
     return "\n".join(lines), rows
+
+
+SPEED_COLUMNS = ("req/s", "speed-up", "prompt tokens", "TTFT ms")
+
+
+def speed_cells(throughput: dict[str, Any], stock: dict[str, Any]) -> list[str]:
+    """A run's :data:`SPEED_COLUMNS`: requests the model answered per second, that as a multiple of stock's, the
+    mean prompt length (vision tokens included) and the mean time to first token ("n/a" where not measured)."""
+    rate, stock_rate = throughput.get("requests_per_s"), stock.get("requests_per_s")
+    prompt, ttft = throughput.get("prompt_tokens"), throughput.get("ttft_ms")
+    return [
+        f"{rate:.3g}" if rate else "n/a",
+        f"{rate / stock_rate:.2f}x" if rate and stock_rate else "n/a",
+        f"{prompt:.0f}" if prompt is not None else "n/a",
+        f"{ttft:.1f}" if ttft is not None else "n/a",
+    ]
 
 
 def require_lmms_eval() -> None:
@@ -127,11 +147,6 @@ def task_manager(include_paths: list[str], verbose: bool):
     return TaskManager("WARNING", include_path=include_paths or None)
 
 
-def as_lmms_model(model, prompter) -> ZippedModel:
-    """lmms-eval's view of a loaded model and its prompter."""
-    return ZippedModel(model, prompter)
-
-
 def check_tasks(manager, tasks: list[str]) -> None:
     """:class:`UserError` naming every task lmms-eval does not know, with the closest names it does."""
     unknown = [t for t in tasks if t not in manager.all_tasks]
@@ -144,29 +159,53 @@ def check_tasks(manager, tasks: list[str]) -> None:
         )
 
 
-def evaluate(row: TableRow, lm, tasks: list[str], manager, *, limit, metrics: dict[str, str], out_dir: Path) -> None:
-    """One lmms-eval pass of ``lm`` over ``tasks``; fills ``row`` (``metrics``: the ``--metric`` choices). Any
-    failure becomes a :class:`UserError`, its traceback in ``out_dir``'s error log."""
-    run = row
+def evaluate(
+    row: TableRow, lm, tasks: list[str], manager, *, limit, metrics: dict[str, str], out_dir: Path, rank: int = 0
+) -> None:
+    """One lmms-eval pass of ``lm`` over ``tasks`` on every rank (lmms-eval shards the documents); fills ``row`` on
+    rank 0, where lmms-eval gathers the results (``metrics``: the ``--metric`` choices). Any failure becomes a
+    :class:`UserError`, its traceback in ``out_dir``'s error log (one per rank)."""
     start = time.perf_counter()
+    error_log = out_dir / (ERROR_LOG if rank == 0 else f"error-rank{rank}.log")
+    # Until the model gets its first request, lmms-eval loads the tasks' datasets (downloads, the datasets cache and
+    # its locks) and builds the requests, printing nothing at the WARNING level the command keeps it at.
+    loading = f"lmms-eval, loading the datasets of {', '.join(tasks)} (through the datasets cache and its locks)"
     try:
-        results = evaluator.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False, batch_size=1
-        )
+        with watchdog.phase("lmms-eval: loading the tasks", loading) as loaded:
+            lm.before_first_request = loaded
+            results = evaluator.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                task_manager=manager,
+                limit=limit,
+                log_samples=False,
+                distributed_executor_backend="torchrun",  # the process group is ours (or there is none: one process)
+            )
+    except UserError:  # the model's own (a document it cannot read, ...): its message says what is wrong
+        raise
     except Exception as err:  # lmms-eval, its tasks' code and the model: any failure ends the command
-        (out_dir / ERROR_LOG).write_text(traceback.format_exc())
+        if rank_failed_elsewhere():
+            raise PeerFailed(f"{row.label}: another process stopped with an error") from None
+        error_log.write_text(traceback.format_exc())
         raise UserError(
-            f"lmms-eval failed while evaluating {run.label} on {', '.join(tasks)}: {type(err).__name__}: {err} "
-            f"(traceback in {out_dir / ERROR_LOG})"
+            f"lmms-eval failed while evaluating {row.label} on {', '.join(tasks)}: {type(err).__name__}: {err} "
+            f"(traceback in {error_log})"
         ) from None
+    row.seconds = time.perf_counter() - start
+    if rank != 0:
+        return
     reported = (results or {}).get("results") or {}
     missing = [t for t in tasks if t not in reported]
     if missing:
-        raise UserError(f"lmms-eval returned no results for {', '.join(missing)} ({run.label}); see the log above")
-    run.seconds = time.perf_counter() - start
+        raise UserError(f"lmms-eval returned no results for {', '.join(missing)} ({row.label}); see the log above")
     for task in tasks:
-        run.lmms_eval[task] = reported[task]
-        run.scores[task] = table_metric(task, reported[task], metrics)[1]
+        row.lmms_eval[task] = reported[task]
+        row.scores[task] = table_metric(task, reported[task], metrics)[1]
+
+
+def rank_failed_elsewhere() -> bool:
+    """Whether this failure is another rank's: a collective broken because a peer stopped, which reported why."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1 and another_rank_reported()
 
 
 def json_safe(value):

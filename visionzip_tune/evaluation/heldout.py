@@ -105,6 +105,14 @@ class AnswerLogprobs(NamedTuple):
         """(B,) each row's summed answer log-probability (held-out choice scoring)."""
         return torch.zeros(batch, device=self.token.device).index_add(0, self.rows, self.token)
 
+    def mean(self, batch: int) -> torch.Tensor:
+        """(B,) each row's mean answer log-probability (lmms-eval's loss is its negative)."""
+        return self.summed(batch) / torch.bincount(self.rows, minlength=batch).to(self.token.dtype)
+
+    def all_greedy(self, batch: int) -> torch.Tensor:
+        """(B,) bool: whether every answer token of each row is its greedy choice."""
+        return torch.bincount(self.rows[~self.greedy], minlength=batch) == 0
+
 
 def _example(dataset: SupervisedDataset, sample: dict) -> dict:
     try:

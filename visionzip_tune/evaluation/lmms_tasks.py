@@ -21,6 +21,11 @@ from visionzip_tune.errors import UserError
 PARQUET = "{name}.parquet"
 
 
+def choice_task_names(name: str = "heldout") -> list[str]:
+    """The two tasks :func:`write_choice_tasks` writes for ``name``: exact answers, then likelihood of the choices."""
+    return [f"{name}_gen", f"{name}_mc"]
+
+
 def _rows(samples: list[dict], image_folder: Path, source: Path) -> tuple[dict[str, list], int]:
     rows: dict[str, list] = {"id": [], "image": [], "question": [], "answer": [], "choices": []}
     skipped = 0
@@ -73,8 +78,9 @@ def write_choice_tasks(
         "doc_to_target": "answer",
         "metadata": {"version": 1.0, "source": str(source.resolve())},
     }
+    gen, mc = choice_task_names(name)
     tasks = {
-        f"{name}_gen": {
+        gen: {
             "output_type": "generate_until",
             "generation_kwargs": {"max_new_tokens": 16, "temperature": 0, "do_sample": False},
             "metric_list": [
@@ -87,7 +93,7 @@ def write_choice_tasks(
                 }
             ],
         },
-        f"{name}_mc": {
+        mc: {
             "output_type": "multiple_choice",
             "doc_to_choice": "choices",
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],

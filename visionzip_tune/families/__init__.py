@@ -249,12 +249,6 @@ def split_frozen(config, modality: str, frozen: dict[str, Tensor], inputs: dict[
     return family_of(config).split_frozen(config, modality, frozen, inputs)
 
 
-def cache_refusal(config, trained: tuple[str, ...]) -> str | None:
-    """Why a feature cache cannot stand in for the frozen part while the projector modules ``trained`` (paths on
-    the inner model) train; None when it can."""
-    return family_of(config).cache_refusal(config, trained)
-
-
 def cache_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules the frozen part is a function of: the towers (Mini-Gemini: and its mining projections)."""
     family, inner = _inner(model)

@@ -489,7 +489,7 @@ class Family:
         items = len(next(iter(frozen.values())))
         return split_fields(frozen, {field: [1] * items for field in frozen})
 
-    def cache_refusal(self, config, trained: tuple[str, ...]) -> str | None:
+    def cache_refusal(self, trained: tuple[str, ...]) -> str | None:
         """Why rows cached from this family's frozen part cannot stand in for computed ones while the projector
         modules ``trained`` train (None: they can, as for every family whose frozen part holds nothing that
         trains)."""

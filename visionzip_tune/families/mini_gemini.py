@@ -88,7 +88,7 @@ class MiniGemini(Family):
         record_zip(inner, zipped, lambda: views)
         return {"rows": per_image(zipped.tokens, pixel_values.shape[0])}
 
-    def cache_refusal(self, config, trained: tuple[str, ...]) -> str | None:
+    def cache_refusal(self, trained: tuple[str, ...]) -> str | None:
         mining = [path for path in trained if path in MINING_MODULES]
         if not mining:
             return None

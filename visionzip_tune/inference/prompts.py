@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from PIL import Image
 
+from visionzip_tune.data.batching import Collator
 from visionzip_tune.data.config import DEFAULT_IMAGE_ASPECT, DEFAULT_TEMPLATE, DEFAULT_VIDEO_FRAMES
 from visionzip_tune.data.images import MediaTransform, open_image
 from visionzip_tune.data.processing import Processing
@@ -58,23 +59,23 @@ def image_of(path: str | Path) -> Image.Image:
         raise UserError(f"--image: {err.reason}") from None
 
 
-def video_frames_of(path: str | Path, frames: int) -> VideoClip:
+def video_frames_of(path: str | Path, frames: int, source: str = "--video") -> VideoClip:
     """``frames`` frames sampled uniformly from ``path`` and their times: a video file (decoded with PyAV) or a
-    directory of frame images (every file with an image extension, in name order). :class:`UserError` naming the
-    path otherwise."""
+    directory of frame images (every file with an image extension, in name order). :class:`UserError` naming
+    ``source`` (where the path came from) and the path otherwise."""
     path = Path(path)
     if path.is_dir():
         extensions = Image.registered_extensions()
         names = sorted(p.name for p in path.iterdir() if p.is_file() and p.suffix.lower() in extensions)
         if not names:
-            raise UserError(f"--video {path}: the directory holds no frame images (files like 000.png, 001.png).")
+            raise UserError(f"{source} {path}: the directory holds no frame images (files like 000.png, 001.png).")
         video, folder = names, path
     else:
         video, folder = path.name, path.parent
     try:
         return read_video_clip(video, folder, frames)
     except BadSample as err:
-        raise UserError(f"--video {path}: {err.reason}") from None
+        raise UserError(f"{source} {path}: {err.reason}") from None
 
 
 class Prompter:
@@ -151,6 +152,27 @@ class Prompter:
         """What the model takes besides the ids for a batch of ``input_ids`` about ``media``: the media's inputs
         and what follows from the ids alone (Qwen: ``mm_token_type_ids``)."""
         return {**media.inputs, **id_inputs(self.model.config, input_ids)}
+
+    def batch(
+        self, rows: Sequence[tuple[Sequence[int], Sequence[int], Media]], *, padding_side: str = "right"
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs of several ``(input_ids, labels, media)`` rows at once (labels as :meth:`sample` gives them;
+        a prompt's are all ``IGNORE_INDEX``), collated by training's collator: ``padding_side="left"`` for
+        generation, ``"right"`` for scoring, the vision inputs concatenated in row order. Besides the ids,
+        ``attention_mask`` and ``labels``, what follows from the padded ids (Qwen: ``mm_token_type_ids``)."""
+        items = [
+            {"id": k, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "vision": media.inputs}
+            for k, (ids, labels, media) in enumerate(rows)
+        ]
+        collated = Collator(self.pad_token_id, padding_side)(items)
+        inputs = to_model_inputs(collated, self.model.device, self.model.dtype)
+        return {**inputs, **id_inputs(self.model.config, inputs["input_ids"])}
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id batches are padded with (masked out, so any id would do): the tokenizer's pad, else its eos."""
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
 
     @property
     def placeholder_ids(self) -> list[int]:

@@ -70,6 +70,34 @@ class Marks:
         return sum(self.clock.ms(start, end) for start, end in self.spans[stage])
 
 
+class FirstToken:
+    """The time from entering :func:`first_token` to the first LM-head output inside it (``ms``, set on exit)."""
+
+    ms: float | None = None
+
+
+@contextlib.contextmanager
+def first_token(model: nn.Module) -> Iterator[FirstToken]:
+    """Time to first token of the ``generate`` call(s) in the block, as the model measures it: from entering the block
+    to the end of its first LM-head call (the first token's logits), on the device's timeline (:class:`Clock`); one
+    hook, removed on exit. Read ``ms`` after the block (None when no token was computed)."""
+    clock = Clock(next(model.parameters()).device)
+    marks: list = []
+    handle = (
+        unwrap_peft(model)
+        .get_output_embeddings()
+        .register_forward_hook(lambda *_: marks.append(clock.mark()) if not marks else None)
+    )
+    result = FirstToken()
+    start = clock.mark()
+    try:
+        yield result
+    finally:
+        handle.remove()
+    clock.sync()
+    result.ms = clock.ms(start, marks[0]) if marks else None
+
+
 def _timed(method, marks: Marks):
     @functools.wraps(method)  # generate() reads the feature methods' signatures: keep the original one visible
     def timed(*args, **kwargs):

@@ -1,8 +1,8 @@
 """The settings ``eval`` and ``bench-infer`` compare, each ready to run: the stock model, VisionZip at training-free
 budgets, and a tuned projector at its export's budget.
 
-:func:`prepared` (eval) loads the base model once for stock and the training-free budgets (the budget is switched
-in place) and gives the tuned run a fresh base with the export's projector (or a ``full`` export's whole model);
+:func:`prepared` (eval) loads the base model once for all of them (the budget is switched in place, and the tuned
+run, last, loads the export's projector into it; a ``full`` export's whole model is loaded on its own);
 :class:`Switcher` (bench-infer) moves one base model between all of them, back and forth. Every run of one command
 builds its prompts with the same :class:`~visionzip_tune.inference.prompts.Prompter` settings (the export's recipe,
 else the model's chat template), so the runs differ only in budget and projector.
@@ -121,18 +121,23 @@ def prepared(
     dtype: str = "auto",
     device: str | None = None,
 ) -> Iterator[tuple[Setting, object, Prompter]]:
-    """Each setting's ``(setting, model, prompter)``, in order, the model set to the setting's budget and projector
-    (the same model object from one setting to the next, until the tuned run loads its own). ``model`` is the base
+    """Each setting's ``(setting, model, prompter)``, in order, the model set to the setting's budget and projector:
+    one base model for all of them, the tuned run (last, as :func:`plan` puts it) loading the export's projector
+    into it in place -- only a ``full`` export, a whole trained model, is loaded on its own. ``model`` is the base
     model given (None: the export's, whose ``record`` is its visionzip.json), ``prompter_of(model, processing)``
     builds the prompter every run shares."""
     base, processing, _ = load_model(model or record["base_model"], None, dtype=dtype, device=device)
     prompter = prompter_of(base, processing)
     switch = Switcher(base, None, None)  # stock and the training-free budgets
-    for setting in settings:
-        if setting.tuned:
+    for k, setting in enumerate(settings):
+        if setting.tuned and k != len(settings) - 1:
+            raise ValueError("the tuned setting comes last: loading its projector changes the base model")
+        if setting.tuned and record.get("mode") == "full":
             del base, prompter, switch  # free the base before loading the tuned one
             base, processing, _ = load_model(model, projector, dtype=dtype, device=device)
             prompter = prompter_of(base, processing)
+        elif setting.tuned:  # a lora export merges its adapter into the LLM: nothing runs on this base after it
+            load_projector(base, projector, image_processor=processing.image_processor)
         else:
             switch.to(setting)
         yield setting, base, prompter

@@ -31,6 +31,22 @@ def apply_recipe_visionzip(model: nn.Module, visionzip: VisionZipConfig) -> None
     checked_budget(visionzip, families.family_of(model), functools.partial(families.apply_visionzip, model))
 
 
+def describe_compression(model: nn.Module) -> str:
+    """One line: the budget the run feeds its LLM, resolved (what the recipe's keys became), and its knobs."""
+    config = families.unwrap_peft(model).config
+    budget = getattr(config, "visionzip", None)
+    if not budget:
+        return "compression: none (visionzip.enabled=false): every stock vision token reaches the LLM"
+    family = families.family_of(config)
+    kind = family.budget_of(budget)
+    described = kind.describe(budget)
+    unit = families.tokens_per_unit(config)  # None for ratios: each image's own share
+    if unit is not None and kind is not families.COMPRESSED:  # (a compressor's phrase states its tokens per unit)
+        described += f" = {unit} tokens per image, crop, frame or view"
+    knobs = ", ".join(f"{key}={budget[key]}" for key in family.knob_keys if key in budget)
+    return f"compression: {described}" + (f" ({knobs})" if knobs else "")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # What trains
 

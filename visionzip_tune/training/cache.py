@@ -39,9 +39,9 @@ from visionzip_tune.feature_cache import (
 from visionzip_tune.training.config import Config
 
 
-def refusal(cfg: Config, model_config=None) -> str | None:
-    """The paragraph refusing ``train.feature_cache`` for this recipe (``model_config``: the model's, when known),
-    or None: a cache holds compressed rows, which a frozen compression of a frozen tower makes."""
+def refusal(cfg: Config, family: families.Family | None = None) -> str | None:
+    """The paragraph refusing ``train.feature_cache`` for this recipe (``family``: its model's, when known), or
+    None: a cache holds compressed rows, which a frozen compression of a frozen tower makes."""
     given = f"train.feature_cache={cfg.train.feature_cache}"
     if not cfg.visionzip.enabled:
         return (
@@ -54,14 +54,13 @@ def refusal(cfg: Config, model_config=None) -> str | None:
             "every call, so no two epochs see the same rows. Set visionzip.resample=false (positions seeded by each "
             "image's pixels), or leave train.feature_cache unset"
         )
-    if model_config is None:
+    if family is None:
         return None
-    family = families.family_of(model_config)
     try:
         trained = family.projector_paths(cfg.train.projector_modules)
     except ValueError:
         return None  # an unknown subset: refused with its own message where the run picks its parameters
-    reason = family.cache_refusal(model_config, trained)
+    reason = family.cache_refusal(trained)
     if reason is None:
         return None
     return (
@@ -70,9 +69,9 @@ def refusal(cfg: Config, model_config=None) -> str | None:
     )
 
 
-def refuse_uncacheable(cfg: Config, model_config=None) -> None:
+def refuse_uncacheable(cfg: Config, family: families.Family | None = None) -> None:
     """:class:`UserError` with :func:`refusal`'s paragraph, if any (``train.feature_cache`` set)."""
-    problem = refusal(cfg, model_config) if cfg.train.feature_cache else None
+    problem = refusal(cfg, family) if cfg.train.feature_cache else None
     if problem is not None:
         raise UserError(problem)
 
@@ -128,7 +127,7 @@ def open_cache(
     training data's media (hashed on rank 0, given to all), the entries the data needs and those missing, said in a
     line. :class:`UserError` for a recipe that cannot use a cache, and for missing entries with
     ``train.feature_cache_build=false``, naming what changed. Collective (every rank)."""
-    refuse_uncacheable(cfg, model.config)
+    refuse_uncacheable(cfg, families.family_of(model))
     trained = families.projector_parameters(model, cfg.train.projector_modules).values()
     key = cache_key(model, processing.image_processor, cfg.data.image_aspect, cfg.data.video_frames, dtype, trained)
     cache = FeatureCache(cfg.train.feature_cache, key)

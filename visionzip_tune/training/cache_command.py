@@ -1,6 +1,7 @@
-"""One process of ``python -m visionzip_tune cache RECIPE``: the recipe's model loaded on this rank's device (no
-DeepSpeed: inference only), its cache of the training data opened and the missing entries built, every rank a
-share of them (:mod:`visionzip_tune.training.cache`)."""
+"""``python -m visionzip_tune cache RECIPE``: this node's ranks started under torchrun (:mod:`visionzip_tune.launcher`;
+one process on one node runs here), and on each the recipe's model loaded on its device (no DeepSpeed: inference
+only), its cache of the training data opened and the missing entries built, every rank a share of them
+(:mod:`visionzip_tune.training.cache`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from visionzip_tune.distributed import (
 )
 from visionzip_tune.errors import UserError
 from visionzip_tune.feature_cache import BuildOptions
+from visionzip_tune.launcher import RanksFailed, launch_ranks, nodes, processes_per_node
 from visionzip_tune.loading import load_model_processing, load_vlm
 from visionzip_tune.training import build as recipe
 from visionzip_tune.training import preemption, preflight
@@ -30,6 +32,23 @@ from visionzip_tune.training.config import Config
 def under_torchrun() -> bool:
     """Whether this process is a torchrun worker (its elastic agent names the run)."""
     return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def run_cache_command(cfg: Config, options: BuildOptions, argv: list[str]) -> int:
+    """The cache command with ``argv`` (its arguments, to start the ranks with): a rank under torchrun builds its
+    share; one process on one node builds here; else this node's ranks are started. Returns the exit status."""
+    if under_torchrun() or (processes_per_node() == 1 and nodes() == 1):
+        return run_cache_worker(cfg, options)
+    print(f"[cache] starting {processes_per_node()} processes on this node", flush=True)
+    try:
+        launch_ranks(["-m", "visionzip_tune", "cache", *argv])
+    except RanksFailed as failed:
+        if failed.message is not None:
+            raise UserError(failed.message) from None
+        rank, code = min(failed.codes.items())
+        print(f"error: the cache build failed on rank {rank} (exit status {code}); see its output above", flush=True)
+        return 1
+    return 0
 
 
 def run_cache_worker(cfg: Config, options: BuildOptions) -> int:

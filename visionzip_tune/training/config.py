@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import yaml
 
@@ -181,6 +181,15 @@ class OutputConfig:
 
 @dataclass
 class Config:
+    """A run's whole configuration. :func:`load_config` also records, outside the fields, where each key was set
+    (``sources``: key -> "recipe PATH" or "override 'key=value'"), the notices of recipe keys it dropped for a
+    command-line key of another kind (``notices``) and the configuration of the recipe alone (``from_recipe``,
+    unvalidated: what the recipe meant before the command line changed it)."""
+
+    sources: ClassVar[dict[str, str]] = {}
+    notices: ClassVar[tuple[str, ...]] = ()
+    from_recipe: ClassVar[Config | None] = None
+
     model: ModelConfig = field(default_factory=ModelConfig)
     visionzip: VisionZipConfig = field(default_factory=VisionZipConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -195,10 +204,16 @@ class Config:
 
 
 def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults <- the recipe YAML (if any) <- ``key.sub=value`` overrides (values parsed as YAML scalars)."""
-    tree: dict[str, Any] = {}
+    """Defaults <- the recipe YAML (if any) <- ``key.sub=value`` overrides (values parsed as YAML scalars).
+
+    One rule for keys of different kinds (the budget's: VisionZip's counts, its ratios, another compressor's; the
+    run's length: max_steps or epochs): a command-line key wins over the recipe's keys of another kind, which are
+    dropped, each with a notice (``Config.notices``). Whether every key left applies to the model's family and the
+    mode is checked later, against the model (``training.keys``)."""
+    from_recipe: dict[str, Any] = {}
     if recipe is not None:
-        _merge(tree, _read_recipe(Path(recipe)), Config, source=f"recipe {recipe}")
+        _merge(from_recipe, _read_recipe(Path(recipe)), Config, source=f"recipe {recipe}")
+    from_overrides: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -207,10 +222,82 @@ def load_config(recipe: str | Path | None = None, overrides: Sequence[str] = ())
         nested: Any = value
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
-        _merge(tree, nested, Config, source=f"override {item!r}")
-    cfg = _build(Config, tree, prefix="")
+        _merge(from_overrides, nested, Config, source=f"override {item!r}")
+    recipe_keys, override_keys = _flatten_tree(from_recipe), _flatten_tree(from_overrides)
+    notices = []
+    for key, reason in _dropped_by_overrides(recipe_keys, override_keys).items():
+        value, source = recipe_keys.pop(key)
+        notices.append(f"notice: {key}={value!r} ({source}) dropped, the command line wins: {reason}")
+    cfg = _build(Config, _unflatten({**recipe_keys, **override_keys}), prefix="")
     validate(cfg)
+    cfg.sources = {key: source for key, (_, source) in {**recipe_keys, **override_keys}.items()}
+    cfg.notices = tuple(notices)
+    cfg.from_recipe = _build(Config, _unflatten(recipe_keys), prefix="")
     return cfg
+
+
+def overridden(source: str) -> bool:
+    """Whether a key's source (``Config.sources``) is the command line."""
+    return source.startswith("override ")
+
+
+def _unflatten(flat: dict[str, tuple[Any, str]]) -> dict[str, Any]:
+    """The nested tree :func:`_build` takes, from dotted keys."""
+    tree: dict[str, Any] = {}
+    for key, leaf in flat.items():
+        *sections, name = key.split(".")
+        branch = tree
+        for section in sections:
+            branch = branch.setdefault(section, {})
+        branch[name] = leaf
+    return tree
+
+
+def _flatten_tree(tree: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, str]]:
+    """Dotted key -> (value, source) of a merged tree's leaves."""
+    flat: dict[str, tuple[Any, str]] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten_tree(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# The budget keys of each kind: a run takes one budget kind. ``visionzip.method`` is of the compressor kind, unless
+# it names VisionZip, whose keys are either kind of its own (counts or ratios, by family).
+_BUDGET_KINDS = {
+    "counts": ("visionzip.dominant", "visionzip.contextual"),
+    "ratios": ("visionzip.dominant_ratio", "visionzip.contextual_ratio"),
+    "compressor": tuple(f"visionzip.{key}" for key in ("tokens", "seed", "resample", "important_ratio", "neighbours")),
+}
+_VISIONZIP_KINDS = frozenset({"counts", "ratios"})
+# The run's length: max_steps, or epochs.
+_LENGTH = {"train.max_steps": "train.epochs", "train.epochs": "train.max_steps"}
+
+
+def _kinds_of(key: str, value: Any) -> frozenset[str]:
+    """The budget kinds a key belongs to (empty for a key of no budget kind)."""
+    if key == "visionzip.method":
+        return _VISIONZIP_KINDS if value == "visionzip" else frozenset({"compressor"})
+    return frozenset(kind for kind, keys in _BUDGET_KINDS.items() if key in keys)
+
+
+def _dropped_by_overrides(recipe: dict[str, tuple[Any, str]], overrides: dict[str, tuple[Any, str]]) -> dict[str, str]:
+    """The recipe keys that command-line keys of another kind drop, and why."""
+    given: set[str] = set()
+    for key, (value, _) in overrides.items():
+        given |= _kinds_of(key, value)
+    setting = ", ".join(sorted(key for key, (value, _) in overrides.items() if _kinds_of(key, value)))
+    dropped = {
+        key: f"it sets a budget of another kind ({setting})"
+        for key, (value, _) in recipe.items()
+        if key not in overrides and _kinds_of(key, value) and given and not _kinds_of(key, value) & given
+    }
+    for key, other in _LENGTH.items():
+        if key in overrides and other in recipe and other not in overrides:
+            dropped[other] = f"it sets {key}"
+    return dropped
 
 
 def _read_recipe(path: Path) -> dict[str, Any]:

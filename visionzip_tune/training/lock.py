@@ -1,10 +1,11 @@
 """One run per run directory: a lock file naming the process that holds it.
 
-``RUN_DIR/.lock`` holds ``{"host", "pid", "started"}`` and is created exclusively (``O_EXCL``), so of two runs
-started into one directory exactly one gets it; the other is refused at once, naming the holder. The holder touches
-the file as it trains (:meth:`RunLock.heartbeat`). A lock is stale -- taken over with a warning -- when its process
-is gone: on this host, when no process has its pid; from another host (a shared filesystem), when the file has not
-been touched for :data:`STALE_AFTER_S` seconds.
+``RUN_DIR/.lock`` holds ``{"host", "pid", "start", "started"}`` and is created exclusively (``O_EXCL``), so of two
+runs started into one directory exactly one gets it; the other is refused at once, naming the holder. The holder
+touches the file as it trains (:meth:`RunLock.heartbeat`). A lock is stale -- taken over with a warning -- when its
+process is gone: on this host, when no process has its pid, or the one that has it started at another time than
+the recorded ``start`` (the kernel reused the pid of a killed run); from another host (a shared filesystem), when
+the file has not been touched for :data:`STALE_AFTER_S` seconds.
 """
 
 from __future__ import annotations
@@ -17,19 +18,10 @@ import time
 from pathlib import Path
 
 from visionzip_tune.errors import UserError
+from visionzip_tune.training.processes import alive, start_token
 
 LOCK_FILE = ".lock"
 STALE_AFTER_S = 1800  # longer than any step, evaluation or checkpoint a run makes between two heartbeats
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 class RunLock:
@@ -51,7 +43,7 @@ class RunLock:
 
     def _is_stale(self, holder: dict) -> bool:
         if holder.get("host") == socket.gethostname():
-            return not isinstance(holder.get("pid"), int) or not _alive(holder["pid"])
+            return not isinstance(holder.get("pid"), int) or not alive(holder["pid"], holder.get("start"))
         try:
             return time.time() - self.path.stat().st_mtime > STALE_AFTER_S
         except FileNotFoundError:
@@ -61,7 +53,12 @@ class RunLock:
         """Take the lock, or raise :class:`UserError` naming the live process that holds it."""
         self.made_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "start": start_token(os.getpid()),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         for _ in range(2):  # a stale lock is removed once, then taken like a free one
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

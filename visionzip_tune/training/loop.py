@@ -6,6 +6,7 @@ process of a run, under ``torchrun`` (``bash train.sh``) for any number of proce
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
-from visionzip_tune import families
+from visionzip_tune import families, watchdog
 from visionzip_tune.data import Collator, LengthGroupedSampler, MediaSource, Processing, SupervisedDataset
 from visionzip_tune.distributed import (
     Dist,
@@ -40,7 +41,7 @@ from visionzip_tune.export import export_projector, weights_fingerprint
 from visionzip_tune.families.forward import FrozenBlank, forward_with_vision, frozen_blanks, to_model_inputs
 from visionzip_tune.files import atomic_write, file_sha256, remove_stale_temps
 from visionzip_tune.loading import base_model_id, load_model_processing, load_vlm
-from visionzip_tune.training import build, cache, checkpoint, metrics, plots, preemption, preflight
+from visionzip_tune.training import build, cache, checkpoint, metrics, ops, plots, preemption, preflight
 from visionzip_tune.training.config import Config, to_dict, to_yaml
 from visionzip_tune.training.lock import RunLock
 
@@ -87,16 +88,23 @@ def train(cfg: Config, dist: Dist, recipe: str | None = None, stop: preemption.S
     makes every rank finish the step, checkpoint and raise :class:`preemption.Interrupted`.
     """
     lock = RunLock(cfg.output.dir)
-    together(lambda: lock.acquire() if is_main() else None)
+    everyone = f"all {dist.world_size} ranks"
+    with watchdog.phase("the first collective (rank 0 takes the run directory's lock)", f"{everyone} (an all-reduce)"):
+        together(lambda: lock.acquire() if is_main() else None)
     try:
         run = setup(cfg, dist, stop)
         state = run.state
         with metrics.open_logger(run.dir, cfg, run.total_steps, state.step, resumed=state.resumed) as log:
             if run.eval_due(state.step):  # before training; or, resumed, the evaluation due at the checkpoint
-                log.eval(run.evaluate())
+                with watchdog.phase("the held-out evaluation before training", f"{everyone}, each scoring its share"):
+                    log.eval(run.evaluate())
+            first_step = state.step + 1
             while state.step < run.total_steps:
                 state.step += 1
-                log.step(train_step(run))
+                first = state.step == first_step  # the last phase of the start: later steps say so in their line
+                step_phase = "the first optimizer step", f"forward, backward and the step's all-reduce of {everyone}"
+                with watchdog.phase(*step_phase) if first else contextlib.nullcontext():
+                    log.step(train_step(run))
                 lock.heartbeat()
                 saved = run.save() if run.save_due() or state.stop_signal else None
                 if saved is not None:
@@ -169,6 +177,8 @@ def train_step(run: Run) -> dict[str, Any]:
         "tokens_per_s": tokens / elapsed,
         "vision_tokens": int(vision),
         "vision_tokens_per_unit": families.tokens_per_unit(run.model.config),  # K per image, crop or frame
+        # What the LLM saw, measured: the mean per image or video (the Qwen families' K follows each image's size)
+        "vision_tokens_per_image": vision / (images + videos) if images + videos else None,
         "images": int(images),
         "videos": int(videos),
     }
@@ -295,6 +305,7 @@ def setup(cfg: Config, dist: Dist, stop: preemption.StopRequest | None = None) -
     checkpoint's compatibility, are checked before anything is written into the run directory."""
     _seed_everything(cfg.train.seed)
     resume, data_fingerprint = _inputs(cfg, dist)
+    ops.prepare_ops(cfg)  # before anything initialises DeepSpeed (ZeRO-3 does so as the weights load)
     built = _model(cfg, dist, resume)
     model = built.model
     options = cache.build_options(cfg)
@@ -317,7 +328,11 @@ def setup(cfg: Config, dist: Dist, stop: preemption.StopRequest | None = None) -
         trainable=built.trainable,
         processing=built.processing,
         train_set=data.train_set,
-        batches=_micro_batches(data.loader, data.sampler),
+        batches=watchdog.first_of(
+            _micro_batches(data.loader, data.sampler),
+            "the first batch from the data loader",
+            f"{_loader_workers(cfg)}, reading the samples of {cfg.data.path} and their images and videos",
+        ),
         collator=data.collator,
         eval_set=data.eval_set,
         eval_samples=data.eval_samples,
@@ -333,7 +348,8 @@ def setup(cfg: Config, dist: Dist, stop: preemption.StopRequest | None = None) -
         blanks=blanks,
     )
     if resume is not None:
-        restored = checkpoint.load_checkpoint(engine, resume.path, dist.world_size)
+        with watchdog.phase("loading the checkpoint to resume from", f"the files of {resume.path}"):
+            restored = checkpoint.load_checkpoint(engine, resume.path, dist.world_size)
         run.state = RunState(step=restored["step"], data_state=restored["sampler"], resumed=True)
         data.sampler.load_state_dict(run.state.data_state)
         print0(
@@ -354,10 +370,12 @@ class Resume:
 def _inputs(cfg: Config, dist: Dist) -> tuple[Resume | None, str]:
     """The demo's assets built if asked for, every input present, and the checkpoint to resume (refused when it
     would not continue this run); returns it and the training data's fingerprint."""
-    together(lambda: preflight.build_demo_assets(cfg) if is_main() else None)
+    with watchdog.phase("building the demo's assets", "rank 0, which builds the tiny model and the demo data"):
+        together(lambda: preflight.build_demo_assets(cfg) if is_main() else None)
     problems = preflight.missing_inputs(cfg)
     if problems:
         raise UserError(next(iter(problems.values())))
+    preflight.check_keys(cfg)  # every key set takes effect with this model, or the run stops here
     run_dir = Path(cfg.output.dir)
     resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
     if cfg.train.resume == "never" and checkpoint.latest_checkpoint(run_dir) is not None:
@@ -365,7 +383,8 @@ def _inputs(cfg: Config, dist: Dist) -> tuple[Resume | None, str]:
             f"output.dir {run_dir} already holds checkpoints and train.resume=never: choose another output.dir, "
             "delete that directory, or resume it (train.resume=auto)"
         )
-    data_fingerprint = "sha256:" + file_sha256(cfg.data.path)[:32]
+    with watchdog.phase("fingerprinting the training data", f"reading {cfg.data.path}"):
+        data_fingerprint = "sha256:" + file_sha256(cfg.data.path)[:32]
     if resume_from is None:
         return None, data_fingerprint
     resume = Resume(resume_from, checkpoint.read_state(resume_from))
@@ -399,7 +418,9 @@ def _model(cfg: Config, dist: Dist, resume: Resume | None) -> Model:
         print0(f"[train] ZeRO-3: {'weights sharded across ranks at load' if sharded else 'weights NOT sharded'}")
     processing = load_model_processing(cfg.model.name_or_path)
     build.apply_recipe_visionzip(model, cfg.visionzip)
-    base_fingerprint = weights_fingerprint(model)  # before LoRA/DeepSpeed touch the model
+    print0(f"[train] {build.describe_compression(model)}")
+    with watchdog.phase("fingerprinting the base weights", "hashing every weight tensor in memory"):
+        base_fingerprint = weights_fingerprint(model)  # before LoRA/DeepSpeed touch the model
     if resume is not None:
         checkpoint.refuse_incompatible_resume(resume.path, resume.state, {"base_fingerprint": base_fingerprint})
     if cfg.train.activation_checkpointing:
@@ -463,12 +484,14 @@ def _engine(cfg: Config, dist: Dist, model: nn.Module, trainable: list[tuple[str
     import deepspeed  # lazy: slow to import, and `train --check` / `--help` (run before torchrun) do not need it
 
     warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        optimizer=build.optimizer(model, trainable, cfg),
-        lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total_steps),
-        config=build.deepspeed_config(cfg, dist.world_size),
-    )
+    everyone = f"all {dist.world_size} ranks (it broadcasts the weights of rank 0 and builds its groups)"
+    with watchdog.phase("initialising DeepSpeed", everyone):
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=build.optimizer(model, trainable, cfg),
+            lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total_steps),
+            config=build.deepspeed_config(cfg, dist.world_size),
+        )
     return engine
 
 
@@ -526,6 +549,11 @@ def _example_image(run: Run) -> tuple[Path, str] | None:
             question = sample["conversations"][0]["value"].replace("<image>", "").strip().replace('"', "'")
             return dataset.image_folder / sample["images"][0], question
     return None
+
+
+def _loader_workers(cfg: Config) -> str:
+    workers = cfg.data.num_workers
+    return f"{workers} data loader worker process(es)" if workers else "the data loader (in this process)"
 
 
 def _seed_everything(seed: int) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from visionzip_tune import watchdog
 from visionzip_tune.training.config import Config, to_dict
 from visionzip_tune.distributed import is_main
 from visionzip_tune.files import atomic_write
@@ -32,7 +33,9 @@ def format_step(record: dict[str, Any], total: int) -> str:
     )
     if record["images"] == 0 and record["videos"] == 0:  # says why the gradient is zero in projector mode
         return line + " | text-only step: no image or video reached the projector"
-    return line + (f" | {unit} vision tok/unit" if unit is not None else "")
+    if unit is not None:
+        return line + f" | {unit} vision tok/unit"
+    return line + f" | {record['vision_tokens_per_image']:.1f} vision tok/image (mean)"
 
 
 def format_eval(record: dict[str, Any]) -> str:
@@ -173,12 +176,13 @@ def _init_wandb(cfg: Config, run_dir: Path):
     mode = (
         None if os.environ.get("WANDB_MODE") else ("online" if wandb.login(prompt=False, verify=False) else "offline")
     )
-    return wandb.init(
-        project=cfg.logging.wandb_project,
-        name=cfg.logging.wandb_run_name or run_dir.resolve().name,
-        id=run_id,
-        resume="allow",
-        dir=str(run_dir),
-        config=to_dict(cfg),
-        mode=mode,
-    )
+    with watchdog.phase("starting W&B", f"its service process (wandb-core), writing under {run_dir / 'wandb'}"):
+        return wandb.init(
+            project=cfg.logging.wandb_project,
+            name=cfg.logging.wandb_run_name or run_dir.resolve().name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=to_dict(cfg),
+            mode=mode,
+        )

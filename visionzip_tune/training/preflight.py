@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from visionzip_tune import families
+from visionzip_tune import families, watchdog
 from visionzip_tune.algorithm.compressors import COMPRESSORS
 from visionzip_tune.data import load_samples
 from visionzip_tune.data.dataset import refuse_unusable
@@ -19,6 +19,7 @@ from visionzip_tune.errors import UserError
 from visionzip_tune.loading import check_model_source
 from visionzip_tune.training import cache
 from visionzip_tune.training.config import Config, VisionZipConfig
+from visionzip_tune.training.keys import print_notices, refuse_unused_keys
 
 
 def missing_inputs(cfg: Config) -> dict[str, str]:
@@ -46,32 +47,59 @@ def demo_outputs(cfg: Config) -> set[str]:
 
 def preflight(cfg: Config) -> None:
     """What can be checked in seconds before anything starts (``train --check`` and the launcher run it): input
-    files, the model path, the budget against the model's tower, the data's structure. Raises :class:`UserError`."""
+    files, the model path, every key set applying to the model's family and mode, the budget against the model's
+    tower, the data's structure. Raises :class:`UserError`."""
     ignore = demo_outputs(cfg)
     problems = [problem for key, problem in missing_inputs(cfg).items() if key not in ignore]
     if problems:
         raise UserError(problems[0])
-    cache.refuse_uncacheable(cfg)  # what the recipe alone refuses; the family's reasons below, from its config
-    tiny_demo = cfg.model.build_tiny_if_missing and not Path(cfg.model.name_or_path).exists()
-    if not tiny_demo:
-        check_model_source(cfg.model.name_or_path)
-        if cfg.visionzip.enabled:
-            try:
-                model_config = AutoConfig.from_pretrained(cfg.model.name_or_path)
-            except (OSError, ValueError) as err:
-                raise UserError(
-                    f"model.name_or_path={cfg.model.name_or_path!r}: cannot read its config: {err}"
-                ) from None
-            try:
-                family = families.family_of(model_config)
-            except ValueError as err:
-                raise UserError(f"model.name_or_path={cfg.model.name_or_path!r}: {err}") from None
-            checked_budget(cfg.visionzip, family, functools.partial(families.resolve_budget, model_config))
-            cache.refuse_uncacheable(cfg, model_config)
+    cache.refuse_uncacheable(cfg, check_keys(cfg))
     if cfg.data.on_bad_sample == "error":
         for key, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
             if path is not None and key not in ignore:
                 refuse_unusable(load_samples(path))
+
+
+def check_keys(cfg: Config) -> families.Family:
+    """The family of the recipe's model, once every key set is known to take effect with it (``training.keys``) and
+    the budget fits its tower (both from the model's config alone); returns the family."""
+    tiny_demo = cfg.model.build_tiny_if_missing and not Path(cfg.model.name_or_path).exists()
+    if tiny_demo:
+        family = families.FAMILIES[cfg.model.tiny.family]
+    else:
+        with watchdog.phase("checking the model", f"the config of {cfg.model.name_or_path} (the hub's if not cached)"):
+            check_model_source(cfg.model.name_or_path)
+            model_config = model_config_of(cfg.model.name_or_path)
+        family = family_of_config(cfg.model.name_or_path, model_config)
+        if (
+            cfg.model.build_tiny_if_missing
+            and "model.tiny.family" in cfg.sources
+            and cfg.model.tiny.family != family.name
+        ):
+            raise UserError(
+                f"model.tiny.family={cfg.model.tiny.family!r} ({cfg.sources['model.tiny.family']}), but "
+                f"model.name_or_path={cfg.model.name_or_path!r} already holds a {family.name} model, which is used as "
+                "it is: choose another model.name_or_path for the tiny model, or delete that directory"
+            )
+    print_notices([*cfg.notices, *refuse_unused_keys(cfg, family)])
+    if cfg.visionzip.enabled and not tiny_demo:
+        checked_budget(cfg.visionzip, family, functools.partial(families.resolve_budget, model_config))
+    return family
+
+
+def model_config_of(name_or_path: str):
+    """The transformers config of the model at ``name_or_path``, or a :class:`UserError` naming the key."""
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.name_or_path={name_or_path!r}: cannot read its config: {err}") from None
+
+
+def family_of_config(name_or_path: str, model_config) -> families.Family:
+    try:
+        return families.family_of(model_config)
+    except ValueError as err:
+        raise UserError(f"model.name_or_path={name_or_path!r}: {err}") from None
 
 
 def recipe_budget(visionzip: VisionZipConfig, family: families.Family) -> dict:
