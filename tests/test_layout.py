@@ -32,6 +32,7 @@ LAYERS = {
     "loading": 4,
     "demo": 4,
     "inference": 5,
+    "feature_cache": 5,
     "evaluation": 6,
     "training": 7,
     "cli": 8,

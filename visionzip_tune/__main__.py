@@ -19,6 +19,7 @@ COMMANDS = {
     "export": ("export", "export the projector of a run directory"),
     "generate": ("generate", "answer a prompt about an image or a video with a tuned projector"),
     "launch": ("launch", "check a recipe, then train it under torchrun (what train.sh runs)"),
+    "cache": ("cache", "build the compressed-feature cache of a recipe's training data (train.feature_cache)"),
     "convert": ("convert", "convert an original Mini-Gemini checkpoint to a transformers model"),
     "eval": ("eval", "lmms-eval benchmarks per budget, as a percentage of the stock model"),
     "bench-infer": ("bench_infer", "time inference per stage (tower, VisionZip, projector, prefill, ...)"),

@@ -258,6 +258,15 @@ def together(action: Callable[[], T]) -> T:
     return result
 
 
+def broadcast_object(obj: T) -> T:
+    """Rank 0's ``obj`` (anything picklable) on every rank; the others' ``obj`` is ignored. A collective."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0, device=_collective_device())
+    return holder[0]
+
+
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all ranks, in place where it lives (no host round trip); returns it."""
     if dist.is_initialized() and dist.get_world_size() > 1:

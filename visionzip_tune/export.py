@@ -106,11 +106,19 @@ def weights_fingerprint(model: nn.Module) -> str:
     Cost: one pass over parameter metadata plus about 1024 elements per sampled tensor (milliseconds, also for a 7B
     model). Under ZeRO-3 only the sampled tensors are gathered (collectively: call it on all ranks).
     """
+    projector = families.projector_parameters(_base_model(model)).values()  # in Qwen's tower
+    return modules_fingerprint(families.frozen_parts(_base_model(model)), skip=projector)
+
+
+def modules_fingerprint(parts: dict[str, nn.Module], skip=()) -> str:
+    """:func:`weights_fingerprint`'s rule over the modules ``parts`` (by name), leaving out the parameters ``skip``
+    (those that train); a feature cache fingerprints the modules its rows are a function of with it. Collective
+    under ZeRO-3."""
+    skipped = {id(param) for param in skip}
     named: list[tuple[str, nn.Parameter]] = []
-    projector = {id(p) for p in families.projector_parameters(_base_model(model)).values()}  # in Qwen's tower
-    for part, module in families.frozen_parts(_base_model(model)).items():
+    for part, module in parts.items():
         for name, param in module.named_parameters():
-            if ".lora_" in name or id(param) in projector:
+            if ".lora_" in name or id(param) in skipped:
                 continue
             named.append((f"{part}.{name.replace('.base_layer.', '.')}", param))
 

@@ -9,9 +9,10 @@ batch = Collator(tokenizer.pad_token_id)([ds[0], ds[1]])    # input_ids, labels,
 The data path knows no model family: the placeholder counts come in as :class:`Placeholders`.
 """
 
-from visionzip_tune.data.batching import Collator, LengthGroupedSampler
+from visionzip_tune.data.batching import Collator, LengthGroupedSampler, collate_vision
 from visionzip_tune.data.config import DataConfig
 from visionzip_tune.data.dataset import Placeholders, SupervisedDataset
+from visionzip_tune.data.media import FileMedia, MediaSource
 from visionzip_tune.data.processing import Processing, load_processing
 from visionzip_tune.data.source import load_samples
 from visionzip_tune.data.template import IGNORE_INDEX
@@ -20,10 +21,13 @@ __all__ = [
     "IGNORE_INDEX",
     "Collator",
     "DataConfig",
+    "FileMedia",
     "LengthGroupedSampler",
+    "MediaSource",
     "Placeholders",
     "Processing",
     "SupervisedDataset",
+    "collate_vision",
     "load_processing",
     "load_samples",
 ]

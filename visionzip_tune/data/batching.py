@@ -41,11 +41,16 @@ class Collator:
             labels[row, columns] = item["labels"]
             attention_mask[row, columns] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        keys = dict.fromkeys(key for item in items for key in item["vision"])  # first-seen order, no repeats
-        for key in keys:
-            batch[key] = _concat([item["vision"][key] for item in items if key in item["vision"]])
+        batch.update(collate_vision([item["vision"] for item in items]))
         batch["ids"] = [item["id"] for item in items]
         return batch
+
+
+def collate_vision(visions: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every vision input of ``visions`` (the items' ``vision`` dicts) concatenated over them in item order, as
+    :class:`Collator` batches them; a key is absent when no item has it."""
+    keys = dict.fromkeys(key for vision in visions for key in vision)  # first-seen order, no repeats
+    return {key: _concat([vision[key] for vision in visions if key in vision]) for key in keys}
 
 
 def _concat(tensors: list[torch.Tensor]) -> torch.Tensor:

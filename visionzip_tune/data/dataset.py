@@ -18,12 +18,11 @@ import pyarrow.compute as pc
 import torch
 
 from visionzip_tune.data.config import DataConfig
-from visionzip_tune.data.images import MediaTransform, open_image
+from visionzip_tune.data.media import FileMedia, MediaSource
 from visionzip_tune.data.processing import Processing
 from visionzip_tune.data.source import column, data_path
 from visionzip_tune.data.template import Templater, TooLong, fit_to_length, llava_turns
 from visionzip_tune.data.validate import BadSample, row_video
-from visionzip_tune.data.video import read_video_clip
 from visionzip_tune.errors import UserError
 
 _LISTED = 10  # bad samples named in an error message before "... and N more"
@@ -94,7 +93,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
     ``data`` gives the template, image aspect, frames per video, token limit, bad-sample policy and folders
     (``image_folder`` overrides ``data.image_folder``, for a held-out set with its own images; videos are read from
     ``data.video_folder``, default the image folder). ``processing.chat_template`` overrides the tokenizer's for
-    ``template="chat_template"`` (processors often carry the chat template instead of their tokenizer).
+    ``template="chat_template"`` (processors often carry the chat template instead of their tokenizer). ``media``
+    gives each sample's vision inputs: by default :class:`FileMedia` (the files, decoded and processed); a feature
+    cache's instead holds the frozen part of their features (``visionzip_tune.feature_cache``).
     """
 
     def __init__(
@@ -106,14 +107,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
         *,
         image_folder: str | Path | None = None,
         skip_log: str | Path | None = None,
+        media: MediaSource | None = None,
     ):
         if (placeholders.video_tokens is None) != (placeholders.video_token_id is None):
             raise ValueError("give both video_tokens and video_token_id (a model with video input), or neither")
         self.samples = samples
         self.path = data_path(samples)
-        folder = data.image_folder if image_folder is None else image_folder
-        self.image_folder = Path(folder) if folder is not None else None
-        self.video_folder = Path(data.video_folder) if data.video_folder is not None else self.image_folder
+        files = FileMedia.for_data(data, processing.image_processor, image_folder=image_folder, data_path=self.path)
+        self.image_folder = files.image_folder
+        self.media = files if media is None else media
         self.templater = Templater(
             processing.tokenizer,
             data.template,
@@ -121,7 +123,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
             processing.chat_template,
             placeholders.video_token_id,
         )
-        self.transform = MediaTransform(processing.image_processor, data.image_aspect, data.video_frames)
         self.placeholders = placeholders
         self.max_length = data.max_length
         self.on_bad_sample = data.on_bad_sample
@@ -171,16 +172,13 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if video is not None:
             if self.placeholders.video_tokens is None:
                 raise BadSample("video, but the model takes no video input")
-            clip = read_video_clip(video, self._folder(self.video_folder, "videos"), self.transform.video_frames)
-            video_inputs, size = self.transform.video_inputs(clip.frames)
+            video_inputs, size, times = self.media.video(sample)
             vision.update(video_inputs)
             if self.placeholders.video_timing is not None:
-                vision.update(self.placeholders.video_timing(size, clip.times))
-            video_counts.append(self.placeholders.video_tokens(size, clip.times))
+                vision.update(self.placeholders.video_timing(size, times))
+            video_counts.append(self.placeholders.video_tokens(size, times))
         if sample["images"]:
-            folder = self._folder(self.image_folder, "images")
-            images = [open_image(folder / rel) for rel in sample["images"]]
-            image_inputs, sizes = self.transform.images(images)
+            image_inputs, sizes = self.media.images(sample)
             vision.update(image_inputs)
             image_counts = self.placeholders.image_tokens(sizes)
         turns = llava_turns(sample["conversations"], len(image_counts), len(video_counts))
@@ -194,11 +192,6 @@ class SupervisedDataset(torch.utils.data.Dataset):
             "labels": torch.tensor(labels, dtype=torch.long),
             "vision": vision,
         }
-
-    def _folder(self, folder: Path | None, kind: str) -> Path:
-        if folder is None:
-            raise UserError(f"{self.path}: samples have {kind} but no {kind[:-1]} folder was given")
-        return folder
 
     def _record_skip(self, sample_id: str, reason: str) -> None:
         if sample_id in self._skipped:

@@ -18,10 +18,24 @@ import contextlib
 import types
 from collections.abc import Callable, Iterator
 
+import torch
 from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_tune.families import llava, llava_next, llava_onevision, mini_gemini, video_llava
-from visionzip_tune.families.base import COMPRESSED, RECORDER, Budget, Family, MediaSize, VideoLayout, ZippedUnits
+from visionzip_tune.families.base import (
+    COMPRESSED,
+    IMAGE,
+    RECORDER,
+    SIZES,
+    VIDEO,
+    Budget,
+    Family,
+    MediaSize,
+    VideoLayout,
+    ZippedUnits,
+    cached_key,
+)
 from visionzip_tune.families.processor import patch_processor, unpatch_processor
 from visionzip_tune.families.qwen import qwen2_5_vl, qwen3_vl
 
@@ -181,9 +195,12 @@ def media_inputs(config) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, .
 
 
 def media_count(config, batch: dict) -> tuple[int, int]:
-    """``(images, videos)`` in a collated batch."""
-    image_key, video_key = family_of(config).media_rows
-    return tuple(len(batch[key]) if key in batch else 0 for key in (image_key, video_key))
+    """``(images, videos)`` in a collated batch (of pixels, or of rows read from a feature cache)."""
+    counts = []
+    for modality, key in zip((IMAGE, VIDEO), family_of(config).media_rows):
+        key = key if key in batch else cached_key(modality, SIZES)
+        counts.append(len(batch[key]) if key in batch else 0)
+    return tuple(counts)
 
 
 def id_inputs(config, input_ids: Tensor) -> dict[str, Tensor]:
@@ -201,6 +218,41 @@ def blank_image_inputs(config) -> dict[str, Tensor]:
 def blank_video_inputs(config) -> dict[str, Tensor]:
     """Video inputs of one video of one all-zero frame (Qwen: one temporal patch). fp32, on the CPU."""
     return family_of(config).blank_video(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The frozen part of the features path: what a feature cache holds (``visionzip_tune.feature_cache``)
+
+
+def frozen_features(model: nn.Module, modality: str, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The frozen part of the zipped model's ``get_{modality}_features`` ("image" or "video") on a batch's
+    ``inputs`` (its features keys: ``media_inputs``): the tower and the compression, everything before the first
+    module projector mode trains, without autograd (:meth:`Family.frozen_features`). Feed it to
+    :func:`features_from_frozen` of any model with the same tower and budget -- a training-free and a tuned
+    projector share one tower pass so. Collective under ZeRO-3."""
+    family, inner = _inner(model)
+    with torch.no_grad():
+        return family.frozen_features(inner, modality, inputs)
+
+
+def features_from_frozen(
+    model: nn.Module, modality: str, frozen: dict[str, Tensor], inputs: dict[str, Tensor]
+) -> BaseModelOutputWithPooling:
+    """What ``get_{modality}_features`` returns, from the frozen part of its batch (:func:`frozen_features`, or a
+    feature cache's rows) and the batch's inputs besides pixels (``image_sizes``, grids)."""
+    family, inner = _inner(model)
+    return family.features_from_frozen(inner, modality, frozen, inputs)
+
+
+def split_frozen(config, modality: str, frozen: dict[str, Tensor], inputs: dict[str, Tensor]) -> list[dict]:
+    """The frozen part of a batch cut per image (video), in batch order: what a feature cache stores per item."""
+    return family_of(config).split_frozen(config, modality, frozen, inputs)
+
+
+def cache_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules the frozen part is a function of: the towers (Mini-Gemini: and its mining projections)."""
+    family, inner = _inner(model)
+    return family.cache_modules(inner)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ tokens an image or video becomes with and without VisionZip, and the instance-le
 model's feature methods that feed the LLM the zipped tokens. The class attributes say where things are; the methods
 say how a family differs (every default below is LLaVA-1.5's). ``families/__init__.py`` keeps the registry and the
 functions the rest of the package calls.
+
+Every features method runs in two parts (:meth:`Family.frozen_features`, :meth:`Family.features_from_frozen`): the
+frozen part -- the tower and the compression, everything before the first module projector mode trains -- and the
+rest. The overrides are their composition, so rows a feature cache stored (``visionzip_tune.feature_cache``) take
+exactly the code path computed ones take.
 """
 
 from __future__ import annotations
@@ -278,6 +283,8 @@ class Family:
     # records "token_order" in config.visionzip.
     token_orders: ClassVar[tuple[str, ...]] = ("flat",)
     has_video: ClassVar[bool] = False  # whether the family takes videos (pixel_values_videos)
+    # The tower that encodes video frames one by one, each an image (LLaVA-style families with a video path).
+    frame_tower: ClassVar[str | None] = None
     # Anyres families take (images, crops, 3, S, S) pixel values with each image's (height, width) in image_sizes.
     anyres: ClassVar[bool] = False
     # Whether the images of a sample holding several are tiled like a lone image (OneVision feeds them untiled).
@@ -448,6 +455,51 @@ class Family:
         """Inputs the model needs that follow from the token ids alone (Qwen: ``mm_token_type_ids``)."""
         return {}
 
+    # -- the frozen part of the features path (what a feature cache holds) --------------------------------------
+    def frozen_features(self, inner: nn.Module, modality: str, inputs: dict[str, Tensor], layer: int | None = None):
+        """The frozen part of ``get_{modality}_features`` on a batch's ``inputs`` (the keys of ``image_inputs`` /
+        ``video_inputs``): the tower and the compression, without autograd. A dict of tensors whose concatenation
+        over batches (dim 0) is the frozen part of the joined batch (:meth:`split_frozen` cuts it per image or
+        video). LLaVA-1.5: each image's compressed tower rows, the projector's input, ``rows`` (images, K, D);
+        a video family's frames: ``rows`` (videos, frames, K, D)."""
+        if modality == VIDEO:
+            return frozen_frames(inner, getattr(inner, self.frame_tower), inputs["pixel_values_videos"], layer)
+        return {"rows": zip_units(inner, getattr(inner, self.towers[0]), inputs["pixel_values"], layer).tokens}
+
+    def features_from_frozen(
+        self, inner: nn.Module, modality: str, frozen: dict[str, Tensor], inputs: dict[str, Tensor]
+    ) -> BaseModelOutputWithPooling:
+        """What ``get_{modality}_features`` returns, from the frozen part of its batch (computed, or read from a
+        cache) and the batch's inputs besides pixels (``image_sizes``, grids): the trainable rest. LLaVA-1.5:
+        ``pooler_output`` = list of B tensors (K, text hidden), projected with autograd on."""
+        rows = frozen["rows"]
+        if modality == VIDEO:
+            return features_from_frames(inner, rows)
+        return BaseModelOutputWithPooling(last_hidden_state=rows, pooler_output=list(inner.multi_modal_projector(rows)))
+
+    def features(self, inner: nn.Module, modality: str, inputs: dict[str, Tensor], layer: int | None = None):
+        """``get_{modality}_features`` of a batch: :meth:`features_from_frozen` of :meth:`frozen_features`."""
+        return self.features_from_frozen(inner, modality, self.frozen_features(inner, modality, inputs, layer), inputs)
+
+    def split_frozen(
+        self, config, modality: str, frozen: dict[str, Tensor], inputs: dict[str, Tensor]
+    ) -> list[dict[str, Tensor]]:
+        """The frozen part of a batch cut per image (video), in batch order: the inverse of concatenating theirs.
+        Default: row i of every field is item i's."""
+        items = len(next(iter(frozen.values())))
+        return split_fields(frozen, {field: [1] * items for field in frozen})
+
+    def cache_refusal(self, trained: tuple[str, ...]) -> str | None:
+        """Why rows cached from this family's frozen part cannot stand in for computed ones while the projector
+        modules ``trained`` train (None: they can, as for every family whose frozen part holds nothing that
+        trains)."""
+        return None
+
+    def cache_modules(self, inner: nn.Module) -> dict[str, nn.Module]:
+        """The modules the frozen part is a function of (a feature cache's key fingerprints their weights): the
+        towers."""
+        return {name: getattr(inner, name) for name in self.towers}
+
     # -- parts ------------------------------------------------------------------------------------------------
     def projector_paths(self, subset: str = "all") -> tuple[str, ...]:
         """The projector modules of ``subset`` ("all": every one); ``ValueError`` listing the family's choices."""
@@ -492,6 +544,15 @@ class ZippedUnits(NamedTuple):
 
 # Attribute of the inner model holding a list while families.recorded_zips is active: zip_units appends to it.
 RECORDER = "_visionzip_recorded"
+IMAGE, VIDEO = "image", "video"  # the modalities of a features method (get_image_features, get_video_features)
+# The field of a cached batch (``cached_key``) holding one row per image (video): the sizes its placeholders were
+# counted from; the rest are the frozen fields.
+SIZES = "sizes"
+
+
+def cached_key(modality: str, field: str) -> str:
+    """The batch key of a field read from a feature cache: ``cached_image.rows``, ``cached_video.sizes``."""
+    return f"cached_{modality}.{field}"
 
 
 def layer_signals(
@@ -552,21 +613,41 @@ def record_zip(inner: nn.Module, result: compress.ZipResult, pixel_values: Calla
         recorded.append(ZippedUnits(pixel_values(), result))
 
 
+def frozen_frames(inner: nn.Module, tower: nn.Module, pixel_values_videos: Tensor, layer: int | None) -> dict:
+    """Every frame of (B, T, 3, H, W) videos zipped as an image (frames are independent images, as the paper does
+    for Video-LLaVA): ``rows`` (B, T, K, D_vision)."""
+    videos, frames = pixel_values_videos.shape[:2]
+    tokens = zip_units(inner, tower, pixel_values_videos.flatten(0, 1), layer).tokens
+    return {"rows": tokens.unflatten(0, (videos, frames))}
+
+
+def features_from_frames(inner: nn.Module, rows: Tensor) -> BaseModelOutputWithPooling:
+    """``last_hidden_state`` = (B * T, K, D_vision) and ``pooler_output`` = (B, T * K, text hidden) of the zipped
+    frames ``rows`` (B, T, K, D_vision), frames in time order (no pooling, no newline)."""
+    tokens = rows.flatten(0, 1)
+    projected = inner.multi_modal_projector(tokens)
+    return BaseModelOutputWithPooling(
+        last_hidden_state=tokens, pooler_output=projected.reshape(len(rows), -1, projected.shape[-1])
+    )
+
+
 def per_frame_video_features(tower: str) -> Callable[..., BaseModelOutputWithPooling]:
     """A ``get_video_features`` replacement that zips every frame of ``pixel_values_videos`` through the inner
-    model's ``tower`` to K tokens (frames are independent images, as the paper does for Video-LLaVA)."""
+    model's ``tower`` to K tokens (:func:`frozen_frames`, :func:`features_from_frames`)."""
 
     def get_video_features(
         self, pixel_values_videos: Tensor, vision_feature_layer: int | None = None, **kwargs
     ) -> BaseModelOutputWithPooling:
         """pixel_values_videos: (B, T, 3, H, W). Returns ``last_hidden_state`` = (B * T, K, D_vision) and
-        ``pooler_output`` = (B, T * K, text hidden), frames in time order (no pooling, no newline)."""
-        videos = pixel_values_videos.shape[0]
-        frames = pixel_values_videos.flatten(0, 1)
-        tokens = zip_units(self, getattr(self, tower), frames, vision_feature_layer).tokens
-        projected = self.multi_modal_projector(tokens)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=tokens, pooler_output=projected.reshape(videos, -1, projected.shape[-1])
-        )
+        ``pooler_output`` = (B, T * K, text hidden)."""
+        frozen = frozen_frames(self, getattr(self, tower), pixel_values_videos, vision_feature_layer)
+        return features_from_frames(self, frozen["rows"])
 
     return get_video_features
+
+
+def split_fields(frozen: dict[str, Tensor], rows: dict[str, list[int]]) -> list[dict[str, Tensor]]:
+    """Cut every field of a frozen part into consecutive blocks, ``rows[field][i]`` rows for item i: the items'
+    frozen parts."""
+    blocks = {field: torch.split(value, rows[field]) for field, value in frozen.items()}
+    return [dict(zip(blocks, item)) for item in zip(*blocks.values())]

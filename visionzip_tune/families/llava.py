@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from visionzip_tune.families.base import Family, zip_units
+from visionzip_tune.families.base import IMAGE, Family
 
 
 def get_image_features(
@@ -23,8 +23,7 @@ def get_image_features(
     ``vision_feature_select_strategy`` is ignored: VisionZip keeps CLS as dominant token #0, as the reference does.
     Returns ``pooler_output`` = list of B tensors (dominant + contextual, text hidden), projected with autograd on.
     """
-    tokens = zip_units(self, self.vision_tower, pixel_values, vision_feature_layer).tokens
-    return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=list(self.multi_modal_projector(tokens)))
+    return FAMILY.features(self, IMAGE, {"pixel_values": pixel_values}, vision_feature_layer)
 
 
 class Llava(Family):

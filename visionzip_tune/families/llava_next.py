@@ -18,8 +18,8 @@ from transformers.models.llava_next.modeling_llava_next import (
     image_size_to_num_patches,
 )
 
-from visionzip_tune.algorithm import capture, compress
-from visionzip_tune.families.base import Family, ImageSize, zip_units
+from visionzip_tune.algorithm import capture
+from visionzip_tune.families.base import IMAGE, Family, ImageSize, split_fields, zip_units
 
 
 def crop_count(config, image_size) -> int:
@@ -33,22 +33,14 @@ def grid_shape(config, image_size) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
-def zip_crops(
-    inner: nn.Module, pixel_values: Tensor, crops: list[int], vision_feature_layer: int | None
-) -> tuple[compress.ZipResult, list[Tensor]]:
-    """Zip every real crop of a batch of anyres images; project; split per image (crop after crop).
-
-    pixel_values: (B, max_crops, 3, S, S) padded, or the real crops concatenated (sum crops, 3, S, S); ``crops``:
-    the real crop count of each image. Returns the :class:`compress.ZipResult` over all crops and B tensors
-    (crops_i * K, text hidden).
-    """
+def real_crops(pixel_values: Tensor, crops: list[int]) -> Tensor:
+    """The real crops of a batch of anyres images, concatenated (sum crops, 3, S, S): from (B, max_crops, 3, S, S)
+    padded pixel values (``crops``: each image's real crop count), or as given when already concatenated."""
     if pixel_values.dim() == 5:
-        pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, crops)])
-    elif pixel_values.dim() != 4:
+        return torch.cat([pixels[:count] for pixels, count in zip(pixel_values, crops)])
+    if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
-    zipped = zip_units(inner, inner.vision_tower, pixel_values, vision_feature_layer)
-    projected = inner.multi_modal_projector(zipped.tokens)  # (sum crops, K, text hidden)
-    return zipped, [image.flatten(0, 1) for image in torch.split(projected, crops)]
+    return pixel_values
 
 
 def grid_order(dominant_indices: Tensor, contextual: int, grid: tuple[int, int], side: int, has_cls: bool) -> Tensor:
@@ -96,18 +88,8 @@ def get_image_features(
     crop tokens and ``pooler_output`` = list of B tensors (crops_i * K, text hidden), projected with autograd on, in
     ``config.visionzip["token_order"]`` order ("flat": crop after crop; "grid": see :func:`grid_order`).
     """
-    crops = [crop_count(self.config, size) for size in image_sizes]
-    zipped, per_image = zip_crops(self, pixel_values, crops, vision_feature_layer)
-    if self.config.visionzip.get("token_order", "flat") == "grid":
-        config, contextual = self.config, self.config.visionzip["contextual"]
-        side = config.vision_config.image_size // config.vision_config.patch_size
-        has_cls = capture.tower_has_cls(self.vision_tower)
-        positions = torch.split(zipped.dominant_indices, crops)
-        per_image = [
-            tokens.index_select(0, grid_order(kept, contextual, grid_shape(config, size), side, has_cls))
-            for tokens, kept, size in zip(per_image, positions, image_sizes)
-        ]
-    return BaseModelOutputWithPooling(last_hidden_state=zipped.tokens, pooler_output=per_image)
+    inputs = {"pixel_values": pixel_values, "image_sizes": image_sizes}
+    return FAMILY.features(self, IMAGE, inputs, vision_feature_layer)
 
 
 class AnyresFamily(Family):
@@ -115,6 +97,55 @@ class AnyresFamily(Family):
     is zipped to K tokens."""
 
     anyres = True
+
+    def crops(self, config, inputs: dict[str, Tensor]) -> list[int]:
+        """The real crops of each image of a batch: the base crop + its anyres grid's, or one for an image the
+        family feeds untiled (OneVision's multi-image samples, ``batch_num_images``)."""
+        sizes = inputs["image_sizes"]
+        tiled = self.tiled_flags(inputs.get("batch_num_images"), len(sizes))
+        return [crop_count(config, size) if tile else 1 for size, tile in zip(sizes, tiled)]
+
+    def frozen_features(self, inner: nn.Module, modality: str, inputs: dict[str, Tensor], layer: int | None = None):
+        """Images: every real crop's zipped rows, ``rows`` (sum crops, K, D_vision), and with the grid token order
+        its kept positions, ``kept`` (sum crops, dominant)."""
+        if modality != IMAGE:
+            return super().frozen_features(inner, modality, inputs, layer)
+        pixel_values = real_crops(inputs["pixel_values"], self.crops(inner.config, inputs))
+        zipped = zip_units(inner, inner.vision_tower, pixel_values, layer)
+        if inner.config.visionzip.get("token_order", "flat") == "grid":
+            return {"rows": zipped.tokens, "kept": zipped.dominant_indices}
+        return {"rows": zipped.tokens}
+
+    def features_from_frozen(
+        self, inner: nn.Module, modality: str, frozen: dict[str, Tensor], inputs: dict[str, Tensor]
+    ) -> BaseModelOutputWithPooling:
+        """Images: the crops projected and split per image, crop after crop ("flat") or in the official layout
+        ("grid": :func:`grid_order`)."""
+        if modality != IMAGE:
+            return super().features_from_frozen(inner, modality, frozen, inputs)
+        config = inner.config
+        crops = self.crops(config, inputs)
+        projected = inner.multi_modal_projector(frozen["rows"])  # (sum crops, K, text hidden)
+        per_image = [image.flatten(0, 1) for image in torch.split(projected, crops)]
+        if "kept" in frozen:
+            side = config.vision_config.image_size // config.vision_config.patch_size
+            has_cls = capture.tower_has_cls(inner.vision_tower)
+            contextual = config.visionzip["contextual"]
+            positions = torch.split(frozen["kept"], crops)
+            per_image = [
+                tokens.index_select(0, grid_order(kept, contextual, grid_shape(config, size), side, has_cls))
+                for tokens, kept, size in zip(per_image, positions, inputs["image_sizes"])
+            ]
+        return BaseModelOutputWithPooling(last_hidden_state=frozen["rows"], pooler_output=per_image)
+
+    def split_frozen(
+        self, config, modality: str, frozen: dict[str, Tensor], inputs: dict[str, Tensor]
+    ) -> list[dict[str, Tensor]]:
+        """Images: each image's crops."""
+        if modality != IMAGE:
+            return super().split_frozen(config, modality, frozen, inputs)
+        crops = self.crops(config, inputs)
+        return split_fields(frozen, {field: crops for field in frozen})
 
     def max_crops(self, config) -> int | None:
         """About how many crops' worth the stock layout downscales a big grid to (OneVision); None: never."""

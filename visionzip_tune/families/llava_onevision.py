@@ -14,8 +14,8 @@ import math
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from visionzip_tune.families.base import per_frame_video_features
-from visionzip_tune.families.llava_next import AnyresFamily, crop_count, zip_crops
+from visionzip_tune.families.base import IMAGE, per_frame_video_features
+from visionzip_tune.families.llava_next import AnyresFamily
 
 
 def get_image_features(
@@ -34,20 +34,16 @@ def get_image_features(
     crop. Returns ``last_hidden_state`` = (sum crops, K, D_vision) and ``pooler_output`` = list of B tensors
     (crops_i * K, text hidden), crop after crop.
     """
-    tiled = FAMILY.tiled_flags(batch_num_images, len(image_sizes))
-    crops = [crop_count(self.config, size) if tile else 1 for size, tile in zip(image_sizes, tiled)]
-    zipped, per_image = zip_crops(self, pixel_values, crops, vision_feature_layer)
-    return BaseModelOutputWithPooling(last_hidden_state=zipped.tokens, pooler_output=per_image)
+    inputs = {"pixel_values": pixel_values, "image_sizes": image_sizes, "batch_num_images": batch_num_images}
+    return FAMILY.features(self, IMAGE, inputs, vision_feature_layer)
 
 
 class LlavaOnevision(AnyresFamily):
     name = "llava_onevision"
     model_class = "LlavaOnevisionForConditionalGeneration"
     model_type = "llava_onevision"
-    overrides = {
-        "get_image_features": get_image_features,
-        "get_video_features": per_frame_video_features("vision_tower"),
-    }
+    frame_tower = "vision_tower"
+    overrides = {"get_image_features": get_image_features, "get_video_features": per_frame_video_features(frame_tower)}
     has_video = True
     tiles_every_image = False
 

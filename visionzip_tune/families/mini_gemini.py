@@ -19,11 +19,11 @@ the ConvNeXt runs in full whatever the budget: the saving is in the LLM and CLIP
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_tune.algorithm import compress
-from visionzip_tune.families.base import Family, layer_signals, patch_grid, record_zip
+from visionzip_tune.families.base import IMAGE, Family, layer_signals, patch_grid, record_zip
 from visionzip_tune.models.mini_gemini.configuration_mini_gemini import stock_tokens_per_image, views_per_image
 from visionzip_tune.models.mini_gemini.modeling_mini_gemini import (
     MGM_PROJECTOR_NAMES,
@@ -59,13 +59,7 @@ def get_image_features(
     pixel_values: (B, 3, S_aux, S_aux). Returns ``last_hidden_state`` = (B, V * K, D) zipped tokens and
     ``pooler_output`` = list of B tensors (V * K, text hidden), projected with autograd on.
     """
-    budget = self.config.visionzip
-    mined = mine_views(self, pixel_values, vision_feature_layer, eager=budget["eager"])
-    views = low_resolution_views(pixel_values, self.config)  # the views CLIP saw
-    zipped = zip_mined_views(mined, budget, views, self.config)
-    record_zip(self, zipped, lambda: views)
-    tokens = per_image(zipped.tokens, pixel_values.shape[0])
-    return BaseModelOutputWithPooling(last_hidden_state=tokens, pooler_output=list(self.multi_modal_projector(tokens)))
+    return FAMILY.features(self, IMAGE, {"pixel_values": pixel_values}, vision_feature_layer)
 
 
 class MiniGemini(Family):
@@ -81,6 +75,32 @@ class MiniGemini(Family):
 
     def stock_tokens(self, config, image_size=None) -> int:
         return stock_tokens_per_image(config)
+
+    def frozen_features(self, inner: nn.Module, modality: str, inputs: dict[str, Tensor], layer: int | None = None):
+        """Both towers, the mining and the compression: each image's zipped mined tokens, the MLP's input, ``rows``
+        (B, V * K, D). Frozen -- and so cacheable -- only while the mining does not train
+        (``train.projector_modules=mlp_only``); otherwise the rows carry the mining's autograd."""
+        pixel_values = inputs["pixel_values"]
+        budget = inner.config.visionzip
+        mined = mine_views(inner, pixel_values, layer, eager=budget["eager"])
+        views = low_resolution_views(pixel_values, inner.config)  # the views CLIP saw
+        zipped = zip_mined_views(mined, budget, views, inner.config)
+        record_zip(inner, zipped, lambda: views)
+        return {"rows": per_image(zipped.tokens, pixel_values.shape[0])}
+
+    def cache_refusal(self, trained: tuple[str, ...]) -> str | None:
+        mining = [path for path in trained if path in MINING_MODULES]
+        if not mining:
+            return None
+        return (
+            f"{self.model_class} trains its patch-info-mining projections here ({', '.join(mining)}), which read the "
+            "CLIP tokens and ConvNeXt vectors of every patch, not zipped rows: far too big to cache. Its projector "
+            "subset mlp_only trains the MLP alone, with the mining frozen: then the zipped mined tokens are cached"
+        )
+
+    def cache_modules(self, inner: nn.Module) -> dict[str, nn.Module]:
+        """Both towers and the (frozen) mining projections."""
+        return {**super().cache_modules(inner), **{name: getattr(inner, name) for name in MINING_MODULES}}
 
     def zipped_tokens(self, config, budget: dict, image_size=None) -> int:
         """Every view keeps K tokens (VisionZip's dominant + contextual: 64 / 128 / 192; HD 320 / 640 / 960)."""

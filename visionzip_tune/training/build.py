@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from visionzip_tune import families
-from visionzip_tune.data import Placeholders, Processing, SupervisedDataset, load_samples
+from visionzip_tune.data import MediaSource, Placeholders, Processing, SupervisedDataset, load_samples
 from visionzip_tune.distributed import full_numel
 from visionzip_tune.errors import UserError
 from visionzip_tune.loading import bf16_supported
@@ -169,8 +169,10 @@ def dataset(
     *,
     held_out: bool = False,
     skip_log: Path | None = None,
+    media: MediaSource | None = None,
 ) -> SupervisedDataset:
-    """The recipe's training set (``data.path``) or held-out set (``data.eval_path``, its own image folder)."""
+    """The recipe's training set (``data.path``; its media from ``media``, default their files) or held-out set
+    (``data.eval_path``, its own image folder)."""
     data = cfg.data
     if held_out:
         return SupervisedDataset(
@@ -180,7 +182,9 @@ def dataset(
             placeholders(model_config),
             image_folder=data.eval_image_folder or data.image_folder,
         )
-    return SupervisedDataset(load_samples(data.path), data, processing, placeholders(model_config), skip_log=skip_log)
+    return SupervisedDataset(
+        load_samples(data.path), data, processing, placeholders(model_config), skip_log=skip_log, media=media
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

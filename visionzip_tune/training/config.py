@@ -134,6 +134,17 @@ class TrainConfig:
     resume: str = documented(
         "auto", "'auto': continue the newest checkpoint in output.dir; 'never'; or a checkpoint path", resume_safe=True
     )
+    feature_cache: str | None = documented(
+        None,
+        "directory of a compressed-feature cache (README: Feature cache): the tower and compression run once per "
+        "image, then every epoch, rerun and sweep reads their rows from disk; null = compute them every step",
+        resume_safe=True,
+    )
+    feature_cache_build: bool = documented(
+        True,
+        "with train.feature_cache: build the entries it lacks before training (false: refuse, naming what changed)",
+        resume_safe=True,
+    )
     seed: int = documented(42, "seed of parameter init (LoRA), data order and dropout")
     save_on_signal: str = documented(
         "SIGTERM SIGINT SIGUSR1",

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from visionzip_tune import families, watchdog
-from visionzip_tune.data import Collator, LengthGroupedSampler, Processing, SupervisedDataset
+from visionzip_tune.data import Collator, LengthGroupedSampler, MediaSource, Processing, SupervisedDataset
 from visionzip_tune.distributed import (
     Dist,
     all_reduce_sum_,
@@ -38,10 +38,10 @@ from visionzip_tune.distributed import (
 from visionzip_tune.errors import UserError
 from visionzip_tune.evaluation.heldout import ChoiceSample, choice_accuracy, read_choices
 from visionzip_tune.export import export_projector, weights_fingerprint
-from visionzip_tune.families.forward import forward_with_vision, to_model_inputs
+from visionzip_tune.families.forward import FrozenBlank, forward_with_vision, frozen_blanks, to_model_inputs
 from visionzip_tune.files import atomic_write, file_sha256, remove_stale_temps
 from visionzip_tune.loading import base_model_id, load_model_processing, load_vlm
-from visionzip_tune.training import build, checkpoint, metrics, ops, plots, preemption, preflight
+from visionzip_tune.training import build, cache, checkpoint, metrics, ops, plots, preemption, preflight
 from visionzip_tune.training.config import Config, to_dict, to_yaml
 from visionzip_tune.training.lock import RunLock
 
@@ -147,7 +147,7 @@ def train_step(run: Run) -> dict[str, Any]:
     for _ in range(grad_accum):
         batch, run.state.data_state = next(run.batches)
         inputs = to_model_inputs(batch, engine.device, run.dtype)
-        loss = forward_with_vision(engine, inputs).loss  # text-only batches too: see there
+        loss = forward_with_vision(engine, inputs, run.blanks).loss  # text-only batches too: see there
         loss_sum += _finite_mean_loss(loss, run)
         engine.backward(loss)
         # DeepSpeed applies the optimizer (and advances the scheduler) only at the grad_accum boundary: for the
@@ -241,6 +241,9 @@ class Run:
     data_fingerprint: str
     stop: preemption.StopRequest | None = None
     state: RunState = field(default_factory=RunState)
+    # With train.feature_cache: the frozen part of a blank image (video), which a batch without one feeds the
+    # trainable modules (the training set's rows come from the cache, so no rank runs the tower).
+    blanks: dict[str, FrozenBlank] | None = None
 
     def eval_due(self, step: int) -> bool:
         """Evaluate before training and every ``train.eval_every`` steps; the final evaluation runs after the loop."""
@@ -305,8 +308,16 @@ def setup(cfg: Config, dist: Dist, stop: preemption.StopRequest | None = None) -
     ops.prepare_ops(cfg)  # before anything initialises DeepSpeed (ZeRO-3 does so as the weights load)
     built = _model(cfg, dist, resume)
     model = built.model
-    data = _data(cfg, dist, model, built.processing)
+    options = cache.build_options(cfg)
+    run_cache = (
+        cache.open_cache(cfg, dist, model, built.processing, built.dtype, options) if cfg.train.feature_cache else None
+    )
+    data = _data(cfg, dist, model, built.processing, run_cache.media if run_cache is not None else None)
     engine = _engine(cfg, dist, model, built.trainable, data.total_steps)
+    blanks = None
+    if run_cache is not None:  # on the engine's device (and, under ZeRO-3, through its parameter gathers)
+        run_cache.build_missing(engine.module, dist, engine.device, built.dtype, options)
+        blanks = frozen_blanks(engine.module, engine.device, built.dtype)
     _prepare_run_dir(cfg)
     run = Run(
         cfg=cfg,
@@ -334,6 +345,7 @@ def setup(cfg: Config, dist: Dist, stop: preemption.StopRequest | None = None) -
         data_fingerprint=data_fingerprint,
         stop=stop,
         state=RunState(data_state=data.sampler.state_dict(0)),
+        blanks=blanks,
     )
     if resume is not None:
         with watchdog.phase("loading the checkpoint to resume from", f"the files of {resume.path}"):
@@ -432,10 +444,11 @@ class Data:
     eval_samples: list[ChoiceSample] | None
 
 
-def _data(cfg: Config, dist: Dist, model: nn.Module, processing: Processing) -> Data:
+def _data(cfg: Config, dist: Dist, model: nn.Module, processing: Processing, media: MediaSource | None) -> Data:
+    """The training set (its media from ``media``: a feature cache's, or the files), its batches and held-out set."""
     train_cfg = cfg.train
     skip_log = Path(cfg.output.dir) / "skipped.jsonl" if is_main() else None  # one writer: every rank skips alike
-    train_set = build.dataset(cfg, model.config, processing, skip_log=skip_log)
+    train_set = build.dataset(cfg, model.config, processing, skip_log=skip_log, media=media)
     collator = Collator(processing.tokenizer.pad_token_id)
     sampler = LengthGroupedSampler(
         train_set.lengths,

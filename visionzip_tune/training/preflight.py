@@ -17,6 +17,7 @@ from visionzip_tune.demo.tiny import save_tiny
 from visionzip_tune.distributed import print0
 from visionzip_tune.errors import UserError
 from visionzip_tune.loading import check_model_source
+from visionzip_tune.training import cache
 from visionzip_tune.training.config import Config, VisionZipConfig
 from visionzip_tune.training.keys import print_notices, refuse_unused_keys
 
@@ -52,7 +53,7 @@ def preflight(cfg: Config) -> None:
     problems = [problem for key, problem in missing_inputs(cfg).items() if key not in ignore]
     if problems:
         raise UserError(problems[0])
-    check_keys(cfg)
+    cache.refuse_uncacheable(cfg, check_keys(cfg))
     if cfg.data.on_bad_sample == "error":
         for key, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
             if path is not None and key not in ignore:

@@ -8,14 +8,19 @@ import torch
 from torch import Tensor, nn
 
 from visionzip_tune.algorithm.compressors import GRID, KEYS, RECEIVED_ATTENTION, SEEDS
-from visionzip_tune.families.base import COMPRESSED, Family
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from visionzip_tune.families.base import COMPRESSED, IMAGE, Family
 from visionzip_tune.families.qwen import positions
 from visionzip_tune.families.qwen.common import (
     ENCODED,
     MERGE_SPACES,
     RATIOS,
+    features_from_frozen_media,
     features_methods,
+    frozen_media,
     merged_per_slice,
+    split_frozen_media,
     unit_tokens,
 )
 
@@ -74,6 +79,27 @@ class QwenFamily(Family):
                 f"images (fullatt_block_indexes={list(full)}); window attention cannot rank tokens across windows"
             )
         return {"merge_space": merge_space, "score_layer": last}
+
+    def media_keys(self, modality: str) -> tuple[str, str]:
+        """The (pixels, grid) batch keys of ``modality``."""
+        return self.image_inputs if modality == IMAGE else self.video_inputs
+
+    def frozen_features(self, inner: nn.Module, modality: str, inputs: dict[str, Tensor], layer: int | None = None):
+        """One tower run, every unit's selection and the merger inputs its rows need (``common.frozen_media``)."""
+        pixels, grid = self.media_keys(modality)
+        return frozen_media(inner, inputs[pixels], inputs[grid], self)
+
+    def features_from_frozen(
+        self, inner: nn.Module, modality: str, frozen: dict[str, Tensor], inputs: dict[str, Tensor]
+    ) -> BaseModelOutputWithPooling:
+        """The mergers and the merge, remembered as the modality's latest encoding for the positions."""
+        return features_from_frozen_media(inner, modality, frozen, inputs[self.media_keys(modality)[1]], self)
+
+    def split_frozen(
+        self, config, modality: str, frozen: dict[str, Tensor], inputs: dict[str, Tensor]
+    ) -> list[dict[str, Tensor]]:
+        """Each image's (video's) temporal slices."""
+        return split_frozen_media(frozen, inputs[self.media_keys(modality)[1]][:, 0].tolist())
 
     def tower_has_cls(self, config) -> bool:
         return False

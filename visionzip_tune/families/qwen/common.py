@@ -28,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visionzip_tune.algorithm import capture, compress
 from visionzip_tune.algorithm.compressors import Compressor, Signals, pixel_seeds
-from visionzip_tune.families.base import COMPRESSED, VISIONZIP, Budget, Family
+from visionzip_tune.families.base import COMPRESSED, VISIONZIP, Budget, Family, split_fields
 
 MERGE_SPACES = ("post", "pre")  # contextual merge after the merger (upstream) or on its inputs
 ENCODED = "_visionzip_encoded"  # attribute of the inner model: {"image" | "video": Encoded}
@@ -238,53 +238,71 @@ def merged_units(capture: BlockCapture, grid_thw: Tensor, merge: int) -> MergedU
     return MergedUnits(bounds, grids, list(capture.segments))
 
 
-def zip_merged_units(
-    hidden: Tensor,
-    features: Tensor,
-    metric: Tensor,
-    scores: Tensor,
-    units: MergedUnits,
-    budget: dict,
-    pixel_values: Tensor,
-) -> ZippedMedia:
-    """The budget's compressor on every unit, in raster merged-token order.
+def select_units(
+    features: Tensor, metric: Tensor, scores: Tensor, units: MergedUnits, budget: dict, pixel_values: Tensor
+) -> list[compress.ZipResult]:
+    """The budget's selection of every unit, in raster merged-token order, without autograd (a
+    :class:`~compress.ZipResult` with ``tokens=None`` each; :func:`combine_units` makes the rows).
 
-    hidden: (G, F) merged tokens of all units the rows are made of (any space: merger outputs, or merger inputs as
-    4 C-vectors); features: (G, F') their frozen pre-projector features (the merger inputs); metric: (G, d);
-    scores: (G,) the attention each merged token receives. Per unit of N tokens: VisionZip's top-D by score and C
-    contextual tokens (D and C from the ratios), or another compressor's K rows; the output in ascending position
-    order, each merged row at the position it stands for."""
-    per_unit, kept, sizes = [], [], []
+    features: (G, F') the frozen pre-projector features of all units' merged tokens (the merger inputs); metric:
+    (G, d); scores: (G,) the attention each merged token receives. Per unit of N tokens: VisionZip's top-D by score
+    and C contextual tokens (D and C from the ratios), or another compressor's K rows."""
+    selections = []
     for (start, end), grid, (first, last) in zip(units.bounds, units.grids, units.pixel_rows):
-        n = end - start
-        compressor, params = unit_compressor(budget, n)
+        compressor, params = unit_compressor(budget, end - start)
+        compressor.fits(params, end - start, has_cls=False)
         signals = Signals(
-            hidden[None, start:end],
-            features=features[None, start:end],
+            features[None, start:end],
             has_cls=False,
             grid=grid,
             received_attention=scores[None, start:end],
             keys=metric[None, start:end],
             seeds=lambda first=first, last=last: pixel_seeds(pixel_values[None, first:last]),
         )
-        tokens, positions = compress.in_position_order(compressor.compress(signals, params))
+        with torch.no_grad():
+            selection = compressor.select(signals, params)
+        if selection.mixing is not None:  # Qwen towers have no CLS: the compressors that mix rows need one
+            raise ValueError(f"the {compressor.name} compressor's row mixing has no Qwen layout")
+        selections.append(selection)
+    return selections
+
+
+def combine_units(
+    hidden: Tensor, selections: list[compress.ZipResult], bounds: list[tuple[int, int]], budget: dict
+) -> ZippedMedia:
+    """Every unit's rows from ``hidden`` (G, F), the merged tokens of all units in any space (merger outputs, or
+    merger inputs as 4 C-vectors), with its selection; in ascending position order, each merged row at the position
+    it stands for."""
+    per_unit, kept, sizes = [], [], []
+    for (start, end), selection in zip(bounds, selections):
+        compressor, _ = unit_compressor(budget, end - start)
+        rows = compressor.combine(hidden[None, start:end], selection)
+        tokens, positions = compress.in_position_order(selection._replace(tokens=rows))
         per_unit.append(tokens[0])
         kept.append(positions[0])
-        sizes.append(n)
+        sizes.append(end - start)
     return ZippedMedia(per_unit, kept, sizes)
 
 
 def merger_trains(visual: nn.Module) -> bool:
-    """Whether a merger call now builds a graph (projector training): the tower's own no-grad run cannot serve."""
+    """Whether a merger call now builds a graph (projector training): remembered features cannot serve."""
     return torch.is_grad_enabled() and any(p.requires_grad for m in mergers(visual) for p in m.parameters())
 
 
-def zip_media(inner: nn.Module, pixel_values: Tensor, grid_thw: Tensor, generation: Generation) -> ZippedMedia:
-    """VisionZip of packed images (or videos) under ``inner.config.visionzip``; only the mergers see autograd.
+def frozen_media(
+    inner: nn.Module, pixel_values: Tensor, grid_thw: Tensor, generation: Generation, *, outputs: bool = False
+) -> dict:
+    """The frozen part of a features call on packed images (or videos) under ``inner.config.visionzip``: one tower
+    run without autograd, every unit's selection, and what the mergers must read. Each unit (an image or temporal
+    slice) of N merged tokens gives rows of every field, concatenated over units:
 
-    ``post`` merges the mergers' outputs (main and DeepStack side by side, so every DeepStack layer keeps the same
-    rows with the same merge); in training the mergers re-run with autograd on the captured inputs. ``pre`` merges
-    their inputs (each merged token's 4 patch vectors) and runs the mergers on the K kept groups only."""
+    ``post`` (merge the mergers' outputs): ``inputs`` (used, 4 C x mergers) the merger inputs of the merged tokens
+    its rows are made of (``groups`` not DROPPED: all of them for VisionZip, the kept ones for a pruning
+    compressor), ``groups`` (N,), ``dominant`` (D,), ``contextual`` (C,) its selection, ``counts`` (1, 4) = N, D, C,
+    used; with ``outputs`` (the mergers do not train: inference), ``outputs`` (used, out x mergers) the mergers'
+    own outputs from the tower run in place of ``inputs``, so they do not run twice. ``pre`` (merge the mergers'
+    inputs): ``rows`` (K, 4 C x mergers) the merged groups of merger inputs, ``kept`` (K,) their positions,
+    ``counts`` (1, 2) = N, K."""
     budget, visual = inner.config.visionzip, inner.visual
     group = visual.spatial_merge_size**2
     capture = capture_tower(visual, pixel_values, grid_thw)
@@ -297,18 +315,95 @@ def zip_media(inner: nn.Module, pixel_values: Tensor, grid_thw: Tensor, generati
     width = capture.merger_inputs[0].shape[-1]
     groups = raster(torch.cat([x.reshape(-1, group * width) for x in capture.merger_inputs], dim=-1))
     features = groups[:, : group * width]  # the main merger's inputs: the last block's output, pre-projector
-    if budget["merge_space"] == "post":
-        if merger_trains(visual):
-            outputs = [merger(x) for merger, x in zip(mergers(visual), capture.merger_inputs)]
-        else:
-            outputs = capture.merger_outputs
-        hidden = raster(torch.cat(outputs, dim=-1))
-        return zip_merged_units(hidden, features, metric, scores, units, budget, pixel_values)
-    with torch.no_grad():  # the tower's outputs: nothing to differentiate before the mergers
-        zipped = zip_merged_units(groups, features, metric, scores, units, budget, pixel_values)
-    kept_groups = torch.cat(zipped.per_unit).split(group * width, dim=-1)
-    merged = torch.cat([merger(x.reshape(-1, width)) for merger, x in zip(mergers(visual), kept_groups)], dim=-1)
-    return zipped._replace(per_unit=list(merged.split([len(k) for k in zipped.kept])))
+    selections = select_units(features, metric, scores, units, budget, pixel_values)
+    if budget["merge_space"] == "pre":
+        with torch.no_grad():  # the tower's outputs: nothing to differentiate before the mergers
+            zipped = combine_units(groups, selections, units.bounds, budget)
+        counts = [[size, len(positions)] for size, positions in zip(zipped.sizes, zipped.kept)]
+        return {"rows": torch.cat(zipped.per_unit), "kept": torch.cat(zipped.kept), "counts": _counts(counts, groups)}
+    assigned = torch.cat([selection.groups[0] for selection in selections])
+    used = (assigned != compress.DROPPED).nonzero()[:, 0]
+    counts = [
+        [
+            end - start,
+            len(s.dominant_indices[0]),
+            len(s.contextual_indices[0]),
+            int((s.groups != compress.DROPPED).sum()),
+        ]
+        for (start, end), s in zip(units.bounds, selections)
+    ]
+    rows = {"outputs": raster(torch.cat(capture.merger_outputs, dim=-1))} if outputs else {"inputs": groups}
+    return {
+        **{name: value.index_select(0, used) for name, value in rows.items()},
+        "groups": assigned,
+        "dominant": torch.cat([s.dominant_indices[0] for s in selections]),
+        "contextual": torch.cat([s.contextual_indices[0] for s in selections]),
+        "counts": _counts(counts, groups),
+    }
+
+
+def _counts(counts: list[list[int]], like: Tensor) -> Tensor:
+    return torch.tensor(counts, dtype=torch.long, device=like.device)
+
+
+def zipped_from_frozen(inner: nn.Module, frozen: dict[str, Tensor]) -> ZippedMedia:
+    """Every unit's rows from the frozen part of its call (:func:`frozen_media`, computed or read from a cache); only
+    the mergers see autograd. ``post`` runs the mergers on the merger inputs the rows need and merges their outputs
+    (main and DeepStack side by side, so every DeepStack layer keeps the same rows with the same merge); ``pre`` runs
+    them on the K merged groups of each unit."""
+    budget, visual = inner.config.visionzip, inner.visual
+    width = inner.config.vision_config.hidden_size  # the merger input's width C
+    group_width = visual.spatial_merge_size**2 * width
+    counts = frozen["counts"].tolist()
+    if budget["merge_space"] == "pre":
+        merged = _run_mergers(visual, frozen["rows"], group_width, width)
+        kept_counts = [k for _, k in counts]
+        return ZippedMedia(
+            list(merged.split(kept_counts)), list(frozen["kept"].split(kept_counts)), [n for n, _ in counts]
+        )
+    if "outputs" in frozen:
+        outputs = frozen["outputs"]
+    else:
+        outputs = _run_mergers(visual, frozen["inputs"], group_width, width)
+    assigned = frozen["groups"]
+    used = (assigned != compress.DROPPED).nonzero()[:, 0]
+    hidden = outputs.new_zeros(len(assigned), outputs.shape[-1]).index_copy(0, used, outputs)  # unused rows: unread
+    sizes = [n for n, _, _, _ in counts]
+    pieces = zip(
+        assigned.split(sizes),
+        frozen["dominant"].split([d for _, d, _, _ in counts]),
+        frozen["contextual"].split([c for _, _, c, _ in counts]),
+    )
+    selections = [
+        compress.ZipResult(None, dominant[None], contextual[None], groups[None], None)
+        for groups, dominant, contextual in pieces
+    ]
+    bounds = list(itertools.pairwise([0, *itertools.accumulate(sizes)]))
+    return combine_units(hidden, selections, bounds, budget)
+
+
+def _run_mergers(visual: nn.Module, groups: Tensor, group_width: int, width: int) -> Tensor:
+    """(G, out x mergers): every merger on its own columns of ``groups`` (G, 4 C x mergers), side by side."""
+    per_merger = groups.split(group_width, dim=-1)
+    return torch.cat([merger(x.reshape(-1, width)) for merger, x in zip(mergers(visual), per_merger)], dim=-1)
+
+
+def split_frozen_media(frozen: dict[str, Tensor], slices: list[int]) -> list[dict[str, Tensor]]:
+    """The frozen part of a call (:func:`frozen_media`) cut per image (video) of ``slices[i]`` temporal slices:
+    each item's units' rows of every field."""
+    listed = frozen["counts"].tolist()
+    if "rows" in frozen:  # pre: N, K per unit
+        rows = {"rows": [k for _, k in listed], "kept": [k for _, k in listed]}
+    else:  # post: N, D, C, used per unit
+        rows = {
+            "groups": [n for n, _, _, _ in listed],
+            "dominant": [d for _, d, _, _ in listed],
+            "contextual": [c for _, _, c, _ in listed],
+            **{name: [u for _, _, _, u in listed] for name in ("inputs", "outputs") if name in frozen},
+        }
+    rows["counts"] = [1] * len(listed)
+    per_item = {field: [sum(unit) for unit in split_counts(lengths, slices)] for field, lengths in rows.items()}
+    return split_fields(frozen, per_item)
 
 
 def features_output(
@@ -340,7 +435,7 @@ class Encoded(NamedTuple):
     positions call encoded them first (``generate()``) -- the features, handed to the next features call on the
     same pixels instead of running the tower twice."""
 
-    pixels: Tensor
+    pixels: Tensor | None  # None for features made from cached rows
     grid: Tensor
     kept: list[Tensor]
     sizes: list[int]
@@ -356,8 +451,25 @@ def encode(inner: nn.Module, modality: str, pixels: Tensor, grid: Tensor, genera
         if not merger_trains(inner.visual):
             memory[modality] = last._replace(output=None)
             return last.output
-    zipped = zip_media(inner, pixels, grid, generation)
+    frozen = frozen_media(inner, pixels, grid, generation, outputs=not merger_trains(inner.visual))
+    return features_from_frozen_media(inner, modality, frozen, grid, generation, pixels=pixels, keep=keep)
+
+
+def features_from_frozen_media(
+    inner: nn.Module,
+    modality: str,
+    frozen: dict[str, Tensor],
+    grid: Tensor,
+    generation: Generation,
+    *,
+    pixels: Tensor | None = None,
+    keep: bool = False,
+) -> BaseModelOutputWithPooling:
+    """The features output of a call from its frozen part (:func:`frozen_media`, computed from ``pixels`` or read
+    from a cache), recorded as the modality's latest encoding of ``grid`` for the positions."""
+    zipped = zipped_from_frozen(inner, frozen)
     output = features_output(zipped, grid, generation, len(mergers(inner.visual)))
+    memory = inner.__dict__.setdefault(ENCODED, {})
     memory[modality] = Encoded(pixels, grid, zipped.kept, zipped.sizes, output if keep else None)
     return output
 
