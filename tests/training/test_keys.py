@@ -21,6 +21,7 @@ from visionzip_tune import families
 from visionzip_tune.algorithm.compressors import COMPRESSORS
 from visionzip_tune.demo.tiny import BUILDERS, TinySpec, build_config, build_image_processor, save_tiny
 from visionzip_tune.errors import UserError
+from visionzip_tune.training.cache import refuse_uncacheable
 from visionzip_tune.training.config import Config, load_config
 from visionzip_tune.training.keys import judge_keys
 from visionzip_tune.training.preflight import check_keys, checked_budget
@@ -103,6 +104,8 @@ PROBES: dict[str, object] = {
     "train.resume": "never",
     "train.seed": 3,
     "train.save_on_signal": "SIGTERM",
+    "train.feature_cache": "cache/x",
+    "train.feature_cache_build": False,
     "deepspeed.zero_stage": 3,
     "deepspeed.bf16": False,
     "deepspeed.offload_optimizer": True,
@@ -125,6 +128,7 @@ SWITCHES = [
     ("model.build_tiny_if_missing=false", ["model.tiny.vision_layers=2", "model.tiny.family=llava"]),
     ("deepspeed.zero_stage=0", ["deepspeed.offload_optimizer=true"]),
     ("logging.wandb=false", ["logging.wandb_project=other", "logging.wandb_run_name=other"]),
+    ("train.feature_cache=null", ["train.feature_cache_build=false"]),
 ]
 SWITCH_KEYS = {switch.split("=")[0] for switch, _ in SWITCHES}
 
@@ -169,6 +173,9 @@ def applies(key: str, family: str, mode: str, method: str) -> bool:
         "model.tiny.crop_grids": family in ("llava_next", "llava_onevision"),
         "model.tiny.hd": family == "mini_gemini",
         "model.tiny.tower": family not in QWEN + ("mini_gemini",),  # a tiny Mini-Gemini needs CLIP, refused there
+        # Mini-Gemini's projector set trains its mining, which reads every patch: only mlp_only can be cached
+        "train.feature_cache": family != "mini_gemini",
+        "train.feature_cache_build": False,  # the base sets no cache (the switches' test sets one)
     }
     return rules.get(key, True)
 
@@ -241,6 +248,11 @@ def verdict(cfg: Config, key: str, family: str) -> str:
         except UserError as err:
             assert key in str(err)
             return "refused"
+    try:
+        refuse_uncacheable(cfg, families.FAMILIES[family])
+    except UserError as err:
+        assert key in str(err)
+        return "refused"
     if cfg.visionzip.enabled:
         try:
             checked_budget(
@@ -327,7 +339,7 @@ def assert_used(key: str, cfg: Config, base_cfg: Config, family: str, reference:
 @pytest.mark.parametrize(("switch", "dependents"), SWITCHES, ids=[switch for switch, _ in SWITCHES])
 def test_a_switch_turned_off_refuses_the_keys_it_governs_and_drops_the_recipe_s(switch, dependents, tmp_path):
     base = ["model.name_or_path=/nonexistent", "model.build_tiny_if_missing=true", "data.build_demo_if_missing=true"]
-    base += ["data.eval_path=data/eval.json", "logging.wandb=true"]
+    base += ["data.eval_path=data/eval.json", "logging.wandb=true", "train.feature_cache=cache/x"]
     llava = families.FAMILIES["llava"]
     assert not judge_keys(load_config(None, [*base, *dependents]), llava).refused
     refused = judge_keys(load_config(None, [*base, *dependents, switch]), llava).refused

@@ -219,6 +219,14 @@ RULES: list[Rule] = [
         ),
     ),
     Rule(
+        ("train.feature_cache_build",),
+        _unless(
+            lambda run: run.cfg.train.feature_cache is not None,
+            lambda run: "there is no feature cache to build (train.feature_cache is null): set train.feature_cache, "
+            "or leave it out",
+        ),
+    ),
+    Rule(
         ("data.video_folder", "data.video_frames"),
         _unless(
             lambda run: run.family.has_video,
