@@ -222,8 +222,10 @@ RULES: list[Rule] = [
         ("train.feature_cache_build",),
         _unless(
             lambda run: run.cfg.train.feature_cache is not None,
-            lambda run: "there is no feature cache to build (train.feature_cache is null): set train.feature_cache, "
-            "or leave it out",
+            lambda run: (
+                "there is no feature cache to build (train.feature_cache is null): set train.feature_cache, "
+                "or leave it out"
+            ),
         ),
     ),
     Rule(
