@@ -15,6 +15,10 @@ With a CUDA device, in this order (each part bounded: a warm-up and a few rounds
           the FLOP-count prediction and peak CUDA memory (reset between budgets)
   demo    bash train.sh recipes/tiny/demo.yaml in bf16 on one GPU process (DeepSpeed, NCCL): the loss must fall
           and the exported projector must load back into a fresh model
+  eval    the lmms-eval model ``visionzip`` on that tower and Llama (bench_eval's local tasks: the demo's held-out
+          questions, generated and scored as choices): requests/s at batch 1, 16 and auto in bf16, stock and at
+          54+10, with the model's own time to first token; and batch invariance, every document's answers at batch
+          16 against batch 1 (texts, choices, greedy flags, largest loss difference), in bf16 and in fp32 (TF32 off)
 
 Without a CUDA device the same command runs the same parts on the CPU at small sizes, the demo shortened (fp32;
 parity then compares CPU bf16 with CPU fp32), and says which GPU parts it skipped. Nothing is downloaded.
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import importlib.metadata
 import json
 import os
@@ -96,6 +101,10 @@ class Plan:
     demo_samples: int | None  # None: the recipe's
     demo_steps: int | None
     demo_timeout_s: int
+    eval_geometry: str  # bench_train.GEOMETRIES, a LLaVA for the eval part
+    eval_docs: int  # documents per task
+    eval_batches: tuple[int | str, ...]  # the first is the reference the others' answers are compared with
+    eval_dtypes: tuple[str, ...]  # the first is timed; every one is compared across batch sizes
 
 
 GPU_PLAN = Plan(
@@ -113,6 +122,10 @@ GPU_PLAN = Plan(
     demo_samples=None,
     demo_steps=None,
     demo_timeout_s=300,
+    eval_geometry="clip-l",
+    eval_docs=64,
+    eval_batches=(1, 16, "auto"),
+    eval_dtypes=("bfloat16", "float32"),
 )
 # The CPU plan runs every code path in about a minute of CPU time (1.5-3.5 minutes of wall time on a shared 2-core
 # machine); its numbers mean little.
@@ -131,6 +144,10 @@ CPU_PLAN = Plan(
     demo_samples=200,
     demo_steps=40,
     demo_timeout_s=600,
+    eval_geometry="tiny",
+    eval_docs=6,
+    eval_batches=(1, 8),
+    eval_dtypes=("float32",),
 )
 
 # What a machine without CUDA cannot run, by part (the part itself then runs at CPU sizes).
@@ -139,6 +156,8 @@ GPU_ONLY = {
     "tower": "the tower bench at CLIP-L/336 in bf16 with CUDA events, batch 8 and 32",
     "step": "the step bench on CLIP-L/336 + a Llama 1024 x 24 in bf16 with peak CUDA memory",
     "demo": "the demo recipe in bf16 on a GPU (DeepSpeed's CUDA accelerator, NCCL)",
+    "eval": "lmms-eval requests/s at batch 1, 16 and auto and batch invariance on CLIP-L/336 + a Llama 1024 x 24 in "
+    "bf16 and fp32 on a GPU",
 }
 
 
@@ -443,6 +462,78 @@ def empty_cache(plan: Plan) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# eval: the lmms-eval model, batched
+
+
+def part_eval(plan: Plan, work: Path) -> dict:
+    import bench_eval
+    from bench_train import GEOMETRIES
+    from lmms_eval.tasks import TaskManager
+
+    from visionzip_tune.data.processing import Processing
+    from visionzip_tune.demo.dataset import make_demo_dataset
+    from visionzip_tune.demo.tiny import TinySpec, build_tiny
+    from visionzip_tune.evaluation.lmms import ZippedModel
+    from visionzip_tune.evaluation.lmms_tasks import write_choice_tasks
+    from visionzip_tune.families import apply_visionzip, remove_visionzip
+    from visionzip_tune.inference.prompts import Prompter
+
+    demo = make_demo_dataset(work / "eval-data", n=4, seed=0, n_eval=plan.eval_docs)
+    write_choice_tasks(demo.eval, demo.images, work / "eval-tasks")
+    manager = TaskManager("ERROR", include_path=str(work / "eval-tasks"))
+    shape = GEOMETRIES[plan.eval_geometry]
+    model, tokenizer, image_processor = build_tiny(TinySpec(family="llava", text_init_std=0.06, **shape))
+    prompter = Prompter.for_recipe(model, Processing(tokenizer, image_processor, tokenizer.chat_template), None)
+    rates, invariance = [], []
+    for dtype_name in plan.eval_dtypes:
+        model.to(device=plan.device, dtype=getattr(torch, dtype_name))
+        for budget in (None, (54, 10)):
+            if budget is None:
+                remove_visionzip(model)
+            else:
+                apply_visionzip(model, *budget)
+            setting = "stock" if budget is None else f"{budget[0]}+{budget[1]}"
+            passes = {}
+            with no_tf32() if dtype_name == "float32" else contextlib.nullcontext():
+                bench_eval.evaluate_once(functools.partial(ZippedModel, model, prompter), manager, 2)  # warm-up
+                for batch in plan.eval_batches:
+                    log(f"eval: {dtype_name} {setting} batch {batch}, {plan.eval_docs} documents per task")
+                    views = functools.partial(ZippedModel, model, prompter, batch_size=batch)
+                    passes[batch] = bench_eval.evaluate_once(views, manager, plan.eval_docs)
+                    if dtype_name == plan.eval_dtypes[0]:
+                        rates.append(
+                            {
+                                "dtype": dtype_name,
+                                "setting": setting,
+                                "batch": batch,
+                                "batch_size": passes[batch].batch_size,
+                                **{f"{kind}_per_s": rate for kind, rate in passes[batch].rates.items()},
+                                "ttft_ms": passes[batch].ttft_ms,
+                            }
+                        )
+                    empty_cache(plan)
+            reference = plan.eval_batches[0]
+            for batch in plan.eval_batches[1:]:
+                compared = bench_eval.compare_answers(passes[reference].answers, passes[batch].answers)
+                invariance.append({"dtype": dtype_name, "setting": setting, "batch": batch, **compared})
+                log(
+                    f"eval: {dtype_name} {setting} batch {batch} vs {reference}: texts identical "
+                    f"{compared['texts_identical']:.3f}, choices {compared['choices_identical']:.3f}, largest loss "
+                    f"difference {compared['loss_max_diff']:.1e}"
+                )
+    remove_visionzip(model)
+    empty_cache(plan)
+    return {
+        "status": "ok",
+        "geometry": shape,
+        "documents": plan.eval_docs,
+        "reference_batch": plan.eval_batches[0],
+        "rates": rates,
+        "invariance": invariance,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # demo: the tiny recipe end to end through train.sh
 
 
@@ -676,6 +767,38 @@ def table(report: dict) -> str:
             f"{'yes' if demo['loads_back'] else 'NO'}: {demo['status']}",
             "",
         ]
+    evaluation = parts.get("eval", {})
+    if evaluation.get("rates"):
+        shape = evaluation["geometry"]
+        lines += [
+            f"**lmms-eval model `visionzip`** (CLIP {shape['vision_hidden']}x{shape['vision_layers']} + Llama "
+            f"{shape['text_hidden']}x{shape['text_layers']}, {evaluation['documents']} documents per task; requests/s "
+            "of the model's own generate_until / loglikelihood calls, one process)",
+            "",
+            "| dtype | setting | batch | generate req/s | loglikelihood req/s | TTFT ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in evaluation["rates"]:
+            batch = f"auto ({row['batch_size']})" if row["batch"] == "auto" else row["batch"]
+            rates = [row["generate_until_per_s"], row["loglikelihood_per_s"]]
+            cells = [format(rate, ".1f") if isinstance(rate, float) else str(rate) for rate in rates]
+            lines.append(
+                f"| {row['dtype']} | {row['setting']} | {batch} | {cells[0]} | {cells[1]} | {_fmt(row['ttft_ms'], '.1f')} |"
+            )
+        lines += [
+            "",
+            f"Batch invariance (every document's answers against batch {evaluation['reference_batch']}):",
+            "",
+            "| dtype | setting | batch | texts identical | choices identical | greedy flags identical | max loss diff |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in evaluation["invariance"]:
+            lines.append(
+                f"| {row['dtype']} | {row['setting']} | {row['batch']} | {100 * row['texts_identical']:.1f}% | "
+                f"{100 * row['choices_identical']:.1f}% | {100 * row['greedy_identical']:.1f}% | "
+                f"{row['loss_max_diff']:.1e} |"
+            )
+        lines.append("")
     verdicts = ", ".join(f"{name} {part['status']}" for name, part in parts.items())
     lines.append(f"Total {report['seconds']:.0f} s; {verdicts}.")
     return "\n".join(lines) + "\n"
@@ -775,6 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     run_part("tower", lambda: part_tower(plan), report, out)
     run_part("step", lambda: part_step(plan), report, out)
     run_part("demo", lambda: part_demo(plan, work, out), report, out)
+    run_part("eval", lambda: part_eval(plan, work), report, out)
 
     report["ok"] = all(part["status"] in ("pass", "ok") for part in report["parts"].values())
     write_report(report, out)
