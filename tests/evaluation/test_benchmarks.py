@@ -4,6 +4,7 @@ paper's percentage table, and lmms-eval failures as one-paragraph errors."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import cli_error, lmms_eval_or_skip
@@ -81,7 +82,15 @@ def test_eval_runs_stock_budgets_and_the_tuned_export(eval_assets, tmp_path, cap
                 assert run["percent_of_stock"][task] == pytest.approx(100 * score / stock)
     table = (out / "table.md").read_text()
     assert table.strip() == report["table"] and table.count("\n") == 2 + len(runs)
-    assert "| VisionZip‡ 6+2 (tuned) | 8 |" in table and table in capsys.readouterr().out + "\n"
+    printed = capsys.readouterr().out
+    assert "| VisionZip‡ 6+2 (tuned) | 8 |" in table and table in printed + "\n"
+    # One tower pass per image at 6+2: the tuned projector takes the training-free run's rows, and a question's
+    # generation and choices share theirs.
+    shared = dict(
+        re.findall(r"\[eval\] (VisionZip\S* \d\+\d(?: \(tuned\))?): tower passes: (\d+ media computed, \d+)", printed)
+    )
+    assert shared["VisionZip‡ 6+2 (tuned)"].startswith("0 media computed")
+    assert shared["VisionZip 6+2"].startswith("6 media computed")
 
 
 def test_qwen_budgets_are_ratios_and_its_tokens_a_share_of_each_image(eval_assets, tmp_path):
@@ -134,6 +143,7 @@ def test_a_failure_inside_lmms_eval_is_a_user_error_with_its_traceback_logged(ev
         (["--tasks", "gqa", "--metric", "pope"], "--metric 'pope': give TASK=METRIC"),
         (["--tasks", "gqa", "--image-folder", "x"], "--image-folder x: it is the folder of --held-out's images"),
         (["--tasks", "gqa", "--batch-size", "4", "--max-batch-size", "16"], "--max-batch-size 16: it is where"),
+        (["--tasks", "gqa", "--tower-share-gib", "-1"], "--tower-share-gib -1: give a size of at least 0 GiB"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(eval_assets, tmp_path, capsys, args, message):

@@ -18,6 +18,7 @@ from visionzip_tune.errors import UserError
 from visionzip_tune.evaluation.batch_size import parse_batch_size
 from visionzip_tune.evaluation.benchmarks import parse_metrics, require_lmms_eval
 from visionzip_tune.evaluation.runner import EvalPlan, run
+from visionzip_tune.evaluation.tower_share import DEFAULT_GIB
 from visionzip_tune.inference.variants import parse_budgets, plan
 from visionzip_tune.loading import check_model_source
 
@@ -65,6 +66,14 @@ def parse_args(argv: list[str] | None):
         help="requests per batch on each process, or auto (default): the largest that fits the GPU (8 on a CPU)",
     )
     parser.add_argument("--max-batch-size", type=int, help="with --batch-size auto: the size to start from (64)")
+    parser.add_argument(
+        "--tower-share-gib",
+        type=float,
+        default=DEFAULT_GIB,
+        help="CPU memory per process for the frozen part of the media seen (the tower and the compression), so the "
+        "settings at one budget (training-free, tuned) and the choices of a question run the tower once per image "
+        f"(default {DEFAULT_GIB:g}; 0: off)",
+    )
     parser.add_argument("--output-dir", default="eval", help="where results.json and table.md go (default: eval)")
     parser.add_argument("--verbose", action="store_true", help="show lmms-eval's INFO log lines")
     args = parser.parse_args(argv)
@@ -74,6 +83,8 @@ def parse_args(argv: list[str] | None):
         args.limit = int(args.limit)
     if args.max_batch_size is not None and args.max_batch_size < 1:
         parser.error("--max-batch-size must be >= 1")
+    if args.tower_share_gib < 0:
+        raise UserError(f"--tower-share-gib {args.tower_share_gib:g}: give a size of at least 0 GiB (0 turns it off)")
     return args
 
 
@@ -130,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir=Path(args.output_dir),
         batch_size=parse_batch_size(args.batch_size),
         max_batch_size=args.max_batch_size,
+        tower_share_gib=args.tower_share_gib,
         dtype=args.dtype,
         device=args.device,
         template=args.template,

@@ -20,6 +20,8 @@ tuned projector export, scored on the inputs it was tuned for. Registered throug
 * ``dtype``: ``auto`` (bfloat16 on a GPU that supports it, else float32), ``float32``, ``bfloat16``, ``float16``;
 * ``device``: default ``--device``, else cuda when available, else cpu;
 * ``check_fingerprint``: ``false`` loads a projector onto base weights other than the ones it was tuned on;
+* ``tower_share_gib``: CPU memory (GiB, default 4) for the frozen part of the media already seen, so the choices
+  of a multiple-choice question run the tower once (:mod:`~visionzip_tune.evaluation.tower_share`; 0: off);
 * ``answers``: a folder where every answer is kept (:mod:`~visionzip_tune.evaluation.answers`): the same command
   run again, after a kill or with more processes, answers from it what it had answered.
 
@@ -66,6 +68,8 @@ from visionzip_tune.evaluation.batch_size import BatchSize
 from visionzip_tune.evaluation.heldout import answer_logprobs
 from visionzip_tune.evaluation.lmms_manifest import MODEL_ID
 from visionzip_tune.evaluation.throughput import Throughput
+from visionzip_tune.evaluation.tower_share import DEFAULT_GIB, TowerShare
+from visionzip_tune.families.forward import encode_vision
 from visionzip_tune.inference.load import load_model
 from visionzip_tune.inference.prompts import Media, Prompter, video_frames_of
 from visionzip_tune.inference.stage_timer import first_token
@@ -92,7 +96,9 @@ class Built(NamedTuple):
 
 class ZippedModel(lmms):
     """lmms-eval's view of an already loaded model (any family, any budget) and its :class:`Prompter`; requests run
-    in batches of ``batch_size`` (a number or ``auto``), answers kept in ``answers`` when given.
+    in batches of ``batch_size`` (a number or ``auto``), answers kept in ``answers`` when given, each medium's tower
+    pass shared through ``tower_share`` (:mod:`~visionzip_tune.evaluation.tower_share`; None: every request runs
+    the tower).
 
     The ``eval`` command wraps each setting it evaluates in one; lmms-eval's ``--model visionzip`` builds a
     :class:`VisionZipModel` from ``--model_args``. :attr:`throughput` counts what the model did.
@@ -108,12 +114,14 @@ class ZippedModel(lmms):
         batch_size: int | str | None = 1,
         max_batch_size: int | None = None,
         answers: AnswerStore | None = None,
+        tower_share: TowerShare | None = None,
     ):
         super().__init__()
         self.model = model
         self.prompter = prompter
         self.tokenizer = prompter.tokenizer
         self.answers = answers
+        self.tower = None if tower_share is None else tower_share.view(model)
         self.throughput = Throughput()
         # lmms-eval also sets these under several processes; the progress bar is rank 0's from the start.
         self._rank, self._world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -236,11 +244,12 @@ class ZippedModel(lmms):
 
     def _generate(self, rows: list[Built]) -> list[str]:
         """Greedy (or the task's sampled) answers of a batch of prompts sharing their generation settings."""
-        inputs = self.prompter.batch([(r.ids, r.labels, r.media) for r in rows], padding_side="left")
+        inputs, encoded = self._inputs(rows, padding_side="left")
         inputs.pop("labels")
         with first_token(self.model) as timer:
             output = self.model.generate(
                 **inputs,
+                **encoded,
                 **rows[0].settings["generate"],
                 pad_token_id=self.prompter.pad_token_id,
                 suppress_tokens=self.prompter.placeholder_ids,
@@ -252,12 +261,24 @@ class ZippedModel(lmms):
 
     def _score(self, rows: list[Built]) -> list[list]:
         """``[loss, is_greedy]`` of each row's answer (lmms-eval's loglikelihood convention, module docstring)."""
-        inputs = self.prompter.batch([(r.ids, r.labels, r.media) for r in rows], padding_side="right")
+        inputs, encoded = self._inputs(rows, padding_side="right")
         labels = inputs.pop("labels")
-        answer = answer_logprobs(self.model(**inputs).logits, labels, self.tokenizer.eos_token_id)
+        answer = answer_logprobs(self.model(**inputs, **encoded).logits, labels, self.tokenizer.eos_token_id)
         self._ran(len(rows))
         losses, greedy = (-answer.mean(len(rows))).tolist(), answer.all_greedy(len(rows)).tolist()
         return [[loss, is_greedy] for loss, is_greedy in zip(losses, greedy)]
+
+    def _inputs(self, rows: list[Built], padding_side: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """The batch of ``rows`` and, when the tower is shared, the features of its media as ``mm_encoder_outputs``
+        (made from their frozen parts, each computed once: :mod:`~visionzip_tune.evaluation.tower_share`)."""
+        media = [r.media for r in rows]
+        if self.tower is not None:
+            media = self.tower.attach(media)
+        inputs = self.prompter.batch([(r.ids, r.labels, m) for r, m in zip(rows, media)], padding_side=padding_side)
+        if self.tower is None or not any(key.startswith("cached_") for key in inputs):
+            return inputs, {}
+        inputs, encoded = encode_vision(self.model, inputs, every_path=False)
+        return inputs, {"mm_encoder_outputs": encoded}
 
     def _ran(self, rows: int) -> None:
         self.throughput.batch_size = max(self.throughput.batch_size, rows)
@@ -305,6 +326,7 @@ class VisionZipModel(ZippedModel):
         answers: str | None = None,
         batch_size: int | str | None = 1,
         max_batch_size: int | None = None,
+        tower_share_gib: float = DEFAULT_GIB,
         **budget,
     ):
         if template is not None and template not in TEMPLATES:
@@ -330,7 +352,10 @@ class VisionZipModel(ZippedModel):
         if answers is not None:
             identity = setting_identity(model, export_checksum=(record or {}).get("checksum"))
             store = AnswerStore(answers, MODEL_ID, identity, int(os.environ.get("RANK", 0)))
-        super().__init__(model, prompter, batch_size=batch_size, max_batch_size=max_batch_size, answers=store)
+        share = TowerShare(float(tower_share_gib))
+        super().__init__(
+            model, prompter, batch_size=batch_size, max_batch_size=max_batch_size, answers=store, tower_share=share
+        )
 
 
 def generation_settings(gen_kwargs: dict) -> dict:

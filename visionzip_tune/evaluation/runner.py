@@ -39,6 +39,7 @@ from visionzip_tune.evaluation.benchmarks import (
     vision_tokens,
 )
 from visionzip_tune.evaluation.lmms_tasks import choice_task_names, write_choice_tasks
+from visionzip_tune.evaluation.tower_share import TowerShare
 from visionzip_tune.files import atomic_write
 from visionzip_tune.inference.prompts import Prompter
 from visionzip_tune.inference.variants import Setting, prepared
@@ -70,6 +71,7 @@ class EvalPlan:
     out_dir: Path
     batch_size: int | str
     max_batch_size: int | None
+    tower_share_gib: float
     dtype: str
     device: str | None
     template: str | None
@@ -149,6 +151,7 @@ def evaluate_settings(plan: EvalPlan, *, rank: int, world_size: int) -> None:
         plan.settings, plan.model, plan.projector, plan.record, prompter_of, dtype=plan.dtype, device=device
     )
     rows, template = [], None
+    share = TowerShare(plan.tower_share_gib)  # one tower pass per medium for the settings at one budget
     started = time.perf_counter()
     for k, (setting, model, prompter) in enumerate(runs):
         row = TableRow(setting.label, setting.tuned, dict(getattr(model.config, "visionzip", None) or {}) or None)
@@ -161,12 +164,21 @@ def evaluate_settings(plan: EvalPlan, *, rank: int, world_size: int) -> None:
         )
         if store.loaded:
             print0(f"[eval] {row.label}: {store.loaded} answers kept from an earlier run ({store.folder})")
-        lm = ZippedModel(model, prompter, batch_size=plan.batch_size, max_batch_size=plan.max_batch_size, answers=store)
+        lm = ZippedModel(
+            model,
+            prompter,
+            batch_size=plan.batch_size,
+            max_batch_size=plan.max_batch_size,
+            answers=store,
+            tower_share=share,
+        )
         try:
             evaluate(row, lm, tasks, manager, limit=plan.limit, metrics=plan.metrics, out_dir=out_dir, rank=rank)
         finally:
             store.close()
         row.throughput = lm.throughput.reduced().summary()
+        if lm.tower is not None:
+            print0(f"[eval] {row.label}: {lm.tower.report()} (this process)")
         rows.append(row)
         left = len(plan.settings) - k - 1
         eta = (time.perf_counter() - started) / (k + 1) * left

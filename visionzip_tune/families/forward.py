@@ -41,21 +41,35 @@ def to_model_inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> di
 
 
 def forward_with_vision(model: nn.Module, inputs: dict[str, torch.Tensor], blanks: dict | None = None) -> Any:
-    """Run a VLM on a batch with its vision path computed first, passed in as ``mm_encoder_outputs``.
+    """Run a VLM on a batch with its vision path computed first (:func:`encode_vision`), passed in as
+    ``mm_encoder_outputs``.
 
     ``model`` is what runs the batch: the DeepSpeed engine in training (its backward and gradient reduction hook on
-    its own forward), the model itself in evaluation; plain or peft-wrapped inside. The family names which batch
-    keys each features method takes and which the forward needs besides (Qwen: the grids for positions, and the
-    ``mm_token_type_ids`` derived from the ids). A batch's cached rows (``cached_image.*``, from a feature cache)
-    go through the family's ``features_from_frozen``, its pixels through the features methods.
+    its own forward), the model itself in evaluation; plain or peft-wrapped inside. Every batch runs the image path,
+    and the video path for families with one. A batch without images (or videos) runs it on one blank image (one
+    blank frame) and passes a zero-length slice of its features (LLaVA's ``image_features[0:0]``): nothing is
+    inserted, but the LLM's inputs depend on the projector. So whatever a rank's batch holds, every rank runs the
+    same modules in the same order, forward and backward -- under ZeRO-3 each is a collective parameter gather --
+    and every rank reduces the projector's gradients (zero for that batch) instead of waiting or asserting. A run
+    that reads its rows from a cache passes ``blanks`` (:func:`frozen_blanks`): the blank's frozen part then stands
+    in, and no rank runs the tower.
+    """
+    inputs, encoded = encode_vision(model, inputs, blanks)
+    return model(**inputs, mm_encoder_outputs=encoded)
 
-    Every batch runs the image path, and the video path for families with one. A batch without images (or
-    videos) runs it on one blank image (one blank frame) and passes a zero-length slice of its features (LLaVA's
-    ``image_features[0:0]``): nothing is inserted, but the LLM's inputs depend on the projector. So whatever a
-    rank's batch holds, every rank runs the same modules in the same order, forward and backward -- under ZeRO-3
-    each is a collective parameter gather -- and every rank reduces the projector's gradients (zero for that
-    batch) instead of waiting or asserting. A run that reads its rows from a cache passes ``blanks``
-    (:func:`frozen_blanks`): the blank's frozen part then stands in, and no rank runs the tower.
+
+def encode_vision(
+    model: nn.Module, inputs: dict[str, torch.Tensor], blanks: dict | None = None, *, every_path: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(inputs, encoded)``: the batch without the inputs its features methods read, and those features by
+    modality, what the model (and ``generate``) takes as ``mm_encoder_outputs``.
+
+    The family names which batch keys each features method takes and which the forward needs besides (Qwen: the
+    grids for positions, and the ``mm_token_type_ids`` derived from the ids). A batch's cached rows
+    (``cached_image.*``: from a feature cache, or shared between evaluation settings) go through the family's
+    ``features_from_frozen``, its pixels through the features methods. ``every_path``: a modality the batch lacks
+    is encoded on a blank (see :func:`forward_with_vision`); else it is left out (evaluation: nothing to keep in
+    step with).
     """
     base = unwrap_peft(unwrap_engine(model))
     family, inner = family_of(base), base.model
@@ -74,6 +88,8 @@ def forward_with_vision(model: nn.Module, inputs: dict[str, torch.Tensor], blank
             encoded[modality] = family.features_from_frozen(inner, modality, frozen, given)
         elif given:
             encoded[modality] = method(**given)
+        elif not every_path:
+            continue
         elif blanks is not None:
             empty = blanks[modality]
             encoded[modality] = _sliced(family.features_from_frozen(inner, modality, empty.frozen, empty.inputs))
@@ -81,7 +97,7 @@ def forward_with_vision(model: nn.Module, inputs: dict[str, torch.Tensor], blank
             encoded[modality] = _sliced(method(**to_model_inputs(blank(base.config), *on)))
     inputs.update(positions)
     inputs.update(id_inputs(base.config, inputs["input_ids"]))
-    return model(**inputs, mm_encoder_outputs=encoded)
+    return inputs, encoded
 
 
 def frozen_blanks(model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict[str, FrozenBlank]:

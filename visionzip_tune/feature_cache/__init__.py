@@ -18,10 +18,9 @@ Built by ``python -m visionzip_tune cache RECIPE`` (under torchrun on every GPU)
 :class:`CachedMedia`, a ``data.MediaSource``: a training batch then carries ``cached_image.*`` / ``cached_video.*``
 tensors instead of pixels, which ``families.forward.forward_with_vision`` hands to ``features_from_frozen``.
 
-Evaluation (one tower pass for the training-free and the tuned projector at one budget): compute a batch's frozen
-part once with ``families.frozen_features(model, "image", inputs)`` -- or read a sample's entry with
-``CachedMedia.images(sample)`` -- and make each variant's features with ``families.features_from_frozen(variant,
-"image", frozen, inputs)``: the variants differ only after the frozen part.
+Evaluation shares the frozen part the same way (:mod:`visionzip_tune.evaluation.tower_share`): the training-free and
+the tuned projector at one budget, and the choices of one multiple-choice question, take one tower pass per image
+(:func:`frozen_parts`), their batches carrying ``cached_image.*`` rows like a cached training batch.
 """
 
 from visionzip_tune.feature_cache.build import (
@@ -31,6 +30,7 @@ from visionzip_tune.feature_cache.build import (
     Job,
     build,
     chunks_to_build,
+    frozen_parts,
     plan_jobs,
 )
 from visionzip_tune.feature_cache.cache import FeatureCache
@@ -51,6 +51,7 @@ __all__ = [
     "build",
     "cache_key",
     "chunks_to_build",
+    "frozen_parts",
     "media_paths",
     "plan_jobs",
     "sample_key",

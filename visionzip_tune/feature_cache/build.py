@@ -235,10 +235,20 @@ def _refuse_bad(decoded: list[Decoded], samples, options: BuildOptions) -> None:
 
 
 def _frozen(model: nn.Module, modality: str, items: list[Decoded], device, dtype) -> list[dict[str, Tensor] | None]:
-    """The frozen part of each item's ``modality`` (None for an item without it), from one tower call on all of them
-    (on a blank input when none has it, so every rank makes the same calls)."""
-    config = families.unwrap_peft(model).config
+    """The frozen part of each item's ``modality`` (None for an item without it), from one tower call."""
     media = [item.images if modality == IMAGE else item.video for item in items]
+    counted = [None if m is None else (m[0], len(m[1]) if modality == IMAGE else 1) for m in media]
+    return frozen_parts(model, modality, counted, device, dtype)
+
+
+def frozen_parts(
+    model: nn.Module, modality: str, media: Sequence[tuple[dict[str, Tensor], int] | None], device, dtype
+) -> list[dict[str, Tensor] | None]:
+    """The frozen part of each entry of ``media`` -- ``(vision inputs, count)``: one sample's images (``count`` of
+    them) or its video (1); None for an entry without ``modality`` -- from one tower call on all of them (on a
+    blank input when none has any, so every rank makes the same calls), an entry's media joined again. What a
+    feature cache stores per entry, and what evaluation shares between the settings at one budget."""
+    config = families.unwrap_peft(model).config
     given = [m for m in media if m is not None]
     if given:
         inputs = collate_vision([m[0] for m in given])
@@ -249,11 +259,9 @@ def _frozen(model: nn.Module, modality: str, items: list[Decoded], device, dtype
     keys = families.media_inputs(config)[0 if modality == IMAGE else 1]
     frozen = families.frozen_features(model, modality, {key: inputs[key] for key in keys if key in inputs})
     if not given:
-        return [None] * len(items)
+        return [None] * len(media)
     per_medium = iter(families.split_frozen(config, modality, frozen, inputs))
-    # A sample's images are several media of one entry: their frozen parts are joined again.
-    counts = [len(m[1]) if modality == IMAGE else 1 for m in given]
-    joined = iter([_join([next(per_medium) for _ in range(count)]) for count in counts])
+    joined = iter([_join([next(per_medium) for _ in range(count)]) for _, count in given])
     return [next(joined) if m is not None else None for m in media]
 
 
