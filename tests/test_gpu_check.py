@@ -98,10 +98,10 @@ def test_gpu_check_on_a_cpu_only_machine(tmp_path):
     assert report["device"] == "cpu" and report["ok"] is True
     assert report["environment"]["packages"]["transformers"] == transformers.__version__
     assert report["environment"]["torch"] == torch.__version__ and "gpu" not in report["environment"]
-    assert [skip["part"] for skip in report["skipped"]] == ["parity", "tower", "step", "demo"]
+    assert [skip["part"] for skip in report["skipped"]] == ["parity", "tower", "step", "demo", "eval"]
     assert all("no CUDA device" in skip["why"] for skip in report["skipped"])
     parts = report["parts"]
-    assert list(parts) == ["parity", "tower", "step", "demo"]
+    assert list(parts) == ["parity", "tower", "step", "demo", "eval"]
 
     # Parity: CPU bf16 against CPU fp32, every budget; bf16 really differs, within the bf16 criteria.
     parity = parts["parity"]
@@ -132,6 +132,20 @@ def test_gpu_check_on_a_cpu_only_machine(tmp_path):
     assert demo["loads_back"] and demo["tensors_match"] and demo["projector_trained"]
     assert demo["feature_rows"] == [16, 16] and demo["tokens_per_image"] == 16
     assert 0 <= demo["accuracy_before"] <= 1 and 0 <= demo["accuracy_after"] <= 1
+
+    # Eval: the lmms-eval model at batch 1 and 8, stock and 54+10; in float32 on the CPU the answers do not move.
+    evaluation = parts["eval"]
+    assert evaluation["status"] == "ok" and evaluation["reference_batch"] == 1
+    assert [(r["setting"], r["batch"]) for r in evaluation["rates"]] == [
+        ("stock", 1),
+        ("stock", 8),
+        ("54+10", 1),
+        ("54+10", 8),
+    ]
+    assert all(r["ttft_ms"] > 0 for r in evaluation["rates"])
+    for row in evaluation["invariance"]:
+        assert row["texts_identical"] == row["choices_identical"] == row["greedy_identical"] == 1.0, row
+        assert row["loss_max_diff"] <= 1e-5, row
 
     table = (out / "gpu_check.md").read_text()
     assert "Skipped (GPU only)" in table and "| cpu bfloat16 |" in table and "export loads back: yes" in table

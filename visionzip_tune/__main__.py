@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from visionzip_tune import watchdog
-from visionzip_tune.distributed import PeerFailed
+from visionzip_tune.distributed import PeerFailed, exit_worker
 from visionzip_tune.errors import ERROR_DIR_ENV, UserError, paragraph, user_message
 from visionzip_tune.launcher import another_rank_reported
 
@@ -67,4 +67,7 @@ def report_user_error(err: UserError) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if "LOCAL_RANK" in os.environ:  # a torchrun worker: gloo's teardown can abort a clean exit (see exit_worker)
+        exit_worker(status)
+    sys.exit(status)

@@ -130,7 +130,10 @@ def test_every_family_trains_the_same_projector_from_the_cache(family, args, ext
     def overrides(out: Path, *more: str) -> list[str]:
         if family == "mini_gemini":
             return mgm_args(tmp_path, out, *extra, *more)
-        return args(family, tmp_path, out, *extra, *more)
+        listed = args(family, tmp_path, out, *extra, *more)
+        if "visionzip.method=divprune" in extra:  # a count of rows per unit: VisionZip's ratios would be refused
+            listed = [arg for arg in listed if "_ratio=" not in arg]
+        return listed
 
     plain, cached = tmp_path / "plain", tmp_path / "cached"
     train(load_config(DEMO, overrides(plain)), init_distributed())
